@@ -1,0 +1,72 @@
+"""Pure-torch reference of the block-sparse attention backward (float64-capable).
+
+Same contract as :func:`modcompile.kernels.reference.block_sparse_attention_ref`. Given the
+forward's ``out`` and ``lse``, the gradients are the FlashAttention identities
+
+    P = exp(S - lse) on allowed blocks, 0 elsewhere      dV = P^T dO
+    dP = dO V^T        dS = P * (dP - rowsum(dO * O))      dQ = scale dS K     dK = scale dS^T Q
+
+The gradient that may flow into ``lse`` is not taken: lse is an auxiliary output. Works on chunks
+of query blocks to bound memory, like the forward reference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import block_mask_from_lists, num_blocks
+
+
+def block_sparse_attention_bwd_ref(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+    chunk_blocks: int = 16,
+):
+    """Returns ``(dq, dk, dv)`` in q's dtype (float64 when computing in float64).
+
+    ``compute_dtype`` defaults to float32 for half inputs and to the input dtype otherwise; pass
+    the input's own half dtype to get the "torch in the same dtype" error baseline of the tests."""
+    B, H, N, D = q.shape
+    Nk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_dtype = torch.float64 if compute_dtype == torch.float64 else q.dtype
+    mq, mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
+    bmask = block_mask_from_lists(kv_counts, kv_indices, mk)
+    key_block = torch.arange(Nk, device=q.device) // block_size
+
+    qc, kc, vc, gc, oc = (t.to(compute_dtype) for t in (q, k, v, do, out))
+    lse_c = lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+    delta = (gc.to(lse_c.dtype) * oc.to(lse_c.dtype)).sum(-1)  # [B, H, N]
+    dq = torch.empty(B, H, N, D, dtype=compute_dtype, device=q.device)
+    dk = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
+    dv = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
+    for b0 in range(0, mq, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, mq)
+        r0, r1 = b0 * block_size, min(b1 * block_size, N)
+        row_block = torch.arange(r0, r1, device=q.device) // block_size
+        allowed = bmask[:, :, row_block][..., key_block]  # [B, H, rows, Nk]
+        s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)).to(lse_c.dtype) * scale
+        # where() keeps empty rows (lse = -inf) at exactly 0 instead of exp(-inf + inf) = NaN.
+        p = torch.where(allowed, torch.exp(s - lse_c[:, :, r0:r1, None]), 0.0)
+        p = torch.nan_to_num(p, nan=0.0)
+        pc = p.to(compute_dtype)
+        g = gc[:, :, r0:r1]
+        dv += torch.matmul(pc.transpose(-1, -2), g)
+        dp = torch.matmul(g, vc.transpose(-1, -2)).to(lse_c.dtype)
+        ds = (p * (dp - delta[:, :, r0:r1, None])).to(compute_dtype)
+        dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1]) * scale
+    return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)
