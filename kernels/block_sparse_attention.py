@@ -1,0 +1,385 @@
+"""Block-sparse flash attention, forward pass, in Triton.
+
+Contract: :func:`modcompile.kernels.reference.block_sparse_attention_ref` (same inputs, same
+outputs). Each program owns one tile of ``BLOCK_M`` queries inside one query block, walks that
+block's key-block list once and keeps an online softmax over the listed blocks only. A listed key
+block of ``block_size`` tokens is consumed in ``BLOCK_N``-wide chunks; the (entry, chunk) pairs are
+flattened into one loop so that Triton software-pipelines the K/V loads across block boundaries.
+
+Numerics: scores are scaled by ``scale * log2(e)`` and exponentiated with ``exp2``; the running
+maximum starts at a large finite negative number instead of -inf, so a chunk that is entirely past
+the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
+is empty end with l = 0 and are written as out = 0, lse = -inf.
+
+Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
+block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _block_sparse_attention_fwd_kernel(
+    Q, K, V, Out, Lse, Counts, Indices,
+    qk_scale_log2,
+    N_Q, N_K, H,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_Q: tl.constexpr,      # N_Q % BLOCK_M == 0: no row mask on q / out
+    EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block anywhere
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_block = pid_m // (BLOCK_SIZE // BLOCK_M)
+    CHUNKS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < N_Q
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    if EVEN_Q and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
+    idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for t in range(0, count * CHUNKS):
+        key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
+        start = key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
+        cols = start + offs_n
+        k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_K and EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            col_ok = cols < N_K
+            k = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if EVEN_K:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+            s = s * qk_scale_log2 - m_new[:, None]
+        else:
+            # Keys past the end of the sequence (ragged last block) get -inf.
+            bias = tl.where(cols < N_K, 0.0, float("-inf"))
+            s = s * qk_scale_log2 + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = s - m_new[:, None]
+        p = tl.math.exp2(s)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m
+    if EVEN_Q and EVEN_D:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if EVEN_Q:
+        tl.store(l_ptrs, lse)
+    else:
+        tl.store(l_ptrs, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations and the cached tuner
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters. ``block_m`` and ``block_n`` must divide the block size."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def fits(self, block_size: int) -> bool:
+        return block_size % self.block_m == 0 and block_size % self.block_n == 0
+
+
+# Candidates tried on CUDA, in order; the first that fits is also the untuned fallback.
+_CANDIDATES = (
+    KernelConfig(128, 64, 8, 3),
+    KernelConfig(128, 128, 8, 3),
+    KernelConfig(128, 64, 8, 4),
+    KernelConfig(128, 128, 8, 2),
+    KernelConfig(128, 64, 4, 3),
+    KernelConfig(64, 64, 4, 3),
+    KernelConfig(64, 128, 4, 3),
+    KernelConfig(64, 64, 4, 4),
+    KernelConfig(32, 32, 4, 2),
+    KernelConfig(16, 16, 2, 1),
+)
+
+# (capability, head_dim bucket, dtype, block_size) -> KernelConfig chosen by timing.
+_TUNED: dict[tuple, KernelConfig] = {}
+# Set MODCOMPILE_BSA_NO_TUNE=1 to skip timing and use the first fitting candidate.
+_NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
+
+
+def candidate_configs(block_size: int, head_dim: int) -> list[KernelConfig]:
+    block_d = _padded_head_dim(head_dim)
+    out = []
+    for cfg in _CANDIDATES:
+        if not cfg.fits(block_size):
+            continue
+        # Large tiles with few warps would spill the fp32 accumulators.
+        if cfg.block_m * max(cfg.block_n, block_d) > 64 * 128 * cfg.num_warps // 2:
+            continue
+        out.append(cfg)
+    return out
+
+
+def tuned_configs() -> dict:
+    """The configurations chosen so far, for reports: ``{key: KernelConfig}``."""
+    return dict(_TUNED)
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _interpreter_config(block_size: int) -> KernelConfig:
+    # The interpreter is fastest with few, large programs; still chunk the key block in two so
+    # that the flattened (entry, chunk) loop is exercised.
+    return KernelConfig(block_size, max(16, block_size // 2), 4, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def supports(q: torch.Tensor) -> tuple[bool, str]:
+    """Whether the kernel can run attention on ``q`` (B, H, N, D); returns ``(ok, reason)``."""
+    if q.dim() != 4:
+        return False, f"expected a 4-d (B, H, N, D) tensor, got {q.dim()}-d"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return False, f"dtype {q.dtype} not supported (supported: {SUPPORTED_DTYPES})"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return False, f"head_dim {q.shape[-1]} not supported (supported: {SUPPORTED_HEAD_DIMS})"
+    if not (q.is_cuda or _interpreting()):
+        return False, "needs a CUDA tensor (or TRITON_INTERPRET=1)"
+    if q.is_cuda and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return False, "bfloat16 needs compute capability 8.0 or newer"
+    return True, ""
+
+
+def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int) -> None:
+    """Raise ValueError unless every listed entry is in range and no row lists a block twice.
+
+    Synchronizes with the device: use in tests and debugging, not in the hot path."""
+    width = kv_indices.shape[-1]
+    counts = kv_counts.long()
+    if bool((counts < 0).any()) or bool((counts > width).any()):
+        raise ValueError(f"kv_counts must lie in [0, {width}] (the width of kv_indices)")
+    valid = torch.arange(width, device=kv_indices.device) < counts.unsqueeze(-1)
+    idx = kv_indices.long()
+    bad = valid & ((idx < 0) | (idx >= num_key_blocks))
+    if bool(bad.any()):
+        raise ValueError(f"kv_indices has entries outside [0, {num_key_blocks})")
+    # Duplicates: sort the valid entries of each row (invalid ones pushed past the end).
+    keyed = torch.where(valid, idx, torch.full_like(idx, num_key_blocks + width))
+    ordered = keyed.sort(dim=-1).values
+    same = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)
+    if bool(same.any()):
+        raise ValueError("kv_indices lists a key block twice in one row")
+
+
+def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, N, D), got shape {tuple(t.shape)}")
+    ok, reason = supports(q)
+    if not ok:
+        raise ValueError(f"block_sparse_attention_fwd: {reason}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H or D")
+    if not (q.device == k.device == v.device == kv_counts.device == kv_indices.device):
+        raise ValueError("all inputs must be on one device")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} not supported (supported: {SUPPORTED_BLOCK_SIZES})")
+    mq = triton.cdiv(N, block_size)
+    if kv_counts.dim() != 3 or tuple(kv_counts.shape) != (B, H, mq):
+        raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)}, got {tuple(kv_counts.shape)}")
+    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
+        raise ValueError(f"kv_indices must be (B, H, Mq, W) with (B, H, Mq) = {(B, H, mq)}, "
+                         f"got {tuple(kv_indices.shape)}")
+    for name, t in (("kv_counts", kv_counts), ("kv_indices", kv_indices)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if out is not None:
+        if tuple(out.shape) != (B, H, N, D) or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {(B, H, N, D)} {q.dtype} on {q.device}, "
+                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dimension")
+    if lse is not None:
+        if tuple(lse.shape) != (B, H, N) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
+            raise ValueError(f"lse must be (B, H, N) = {(B, H, N)} float32 with a contiguous last dim")
+
+
+def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale):
+    B, H, N, D = q.shape
+    n_k = k.shape[2]
+    block_d = _padded_head_dim(D)
+    grid = (triton.cdiv(N, block_size) * (block_size // cfg.block_m), B * H)
+    _block_sparse_attention_fwd_kernel[grid](
+        q, k, v, out, lse, counts, indices,
+        scale * _LOG2E,
+        N, n_k, H,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        EVEN_Q=N % cfg.block_m == 0,
+        EVEN_K=n_k % block_size == 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _pick_config(q, block_size, run) -> KernelConfig:
+    """The cached configuration for this (device, head_dim, dtype, block); times candidates once."""
+    D = q.shape[-1]
+    if _interpreting() or not q.is_cuda:
+        return _interpreter_config(block_size)
+    key = (torch.cuda.get_device_capability(q.device), _padded_head_dim(D), D, q.dtype, block_size)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    candidates = candidate_configs(block_size, D)
+    if os.environ.get(_NO_TUNE_ENV, "0") not in ("", "0") or len(candidates) == 1:
+        cfg = candidates[0]
+    else:
+        best = None
+        for c in candidates:
+            try:
+                t = triton.testing.do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+            except Exception:  # a config the compiler rejects (e.g. out of shared memory)
+                continue
+            if best is None or t < best[0]:
+                best = (t, c)
+        if best is None:
+            raise RuntimeError("block_sparse_attention_fwd: no kernel configuration compiled")
+        cfg = best[1]
+    _TUNED[key] = cfg
+    return cfg
+
+
+def block_sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    validate: bool = False,
+):
+    """Block-sparse attention forward: returns ``(out, lse)``.
+
+    q (B, H, N, D), k/v (B, H, Nk, D), any strides with a contiguous last dim (others are copied);
+    kv_counts (B, H, Mq) and kv_indices (B, H, Mq, W) int32 with Mq = ceil(N / block_size).
+    ``out`` (B, H, N, D) may be preallocated with any strides; when None it is allocated as a
+    (B, N, H, D) tensor viewed as (B, H, N, D), so that merging heads afterwards is free.
+    ``lse`` (B, H, N) float32, natural log, -inf on rows with an empty list (whose out is 0).
+    ``config`` forces a launch configuration (tests, benchmarks); otherwise a cached choice, timed
+    once per (device, head_dim, dtype, block_size). ``validate`` checks the lists (synchronizes).
+    """
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse)
+    B, H, N, D = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if validate:
+        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
+    counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
+    indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
+    if out is None:
+        out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return out, lse
+
+    def run(cfg):
+        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale)
+
+    if config is None:
+        config = _pick_config(q, block_size, run)
+    elif not config.fits(block_size):
+        raise ValueError(f"config {config} does not divide block_size {block_size}")
+    run(config)
+    return out, lse
