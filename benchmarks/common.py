@@ -1,0 +1,237 @@
+"""Shared harness utilities: environment record, timing, progress bars, result writers.
+
+Every result file carries the environment (device, torch/triton versions) and the settings of the
+run, so a table can always be traced back to what produced it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+CPU_LABEL = "CPU (not a performance claim)"
+
+
+# ---------------------------------------------------------------- environment
+def environment() -> dict:
+    """Device and library versions of this run (recorded with every result)."""
+    info = {
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "diffusers": _version("diffusers"),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "timing": "triton.testing.do_bench median" if torch.cuda.is_available() else CPU_LABEL,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return info
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "unknown")
+    except Exception:
+        return None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+# ---------------------------------------------------------------- timing
+def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, device: str | None = None) -> dict:
+    """Median time of ``fn()`` in milliseconds, with the method used.
+
+    CUDA: ``triton.testing.do_bench`` (median), CUDA events if triton is missing.
+    CPU: ``time.perf_counter`` medians, labelled as not a performance claim.
+    """
+    device = device or default_device()
+    if device.startswith("cuda"):
+        try:
+            from triton.testing import do_bench
+            ms = do_bench(fn, warmup=max(warmup, 1) * 5, rep=max(reps, 1) * 10, return_mode="median")
+            return {"ms": float(ms), "method": "triton.testing.do_bench(median)"}
+        except ImportError:
+            return {"ms": _cuda_event_median(fn, warmup, reps), "method": "cuda events (median)"}
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(max(reps, 1)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(samples), "method": CPU_LABEL}
+
+
+def _cuda_event_median(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(max(reps, 1)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+class Stopwatch:
+    """Wall time of a region, synchronising CUDA so device work is counted (for long single runs)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.ms = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.ms = (time.perf_counter() - self._t0) * 1e3
+        return False
+
+
+# ---------------------------------------------------------------- progress
+def progress(iterable: Iterable, desc: str = "", total: int | None = None, enabled: bool = True):
+    """tqdm progress bar when tqdm is installed (and enabled), else the plain iterable."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- result writers
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist()) if obj.numel() > 1 else _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no inf/nan; keep them readable
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def fmt(value, digits: int = 4) -> str:
+    """Cell text: floats with a few significant digits, inf/nan spelled out, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table from a list of dicts (missing cells are n/a)."""
+    if not rows:
+        return "_(no rows)_\n"
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(c for c in row if c not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [fmt(row.get(c)).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def env_header(env: dict, extra: dict | None = None) -> str:
+    parts = [f"device: {env.get('device')}", f"torch {env.get('torch')}", f"triton {env.get('triton')}",
+             f"timing: {env.get('timing')}"]
+    if extra:
+        parts.extend(f"{k}: {v}" for k, v in extra.items())
+    return "_" + "; ".join(parts) + "_\n"
+
+
+def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], *, settings: dict,
+                  columns: Sequence[str] | None = None, notes: Sequence[str] = (), extra: dict | None = None,
+                  quiet: bool = False) -> dict:
+    """Print and write ``name.md`` (table) and ``name.json`` (raw numbers + environment + settings)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    md = f"## {title}\n\n" + env_header(env) + "\n" + markdown_table(rows, columns)
+    for note in notes:
+        md += f"\n- {note}"
+    md += "\n" if notes else ""
+    (out_dir / f"{name}.md").write_text(md)
+    payload = {"title": title, "environment": env, "settings": settings, "rows": rows, "notes": list(notes)}
+    if extra:
+        payload.update(extra)
+    write_json(out_dir / f"{name}.json", payload)
+    if not quiet:
+        print(md, flush=True)
+    return payload
+
+
+# ---------------------------------------------------------------- plots
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log("matplotlib not installed: skipping plots")
+        return None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "False")
