@@ -1,0 +1,116 @@
+"""The sparsity configuration that ``torch.compile(..., options={...})`` carries to the backend."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+POLICIES = ("mod", "vmoba", "dense")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Options of the ``modsparse`` backend. Every field is a key of ``options``.
+
+    Keys that are not fields here but name an Inductor config (``torch._inductor.config``) are passed
+    through to Inductor; anything else is an error that lists the valid keys.
+    """
+
+    # --- common ---
+    policy: str = "mod"                  # mod | vmoba | dense
+    block_size: int = 128                # kernel block (64 or 128; smaller only for tests)
+    min_seq_len: int = 1024              # shorter self-attention stays dense (too small to pay off)
+    video_grid: tuple | None = None      # latent token grid (T, H, W); None = infer from the graph
+    text_position: str = "last"          # where joint-attention text tokens sit: first | last
+    num_steps: int | None = None         # denoising steps of a run; None = from denoising_step(), else 50
+    warmup_steps: int | None = None      # dense steps at the start; None = the policy's default
+    density: float | None = None         # target density (vmoba topk / mod lines per head); None = policy rule
+    min_density: float = 0.0             # per-row floor of the kept fraction of key blocks
+    max_density: float = 1.0             # per-row ceiling of the kept fraction of key blocks
+    # --- vmoba ---
+    tau: float = 0.25                    # cumulative-score threshold of the selection
+    selection: str = "global"            # global | row | topk
+    topk: int | None = None              # key blocks per query block in topk mode
+    normalization: str = "minmax"        # minmax | softmax (how scores become mass for tau)
+    partition_blocks: dict | tuple | None = None  # {"1d": (t,), "2d": (h, w), "3d": (t, h, w)} partition block shapes
+    # --- mod ---
+    threshold: float = 1e-4              # probability under which an entry counts as sparse
+    ridge_lambda: float = 1.0            # ridge regularisation of the fit
+    refresh_interval: int = 10           # steps between mask refreshes
+    lines_per_head: int | None = None    # k lines per head; None = chosen by coverage
+    coverage: float = 0.9                # predicted kept mass that the chosen lines must reach
+    cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
+    dense_refresh_every: int = 3         # with cheap_refresh, every n-th refresh is dense
+    min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
+
+    def __post_init__(self):
+        _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
+        _check(isinstance(self.block_size, int) and self.block_size >= 16
+               and self.block_size & (self.block_size - 1) == 0,
+               f"block_size must be a power of two >= 16, got {self.block_size!r}")
+        _check(self.text_position in ("first", "last"),
+               f"text_position must be 'first' or 'last', got {self.text_position!r}")
+        if self.video_grid is not None:
+            grid = tuple(self.video_grid)
+            _check(len(grid) == 3 and all(isinstance(g, int) and g > 0 for g in grid),
+                   f"video_grid must be three positive ints (T, H, W), got {self.video_grid!r}")
+            object.__setattr__(self, "video_grid", grid)
+        if isinstance(self.partition_blocks, dict):  # stored as sorted items: the config stays hashable
+            items = tuple(sorted((str(k), tuple(v)) for k, v in self.partition_blocks.items()))
+            object.__setattr__(self, "partition_blocks", items)
+        for name in ("density", "tau", "coverage", "min_observed_coverage", "min_density", "max_density"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value!r}")
+        _check(self.min_density <= self.max_density, "min_density must be <= max_density")
+        _check(self.selection in ("global", "row", "topk"),
+               f"selection must be global, row or topk, got {self.selection!r}")
+        _check(self.normalization in ("minmax", "softmax"),
+               f"normalization must be minmax or softmax, got {self.normalization!r}")
+        _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
+        _check(self.dense_refresh_every >= 1, "dense_refresh_every must be >= 1")
+        _check(self.num_steps is None or self.num_steps >= 1, "num_steps must be >= 1")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(self.threshold > 0, "threshold must be > 0")
+
+    def replace(self, **changes) -> "SparsityConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"modsparse: {message}")
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in fields(SparsityConfig)]
+
+
+def split_options(options: dict | None) -> tuple[SparsityConfig, dict]:
+    """Split torch.compile's ``options`` into our config and Inductor config patches."""
+    import torch._inductor.config as inductor_config
+
+    ours, inductor, unknown = {}, {}, []
+    valid = set(config_keys())
+    for key, value in (options or {}).items():
+        if key in valid:
+            ours[key] = value
+        elif _is_inductor_key(inductor_config, key):
+            inductor[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"modsparse: unknown option(s) {sorted(unknown)}; valid modsparse options: "
+            f"{sorted(valid)} (Inductor config keys are passed through to Inductor)")
+    return SparsityConfig(**ours), inductor
+
+
+def _is_inductor_key(inductor_config, key: str) -> bool:
+    obj = inductor_config
+    for part in key.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+__all__ = ["SparsityConfig", "split_options", "config_keys", "POLICIES"]

@@ -1,0 +1,223 @@
+"""Custom ops that the rewritten graph calls, and the public block-sparse attention function.
+
+Per rewritten SDPA site the graph holds::
+
+    token = modcompile::step(timestep)                      # once, at graph entry
+    counts, indices = modcompile::plan(q, k, token, site)   # the policy's masks for this call
+    out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale)
+    modcompile::observe(q, k, lse, counts, indices, site)   # predictor fitting, when asked
+
+All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
+Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the
+``cudagraph_unsafe`` tag so that ``mode="reduce-overhead"`` keeps running their bodies.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels.reference import block_sparse_attention_ref, num_blocks
+from .policies import Plan, SiteContext, make_policy
+from .runtime import REGISTRY
+
+_TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+# ----------------------------------------------------------------------------- kernels dispatch
+
+@functools.lru_cache(maxsize=None)
+def _triton_forward():
+    try:
+        from .kernels.block_sparse_attention import block_sparse_attention_fwd
+    except ImportError:
+        return None
+    return block_sparse_attention_fwd
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: Tensor) -> bool:
+    """Triton on CUDA; on CPU only under TRITON_INTERPRET=1 and not for bf16 (the interpreter's bf16
+    dot is wrong)."""
+    if _triton_forward() is None:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and _interpreting() and t.dtype != torch.bfloat16
+
+
+def _out_like(q: Tensor) -> Tensor:
+    # (B, N, H, D) storage viewed as (B, H, N, D): the usual transpose(1, 2).reshape after
+    # attention is then free, as with the flash SDPA backends.
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D).transpose(1, 2)
+
+
+def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float):
+    """Block-sparse attention on the best available path; returns ``(out, lse)``."""
+    out = _out_like(q)
+    if use_triton(q):
+        return _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out)
+    ref_out, lse = block_sparse_attention_ref(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale)
+    out.copy_(ref_out)
+    return out, lse
+
+
+def _fake_outputs(q: Tensor):
+    B, H, N, D = q.shape
+    return _out_like(q), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- public op
+
+@torch.library.custom_op("modcompile::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                               block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, kv_counts, kv_indices, block_size, scale)
+
+
+@_block_sparse_attention_op.register_fake
+def _(q, k, v, kv_counts, kv_indices, block_size, scale):
+    return _fake_outputs(q)
+
+
+def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                         block_size: int, check_values: bool = True) -> None:
+    """Clear errors for inputs the kernel cannot take. ``check_values`` reads the lists back to the
+    host (a sync): the public function does it, the compiled path trusts its own plans."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"k, v must be (B, H, Nk, D) matching q {tuple(q.shape)}; got {tuple(k.shape)}, {tuple(v.shape)}")
+    if v.shape[3] != D:
+        raise ValueError("v must have the head_dim of q")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"q, k, v must be floating point; got {q.dtype}")
+    if not (q.device == k.device == v.device == kv_counts.device == kv_indices.device):
+        raise ValueError("q, k, v and the block lists must be on one device")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
+    if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
+        raise TypeError(f"kv_counts and kv_indices must be int32; got {kv_counts.dtype}, {kv_indices.dtype}")
+    if tuple(kv_counts.shape) != (B, H, mq):
+        raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)} for block_size {block_size}; got {tuple(kv_counts.shape)}")
+    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq) or kv_indices.shape[3] < 1:
+        raise ValueError(f"kv_indices must be (B, H, Mq, Mk_max) with Mq = {mq}; got {tuple(kv_indices.shape)}")
+    if not check_values:
+        return
+    width = kv_indices.shape[3]
+    if bool(((kv_counts < 0) | (kv_counts > min(width, mk))).any()):
+        raise ValueError(f"kv_counts must be in [0, min(Mk_max, Mk)] = [0, {min(width, mk)}]")
+    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    listed = torch.where(valid, kv_indices, 0)
+    if bool(((listed < 0) | (listed >= mk)).any()):
+        raise ValueError(f"kv_indices hold key blocks outside [0, {mk})")
+    # A block listed twice would be counted twice by the kernel's softmax.
+    ranked = torch.where(valid, kv_indices, mk + torch.arange(width, device=kv_indices.device, dtype=torch.int32))
+    ranked = ranked.sort(-1).values
+    if bool((ranked[..., 1:] == ranked[..., :-1]).any()):
+        raise ValueError("kv_indices list a key block twice in one row")
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, *,
+                           block_size: int = 128, scale: float | None = None, return_lse: bool = False,
+                           validate: bool = True):
+    """Attention of every query block to its listed key blocks only.
+
+    q, k, v: (B, H, N, D); kv_counts (B, H, Mq) int32; kv_indices (B, H, Mq, Mk_max) int32, entries
+    past the count ignored. Runs the Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1),
+    the torch reference otherwise. ``validate`` checks the list values (one host sync)."""
+    validate_block_lists(q, k, v, kv_counts, kv_indices, block_size, check_values=validate)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = torch.ops.modcompile.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- graph ops
+
+@functools.lru_cache(maxsize=None)
+def policy_for(config):
+    return make_policy(config)
+
+
+@torch.library.custom_op("modcompile::step", mutates_args=(), tags=_TAGS)
+def step(timestep: Tensor) -> Tensor:
+    """Advance the step tracker from a timestep graph input (one host read per forward; none
+    inside ``denoising_step()``). Returns a token that orders the plan nodes after it."""
+    if not REGISTRY.tracker.explicit:
+        REGISTRY.on_timestep(float(timestep.detach().reshape(-1)[0]))
+    return torch.empty(0)
+
+
+@step.register_fake
+def _(timestep):
+    return torch.empty(0)
+
+
+@torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
+def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str) -> tuple[Tensor, Tensor]:
+    """Ask the site's policy for this call's block lists. The returned lists are read-only."""
+    state = REGISTRY.enter_site(site)
+    info = state.info
+    config = info.config
+    ctx = SiteContext(info=info, state=state, step=state.last_step,
+                      num_steps=REGISTRY.num_steps(config), config=config)
+    result: Plan = policy_for(config).plan(ctx, q, k)
+    state.context = ctx
+    state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
+    state.dense_now, state.observe_now = result.dense, result.observe
+    mk = num_blocks(k.shape[2], config.block_size)
+    state.density = 1.0 if result.dense else result.kv_counts.sum(dtype=torch.float32) / (result.kv_counts.numel() * mk)
+    return result.kv_counts, result.kv_indices
+
+
+@plan.register_fake
+def _(q, k, token, site):
+    block = REGISTRY.sites[site].config.block_size
+    B, H, N, _ = q.shape
+    mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
+    return q.new_empty(B, H, mq, dtype=torch.int32), q.new_empty(B, H, mq, mk, dtype=torch.int32)
+
+
+@torch.library.custom_op("modcompile::sparse_attention", mutates_args=(), tags=_TAGS)
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                     site: str, scale: float) -> tuple[Tensor, Tensor]:
+    """The site's attention: dense SDPA on dense calls that observe nothing (its lse output is then
+    NaN: nothing reads it), the block-sparse kernel otherwise."""
+    state = REGISTRY.current(site)
+    if state.dense_now and not state.observe_now:
+        out, lse = _fake_outputs(q)
+        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+        return out, lse.fill_(float("nan"))
+    return attention_forward(q, k, v, kv_counts, kv_indices, state.info.config.block_size, scale)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, kv_counts, kv_indices, site, scale):
+    return _fake_outputs(q)
+
+
+# Declared as mutating ``lse`` only so that graph dead-code elimination keeps it: it returns
+# nothing and its effect is on the runtime state. It never writes to ``lse``.
+@torch.library.custom_op("modcompile::observe", mutates_args=("lse",), tags=_TAGS)
+def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str) -> None:
+    state = REGISTRY.current(site)
+    if state.observe_now:
+        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices)
+
+
+@observe.register_fake
+def _(q, k, lse, kv_counts, kv_indices, site):
+    return None

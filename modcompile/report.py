@@ -1,0 +1,61 @@
+"""``modcompile.report()``: what the backend did, per attention site."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .runtime import REGISTRY
+
+
+@dataclass
+class SiteRow:
+    site: str
+    status: str
+    reason: str
+    policy: str
+    seq_len: int | None
+    heads: int | None
+    head_dim: int | None
+    grid: tuple | None
+    text_tokens: int
+    density: float | None         # block density of the last call (mean over passes)
+    steps: int                    # steps seen (max over passes)
+    passes: int
+
+
+def _value(x):
+    return None if x is None else float(x)  # a 0-dim device tensor is read here: one sync per site
+
+
+def collect() -> list[SiteRow]:
+    rows = []
+    for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.key.split("/")[0], i.layer)):
+        states = [s for (key, _), s in REGISTRY.states.items() if key == info.key]
+        densities = [_value(s.density) for s in states if s.density is not None]
+        rows.append(SiteRow(
+            site=info.key, status=info.status, reason=info.reason, policy=info.config.policy,
+            seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,
+            text_tokens=info.text_tokens,
+            density=sum(densities) / len(densities) if densities else None,
+            steps=max((s.steps_seen for s in states), default=0), passes=len(states)))
+    return rows
+
+
+def format_table(rows: list[SiteRow]) -> str:
+    header = ["site", "status", "policy", "seq", "heads", "hd", "density", "steps", "passes", "reason"]
+    lines = [header]
+    for r in rows:
+        lines.append([r.site, r.status, r.policy, str(r.seq_len), str(r.heads), str(r.head_dim),
+                      "-" if r.density is None else f"{r.density:.3f}", str(r.steps), str(r.passes), r.reason])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def report(print_table: bool = True) -> list[SiteRow]:
+    """Per-site table (site, status and reason, shapes, current density, steps); prints it and
+    returns the rows."""
+    rows = collect()
+    if print_table:
+        print(format_table(rows) if rows else "modcompile: no attention sites compiled yet")
+    return rows

@@ -1,0 +1,92 @@
+"""The modsparse graph rewrite: SDPA sites -> plan / sparse attention / observe custom ops."""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..runtime import REGISTRY, SiteInfo
+from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites
+from .step_metadata import find_timestep_input
+from .video_grid import infer_video_grid, text_tokens_for
+
+log = logging.getLogger("modcompile")
+
+
+def _head_dim_check(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """'' when the execution path for this device handles the head_dim, else the reason."""
+    if device.type != "cuda":
+        return ""  # the torch reference runs any head_dim
+    try:
+        from ..kernels import block_sparse_attention as kernel
+    except ImportError:
+        return "no Triton block-sparse kernel available"
+    dims = getattr(kernel, "SUPPORTED_HEAD_DIMS", (64, 128))
+    return "" if head_dim in dims else f"head_dim {head_dim} not supported by the kernel (supported: {dims})"
+
+
+def _needs_grad(site: AttentionSite) -> bool:
+    return any(getattr(example_value(site.args[n]), "requires_grad", False) for n in ("query", "key", "value"))
+
+
+def _has_backward() -> bool:
+    try:
+        from .. import autograd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
+    """Rewrite the eligible SDPA calls of ``gm`` in place; returns every site, rewritten or not."""
+    graph = gm.graph
+    sites = find_attention_sites(gm)
+    grid = config.video_grid or infer_video_grid(gm)
+    timestep = find_timestep_input(gm) if sites else None
+    token = None
+    if timestep is not None:
+        with graph.inserting_after(timestep):
+            token = graph.call_function(torch.ops.modcompile.step.default, (timestep,))
+
+    infos = []
+    for site in sites:
+        check_eligibility(site, config.min_seq_len, _head_dim_check)
+        if site.eligible and _needs_grad(site) and not _has_backward():
+            site.eligible, site.reason = False, "training: no backward for the sparse op yet"
+        text = text_tokens_for(site.seq_len, grid) if site.seq_len else None
+        info = REGISTRY.register_site(SiteInfo(
+            key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
+            status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
+            heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
+            grid=grid if text is not None else None, text_tokens=text or 0))
+        infos.append(info)
+        if not site.eligible:
+            log.info("modsparse: %s stays dense: %s", info.key, site.reason)
+            continue
+        _replace_with_sparse(graph, site, info.key, token)
+        log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
+                 site.seq_len, site.heads, site.head_dim)
+    graph.lint()
+    gm.recompile()
+    return infos
+
+
+def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token) -> None:
+    a, node = site.args, site.node
+    q, k, v = a["query"], a["key"], a["value"]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
+    with graph.inserting_before(node):
+        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, key))
+        counts = graph.call_function(operator.getitem, (lists, 0))
+        indices = graph.call_function(operator.getitem, (lists, 1))
+        attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,
+                                   (q, k, v, counts, indices, key, float(scale)))
+        out = graph.call_function(operator.getitem, (attn, 0))
+        lse = graph.call_function(operator.getitem, (attn, 1))
+        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)

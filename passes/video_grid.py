@@ -1,0 +1,37 @@
+"""Infer the latent video token grid (T, H, W) from the patch embedding of a video DiT."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .attention_sites import example_value, hint
+
+_CONV3D = {torch.conv3d, torch.nn.functional.conv3d}
+
+
+def _conv3d_outputs(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _CONV3D:
+            yield node
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Conv3d):
+            yield node
+
+
+def infer_video_grid(gm: fx.GraphModule) -> tuple[int, int, int] | None:
+    """(T, H, W) of the first 3D convolution's output: the patch embedding whose output, flattened,
+    becomes the token sequence (Wan, HunyuanVideo and our harness DiT all embed this way)."""
+    for node in _conv3d_outputs(gm):
+        val = example_value(node)
+        if isinstance(val, torch.Tensor) and val.dim() == 5:
+            return tuple(hint(s) for s in val.shape[2:])
+    return None
+
+
+def text_tokens_for(seq_len: int, grid: tuple[int, int, int] | None) -> int | None:
+    """Tokens of a joint-attention sequence that are not video tokens, or None if the grid does
+    not fit the sequence."""
+    if grid is None:
+        return None
+    video = grid[0] * grid[1] * grid[2]
+    extra = seq_len - video
+    return extra if 0 <= extra < seq_len else None
