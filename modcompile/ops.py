@@ -201,7 +201,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
         out, lse = _fake_outputs(q)
         out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
         return out, lse.fill_(float("nan"))
-    return attention_forward(q, k, v, kv_counts, kv_indices, state.info.config.block_size, scale)
+    return policy_for(state.info.config).attention(state.context, q, k, v, kv_counts, kv_indices, scale)
 
 
 @sparse_attention.register_fake

@@ -66,6 +66,14 @@ class Policy:
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
         raise NotImplementedError
 
+    def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float):
+        """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
+        token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
+        partitions) permute around the kernel here."""
+        from ..ops import attention_forward
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+
     def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                 kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
         """Called after the attention of a call whose plan had ``observe=True``."""
