@@ -173,8 +173,9 @@ _NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
 def candidate_configs(block_size: int, head_dim: int) -> list[KernelConfig]:
     block_d = _padded_head_dim(head_dim)
     out = []
+    smallest = min(64, block_size)  # tiles under 64 only where the block itself is smaller
     for cfg in _CANDIDATES:
-        if not cfg.fits(block_size):
+        if not cfg.fits(block_size) or min(cfg.block_m, cfg.block_n) < smallest:
             continue
         # Large tiles with few warps would spill the fp32 accumulators.
         if cfg.block_m * max(cfg.block_n, block_d) > 64 * 128 * cfg.num_warps // 2:
