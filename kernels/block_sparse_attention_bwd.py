@@ -80,7 +80,7 @@ def _bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*N*D may pass 2**31
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,7 +107,7 @@ def _bwd_dkdv_kernel(
     PARTS: tl.constexpr = BLOCK_SIZE // BLOCK_N
     STEPS: tl.constexpr = BLOCK_SIZE // SUB_M
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*N*D may pass 2**31
     b = bh // H
     h = bh % H
     kb = pid // PARTS
@@ -170,7 +170,7 @@ def _bwd_dq_kernel(
     PARTS: tl.constexpr = BLOCK_SIZE // BLOCK_M
     STEPS: tl.constexpr = BLOCK_SIZE // SUB_N
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*N*D may pass 2**31
     b = bh // H
     h = bh % H
     qb = pid // PARTS

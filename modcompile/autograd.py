@@ -23,7 +23,10 @@ from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 BACKWARD_OP_NAME = "modcompile::block_sparse_attention_backward"
 
 
-def _triton_backward_usable(q: torch.Tensor) -> bool:
+def _triton_backward_usable(q: torch.Tensor, block_size: int) -> bool:
+    # Shapes the kernel does not cover (tiny or odd blocks, huge heads) take the reference path.
+    if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
+        return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -45,7 +48,7 @@ def block_sparse_attention_backward(
     scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in q's dtype: Triton on CUDA / under the interpreter, else torch."""
-    if _triton_backward_usable(q):
+    if _triton_backward_usable(q, block_size):
         try:
             from modcompile.kernels.block_sparse_attention_bwd import block_sparse_attention_bwd
         except ImportError:  # no triton in this environment: the reference is the CPU path anyway
