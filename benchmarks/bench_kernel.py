@@ -263,6 +263,21 @@ def plot(rows, path):
     return True
 
 
+def compiled_kernel_report():
+    """Registers, spills and shared memory of every compiled variant of our kernel (best effort)."""
+    lines = []
+    try:
+        fn = bsa._block_sparse_attention_fwd_kernel
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, kern in cache[0].items():
+                meta = kern.metadata
+                lines.append(f"  regs {kern.n_regs} spills {kern.n_spills} smem {meta.shared} "
+                             f"warps {meta.num_warps} stages {meta.num_stages} | {str(key)[-160:]}")
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"  (no report: {type(e).__name__}: {e})")
+    return lines
+
+
 def environment():
     props = torch.cuda.get_device_properties(0)
     return dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
@@ -323,6 +338,7 @@ def main(argv=None):
     (out_dir / "kernel_bench.json").write_text(json.dumps(
         dict(environment=env, checks=checks, sweep=sweep, rows=rows), indent=1, default=str))
     plotted = plot(rows, out_dir / "kernel_speedup.png")
+    log("compiled variants:\n" + "\n".join(compiled_kernel_report()))
     log(f"tuned configs: {env['tuned_configs']}")
     log(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} OK; plot {'written' if plotted else 'skipped'}; "
         f"{env['seconds']} s")
