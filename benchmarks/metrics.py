@@ -149,3 +149,22 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, *, layout: str = "CTHW", data_range
 
 __all__ = ["relative_l2", "block_attention_mass", "mass_recall_from_mass", "attention_mass_recall",
            "achieved_density", "psnr", "ssim", "ssim_frames"]
+
+
+# ---------------------------------------------------------------- log-sum-exp based recall
+def dense_lse(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+    """Row log-sum-exp of the dense scaled scores, float32 ``(B, H, N)``, chunked over queries."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kf = k.float().transpose(-1, -2)
+    parts = [torch.logsumexp(torch.matmul(q[:, :, r:r + chunk_rows].float(), kf) * scale, dim=-1)
+             for r in range(0, q.shape[2], chunk_rows)]
+    return torch.cat(parts, dim=-1)
+
+
+def recall_from_lse(lse_sparse: torch.Tensor, lse_dense: torch.Tensor, per_head: bool = False):
+    """Attention-mass recall from log-sum-exps: a row keeps exp(lse_sparse - lse_dense) of its mass.
+
+    Independent of how a policy orders its blocks (VMoBA permutes tokens into partition blocks)."""
+    kept = torch.exp((lse_sparse.float() - lse_dense.float()).clamp(max=0.0))
+    kept = torch.nan_to_num(kept, nan=0.0)
+    return kept.mean(-1) if per_head else float(kept.mean())

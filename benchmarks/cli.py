@@ -1,0 +1,186 @@
+"""``python -m benchmarks run LEVEL [options] --out DIR``
+
+Levels:
+  kernel     block-sparse kernel vs dense SDPA / FlexAttention (delegates to benchmarks/bench_kernel.py)
+  policy     one attention layer per policy: full per-call cost (pooling, selection, permutation,
+             predictor) over a denoising schedule vs dense SDPA, on structured synthetic inputs
+  e2e        Wan2.1-1.3B-shaped diffusers transformer: inductor (dense) vs modsparse, per step and
+             extrapolated to a full run, plus the attention share of the dense run
+  fidelity   PSNR/SSIM, per-layer error, recall, density of each policy vs dense on the trained small
+             video DiT (or --synthetic: structured synthetic attention, no training)
+  train-dit  train the small video DiT on procedural videos, save a checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+LEVELS = {
+    "kernel": "block-sparse kernel vs dense SDPA / FlexAttention (benchmarks/bench_kernel.py)",
+    "policy": "per-layer attention cost of each policy vs dense SDPA (synthetic inputs)",
+    "e2e": "Wan2.1-1.3B-shaped transformer: inductor vs modsparse denoising steps",
+    "fidelity": "policy fidelity vs dense on the trained small DiT (or --synthetic)",
+    "train-dit": "train the small video DiT on procedural videos",
+}
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--out", default="results", help="output directory (markdown, JSON, PNG)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run one level", description="\n".join(f"{k:10s} {v}" for k, v in LEVELS.items()),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    levels = run.add_subparsers(dest="level", metavar="LEVEL")
+    levels.required = True
+
+    # kernel: arguments are forwarded to bench_kernel.main
+    k = levels.add_parser("kernel", help=LEVELS["kernel"])
+    _common(k)
+    k.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments passed to bench_kernel")
+
+    p = levels.add_parser("policy", help=LEVELS["policy"])
+    _common(p)
+    p.add_argument("--policies", type=_csv, default=["dense", "vmoba", "mod"])
+    p.add_argument("--grid", type=_ints, default=None, help="T,H,W of the latent token grid (default 21,30,52 on "
+                   "CUDA, 2,8,8 on CPU)")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--text-len", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=None, help="kernel block (default 128 on CUDA, 16 on CPU)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the schedule")
+    p.add_argument("--repeats", type=int, default=2, help="schedules run (the first includes compilation)")
+    p.add_argument("--options", type=json.loads, default={}, help="JSON of extra modsparse options for all policies")
+
+    e = levels.add_parser("e2e", help=LEVELS["e2e"])
+    _common(e)
+    e.add_argument("--layers", type=int, default=30, help="transformer layers (30 = Wan2.1-1.3B)")
+    e.add_argument("--grid", type=_ints, default=[21, 60, 104], help="latent T,H,W before patch (1,2,2); "
+                   "720p: 21,90,160")
+    e.add_argument("--text-len", type=int, default=512)
+    e.add_argument("--policies", type=_csv, default=["mod", "vmoba"])
+    e.add_argument("--warmup-steps", type=int, default=2, help="untimed steps (compilation, dense warm-up state)")
+    e.add_argument("--timed-steps", type=int, default=3, help="timed steps per phase")
+    e.add_argument("--num-steps", type=int, default=50, help="steps of the full run the timings extrapolate to")
+    e.add_argument("--no-attention-share", action="store_true")
+    e.add_argument("--tiny", action="store_true", help="tiny Wan config (CPU smoke test)")
+    e.add_argument("--options", type=json.loads, default={})
+
+    f = levels.add_parser("fidelity", help=LEVELS["fidelity"])
+    _common(f)
+    f.add_argument("--synthetic", action="store_true", help="structured synthetic q/k/v instead of the DiT")
+    f.add_argument("--policies", type=_csv, default=["dense", "vmoba", "mod"])
+    f.add_argument("--sweep", action="store_true", help="also sweep each policy's knob (vmoba tau, mod coverage)")
+    f.add_argument("--steps", type=int, default=None, help="denoising steps (default 30 DiT, 20 synthetic)")
+    f.add_argument("--block-size", type=int, default=None, help="kernel block (default 64 DiT / 128 synthetic "
+                   "on CUDA, 16 on CPU)")
+    f.add_argument("--metric-every", type=int, default=1, help="per-layer metrics every n steps")
+    f.add_argument("--heatmap-layers", type=int, default=3)
+    f.add_argument("--heatmap-heads", type=int, default=4)
+    # DiT mode
+    f.add_argument("--config", default="small", help="DiT config: small | tiny | tiny-text")
+    f.add_argument("--checkpoint", default=None, help="checkpoint path (default OUT/dit_small.pt)")
+    f.add_argument("--train-minutes", type=float, default=0.0, help="train this long when the checkpoint is missing")
+    f.add_argument("--batch-size", type=int, default=16, help="training batch when training here")
+    f.add_argument("--seeds", type=int, default=2, help="number of sampling seeds")
+    # synthetic mode
+    f.add_argument("--grid", type=_ints, default=None, help="synthetic T,H,W (default 21,30,52 CUDA / 2,8,8 CPU)")
+    f.add_argument("--heads", type=int, default=None)
+    f.add_argument("--head-dim", type=int, default=None)
+    f.add_argument("--text-len", type=int, default=0)
+    f.add_argument("--baseline-densities", type=_floats, default=[0.1, 0.2, 0.3])
+
+    t = levels.add_parser("train-dit", help=LEVELS["train-dit"])
+    _common(t)
+    t.add_argument("--config", default="small")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--minutes", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--val-every", type=int, default=200)
+    t.add_argument("--checkpoint", default=None, help="where to save (default OUT/dit_small.pt)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor)")
+    return parser
+
+
+def _fill_defaults(args):
+    import torch
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.level == "policy":
+        args.grid = args.grid or ([21, 30, 52] if cuda else [2, 8, 8])
+        args.heads = args.heads or (12 if cuda else 2)
+        args.head_dim = args.head_dim or (128 if cuda else 32)
+        args.block_size = args.block_size or (128 if cuda else 16)
+    if args.level == "fidelity":
+        if args.synthetic:
+            args.grid = args.grid or ([21, 30, 52] if cuda else [2, 8, 8])
+            args.heads = args.heads or (12 if cuda else 4)
+            args.head_dim = args.head_dim or (128 if cuda else 32)
+            args.block_size = args.block_size or (128 if cuda else 16)
+            args.steps = args.steps or 20
+        else:
+            args.block_size = args.block_size or (64 if cuda else 16)
+            args.steps = args.steps or 30
+    if args.level == "train-dit" and args.steps is None and args.minutes is None:
+        args.minutes = 3.0
+    return args
+
+
+def run_level(args):
+    level = args.level
+    if level == "kernel":
+        return _run_kernel(args)
+    module = {"policy": "benchmarks.policy", "e2e": "benchmarks.e2e", "fidelity": "benchmarks.fidelity",
+              "train-dit": "benchmarks.train_dit"}[level]
+    return importlib.import_module(module).run(_fill_defaults(args))
+
+
+def _run_kernel(args):
+    try:
+        bench_kernel = importlib.import_module("benchmarks.bench_kernel")
+    except ImportError as exc:
+        print(f"[bench] kernel level skipped: benchmarks/bench_kernel.py is not there yet ({exc})")
+        return None
+    main = getattr(bench_kernel, "main", None)
+    if main is None:
+        print("[bench] kernel level skipped: benchmarks/bench_kernel.py has no main()")
+        return None
+    argv = list(args.rest or [])
+    if "--out" not in argv:
+        argv += ["--out", args.out]
+    return main(argv)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help()
+        return 0 if argv is not None and not argv else (0 if args.command is None else 2)
+    run_level(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
