@@ -1,0 +1,202 @@
+"""VMoBA partition geometry: 1D / 2D / 3D blocks of a video token grid, the permutation that makes
+every block contiguous, and how partition blocks overlap the attention kernel's fixed-size blocks.
+
+Tokens of the video sit in raster order (frame-major: t, then y, then x), as a patch embedding's
+``flatten(2)`` leaves them. Text tokens of joint attention sit before or after the video tokens.
+
+* ``1d`` (temporal): a block is ``t`` consecutive frames x the full H x W.
+* ``2d`` (spatial): a block is an ``h x w`` tile, over all frames.
+* ``3d`` (spatio-temporal): a block is a ``t x h x w`` cube.
+
+Grids that a block shape does not divide get smaller blocks at the far edges. The permutation orders
+the blocks in raster order of the block grid and keeps raster order inside each block; text tokens
+keep their place (first or last). ``perm[i]`` is the original index of the token at permuted
+position ``i`` and ``inv`` is its inverse, so ``x_perm = x[perm]`` and ``x = x_perm[inv]``.
+
+Partition blocks rarely line up with the kernel's blocks (``block_size`` tokens in permuted order).
+The rule (exact: every token is attended once or not at all, never twice, never dropped from a
+selected block): a kernel block *belongs to* every partition block it overlaps, and a query kernel
+block attends a key kernel block iff some partition block of the query block selected some
+partition block of the key block. Every token of a selected partition block is therefore attended,
+plus the tokens that share a kernel block with it (a superset; listing a key block once per row
+keeps the softmax exact). Kernel blocks that hold a text token attend everything and are attended
+by every query block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+KINDS = ("1d", "2d", "3d")
+_SHAPE_LEN = {"1d": 1, "2d": 2, "3d": 3}
+
+
+def kind_for_layer(layer: int) -> str:
+    """VMoBA cycles the partition with the attention layer: 0 temporal, 1 spatial, 2 cubes."""
+    return KINDS[layer % 3]
+
+
+def check_block_shape(kind: str, shape) -> tuple:
+    """Validate a configured block shape (``(t,)``, ``(h, w)`` or ``(t, h, w)``); returns it as ints."""
+    if kind not in KINDS:
+        raise ValueError(f"vmoba: partition kind must be one of {KINDS}, got {kind!r}")
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"vmoba: {kind} block shape must be a tuple of {_SHAPE_LEN[kind]} ints, got {shape!r}") from None
+    if len(shape) != _SHAPE_LEN[kind] or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                                 for s in shape):
+        raise ValueError(f"vmoba: {kind} block shape must be {_SHAPE_LEN[kind]} positive ints, got {shape!r}")
+    return shape
+
+
+def full_block_shape(grid, kind: str, shape) -> tuple:
+    """The (t, h, w) extent of one block, clipped to the grid."""
+    T, H, W = grid
+    shape = check_block_shape(kind, shape)
+    if kind == "1d":
+        bt, bh, bw = shape[0], H, W
+    elif kind == "2d":
+        bt, bh, bw = T, shape[0], shape[1]
+    else:
+        bt, bh, bw = shape
+    return min(bt, T), min(bh, H), min(bw, W)
+
+
+def default_block_shape(grid, kind: str, target_tokens: int) -> tuple:
+    """A block shape holding about ``target_tokens`` tokens (the kernel block size): the candidate
+    closest in log-size, then the most even sides, then the fewest ragged edges."""
+    T, H, W = grid
+    if kind == "1d":
+        return (max(1, min(T, round(target_tokens / (H * W)))),)
+
+    def cost(bt, bh, bw, sides):
+        size = bt * bh * bw
+        ragged = sum(g % s != 0 for g, s in zip(grid, (bt, bh, bw)))
+        aspect = math.log(max(sides) / min(sides))
+        return (round(abs(math.log(size / target_tokens)), 6), round(aspect, 6), ragged)
+
+    best = None
+    ts = [T] if kind == "2d" else range(1, T + 1)
+    for bt in ts:
+        for bh in range(1, H + 1):
+            for bw in range(1, W + 1):
+                sides = (bh, bw) if kind == "2d" else (bt, bh, bw)
+                c = cost(bt, bh, bw, sides)
+                if best is None or c < best[0]:
+                    best = (c, sides)
+    return best[1]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A partition of a token sequence (video grid + text) into blocks, in permuted order."""
+
+    grid: tuple                 # (T, H, W)
+    kind: str
+    block: tuple                # (bt, bh, bw) extent of a full block
+    text_tokens: int
+    text_position: str
+    perm: torch.Tensor          # (N,) int64: original index of the token at permuted position i
+    inv: torch.Tensor           # (N,) int64: permuted position of original token j
+    starts: torch.Tensor        # (P + 1,) int64: video block p spans [starts[p], starts[p+1]) permuted
+    identity: bool              # the permutation is the identity (e.g. every 1D partition)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.starts.numel() - 1
+
+    @property
+    def seq_len(self) -> int:
+        return self.perm.numel()
+
+    @property
+    def video_range(self) -> tuple[int, int]:
+        return int(self.starts[0]), int(self.starts[-1])
+
+    def block_of_position(self) -> torch.Tensor:
+        """(N,) int64: partition block of each permuted position, -1 for text."""
+        n = self.seq_len
+        ids = torch.full((n,), -1, dtype=torch.int64)
+        sizes = self.starts[1:] - self.starts[:-1]
+        lo, hi = self.video_range
+        ids[lo:hi] = torch.repeat_interleave(torch.arange(self.num_blocks), sizes)
+        return ids
+
+
+def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position: str = "last") -> Partition:
+    """The partition of a ``grid`` video (plus ``text_tokens``) into ``kind`` blocks of ``shape``."""
+    if len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid):
+        raise ValueError(f"vmoba: grid must be three positive ints (T, H, W), got {grid!r}")
+    if text_tokens < 0:
+        raise ValueError(f"vmoba: text_tokens must be >= 0, got {text_tokens}")
+    if text_position not in ("first", "last"):
+        raise ValueError(f"vmoba: text_position must be 'first' or 'last', got {text_position!r}")
+    T, H, W = grid
+    bt, bh, bw = full_block_shape(grid, kind, shape)
+    n_video = T * H * W
+    t = torch.arange(T).repeat_interleave(H * W)
+    y = torch.arange(H).repeat_interleave(W).repeat(T)
+    x = torch.arange(W).repeat(T * H)
+    nbh, nbw = -(-H // bh), -(-W // bw)
+    block_id = ((t // bt) * nbh + y // bh) * nbw + x // bw
+    # A stable sort keeps raster order inside each block.
+    video_perm = torch.argsort(block_id, stable=True)
+    sizes = torch.bincount(block_id, minlength=int(block_id.max()) + 1)
+    offset = text_tokens if text_position == "first" else 0
+    text = torch.arange(text_tokens) + (0 if text_position == "first" else n_video)
+    video_perm = video_perm + offset
+    perm = torch.cat([text, video_perm]) if text_position == "first" else torch.cat([video_perm, text])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]) + offset
+    identity = bool((perm == torch.arange(perm.numel())).all())
+    return Partition(tuple(grid), kind, (bt, bh, bw), text_tokens, text_position, perm, inv, starts, identity)
+
+
+@lru_cache(maxsize=128)
+def cached_partition(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str) -> Partition:
+    return build_partition(grid, kind, shape, text_tokens, text_position)
+
+
+def kernel_incidence(partition: Partition, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which partition blocks each kernel block overlaps, and which kernel blocks hold text.
+
+    Returns ``(incidence, text)``: incidence (Mk, P) bool, text (Mk,) bool, Mk = ceil(N / block_size)."""
+    n = partition.seq_len
+    mk = -(-n // block_size)
+    k_lo = torch.arange(mk) * block_size
+    k_hi = torch.clamp(k_lo + block_size, max=n)
+    p_lo, p_hi = partition.starts[:-1], partition.starts[1:]
+    incidence = (p_lo[None, :] < k_hi[:, None]) & (p_hi[None, :] > k_lo[:, None])
+    v_lo, v_hi = partition.video_range
+    text = (k_lo < v_lo) | (k_hi > v_hi)
+    return incidence, text
+
+
+def kernel_block_mask(selection: torch.Tensor, incidence: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Kernel-level block mask from a partition-level selection (the rule in the module docstring).
+
+    selection (..., P, P) bool; incidence (Mk, P) bool; text (Mk,) bool -> (..., Mk, Mk) bool."""
+    a = incidence.to(torch.float32)
+    # Small integer counts: exact in fp32.
+    reach = torch.matmul(torch.matmul(a, selection.to(torch.float32)), a.transpose(0, 1))
+    return (reach > 0.5) | text[:, None] | text[None, :]
+
+
+def permute_tokens(x: torch.Tensor, partition: Partition, dim: int = 2) -> torch.Tensor:
+    """Reference permutation into block-contiguous order along ``dim``."""
+    return x.index_select(dim, partition.perm.to(x.device))
+
+
+def unpermute_tokens(x: torch.Tensor, partition: Partition, dim: int = 2) -> torch.Tensor:
+    """Reference inverse permutation back to the original token order along ``dim``."""
+    return x.index_select(dim, partition.inv.to(x.device))
+
+
+__all__ = ["KINDS", "Partition", "build_partition", "cached_partition", "check_block_shape",
+           "default_block_shape", "full_block_shape", "kernel_block_mask", "kernel_incidence",
+           "kind_for_layer", "permute_tokens", "unpermute_tokens"]

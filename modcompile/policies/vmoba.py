@@ -1,0 +1,197 @@
+"""The ``vmoba`` policy (VMoBA, arXiv 2506.23858): mixture of block attention over 1D / 2D / 3D
+partitions of the video grid.
+
+Per call of a sparse step:
+
+1. the partition of this layer (``layer % 3``: 1D temporal, 2D spatial, 3D cubes; block shapes from
+   ``config.partition_blocks`` or defaults of about ``block_size`` tokens) gives a permutation that
+   makes every partition block contiguous (kernels/partition.py; cached per geometry and device);
+2. one fused pass permutes q and k and mean-pools them per partition block in fp32
+   (kernels/pooling.py); the permuted copies are kept for the attention op of the same call;
+3. pooled scores ``mean(q) . mean(k)`` are selected per head (modcompile/policies/selection.py:
+   global / row threshold on the normalized mass, or top-k; own block kept; density guard);
+4. the partition-level selection becomes kernel block lists in permuted order (a kernel block
+   straddling two partition blocks belongs to both; text blocks attend and are attended by all);
+5. ``attention`` permutes v, runs the block-sparse kernel on the permuted tensors and un-permutes
+   the output and the log-sum-exp back to the original token order.
+
+The first 25% of the denoising steps run dense (``config.warmup_steps`` overrides). Sites without a
+usable video grid run dense and say why in ``modcompile.report()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..kernels import partition as part_lib
+from ..kernels import pooling
+from .base import Plan, Policy, SiteContext, register_policy
+from .selection import select_blocks
+
+WARMUP_FRACTION = 0.25
+_SEG_ROWS = 256
+
+
+def parse_partition_blocks(value) -> dict:
+    """``config.partition_blocks`` (dict or sorted items) -> {kind: shape} of the given kinds."""
+    if value is None:
+        return {}
+    items = value.items() if isinstance(value, dict) else value
+    out = {}
+    for item in items:
+        try:
+            kind, shape = item
+        except (TypeError, ValueError):
+            raise ValueError(f"vmoba: partition_blocks entries must be (kind, shape), got {item!r}") from None
+        if kind not in part_lib.KINDS:
+            raise ValueError(f"vmoba: partition_blocks keys must be in {part_lib.KINDS}, got {kind!r}")
+        out[kind] = part_lib.check_block_shape(kind, shape)
+    return out
+
+
+@lru_cache(maxsize=128)
+def default_shape(grid: tuple, kind: str, block_size: int) -> tuple:
+    return part_lib.default_block_shape(grid, kind, block_size)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything a call needs about one partition, on one device (cached)."""
+
+    partition: part_lib.Partition
+    segments: pooling.Segments
+    perm: torch.Tensor          # (N,) int32 on device
+    inv: torch.Tensor           # (N,) int32 on device
+    incidence: torch.Tensor     # (Mk, P) bool on device
+    text_blocks: torch.Tensor   # (Mk,) bool on device
+    identity: bool
+
+    def describe(self) -> str:
+        p = self.partition
+        return f"vmoba {p.kind} blocks {'x'.join(map(str, p.block))} ({p.num_blocks} per head)"
+
+
+@lru_cache(maxsize=64)
+def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str,
+               block_size: int, device: torch.device) -> Layout:
+    partition = part_lib.cached_partition(grid, kind, shape, text_tokens, text_position)
+    incidence, text = part_lib.kernel_incidence(partition, block_size)
+    segments = pooling.make_segments(partition.perm, partition.starts, _SEG_ROWS, device)
+    return Layout(partition, segments, partition.perm.to(device, torch.int32),
+                  partition.inv.to(device, torch.int32), incidence.to(device), text.to(device),
+                  partition.identity)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    from ..ops import use_triton
+    return use_triton(x) and pooling.triton_available(x)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+@register_policy
+class VmobaPolicy(Policy):
+    name = "vmoba"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.blocks = parse_partition_blocks(config.partition_blocks)
+        if config.selection == "topk" and config.topk is None and config.density is None:
+            raise ValueError("vmoba: selection='topk' needs topk or density")
+        if config.topk is not None and config.topk < 1:
+            raise ValueError(f"vmoba: topk must be >= 1, got {config.topk}")
+
+    def default_warmup(self, num_steps: int) -> int:
+        return int(WARMUP_FRACTION * num_steps)
+
+    # ------------------------------------------------------------------ geometry
+    def block_shape(self, grid: tuple, kind: str) -> tuple:
+        return self.blocks.get(kind) or default_shape(tuple(grid), kind, self.config.block_size)
+
+    def layout(self, ctx: SiteContext, n: int, device: torch.device) -> Layout | None:
+        """The layout of this site, or None (and a note on the site) when the grid does not fit."""
+        grid = ctx.info.grid
+        if grid is None:
+            ctx.state.note = "vmoba: dense, no video grid (not inferred or does not fit the sequence)"
+            return None
+        video = grid[0] * grid[1] * grid[2]
+        if not 0 <= n - video < n:
+            ctx.state.note = f"vmoba: dense, sequence {n} does not fit grid {tuple(grid)}"
+            return None
+        kind = part_lib.kind_for_layer(ctx.info.layer)
+        return layout_for(tuple(grid), kind, self.block_shape(grid, kind), n - video,
+                          self.config.text_position, self.config.block_size, device)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+        ctx.state.policy_state = None  # drop permuted copies of an earlier call
+        layout = self.layout(ctx, q.shape[2], q.device)
+        if layout is None or ctx.step < self.warmup_steps(ctx):
+            return ctx.full_plan(q, k)
+        ctx.state.note = layout.describe()
+        qp, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
+        if not layout.identity:
+            ctx.state.policy_state = (_tensor_key(q), _tensor_key(k), qp, kp)
+        counts, indices = self.block_lists(q_pool, k_pool, layout, scale=1.0 / math.sqrt(q.shape[-1]))
+        return Plan(counts, indices, dense=False)
+
+    def permute_pool(self, q, k, layout: Layout):
+        if _use_triton(q):
+            return pooling.permute_pool(q, k, layout.segments, write_permuted=not layout.identity)
+        qp, kp, q_pool, k_pool = pooling.permute_pool_ref(q, k, layout.partition.perm, layout.partition.starts)
+        return (None, None, q_pool, k_pool) if layout.identity else (qp, kp, q_pool, k_pool)
+
+    def select(self, scores: torch.Tensor, scale: float) -> torch.Tensor:
+        c = self.config
+        return select_blocks(scores, mode=c.selection, tau=c.tau, normalization=c.normalization, topk=c.topk,
+                             density=c.density, min_density=c.min_density, max_density=c.max_density,
+                             scale=scale)
+
+    def block_lists(self, q_pool, k_pool, layout: Layout, scale: float):
+        """Kernel block lists (permuted order) from the pooled blocks; width exactly Mk."""
+        scores = torch.matmul(q_pool, k_pool.transpose(-1, -2))
+        chosen = self.select(scores, scale)
+        mask = part_lib.kernel_block_mask(chosen, layout.incidence, layout.text_blocks)
+        return lists_from_mask(mask)
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
+        from ..ops import _out_like, attention_forward
+        layout = self.layout(ctx, q.shape[2], q.device)
+        if layout is None or layout.identity:
+            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+        stash, ctx.state.policy_state = ctx.state.policy_state, None
+        if stash is not None and stash[0] == _tensor_key(q) and stash[1] == _tensor_key(k):
+            qp, kp = stash[2], stash[3]
+        else:  # the plan's copies do not match (should not happen in a rewritten graph)
+            qp, kp = self.gather(q, layout.perm), self.gather(k, layout.perm)
+        vp = self.gather(v, layout.perm)
+        out_p, lse_p = attention_forward(qp, kp, vp, kv_counts, kv_indices, ctx.block_size, scale)
+        out = self.gather(out_p, layout.inv, out=_out_like(q))
+        lse = lse_p.index_select(2, layout.inv)
+        return out, lse
+
+    @staticmethod
+    def gather(x, index, out=None):
+        if _use_triton(x):
+            return pooling.gather_rows(x, index, out=out)
+        return pooling.gather_rows_ref(x, index, out=out)
+
+
+def lists_from_mask(mask: torch.Tensor):
+    """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
+    a host sync: selected blocks first in increasing order, the rest of each row 0."""
+    mk = mask.shape[-1]
+    ids = torch.arange(mk, device=mask.device, dtype=torch.int32)
+    counts = mask.sum(-1, dtype=torch.int32)
+    ordered = torch.where(mask, ids, mk).sort(dim=-1).values
+    indices = torch.where(ordered < mk, ordered, 0).to(torch.int32)
+    return counts, indices.contiguous()
+
+
+__all__ = ["VmobaPolicy", "Layout", "layout_for", "lists_from_mask", "parse_partition_blocks"]
