@@ -20,6 +20,7 @@ class SiteRow:
     density: float | None         # block density of the last call (mean over passes)
     steps: int                    # steps seen (max over passes)
     passes: int
+    note: str = ""                # the policy's word on the site (e.g. why it planned dense)
 
 
 def _value(x):
@@ -36,7 +37,8 @@ def collect() -> list[SiteRow]:
             seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,
             text_tokens=info.text_tokens,
             density=sum(densities) / len(densities) if densities else None,
-            steps=max((s.steps_seen for s in states), default=0), passes=len(states)))
+            steps=max((s.steps_seen for s in states), default=0), passes=len(states),
+            note="; ".join(dict.fromkeys(s.note for s in states if s.note))))
     return rows
 
 
@@ -45,7 +47,8 @@ def format_table(rows: list[SiteRow]) -> str:
     lines = [header]
     for r in rows:
         lines.append([r.site, r.status, r.policy, str(r.seq_len), str(r.heads), str(r.head_dim),
-                      "-" if r.density is None else f"{r.density:.3f}", str(r.steps), str(r.passes), r.reason])
+                      "-" if r.density is None else f"{r.density:.3f}", str(r.steps), str(r.passes),
+                      "; ".join(x for x in (r.reason, r.note) if x)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))

@@ -55,6 +55,7 @@ class SiteState:
     last_step: int = -1
     density: Any = None             # block density of the last call (0-dim tensor or float)
     context: Any = None             # the policy's SiteContext of the last plan (read by observe)
+    note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
 
 
 class StepTracker:
