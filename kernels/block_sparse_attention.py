@@ -55,6 +55,7 @@ def _block_sparse_attention_fwd_kernel(
     EVEN_Q: tl.constexpr,      # N_Q % BLOCK_M == 0: no row mask on q / out
     EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block anywhere
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,     # K/V through tensor descriptors (Hopper TMA); OOB rows read as 0
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -78,6 +79,13 @@ def _block_sparse_attention_fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if USE_TMA:
+        # One (N_K, HEAD_DIM) view per (batch, head): the copy engine zero-fills rows past N_K and
+        # columns past HEAD_DIM, so the loads need no masks and no per-thread addresses.
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -89,15 +97,19 @@ def _block_sparse_attention_fwd_kernel(
         key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
         start = key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
         cols = start + offs_n
-        k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if EVEN_K and EVEN_D:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if USE_TMA:
+            k = k_desc.load([start, 0]).T
+            v = v_desc.load([start, 0])
         else:
-            col_ok = cols < N_K
-            k = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if EVEN_K and EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                col_ok = cols < N_K
+                k = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if EVEN_K:
@@ -145,37 +157,44 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # K/V loads through tensor descriptors (needs sm_90+ and 16-byte strides)
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
 
 
-# Candidates tried on CUDA, in order; the first that fits is also the untuned fallback.
+# Candidates tried on CUDA (the tuner times each once per key); the first is the untuned fallback.
 _CANDIDATES = (
-    KernelConfig(128, 64, 8, 3),
     KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 64, 8, 4),
+    KernelConfig(128, 64, 8, 3),
     KernelConfig(128, 128, 8, 2),
-    KernelConfig(128, 64, 4, 3),
+    KernelConfig(128, 64, 8, 4),
     KernelConfig(64, 64, 4, 3),
-    KernelConfig(64, 128, 4, 3),
     KernelConfig(64, 64, 4, 4),
+    KernelConfig(128, 128, 8, 3, tma=True),
+    KernelConfig(128, 128, 8, 2, tma=True),
+    KernelConfig(128, 64, 8, 3, tma=True),
+    KernelConfig(128, 64, 8, 4, tma=True),
+    KernelConfig(64, 64, 4, 3, tma=True),
     KernelConfig(32, 32, 4, 2),
     KernelConfig(16, 16, 2, 1),
 )
 
-# (capability, head_dim bucket, dtype, block_size) -> KernelConfig chosen by timing.
+# (capability, head_dim, dtype, block_size, tma usable) -> KernelConfig chosen by timing.
 _TUNED: dict[tuple, KernelConfig] = {}
 # Set MODCOMPILE_BSA_NO_TUNE=1 to skip timing and use the first fitting candidate.
 _NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
 
 
-def candidate_configs(block_size: int, head_dim: int) -> list[KernelConfig]:
+def candidate_configs(block_size: int, head_dim: int, tma: bool = True) -> list[KernelConfig]:
+    """Launch configurations worth timing for this block size and head dim (``tma``: allow TMA)."""
     block_d = _padded_head_dim(head_dim)
     out = []
     smallest = min(64, block_size)  # tiles under 64 only where the block itself is smaller
     for cfg in _CANDIDATES:
         if not cfg.fits(block_size) or min(cfg.block_m, cfg.block_n) < smallest:
+            continue
+        if cfg.tma and not tma:
             continue
         # Large tiles with few warps would spill the fp32 accumulators.
         if cfg.block_m * max(cfg.block_n, block_d) > 64 * 128 * cfg.num_warps // 2:
@@ -279,7 +298,32 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
             raise ValueError(f"lse must be (B, H, N) = {(B, H, N)} float32 with a contiguous last dim")
 
 
+def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether K/V can be read through tensor descriptors: sm_90+ (or the interpreter), 16-byte
+    aligned base pointers and 16-byte multiples for the batch, head and row strides."""
+    if not _interpreting():
+        if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+            return False
+    for t in (k, v):
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
+            return False
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # Global scratch for descriptors that kernels build on the device.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_ALLOCATOR_SET = False
+
+
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale):
+    global _ALLOCATOR_SET
+    if cfg.tma and not _ALLOCATOR_SET and not _interpreting():
+        triton.set_allocator(_tma_scratch)
+        _ALLOCATOR_SET = True
     B, H, N, D = q.shape
     n_k = k.shape[2]
     block_d = _padded_head_dim(D)
@@ -303,28 +347,30 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         EVEN_Q=N % cfg.block_m == 0,
         EVEN_K=n_k % block_size == 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_TMA=cfg.tma,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
 
 
-def _pick_config(q, block_size, run) -> KernelConfig:
+def _pick_config(q, k, v, block_size, run) -> KernelConfig:
     """The cached configuration for this (device, head_dim, dtype, block); times candidates once."""
     D = q.shape[-1]
     if _interpreting() or not q.is_cuda:
         return _interpreter_config(block_size)
-    key = (torch.cuda.get_device_capability(q.device), _padded_head_dim(D), D, q.dtype, block_size)
+    tma = tma_usable(k, v)
+    key = (torch.cuda.get_device_capability(q.device), D, q.dtype, block_size, tma)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    candidates = candidate_configs(block_size, D)
+    candidates = candidate_configs(block_size, D, tma=tma)
     if os.environ.get(_NO_TUNE_ENV, "0") not in ("", "0") or len(candidates) == 1:
         cfg = candidates[0]
     else:
         best = None
         for c in candidates:
             try:
-                t = triton.testing.do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+                t = triton.testing.do_bench(lambda: run(c), warmup=10, rep=50, return_mode="median")
             except Exception:  # a config the compiler rejects (e.g. out of shared memory)
                 continue
             if best is None or t < best[0]:
@@ -379,8 +425,10 @@ def block_sparse_attention_fwd(
         _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale)
 
     if config is None:
-        config = _pick_config(q, block_size, run)
+        config = _pick_config(q, k, v, block_size, run)
     elif not config.fits(block_size):
         raise ValueError(f"config {config} does not divide block_size {block_size}")
+    elif config.tma and not tma_usable(k, v):
+        raise ValueError(f"config {config} needs TMA: sm_90+ and 16-byte aligned k/v strides")
     run(config)
     return out, lse
