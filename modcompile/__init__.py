@@ -5,7 +5,7 @@
 """
 import logging
 
-from torch._dynamo import register_backend as _register_backend
+from torch._dynamo.backends import registry as _registry
 
 from .backend import modsparse
 from .config import SparsityConfig
@@ -15,10 +15,9 @@ from .runtime import denoising_step, reset
 
 logging.getLogger("modcompile").addHandler(logging.NullHandler())
 
-# The entry point registers the backend without this import; importing registers it too.
-try:
-    _register_backend(modsparse, name="modsparse")
-except Exception:  # already registered (through the entry point)
-    pass
+# The entry point registers the backend without this import; importing registers it too, unless
+# this import is the entry point being loaded (then torch registers what it loads).
+if _registry._BACKENDS.get("modsparse") is None and "modsparse" not in _registry._COMPILER_FNS:
+    _registry.register_backend(modsparse, name="modsparse")
 
 __all__ = ["modsparse", "SparsityConfig", "block_sparse_attention", "report", "denoising_step", "reset"]

@@ -22,12 +22,13 @@ def _scope(config) -> str:
 def modsparse(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """torch.compile backend: rewrite SDPA to block-sparse attention, then compile with Inductor.
 
-    ``options`` holds modsparse keys (modcompile.config.SparsityConfig) and Inductor config keys;
-    ``mode`` is Inductor's (default, reduce-overhead, max-autotune...)."""
+    ``options`` holds modsparse keys (modcompile.config.SparsityConfig), Inductor config keys and
+    optionally ``"mode"``; ``mode`` is Inductor's (default, reduce-overhead, max-autotune...)."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    config, inductor_options = split_options(options)
+    config, inductor_options, options_mode = split_options(options)
+    mode = mode or options_mode
     sites = rewrite_attention(gm, config, _scope(config))
     sparse = sum(s.status == "sparse" for s in sites)
     log.info("modsparse: %d of %d attention sites rewritten (policy %s)", sparse, len(sites), config.policy)

@@ -84,14 +84,18 @@ def config_keys() -> list[str]:
     return [f.name for f in fields(SparsityConfig)]
 
 
-def split_options(options: dict | None) -> tuple[SparsityConfig, dict]:
-    """Split torch.compile's ``options`` into our config and Inductor config patches."""
+def split_options(options: dict | None) -> tuple[SparsityConfig, dict, str | None]:
+    """Split torch.compile's ``options`` into our config, Inductor config patches and an Inductor
+    mode (torch.compile refuses ``mode=`` together with ``options=``, so ``options["mode"]``
+    carries it)."""
     import torch._inductor.config as inductor_config
 
-    ours, inductor, unknown = {}, {}, []
+    ours, inductor, unknown, mode = {}, {}, [], None
     valid = set(config_keys())
     for key, value in (options or {}).items():
-        if key in valid:
+        if key == "mode":
+            mode = value
+        elif key in valid:
             ours[key] = value
         elif _is_inductor_key(inductor_config, key):
             inductor[key] = value
@@ -101,7 +105,7 @@ def split_options(options: dict | None) -> tuple[SparsityConfig, dict]:
         raise ValueError(
             f"modsparse: unknown option(s) {sorted(unknown)}; valid modsparse options: "
             f"{sorted(valid)} (Inductor config keys are passed through to Inductor)")
-    return SparsityConfig(**ours), inductor
+    return SparsityConfig(**ours), inductor, mode
 
 
 def _is_inductor_key(inductor_config, key: str) -> bool:

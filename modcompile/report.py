@@ -43,10 +43,11 @@ def collect() -> list[SiteRow]:
 
 
 def format_table(rows: list[SiteRow]) -> str:
-    header = ["site", "status", "policy", "seq", "heads", "hd", "density", "steps", "passes", "reason"]
+    header = ["site", "status", "policy", "seq", "heads", "hd", "grid", "density", "steps", "passes", "reason"]
     lines = [header]
     for r in rows:
         lines.append([r.site, r.status, r.policy, str(r.seq_len), str(r.heads), str(r.head_dim),
+                      "x".join(map(str, r.grid)) + (f"+{r.text_tokens}" if r.text_tokens else "") if r.grid else "-",
                       "-" if r.density is None else f"{r.density:.3f}", str(r.steps), str(r.passes),
                       "; ".join(x for x in (r.reason, r.note) if x)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

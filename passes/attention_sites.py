@@ -60,7 +60,8 @@ def module_path(node: fx.Node) -> str:
         return "<root>"
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\[['\"][^'\"]+['\"]\]\.?", "", str(path))  # Dynamo's root: L['self']
-    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path).strip(".")
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    path = re.sub(r"(__dict__\.)?_modules\.", "", path).strip(".")  # Dynamo's spelling of submodules
     return path or "<root>"
 
 

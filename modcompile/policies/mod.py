@@ -1,0 +1,338 @@
+"""The ``mod`` policy (MOD-DiT, arXiv 2601.11641): fitted mixture-of-lines masks, the default.
+
+Per (site, CFG pass) the policy keeps the block sparsity map ``S`` (nb x nb, batch mean, per head),
+the last two ridge fits of ``S`` onto the line basis (:mod:`.mod_fit`) and the current block lists.
+
+Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_interval``):
+
+* steps < W: dense; the last two (W-2, W-1) run the block-sparse kernel on full lists, observe ``S``
+  and fit; after the fit of W-1 the mask is built;
+* steps W, W+1, ...: sparse with the current lists (``plan`` returns stored tensors: no work, no
+  host sync);
+* steps W + m*T (m >= 1): refresh. ``cheap_refresh=False`` (the paper): a dense observed step.
+  ``cheap_refresh=True``: the sparse kernel runs with the current lists and observes only the
+  computed blocks; skipped blocks keep their older values (the paper's history rule). Every
+  ``dense_refresh_every``-th refresh is dense anyway.
+* the observed coverage of a cheap refresh (kept blocks' mass proxy ``1 - S`` as seen, over the
+  whole map's, skipped blocks at their historical values; mean over heads) is computed on device
+  and copied to pinned host memory without waiting. Later plans poll the copy's CUDA event (never
+  wait); once it has landed and is below ``min_observed_coverage`` the next step is a dense
+  refresh. On CPU the value is ready at once, so the dense refresh is the step after.
+
+Mask (built once per fit, on device): coefficients extrapolated linearly from the last two fits to
+the middle of the coming interval; predicted map ``S^ = M x`` clipped to [0, 1]; mass proxy
+``w = 1 - S^``. Lines (diagonals and key columns) are ranked by their mean ``w`` (densest first);
+per head the first k lines are kept, with k = ``lines_per_head``, or the smallest k whose kept
+blocks reach ``density``, or else whose predicted kept mass reaches ``coverage`` (reported as
+``predicted_coverage``). Always kept: the own block, text key blocks (every query) and text query
+blocks (every key), and the frame block diagonal when its coefficient lowers the predicted sparsity
+by more than ``FRAME_KEEP``. ``min_density``/``max_density`` then bound every row.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Plan, Policy, SiteContext, register_policy
+from .mod_fit import FitGeometry, Geometry, fit_geometry
+
+log = logging.getLogger("modcompile")
+
+# The frame block diagonal is kept when its fitted coefficient is below -FRAME_KEEP: being in the
+# same latent frame lowers a block's predicted sparsity by more than this (fraction of entries).
+FRAME_KEEP = 0.05
+
+
+class DeferredScalar:
+    """A 0-dim device value copied to the host without waiting; read it once ``ready()``."""
+
+    def __init__(self, value: torch.Tensor):
+        value = value.detach().float().reshape(())
+        if value.is_cuda:
+            self.host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = value.clone(), None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def value(self) -> float:
+        return float(self.host)
+
+
+@dataclass
+class ModState:
+    geometry: Geometry
+    smap: torch.Tensor | None = None               # (H, nb, nb) observed map, history merged
+    fits: list = field(default_factory=list)       # last two (step, coef (H, P))
+    mask: torch.Tensor | None = None               # (H, nb, nb) bool, current kept blocks
+    head_lists: tuple | None = None                # (counts (H, nb), indices (H, nb, nb)) int32
+    lists: dict = field(default_factory=dict)      # batch -> contiguous (B, H, ...) lists
+    lines: torch.Tensor | None = None              # (H,) lines kept per head
+    keep_frame: torch.Tensor | None = None         # (H,) bool
+    predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
+    observing: str | None = None                   # "dense" / "cheap" while an observed call runs
+    scale: float | None = None
+    cheap_since_dense: int = 0
+    coverage_flag: DeferredScalar | None = None
+    observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
+    events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...)
+    fit_steps: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Host copies of the policy's numbers (synchronizes: for reports, not the hot path)."""
+        out = {"events": list(self.events), "fit_steps": list(self.fit_steps),
+               "observed_coverage": list(self.observed_coverage)}
+        if self.lines is not None:
+            out["lines"] = self.lines.tolist()
+            out["predicted_coverage"] = self.predicted_coverage.tolist()
+            out["keep_frame"] = self.keep_frame.tolist()
+            out["density"] = float(self.mask.float().mean())
+        return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None):
+    """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
+    with block lists only the listed blocks are written, the others are NaN."""
+    from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
+    use_triton = q.is_cuda or (_interpreting() and q.dtype != torch.bfloat16)
+    fn = block_sparsity if use_triton else block_sparsity_ref
+    return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
+              kv_counts=kv_counts, kv_indices=kv_indices)
+
+
+def lists_from_mask(mask: torch.Tensor):
+    """Sorted block lists of width exactly nb from a (..., nb, nb) bool mask, on device."""
+    nb = mask.shape[-1]
+    cols = torch.arange(nb, dtype=torch.int32, device=mask.device)
+    keyed = torch.where(mask, cols, cols + nb)          # kept blocks first, in increasing order
+    indices = keyed.sort(-1).values % nb                 # padding: the skipped blocks (ignored)
+    counts = mask.sum(-1, dtype=torch.int32)
+    return counts.contiguous(), indices.to(torch.int32).contiguous()
+
+
+@register_policy
+class ModPolicy(Policy):
+    name = "mod"
+
+    def default_warmup(self, num_steps: int) -> int:
+        # The paper: 12 of 50 dense steps; at least two, so that two fits exist.
+        return min(num_steps, max(2, round(12 * num_steps / 50)))
+
+    # ------------------------------------------------------------------ state
+    def _geometry(self, ctx: SiteContext, n: int) -> Geometry:
+        grid = ctx.info.grid or self.config.video_grid
+        text = ctx.info.text_tokens if ctx.info.grid else 0
+        if grid is not None:
+            video = grid[0] * grid[1] * grid[2]
+            if ctx.info.grid is None:
+                text = n - video
+            if video > n or text < 0:
+                log.warning("modcompile mod: grid %s does not fit %d tokens; no frame basis", grid, n)
+                grid, text = None, 0
+        return Geometry(seq_len=n, block_size=self.config.block_size, grid=tuple(grid) if grid else None,
+                        text_tokens=max(text, 0), text_position=self.config.text_position)
+
+    def _state(self, ctx: SiteContext, q: torch.Tensor) -> ModState:
+        st = ctx.state.policy_state
+        n = q.shape[2]
+        if st is None or st.geometry.seq_len != n:
+            st = ctx.state.policy_state = ModState(self._geometry(ctx, n))
+        return st
+
+    # ------------------------------------------------------------------ schedule
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+        if q.shape[2] != k.shape[2]:  # not self-attention: nothing to predict
+            return ctx.full_plan(q, k)
+        st = self._state(ctx, q)
+        step, cfg = ctx.step, self.config
+        warmup = self.warmup_steps(ctx)
+        st.observing = None
+        if step < warmup:
+            if step >= warmup - 2:
+                return self._observed(ctx, st, q, k, "dense", "observe-dense")
+            return ctx.full_plan(q, k)
+        if st.mask is None:  # no fit yet (no warm-up observation): bootstrap with a dense one
+            return self._observed(ctx, st, q, k, "dense", "observe-dense")
+        low = self._poll_coverage(st)
+        due = step > warmup and (step - warmup) % cfg.refresh_interval == 0
+        if due or low:
+            dense = (not cfg.cheap_refresh or low or st.cheap_since_dense + 1 >= cfg.dense_refresh_every)
+            if dense:
+                st.cheap_since_dense = 0
+                return self._observed(ctx, st, q, k, "dense", "refresh-dense" if due else "refresh-dense-low")
+            st.cheap_since_dense += 1
+            counts, indices = self._batch_lists(st, q.shape[0])
+            st.observing = "cheap"
+            st.events.append((step, "refresh-cheap"))
+            return Plan(counts, indices, dense=False, observe=True)
+        counts, indices = self._batch_lists(st, q.shape[0])
+        return Plan(counts, indices, dense=False, observe=False)
+
+    def _observed(self, ctx, st, q, k, kind, event) -> Plan:
+        st.observing = kind
+        st.events.append((ctx.step, event))
+        return ctx.full_plan(q, k, observe=True)
+
+    def _poll_coverage(self, st: ModState) -> bool:
+        """True when a cheap refresh's coverage has reached the host and is below the bound."""
+        flag = st.coverage_flag
+        if flag is None or not flag.ready():
+            return False
+        st.coverage_flag = None
+        value = flag.value()
+        st.observed_coverage.append((st.fit_steps[-1] if st.fit_steps else -1, value))
+        return value < self.config.min_observed_coverage
+
+    def _batch_lists(self, st: ModState, batch: int):
+        lists = st.lists.get(batch)
+        if lists is None:
+            counts, indices = st.head_lists
+            lists = (counts.expand(batch, *counts.shape).contiguous(),
+                     indices.expand(batch, *indices.shape).contiguous())
+            st.lists[batch] = lists
+        return lists
+
+    # ------------------------------------------------------------------ attention, observation
+    def attention(self, ctx, q, k, v, kv_counts, kv_indices, scale):
+        st = ctx.state.policy_state
+        if st is not None:
+            st.scale = scale  # the observe node has no scale argument
+        return super().attention(ctx, q, k, v, kv_counts, kv_indices, scale)
+
+    def observe(self, ctx, q, k, lse, kv_counts, kv_indices) -> None:
+        st = ctx.state.policy_state
+        if st is None or st.observing is None:
+            return
+        kind, st.observing = st.observing, None
+        cfg = self.config
+        scale = st.scale if st.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        fg = fit_geometry(st.geometry, cfg.ridge_lambda, q.device)
+        if kind == "dense" or st.smap is None:
+            st.smap = observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold,
+                                  scale=scale).mean(0)
+        else:
+            seen_map = observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold,
+                                   scale=scale, kv_counts=kv_counts, kv_indices=kv_indices)
+            fresh = seen_map.nanmean(0) if seen_map.shape[0] > 1 else seen_map[0]
+            seen = ~fresh.isnan()
+            merged = torch.where(seen, fresh, st.smap)
+            st.coverage_flag = DeferredScalar(observed_coverage(merged, seen).mean())
+            st.smap = merged
+        coef = fg.solve(st.smap)
+        st.fits = (st.fits + [(ctx.step, coef)])[-2:]
+        st.fit_steps.append(ctx.step)
+        if ctx.step >= self.warmup_steps(ctx) - 1:
+            self._build_mask(st, fg)
+
+    # ------------------------------------------------------------------ prediction
+    def _build_mask(self, st: ModState, fg: FitGeometry) -> None:
+        coef = extrapolate(st.fits, self.config.refresh_interval)
+        mask, lines, keep_frame, coverage = predict_mask(coef, fg, self.config)
+        st.mask, st.lines, st.keep_frame, st.predicted_coverage = mask, lines, keep_frame, coverage
+        st.head_lists = lists_from_mask(mask)
+        st.lists = {}
+
+
+def observed_coverage(merged: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Per head: mass proxy (1 - S) of the observed blocks over that of the whole map (skipped
+    blocks at their historical values). (H,) float."""
+    w = (1.0 - merged).clamp(0.0, 1.0)
+    return (w * seen).sum((-2, -1)) / w.sum((-2, -1)).clamp_min(1e-12)
+
+
+def extrapolate(fits: list, interval: int) -> torch.Tensor:
+    """Coefficients at the middle of the coming interval, linear in the step from the last two fits."""
+    step2, coef2 = fits[-1]
+    if len(fits) < 2 or fits[-2][0] == step2:
+        return coef2
+    step1, coef1 = fits[-2]
+    slope = (coef2 - coef1) / float(step2 - step1)
+    return coef2 + slope * ((interval + 1) / 2.0)
+
+
+def predict_mask(coef: torch.Tensor, fg: FitGeometry, config):
+    """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept,
+    whether the frame diagonal is kept and the predicted kept mass fraction. All on device."""
+    geom = fg.geom
+    nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
+    H = coef.shape[0]
+    dev = coef.device
+    w = (1.0 - fg.reconstruct(coef).clamp(0.0, 1.0))              # predicted mass proxy
+    # Rank lines, densest first; a block's rank is that of its densest line.
+    order = fg.line_means(w).argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_lines, device=dev).expand(H, -1))
+    rank_diag = rank[:, :nd].gather(1, fg.diag_index.reshape(1, -1).expand(H, -1)).view(H, nb, nb)
+    block_rank = torch.minimum(rank_diag, rank[:, nd:].unsqueeze(1))
+
+    eye = torch.eye(nb, dtype=torch.bool, device=dev)
+    text = fg.text_blocks
+    forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
+    if fg.frame is not None:
+        keep_frame = coef[:, -1] < -FRAME_KEEP
+        forced = forced | (fg.frame & keep_frame.view(H, 1, 1))
+    else:
+        keep_frame = torch.zeros(H, dtype=torch.bool, device=dev)
+    free = (~forced).float()
+
+    flat_rank = block_rank.reshape(H, -1)
+    mass = torch.zeros(H, n_lines, device=dev).scatter_add_(1, flat_rank, (w * free).reshape(H, -1))
+    count = torch.zeros(H, n_lines, device=dev).scatter_add_(1, flat_rank, free.reshape(H, -1))
+    total = w.sum((-2, -1))
+    if config.lines_per_head is not None:
+        lines = torch.full((H,), min(config.lines_per_head, n_lines), dtype=torch.long, device=dev)
+    elif config.density is not None:
+        before = (nb * nb - free.sum((-2, -1))).unsqueeze(-1) + count.cumsum(-1) - count
+        lines = (before < config.density * nb * nb).sum(-1)
+    else:
+        before = (w * forced).sum((-2, -1)).unsqueeze(-1) + mass.cumsum(-1) - mass
+        lines = (before < config.coverage * total.unsqueeze(-1)).sum(-1)
+    mask = forced | (block_rank < lines.view(H, 1, 1))
+    mask = bound_rows(mask, w, forced, text, config.min_density, config.max_density)
+    coverage = (w * mask).sum((-2, -1)) / total.clamp_min(1e-12)
+    return mask, lines, keep_frame, coverage
+
+
+def bound_rows(mask, w, forced, text, min_density: float, max_density: float):
+    """Per query block at least ceil(min_density * nb) and at most ceil(max_density * nb) key
+    blocks (text query rows are exempt from the ceiling); extra blocks are the densest predicted,
+    dropped ones the least dense, forced blocks last. The k of each top-k is static: no sync."""
+    nb = mask.shape[-1]
+    low = math.ceil(min_density * nb)
+    if low > 0:
+        score = w + 2.0 * mask.float()
+        top = score.topk(min(low, nb), -1).indices
+        mask = mask | torch.zeros_like(mask).scatter_(-1, top, True)
+    high = max(1, math.ceil(max_density * nb))
+    if high < nb:
+        score = mask.float() * (2.0 + 2.0 * forced.float() + w)
+        top = score.topk(high, -1).indices
+        capped = mask & torch.zeros_like(mask).scatter_(-1, top, True)
+        mask = torch.where(text.view(1, nb, 1), mask, capped)
+    return mask
+
+
+def summary() -> list[dict]:
+    """Per (site, pass) with the mod policy: schedule events, fits, lines per head, predicted and
+    observed coverage, mask density (host copies: call outside the loop)."""
+    from ..runtime import REGISTRY
+    rows = []
+    for (key, pass_index), state in sorted(REGISTRY.states.items()):
+        if isinstance(state.policy_state, ModState):
+            rows.append({"site": key, "pass": pass_index, **state.policy_state.summary()})
+    return rows
+
+
+__all__ = ["ModPolicy", "ModState", "predict_mask", "extrapolate", "lists_from_mask", "observe_map",
+           "observed_coverage", "summary", "FRAME_KEEP"]

@@ -1,0 +1,362 @@
+"""The modsparse backend end to end on CPU: registration, options, rewrite, fallbacks, steps, state."""
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modcompile
+from modcompile import backend as backend_module
+from modcompile.runtime import REGISTRY
+
+from models import SelfAttention, TinyVideoDiT
+
+OPTS = {"policy": "dense", "min_seq_len": 64, "block_size": 32}
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    torch._dynamo.reset()
+    modcompile.reset(forget_sites=True)
+    yield
+    torch._dynamo.reset()
+    modcompile.reset(forget_sites=True)
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """Counts the graphs handed to the backend (each one is a compilation)."""
+    calls = []
+    original = backend_module.rewrite_attention
+
+    def counting(gm, config, scope):
+        calls.append(gm)
+        return original(gm, config, scope)
+
+    monkeypatch.setattr(backend_module, "rewrite_attention", counting)
+    return calls
+
+
+def video(batch=1, frames=2, size=16, channels=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, frames, size, size, generator=g)
+
+
+def rows():
+    return modcompile.report(print_table=False)
+
+
+def run_steps(model, x, timesteps, cfg=False):
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            ts = torch.tensor([float(t)])
+            outs.append(model(x, ts))
+            if cfg:
+                outs.append(model(x, ts))
+    return outs
+
+
+# ----------------------------------------------------------------------------- registration
+
+def test_entry_point_is_registered():
+    eps = entry_points(group="torch_dynamo_backends")
+    assert "modsparse" in eps.names
+    assert eps["modsparse"].value == "modcompile.backend:modsparse"
+
+
+def test_backend_resolves_without_importing_modcompile():
+    code = ("import sys, torch\n"
+            "assert 'modcompile' not in sys.modules\n"
+            "f = torch.compile(lambda x: x.sin() + 1, backend='modsparse')\n"
+            "x = torch.randn(4)\n"
+            "assert torch.allclose(f(x), x.sin() + 1)\n"
+            "assert 'modcompile' in sys.modules\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------- options
+
+def test_unknown_option_lists_the_valid_ones():
+    model = torch.compile(TinyVideoDiT(), backend="modsparse", options={"polcy": "mod"})
+    with pytest.raises(Exception, match=r"unknown option.*polcy.*valid modsparse options.*min_seq_len"):
+        model(video(), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("bad", [{"policy": "sparse"}, {"block_size": 100}, {"tau": 1.5},
+                                 {"video_grid": (2, 8)}, {"selection": "best"}])
+def test_invalid_option_values_are_clear_errors(bad):
+    with pytest.raises(ValueError, match="modsparse"):
+        modcompile.SparsityConfig(**bad)
+
+
+def test_inductor_options_pass_through(monkeypatch):
+    seen = {}
+    import torch._inductor.compile_fx as cfx
+    original = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return original(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = torch.compile(TinyVideoDiT(), backend="modsparse", options={**OPTS, "max_autotune_gemm": False})
+    with torch.no_grad():
+        model(video(), torch.tensor([1.0]))
+    assert seen.get("max_autotune_gemm") is False
+
+
+# ----------------------------------------------------------------------------- rewrite
+
+@pytest.mark.parametrize("keywords", [False, True])
+def test_dense_policy_matches_eager_and_rewrites_every_block(keywords, compiles):
+    torch.manual_seed(0)
+    eager = TinyVideoDiT(layers=3, keywords=keywords).eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    x = video()
+    for t in (900.0, 500.0):
+        with torch.no_grad():
+            ts = torch.tensor([t])
+            torch.testing.assert_close(model(x, ts), eager(x, ts), rtol=1e-5, atol=1e-5)
+    table = rows()
+    assert [r.status for r in table] == ["sparse"] * 3
+    assert all(r.seq_len == 2 * 8 * 8 and r.heads == 2 and r.head_dim == 16 for r in table)
+    assert all(r.grid == (2, 8, 8) for r in table)
+    # Counting rewritten nodes in the compiled graph, not only outputs (dense equals eager anyway).
+    targets = [n.target for n in compiles[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.modcompile.sparse_attention.default) == 3
+    assert targets.count(torch.ops.modcompile.plan.default) == 3
+    assert targets.count(torch.ops.modcompile.observe.default) == 3
+    assert targets.count(torch.ops.modcompile.step.default) == 1
+    assert torch._C._nn.scaled_dot_product_attention not in targets
+
+
+def test_sparse_path_with_full_lists_matches_eager(monkeypatch):
+    """Density 1.0 through the block-sparse path (not the dense shortcut) equals eager."""
+    from modcompile.policies import Plan
+    from modcompile.policies.dense import DensePolicy
+
+    def full_but_sparse(self, ctx, q, k):
+        full = ctx.full_plan(q, k)
+        return Plan(full.kv_counts, full.kv_indices, dense=False)
+
+    monkeypatch.setattr(DensePolicy, "plan", full_but_sparse)
+    torch.manual_seed(1)
+    eager = TinyVideoDiT().eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    x = video()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor([3.0])), eager(x, torch.tensor([3.0])),
+                                   rtol=1e-4, atol=1e-4)
+    assert rows()[0].density == pytest.approx(1.0)
+
+
+def test_joint_text_and_video_attention():
+    torch.manual_seed(2)
+    eager = TinyVideoDiT(text_tokens=24).eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    x = video()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.tensor([7.0])), eager(x, torch.tensor([7.0])),
+                                   rtol=1e-5, atol=1e-5)
+    r = rows()[0]
+    assert r.status == "sparse" and r.seq_len == 128 + 24
+    assert r.grid == (2, 8, 8) and r.text_tokens == 24
+
+
+def test_graph_break_keeps_every_site_and_the_step(compiles):
+    torch.manual_seed(3)
+    eager = TinyVideoDiT(layers=4, graph_break=True).eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    x = video()
+    outs = run_steps(model, x, [900, 800, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(outs[-1], eager(x, torch.tensor([700.0])), rtol=1e-5, atol=1e-5)
+    assert len(compiles) >= 2
+    table = rows()
+    assert len(table) == 4 and all(r.status == "sparse" for r in table)
+    assert [REGISTRY.sites[r.site].layer for r in table] == [0, 1, 2, 3]
+    assert all(r.steps == 3 for r in table)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+class OneAttention(nn.Module):
+    def __init__(self, **sdpa_kwargs):
+        super().__init__()
+        self.attn = SelfAttention(32, 2)
+        self.kwargs = sdpa_kwargs
+
+    def forward(self, x, timestep):
+        return self.attn(x, **self.kwargs) * timestep.float().mean()
+
+
+def _fallback_reason(model, x):
+    compiled = torch.compile(model, backend="modsparse", options=OPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, torch.tensor([1.0])), model(x, torch.tensor([1.0])),
+                                   rtol=1e-5, atol=1e-5)
+    (row,) = rows()
+    assert row.status == "dense"
+    return row.reason
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"attn_mask": "bool"}, "attn_mask"),
+    ({"is_causal": True}, "is_causal"),
+    ({"scale": 0.3}, None),                      # eligible: an explicit scale is supported
+])
+def test_sdpa_arguments_decide_eligibility(kwargs, reason):
+    x = torch.randn(1, 128, 32)
+    if kwargs.get("attn_mask") == "bool":
+        kwargs = {"attn_mask": torch.rand(128, 128) > 0.5}
+    model = OneAttention(**kwargs).eval()
+    if reason is None:
+        compiled = torch.compile(model, backend="modsparse", options=OPTS)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, torch.tensor([1.0])), model(x, torch.tensor([1.0])),
+                                       rtol=1e-5, atol=1e-5)
+        assert rows()[0].status == "sparse"
+    else:
+        assert reason in _fallback_reason(model, x)
+
+
+def test_dropout_stays_dense():
+    class Dropout(nn.Module):
+        def forward(self, q, timestep):
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+
+    compiled = torch.compile(Dropout(), backend="modsparse", options=OPTS)
+    compiled(torch.randn(1, 2, 128, 16), torch.tensor([1.0]))
+    assert "dropout" in rows()[0].reason
+
+
+def test_cross_attention_and_short_and_gqa_and_dtype_stay_dense():
+    class Mixed(nn.Module):
+        def forward(self, q, k_text, q_short, kv_gqa, q64, timestep):
+            a = F.scaled_dot_product_attention(q, k_text, k_text)             # cross-attention
+            b = F.scaled_dot_product_attention(q_short, q_short, q_short)     # too short
+            c = F.scaled_dot_product_attention(q, kv_gqa, kv_gqa, enable_gqa=True)
+            d = F.scaled_dot_product_attention(q64, q64, q64)                 # float64
+            return a.sum() + b.sum() + c.sum() + d.sum()
+
+    args = (torch.randn(1, 4, 128, 16), torch.randn(1, 4, 8, 16), torch.randn(1, 4, 32, 16),
+            torch.randn(1, 2, 128, 16), torch.randn(1, 4, 128, 16, dtype=torch.float64), torch.tensor([1.0]))
+    compiled = torch.compile(Mixed(), backend="modsparse", options=OPTS)
+    torch.testing.assert_close(compiled(*args), Mixed()(*args))
+    reasons = [r.reason for r in rows()]
+    assert "cross-attention" in reasons[0]
+    assert "min_seq_len" in reasons[1]
+    assert "grouped-query" in reasons[2]
+    assert "dtype" in reasons[3]
+
+
+# ----------------------------------------------------------------------------- steps and state
+
+def test_no_recompile_across_ten_steps(compiles):
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    run_steps(model, video(), torch.linspace(1000, 100, 10).tolist())
+    assert len(compiles) == 1
+    assert all(r.steps == 10 for r in rows())
+
+
+def test_cfg_double_calls_are_one_step_with_two_passes():
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    run_steps(model, video(), [900, 800, 700], cfg=True)
+    assert REGISTRY.tracker.step == 2
+    assert all(r.steps == 3 and r.passes == 2 for r in rows())
+
+
+def test_timestep_jump_starts_a_new_generation():
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    x = video()
+    run_steps(model, x, [900, 800, 700])
+    generation = REGISTRY.tracker.generation
+    run_steps(model, x, [950, 850])
+    assert REGISTRY.tracker.generation == generation + 1
+    assert REGISTRY.tracker.step == 1
+    assert all(r.steps == 2 for r in rows())
+
+
+def test_explicit_denoising_step_context():
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    x = video()
+    with torch.no_grad():
+        for i in range(4):
+            with modcompile.denoising_step(i, 4):
+                model(x, torch.tensor([5.0]))       # constant timestep: ignored inside the context
+                model(x, torch.tensor([5.0]))
+    assert REGISTRY.tracker.step == 3 and REGISTRY.tracker.num_steps == 4
+    assert all(r.steps == 4 and r.passes == 2 for r in rows())
+    with pytest.raises(ValueError):
+        with modcompile.denoising_step(4, 4):
+            pass
+
+
+def test_reset_forgets_state():
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    run_steps(model, video(), [900, 800])
+    assert REGISTRY.states
+    modcompile.reset()
+    assert not REGISTRY.states and REGISTRY.tracker.step == -1
+    assert len(rows()) == 2  # the compiled sites are still known
+
+
+def test_reduce_overhead_mode_keeps_updating_state():
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse",
+                          options={**OPTS, "mode": "reduce-overhead"})
+    run_steps(model, video(), [900, 800, 700, 600])
+    assert all(r.steps == 4 for r in rows())
+
+
+def test_report_prints_a_table(capsys):
+    model = torch.compile(TinyVideoDiT().eval(), backend="modsparse", options=OPTS)
+    run_steps(model, video(), [900])
+    table = modcompile.report()
+    out = capsys.readouterr().out
+    assert "status" in out and "density" in out and "blocks.0" in out
+    assert len(table) == 2
+
+
+def test_logging_names_every_site(caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="modcompile")
+    model = torch.compile(OneAttention(is_causal=True).eval(), backend="modsparse", options=OPTS)
+    with torch.no_grad():
+        model(torch.randn(1, 128, 32), torch.tensor([1.0]))
+    assert any("stays dense: is_causal" in rec.getMessage() for rec in caplog.records)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def test_opcheck_public_op():
+    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    counts = torch.tensor([[[1, 2, 3], [3, 1, 2]]], dtype=torch.int32)
+    indices = torch.tensor([[[[0, 0, 0], [1, 0, 0], [2, 1, 0]], [[0, 1, 2], [1, 0, 0], [2, 0, 0]]]],
+                           dtype=torch.int32)
+    torch.library.opcheck(torch.ops.modcompile.block_sparse_attention.default,
+                          (q, k, v, counts, indices, 32, 0.25), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_graph_ops():
+    from modcompile.config import SparsityConfig
+    from modcompile.runtime import SiteInfo
+    REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
+                                    status="sparse"))
+    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    token = torch.ops.modcompile.step(torch.tensor([3.0]))
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.modcompile.plan.default, (q, k, token, "t/attn#0"), test_utils=utils)
+    counts, indices = torch.ops.modcompile.plan(q, k, token, "t/attn#0")
+    torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
+                          (q, k, v, counts, indices, "t/attn#0", 0.25), test_utils=utils)
+    out, lse = torch.ops.modcompile.sparse_attention(q, k, v, counts, indices, "t/attn#0", 0.25)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
+    torch.library.opcheck(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, "t/attn#0"),
+                          test_utils=utils)
