@@ -222,15 +222,20 @@ def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool):
     return tile, sub, 4, 2
 
 
-def _gpu_configs(block_size: int):
+def gpu_configs(block_size: int):
     """Candidate (tile, sub_tile, num_warps, num_stages) on a GPU, filtered to divide the block."""
-    cands = [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)]
+    cands = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)]
     return [c for c in cands if block_size % c[0] == 0 and block_size % c[1] == 0] or [
         (min(block_size, 64), min(block_size, 32), 4, 2)
     ]
 
 
 _TUNED: dict = {}
+
+
+def tuned_configs() -> dict:
+    """Configurations chosen so far: ``{(pass, key): (tile, sub_tile, num_warps, num_stages)}``."""
+    return dict(_TUNED)
 
 
 def _launch_tuned(kind, launch, key, block_size):
@@ -242,7 +247,7 @@ def _launch_tuned(kind, launch, key, block_size):
         from triton.testing import do_bench
 
         best = None
-        for c in _gpu_configs(block_size):
+        for c in gpu_configs(block_size):
             try:
                 t = do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
             except Exception:  # config does not fit (shared memory, registers): skip it
@@ -304,12 +309,15 @@ def block_sparse_attention_bwd(
     block_size: int = 128,
     scale: float | None = None,
     q_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ):
     """Gradients ``(dq, dk, dv)`` of block-sparse attention, in q's dtype, contiguous.
 
     ``out``/``lse`` are the forward's outputs (lse natural-log, fp32, (B, H, N)); the gradient that
     may flow into lse is not taken (lse is auxiliary). ``q_lists`` is the transposed lists from
-    :func:`transpose_block_lists`, if the caller already has them."""
+    :func:`transpose_block_lists`, if the caller already has them. ``config`` forces the launch
+    configuration ``(tile, sub_tile, num_warps, num_stages)`` of both passes (benchmarks, tests);
+    otherwise GPUs time the candidates once per shape key (``MODCOMPILE_BWD_AUTOTUNE=0``: fixed)."""
     _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size)
     B, H, N, D = q.shape
     Nk = k.shape[2]
@@ -363,7 +371,13 @@ def block_sparse_attention_bwd(
             num_warps=warps, num_stages=stages,
         )
 
-    if on_gpu and _autotune_enabled():
+    if config is not None:
+        tile, sub = config[0], config[1]
+        if block_size % tile or block_size % sub or min(tile, sub) < 16:
+            raise ValueError(f"config {config}: tiles must be >= 16 and divide block_size {block_size}")
+        launch_dkdv(config)
+        launch_dq(config)
+    elif on_gpu and _autotune_enabled():
         key = (block_size, bd, q.dtype, N, Nk, torch.cuda.get_device_capability(q.device))
         _launch_tuned("dkdv", launch_dkdv, key, block_size)
         _launch_tuned("dq", launch_dq, key, block_size)
