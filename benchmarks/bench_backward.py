@@ -247,6 +247,22 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def compiled_kernel_report():
+    """Registers, spills and shared memory of each compiled backward variant (best effort)."""
+    lines = []
+    for name in ("_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        try:
+            fn = getattr(bwd_kernel, name)
+            for cache in getattr(fn, "device_caches", {}).values():
+                for key, kern in cache[0].items():
+                    meta = kern.metadata
+                    lines.append(f"  {name}: regs {kern.n_regs} spills {kern.n_spills} smem {meta.shared} "
+                                 f"warps {meta.num_warps} stages {meta.num_stages} | {str(key)[-120:]}")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"  {name}: no report ({type(e).__name__}: {e})")
+    return lines
+
+
 def environment():
     props = torch.cuda.get_device_properties(0)
     return dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
@@ -297,6 +313,7 @@ def main(argv=None):
         f"shape {SHAPE} bf16, block {BLOCK}\n\n{table}\n")
     (out_dir / "backward_bench.json").write_text(json.dumps(
         dict(environment=env, checks=checks, sweep=sweep, rows=rows), indent=1, default=str))
+    log("compiled backward variants:\n" + "\n".join(compiled_kernel_report()))
     log(f"bwd tuned: {env['bwd_tuned_configs']}")
     log(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} OK; {env['seconds']} s")
     log(table)
