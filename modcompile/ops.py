@@ -209,9 +209,10 @@ def _(q, k, v, kv_counts, kv_indices, site, scale):
     return _fake_outputs(q)
 
 
-# Declared as mutating ``lse`` only so that graph dead-code elimination keeps it: it returns
-# nothing and its effect is on the runtime state. It never writes to ``lse``.
-@torch.library.custom_op("modcompile::observe", mutates_args=("lse",), tags=_TAGS)
+# It returns nothing and its effect is on the runtime state: registered as side-effectful so that
+# dead-code elimination keeps it (declaring a fake mutation of ``lse`` did not: functionalization
+# turned it into an unused auto_functionalized node, which Inductor dropped).
+@torch.library.custom_op("modcompile::observe", mutates_args=(), tags=_TAGS)
 def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str) -> None:
     state = REGISTRY.current(site)
     if state.observe_now:
@@ -221,3 +222,6 @@ def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Te
 @observe.register_fake
 def _(q, k, lse, kv_counts, kv_indices, site):
     return None
+
+
+torch.fx.node.has_side_effect(torch.ops.modcompile.observe.default)

@@ -1,0 +1,233 @@
+"""Block sparsity maps: per (batch, head, query block, key block), the fraction of the tile's
+attention probabilities below a threshold (MOD-DiT's observation), in Triton, with a torch reference.
+
+An entry (i, j) is *sparse* when its probability ``exp(s_ij * scale - lse_i)`` is below
+``threshold``, i.e. when ``s_ij * scale < lse_i + ln(threshold)``; ``lse`` is the row's natural-log
+log-sum-exp from the attention that just ran (a second pass over the q.k tiles, no softmax). The map
+entry of a tile is ``sparse entries / valid entries``: rows and columns past the end of a ragged last
+block do not count.
+
+Restricted mode (``kv_counts``/``kv_indices`` given): only the listed key blocks of each query block
+are computed; every other entry of ``out`` is left as it was (the caller pre-fills it, by default
+with NaN, so that "not observed" is visible). That is the cheap refresh of the MOD policy: observe
+only the blocks the sparse kernel computed. With a sparse call's lse the probabilities are relative
+to the kept blocks' mass (slightly larger than the dense ones).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import block_mask_from_lists, num_blocks
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _block_sparsity_kernel(
+    Q, K, Lse, Out, Counts, Indices,
+    scale, log_threshold,
+    N_Q, N_K, H, MK,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_om, stride_ok,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RESTRICTED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program per (query block, batch * head): the whole query block is one tile of rows.
+    q_block = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    CHUNKS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+
+    offs_m = q_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < N_Q
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))
+    # Rows past the end get bound -inf: no score is below it, so they never count as sparse.
+    bound = tl.where(row_ok, lse + log_threshold, float("-inf"))
+    rows_valid = tl.minimum(N_Q - q_block * BLOCK_SIZE, BLOCK_SIZE)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    out_base = Out + b * stride_ob + h * stride_oh + q_block * stride_om
+    if RESTRICTED:
+        n_entries = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
+        idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
+    else:
+        n_entries = MK
+
+    for e in range(0, n_entries):
+        if RESTRICTED:
+            key_block = tl.load(idx_base + e * stride_ij)
+        else:
+            key_block = e
+        below = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+        for c in tl.static_range(CHUNKS):
+            cols = key_block * BLOCK_SIZE + c * BLOCK_N + offs_n
+            col_ok = cols < N_K
+            k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
+            hit = (s < bound[:, None]) & col_ok[None, :]
+            below += tl.sum(hit.to(tl.int32), 1)
+        cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
+        frac = tl.sum(below, 0).to(tl.float32) / (rows_valid * cols_valid).to(tl.float32)
+        tl.store(out_base + key_block * stride_ok, frac)
+
+
+@dataclass(frozen=True)
+class SparsityKernelConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(block_size: int, head_dim: int) -> SparsityKernelConfig:
+    if _interpreting():
+        # Two chunks per key block so that the chunk loop is exercised under the interpreter.
+        return SparsityKernelConfig(max(16, block_size // 2), 4, 1)
+    if block_size >= 128:
+        return SparsityKernelConfig(64, 8, 3)
+    return SparsityKernelConfig(min(64, block_size), 4, 3)
+
+
+def _check(q, k, lse, block_size, kv_counts, kv_indices, out):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"block_sparsity: {name} must be a (B, H, N, D) tensor")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise TypeError(f"block_sparsity: q, k must share a dtype in {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"block_sparsity: k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, H, N):
+        raise ValueError(f"block_sparsity: lse must be (B, H, N) = {(B, H, N)}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_sparsity: block_size {block_size} not in {SUPPORTED_BLOCK_SIZES}")
+    if (kv_counts is None) != (kv_indices is None):
+        raise ValueError("block_sparsity: give both kv_counts and kv_indices, or neither")
+    mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
+    if kv_counts is not None:
+        if tuple(kv_counts.shape) != (B, H, mq) or kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
+            raise ValueError(f"block_sparsity: block lists must be (B, H, Mq[, W]) with Mq = {mq}")
+        if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
+            raise TypeError("block_sparsity: kv_counts and kv_indices must be int32")
+    if out is not None and (tuple(out.shape) != (B, H, mq, mk) or out.dtype != torch.float32):
+        raise ValueError(f"block_sparsity: out must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
+    devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out) if t is not None}
+    if len(devices) != 1:
+        raise ValueError("block_sparsity: all inputs must be on one device")
+
+
+def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
+                   threshold: float = 1e-4, scale: float | None = None,
+                   kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, fill: float = float("nan")) -> torch.Tensor:
+    """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
+
+    With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
+    its other entries, else it is allocated filled with ``fill``."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out)
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
+                         "use block_sparsity_ref on CPU")
+    if threshold <= 0:
+        raise ValueError("block_sparsity: threshold must be > 0")
+    B, H, N, D = q.shape
+    n_k = k.shape[2]
+    mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    lse = lse.float()
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    restricted = kv_counts is not None
+    if out is None:
+        out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
+    if B * H * N * n_k == 0:
+        return out
+    if not restricted:  # dummies: never read
+        kv_counts = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+        kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
+    cfg = _config(block_size, D)
+    block_d = max(16, triton.next_power_of_2(D))
+    _block_sparsity_kernel[(mq, B * H)](
+        q, k, lse, out, kv_counts, kv_indices,
+        scale, math.log(threshold),
+        N, n_k, H, mk,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
+        kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+        RESTRICTED=restricted,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
+                       threshold: float = 1e-4, scale: float | None = None,
+                       kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None, fill: float = float("nan"),
+                       margin: float = 0.0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Torch reference of :func:`block_sparsity` (any device). ``margin`` shifts the bound
+    (``s * scale < lse + ln(threshold) + margin``): tests use +-margin to bracket rounding."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out)
+    B, H, N, D = q.shape
+    n_k = k.shape[2]
+    mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    bound = (lse.to(compute_dtype) + math.log(threshold) + margin).unsqueeze(-1)
+    rows = torch.arange(mq * block_size, device=q.device)
+    cols = torch.arange(mk * block_size, device=q.device)
+    tile_rows = torch.bincount(rows[:N] // block_size, minlength=mq).to(compute_dtype)
+    tile_cols = torch.bincount(cols[:n_k] // block_size, minlength=mk).to(compute_dtype)
+    sums = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
+    kc = k.to(compute_dtype)
+    for r0 in range(0, N, 16 * block_size):  # chunks of query rows bound the memory
+        r1 = min(N, r0 + 16 * block_size)
+        s = torch.matmul(q[:, :, r0:r1].to(compute_dtype), kc.transpose(-1, -2)) * scale
+        below = (s < bound[:, :, r0:r1]).to(compute_dtype)
+        below = torch.nn.functional.pad(below, (0, mk * block_size - n_k))
+        per_col_block = below.view(B, H, r1 - r0, mk, block_size).sum(-1)
+        sums.index_add_(2, rows[r0:r1] // block_size, per_col_block)
+    frac = (sums / (tile_rows[:, None] * tile_cols[None, :])).float()
+    if kv_counts is None:
+        if out is not None:
+            out.copy_(frac)
+            return out
+        return frac
+    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    if out is None:
+        out = torch.full((B, H, mq, mk), fill, dtype=torch.float32, device=q.device)
+    out.copy_(torch.where(listed, frac, out))
+    return out
+
+
+__all__ = ["block_sparsity", "block_sparsity_ref", "SUPPORTED_BLOCK_SIZES"]
