@@ -56,6 +56,7 @@ def _block_sparse_attention_fwd_kernel(
     EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block anywhere
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,     # K/V through tensor descriptors (Hopper TMA); OOB rows read as 0
+    RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,7 +113,10 @@ def _block_sparse_attention_fwd_kernel(
                 v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
-        if EVEN_K:
+        if EVEN_K or RAGGED_BRANCH:
+            if not EVEN_K:
+                if start + BLOCK_N > N_K:
+                    s = tl.where((cols < N_K)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
             s = s * qk_scale_log2 - m_new[:, None]
         else:
@@ -158,6 +162,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # K/V loads through tensor descriptors (needs sm_90+ and 16-byte strides)
+    ragged_branch: bool = False  # mask only the chunk that crosses the sequence end
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
@@ -166,16 +171,14 @@ class KernelConfig:
 # Candidates tried on CUDA (the tuner times each once per key); the first is the untuned fallback.
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 64, 8, 3),
+    KernelConfig(128, 128, 8, 3, ragged_branch=True),
+    KernelConfig(128, 128, 8, 4),
+    KernelConfig(128, 128, 8, 4, ragged_branch=True),
     KernelConfig(128, 128, 8, 2),
-    KernelConfig(128, 64, 8, 4),
+    KernelConfig(128, 64, 8, 3),
     KernelConfig(64, 64, 4, 3),
-    KernelConfig(64, 64, 4, 4),
     KernelConfig(128, 128, 8, 3, tma=True),
-    KernelConfig(128, 128, 8, 2, tma=True),
     KernelConfig(128, 64, 8, 3, tma=True),
-    KernelConfig(128, 64, 8, 4, tma=True),
-    KernelConfig(64, 64, 4, 3, tma=True),
     KernelConfig(32, 32, 4, 2),
     KernelConfig(16, 16, 2, 1),
 )
@@ -348,6 +351,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         EVEN_K=n_k % block_size == 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_TMA=cfg.tma,
+        RAGGED_BRANCH=cfg.ragged_branch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
