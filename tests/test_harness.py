@@ -1,0 +1,245 @@
+"""CPU tests of the benchmark harness's own logic (metrics, data, synthetic inputs, small DiT,
+training smoke step, writers, CLI). Tiny sizes; the whole file runs in well under a minute."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import common, metrics
+from benchmarks.data import generate_videos
+from benchmarks.synthetic import head_locality_stats, make_synthetic_attention
+from benchmarks.video_dit import VideoDiT, flow_matching_loss, make_noise, sample
+from modcompile.kernels.reference import block_sparse_attention_ref, lists_from_block_mask
+
+
+# ------------------------------------------------------------------ metrics
+def test_psnr_identical_is_inf_and_known_value():
+    ref = torch.rand(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert metrics.psnr(ref.clone(), ref) == float("inf")
+    # constant offset 0.1 with data range 1: mse 0.01 -> 20 dB
+    assert metrics.psnr(ref + 0.1, ref, data_range=1.0) == pytest.approx(20.0, abs=1e-5)
+    with pytest.raises(ValueError):
+        metrics.psnr(ref[:1], ref)
+
+
+def test_ssim_range_identity_and_layouts():
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(3, 4, 16, 16, generator=g)  # (C, T, H, W)
+    assert metrics.ssim(video, video) == pytest.approx(1.0, abs=1e-12)
+    noisy = video + 0.2 * torch.randn(video.shape, generator=g)
+    s = metrics.ssim(noisy, video)
+    assert -1.0 <= s < 0.95
+    worse = video + 0.6 * torch.randn(video.shape, generator=g)
+    assert metrics.ssim(worse, video) < s  # more noise, lower SSIM
+    # the same video given frame-major gives the same value
+    s_tchw = metrics.ssim(noisy.transpose(0, 1), video.transpose(0, 1), layout="TCHW")
+    assert s_tchw == pytest.approx(s, abs=1e-12)
+    with pytest.raises(ValueError):
+        metrics.ssim(video, video, layout="HWC")
+
+
+def test_relative_l2_known():
+    ref = torch.tensor([3.0, 4.0])
+    assert metrics.relative_l2(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert metrics.relative_l2(ref, ref) == 0.0
+
+
+def _brute_force_recall(q, k, block_mask, block_size):
+    """Dense softmax over the full N x N scores, token-level mask from the block mask."""
+    B, H, N, D = q.shape
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(D), -1)
+    blk = torch.arange(N) // block_size
+    token_mask = block_mask[:, :, blk][..., blk]
+    return float((p * token_mask).sum() / p.sum())
+
+
+@pytest.mark.parametrize("n, block_size", [(64, 16), (70, 16), (45, 32)])
+def test_recall_full_mask_is_one_and_matches_brute_force(n, block_size):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(2, 3, n, 16, generator=g)
+    k = torch.randn(2, 3, n, 16, generator=g) * 2
+    mb = (n + block_size - 1) // block_size
+    full = torch.ones(2, 3, mb, mb, dtype=torch.bool)
+    counts, idx = lists_from_block_mask(full)
+    assert metrics.attention_mass_recall(q, k, counts, idx, block_size) == pytest.approx(1.0, abs=1e-6)
+    mask = torch.rand(2, 3, mb, mb, generator=g) < 0.4
+    mask |= torch.eye(mb, dtype=torch.bool)  # own block, like the policies
+    counts, idx = lists_from_block_mask(mask)
+    got = metrics.attention_mass_recall(q, k, counts, idx, block_size, chunk_blocks=1)
+    assert got == pytest.approx(_brute_force_recall(q, k, mask, block_size), abs=1e-5)
+    assert got < 0.999  # a real mask drops mass: the test can fail
+    # recall from log-sum-exps of the masked reference agrees with the blockwise mass
+    _, lse = block_sparse_attention_ref(q.double(), k.double(), q.double(), counts, idx, block_size=block_size)
+    assert metrics.recall_from_lse(lse, metrics.dense_lse(q.double(), k.double())) == pytest.approx(got, abs=1e-5)
+    assert metrics.achieved_density(counts, mb) == pytest.approx(float(mask.double().mean()))
+    assert metrics.achieved_density(block_mask=mask) == pytest.approx(float(mask.double().mean()))
+
+
+def test_block_attention_mass_rows_sum_to_queries():
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 50, 8, generator=g), torch.randn(1, 2, 50, 8, generator=g)
+    mass = metrics.block_attention_mass(q, k, 16)
+    assert mass.shape == (1, 2, 4, 4)
+    assert mass.sum(-1)[0, 0].tolist() == pytest.approx([16, 16, 16, 2], abs=1e-4)  # ragged last block
+
+
+# ------------------------------------------------------------------ data
+def test_video_generator_deterministic_and_batch_independent():
+    a = generate_videos(4, seed=7, frames=4, height=16, width=16)
+    b = generate_videos(4, seed=7, frames=4, height=16, width=16)
+    assert a.shape == (4, 4, 4, 16, 16) and torch.equal(a, b)
+    assert torch.equal(generate_videos(1, seed=7, start=2, frames=4, height=16, width=16)[0], a[2])
+    assert not torch.equal(generate_videos(1, seed=8, frames=4, height=16, width=16)[0], a[0])
+    assert torch.isfinite(a).all() and a.abs().max() < 3
+    assert (a[:, :, 1:] - a[:, :, :-1]).abs().mean() > 1e-3  # things move
+    with pytest.raises(ValueError):
+        generate_videos(0)
+
+
+# ------------------------------------------------------------------ synthetic attention
+def test_synthetic_is_deterministic_and_has_local_temporal_global_heads():
+    sa = make_synthetic_attention((4, 8, 8), heads=4, head_dim=32, text_len=8, seed=3)
+    sb = make_synthetic_attention((4, 8, 8), heads=4, head_dim=32, text_len=8, seed=3)
+    assert torch.equal(sa.q, sb.q) and torch.equal(sa.k, sb.k) and torch.equal(sa.v, sb.v)
+    assert sa.q.shape == (1, 4, 4 * 8 * 8 + 8, 32)
+    stats = head_locality_stats(sa)
+    kind = {t: i for i, t in enumerate(sa.head_types)}
+    spatial, temporal, glob = kind["spatial"], kind["temporal"], kind["global"]
+    assert stats["spatial_local"][spatial] > 0.6
+    assert stats["spatial_local"][spatial] > 5 * stats["spatial_local"][glob]
+    assert stats["temporal"][temporal] > 0.3
+    assert stats["temporal"][temporal] > 10 * stats["temporal"][spatial]
+    assert stats["sink"][glob] > 0.5 and stats["sink"][spatial] < 0.2
+    with pytest.raises(ValueError):
+        make_synthetic_attention((4, 8), heads=2)
+
+
+# ------------------------------------------------------------------ small DiT
+@pytest.mark.parametrize("config", ["tiny", "tiny-text"])
+def test_dit_forward_backward(config):
+    torch.manual_seed(0)
+    model = VideoDiT(config)
+    cfg = model.cfg
+    x = torch.randn(2, cfg.in_channels, *cfg.latent)
+    text = torch.randn(2, cfg.text_len, cfg.text_dim) if cfg.text_len else None
+    # open the adaLN-zero gates so the gradients reach every block
+    for p in model.parameters():
+        if (p == 0).all():
+            torch.nn.init.normal_(p, std=0.02)
+    out = model(x, timestep=torch.tensor([10.0, 900.0]), encoder_hidden_states=text)
+    assert out.shape == x.shape
+    loss = flow_matching_loss(model, x, text=text)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_sampler_deterministic_and_capture():
+    torch.manual_seed(0)
+    model = VideoDiT("tiny").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    noise = make_noise((1, 4, 2, 8, 8), seed=5)
+    store = []
+    model.set_capture(store)
+    a = sample(model, noise, 3)
+    model.set_capture(None)
+    b = sample(model, noise, 3)
+    assert torch.equal(a, b) and not torch.equal(a, noise)
+    assert [c[0] for c in store] == [0, 1] * 3  # (layer, q, k, v, out) per self-attention call
+    layer, q, k, v, out = store[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(out, ref)
+
+
+def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
+    from benchmarks.train_dit import load_checkpoint, train
+    res = train("tiny", steps=2, batch_size=2, out=tmp_path / "ck.pt", val_every=1, show_progress=False)
+    assert res["steps"] == 2 and math.isfinite(res["val_loss"])
+    loaded = load_checkpoint(tmp_path / "ck.pt")
+    x = torch.randn(1, 4, 2, 8, 8)
+    t = torch.tensor([500.0])
+    assert torch.equal(loaded(x, timestep=t), res["model"].eval()(x, timestep=t))
+
+
+# ------------------------------------------------------------------ writers and CLI
+def test_markdown_and_json_writers(tmp_path):
+    rows = [{"name": "a", "psnr": float("inf"), "x": 0.123456}, {"name": "b|c", "x": None}]
+    md = common.markdown_table(rows)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| name | psnr | x |" and lines[1] == "|---|---|---|"
+    assert "| a | inf | 0.1235 |" in md and "b\\|c" in md and "n/a" in md
+    payload = common.write_results(tmp_path, "t", "Title", rows, settings={"shape": (1, 2)}, notes=["note"],
+                                   quiet=True)
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["rows"][0]["psnr"] == "inf" and data["settings"]["shape"] == [1, 2]
+    for key in ("device", "torch", "triton", "timing"):
+        assert key in data["environment"]
+    assert "CPU (not a performance claim)" in (tmp_path / "t.md").read_text() or torch.cuda.is_available()
+    assert payload["title"] == "Title"
+
+
+def test_bench_cpu_timer_labelled():
+    res = common.bench(lambda: torch.ones(4).sum(), warmup=1, reps=3, device="cpu")
+    assert res["ms"] >= 0 and res["method"] == common.CPU_LABEL
+
+
+def test_cli_help_lists_levels(capsys):
+    from benchmarks.cli import LEVELS, build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    for level in LEVELS:
+        assert level in text
+
+
+def test_fidelity_synthetic_with_a_sparse_policy(tmp_path, monkeypatch):
+    """The synthetic fidelity level end to end through backend="modsparse", with a band policy
+    standing in for a real one: the harness's recall must equal the brute-force recall."""
+    pytest.importorskip("modcompile.backend")
+    from modcompile import ops
+    from modcompile.policies import base
+    from benchmarks.cli import _fill_defaults, build_parser
+    from benchmarks.fidelity import run_synthetic
+
+    class BandPolicy(base.Policy):  # own block and the previous one, from step 1 on
+        name = "mod"
+
+        def plan(self, ctx, q, k):
+            if ctx.step < 1:
+                return ctx.full_plan(q, k)
+            B, H, N, _ = q.shape
+            mq = mk = ctx.blocks(N)
+            i = torch.arange(mq)
+            mask = (i[:, None] == i[None]) | (i[:, None] == i[None] + 1)
+            counts = mask.sum(-1).to(torch.int32).expand(B, H, mq).contiguous()
+            idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return base.Plan(counts, idx.expand(B, H, mq, mk).contiguous(), dense=False)
+
+    try:
+        import modcompile.policies.mod  # noqa: F401  (a real registration must not override ours)
+    except ImportError:
+        pass
+    monkeypatch.setitem(base._POLICIES, "mod", BandPolicy)
+    ops.policy_for.cache_clear()
+    try:
+        args = _fill_defaults(build_parser().parse_args(
+            ["run", "fidelity", "--synthetic", "--policies", "mod", "--steps", "3", "--device", "cpu",
+             "--grid", "2,4,8", "--heads", "2", "--head-dim", "16", "--block-size", "16", "--no-progress",
+             "--baseline-densities", "0.5", "--out", str(tmp_path)]))
+        payload = run_synthetic(args)
+    finally:
+        ops.policy_for.cache_clear()
+    row = next(r for r in payload["rows"] if r["variant"] == "mod")
+    sa = make_synthetic_attention((2, 4, 8), 2, 16, seed=0)
+    i = torch.arange(4)
+    band = ((i[:, None] == i[None]) | (i[:, None] == i[None] + 1)).expand(1, 2, 4, 4)
+    assert row["density"] == pytest.approx(7 / 16)
+    assert row["recall"] == pytest.approx(_brute_force_recall(sa.q, sa.k, band, 16), abs=1e-4)
+    assert 0 < row["rel_err"] < 1 and row["sparse_steps"] == 2
+    assert any(r["policy"] == "oracle" for r in payload["rows"])
+    assert (tmp_path / "fidelity_synthetic.md").exists() and (tmp_path / "fidelity_synthetic.json").exists()
