@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     # kernel: arguments are forwarded to bench_kernel.main
     k = levels.add_parser("kernel", help=LEVELS["kernel"])
     _common(k)
-    k.add_argument("rest", nargs=argparse.REMAINDER, help="extra arguments passed to bench_kernel")
+    # any other argument (e.g. --quick, --no-flex) is passed to bench_kernel.main
 
     p = levels.add_parser("policy", help=LEVELS["policy"])
     _common(p)
@@ -174,7 +174,10 @@ def _run_kernel(args):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "level", None) != "kernel":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.rest = extra
     if args.command != "run":
         parser.print_help()
         return 0 if argv is not None and not argv else (0 if args.command is None else 2)

@@ -46,7 +46,16 @@ def build_variants(policies, sweep: bool, base: dict, extra: dict | None = None)
 
 def _knob_value(opts: dict):
     knob = KNOBS.get(opts.get("policy"), (None,))[0]
-    return (knob, opts.get(knob)) if knob else (None, None)
+    if not knob:
+        return None, None
+    value = opts.get(knob)
+    if value is None:  # the policy's default from the config
+        try:
+            from modcompile.config import SparsityConfig
+            value = getattr(SparsityConfig(), knob)
+        except Exception:
+            pass
+    return knob, value
 
 
 # ============================================================== DiT mode
