@@ -1,0 +1,316 @@
+"""Block-sparse attention forward kernel vs the float64 reference.
+
+CPU: the Triton kernel runs under TRITON_INTERPRET=1 (conftest) on tiny shapes, fp16/fp32 (the
+interpreter's bf16 dot is wrong). GPU (marked ``gpu``): bf16/fp16 at real sizes, every candidate
+launch configuration. Pass rule (DESIGN.md): max|out - ref64| <= 2 * max|torch_same_dtype - ref64|
++ tiny, where torch_same_dtype is the torch reference computed in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modcompile.kernels import block_sparse_attention as bsa
+from modcompile.kernels.reference import (block_mask_from_lists, block_sparse_attention_ref,
+                                          full_block_lists, num_blocks)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+# ------------------------------------------------------------------------------ helpers
+def random_qkv(B, H, N, D, dtype, layout, gen, n_k=None, device=DEVICE):
+    """q, k, v (B, H, N, D) with the strides of the chosen layout; never zeros."""
+    n_k = N if n_k is None else n_k
+
+    def one(n):
+        if layout == "bnhd":  # what SDPA callers pass: (B, N, H, D) viewed as (B, H, N, D)
+            t = torch.randn(B, n, H, D, generator=gen, dtype=torch.float32).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, n, D, generator=gen, dtype=torch.float32)
+        return t.to(device=device, dtype=dtype)
+    return one(N), one(n_k), one(n_k)
+
+
+def random_lists(B, H, mq, mk, gen, *, density=None, p_empty=0.0, own=True, shuffle=True,
+                 extra_width=0, device=DEVICE):
+    """Distinct random key-block lists per (b, h, query block), unsorted unless ``shuffle=False``.
+
+    Rows are empty with probability ``p_empty``; otherwise the own block (when ``own`` and it
+    exists) is included. Slots past the count hold garbage (which the kernel must ignore)."""
+    width = mk + extra_width
+    counts = torch.zeros(B, H, mq, dtype=torch.int32)
+    indices = torch.randint(-5, mk + 5, (B, H, mq, width), generator=gen, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            for i in range(mq):
+                if torch.rand((), generator=gen).item() < p_empty:
+                    continue
+                if density is None:
+                    count = int(torch.randint(1, mk + 1, (), generator=gen))
+                else:
+                    count = max(1, min(mk, round(density * mk)))
+                perm = torch.randperm(mk, generator=gen)
+                if own and i < mk:
+                    perm = torch.cat([torch.tensor([i]), perm[perm != i]])
+                chosen = perm[:count]
+                if shuffle:
+                    chosen = chosen[torch.randperm(count, generator=gen)]
+                else:
+                    chosen = chosen.sort().values
+                counts[b, h, i] = count
+                indices[b, h, i, :count] = chosen.to(torch.int32)
+    return counts.to(device), indices.to(device)
+
+
+def check_against_reference(q, k, v, counts, indices, block_size, out, lse, scale=None):
+    """The FlashAttention-style bound on out, a tight bound on lse, exact empty rows."""
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), counts, indices,
+                                              block_size=block_size, scale=scale)
+    low, _ = block_sparse_attention_ref(q, k, v, counts, indices, block_size=block_size, scale=scale,
+                                        compute_dtype=q.dtype if q.dtype != torch.bfloat16 else torch.float32)
+    assert not torch.isnan(out).any(), "output has NaN (unwritten or 0/0)"
+    assert not torch.isnan(lse).any(), "lse has NaN"
+    N = q.shape[2]
+    row_count = counts.repeat_interleave(block_size, dim=-1)[..., :N]
+    empty = row_count == 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty])), "empty rows must give out = 0"
+    assert torch.isneginf(lse[empty]).all(), "empty rows must give lse = -inf"
+    ref_err = (low.double() - ref).abs().max().item() if ref.numel() else 0.0
+    tiny = 1e-6 if q.dtype == torch.float32 else 1e-5
+    err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 2 * ref_err + tiny, f"max error {err:.3e} > 2 * {ref_err:.3e} + {tiny}"
+    full = ~empty
+    if full.any():
+        lse_err = (lse[full].double() - ref_lse[full]).abs().max().item()
+        assert lse_err <= 1e-4 + 1e-5 * ref_lse[full].abs().max().item(), f"lse error {lse_err:.3e}"
+
+
+def interpreter_configs(block_size):
+    """Launch configurations that exercise every code path at interpreter-friendly tile sizes."""
+    half = max(16, block_size // 2)
+    return [bsa.KernelConfig(block_size, half, 4, 1),
+            bsa.KernelConfig(half, block_size, 4, 1, ragged_branch=True),
+            bsa.KernelConfig(block_size, block_size, 4, 1, tma=True),
+            bsa.KernelConfig(half, half, 4, 1, tma=True, ragged_branch=True)]
+
+
+# ------------------------------------------------------------------------------ property tests
+@st.composite
+def problems(draw):
+    block_size = draw(st.sampled_from([16, 32]))
+    max_blocks = 6 if block_size == 16 else 5
+    N = draw(st.integers(1, block_size * max_blocks))
+    return dict(
+        B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)), N=N,
+        D=draw(st.sampled_from([16, 32, 64])), block_size=block_size,
+        dtype=draw(st.sampled_from([torch.float16, torch.float32])),
+        layout=draw(st.sampled_from(["bhnd", "bnhd"])),
+        p_empty=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        shuffle=draw(st.booleans()),
+        config=draw(st.integers(0, 3)),
+        out_layout=draw(st.sampled_from([None, "bhnd", "bnhd"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_matches_reference_random_lists(p):
+    gen = torch.Generator().manual_seed(p["seed"])
+    B, H, N, D, bs = p["B"], p["H"], p["N"], p["D"], p["block_size"]
+    q, k, v = random_qkv(B, H, N, D, p["dtype"], p["layout"], gen)
+    mq = mk = num_blocks(N, bs)
+    counts, indices = random_lists(B, H, mq, mk, gen, p_empty=p["p_empty"], shuffle=p["shuffle"],
+                                   extra_width=1)
+    cfg = interpreter_configs(bs)[p["config"]]
+    if cfg.tma and not bsa.tma_usable(k, v):
+        cfg = interpreter_configs(bs)[0]
+    out = None
+    if p["out_layout"] == "bnhd":
+        out = torch.empty(B, N, H, D, dtype=q.dtype, device=DEVICE).transpose(1, 2)
+    elif p["out_layout"] == "bhnd":
+        out = torch.empty(B, H, N, D, dtype=q.dtype, device=DEVICE)
+    if out is not None:
+        out.fill_(float("nan"))  # poison: every element must be written
+    lse = torch.full((B, H, N), float("nan"), device=DEVICE)
+    got, got_lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=bs, out=out,
+                                                  lse=lse, config=cfg)
+    if out is not None:
+        assert got is out
+    assert got_lse is lse
+    check_against_reference(q, k, v, counts, indices, bs, got, got_lse)
+
+
+@settings(max_examples=8, deadline=None)
+@given(N=st.integers(1, 96), D=st.sampled_from([16, 32]), seed=st.integers(0, 2**31 - 1))
+def test_full_density_equals_dense_attention(N, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(1, 2, N, D, torch.float32, "bnhd", gen)
+    mq = num_blocks(N, 16)
+    counts, indices = full_block_lists(1, 2, mq, mq, device=DEVICE)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=16)
+    dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    dense_lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / math.sqrt(D), dim=-1)
+    assert (out.double() - dense).abs().max().item() < 1e-5
+    assert (lse.double() - dense_lse).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------------------ targeted cases
+@pytest.mark.parametrize("D", [80, 96])
+def test_padded_head_dims(D):
+    gen = torch.Generator().manual_seed(D)
+    q, k, v = random_qkv(1, 1, 70, D, torch.float16, "bnhd", gen)
+    counts, indices = random_lists(1, 1, 3, 3, gen)
+    for cfg in interpreter_configs(32)[:3]:
+        out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=32, config=cfg)
+        check_against_reference(q, k, v, counts, indices, 32, out, lse)
+
+
+def test_default_config_custom_scale_and_cross_lengths():
+    """Nk != N (the kernel's contract allows it), a custom scale, the untuned default config."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = random_qkv(2, 2, 50, 32, torch.float32, "bhnd", gen, n_k=75)
+    counts, indices = random_lists(2, 2, num_blocks(50, 16), num_blocks(75, 16), gen, own=False)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=16, scale=0.3)
+    check_against_reference(q, k, v, counts, indices, 16, out, lse, scale=0.3)
+
+
+def test_output_default_layout_is_bnhd():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = random_qkv(1, 3, 40, 16, torch.float32, "bnhd", gen)
+    counts, indices = full_block_lists(1, 3, 3, 3, device=DEVICE)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=16)
+    assert out.shape == (1, 3, 40, 16) and out.transpose(1, 2).is_contiguous()
+    assert lse.shape == (1, 3, 40) and lse.is_contiguous() and lse.dtype == torch.float32
+
+
+def test_non_contiguous_last_dim_is_copied():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = random_qkv(1, 1, 32, 32, torch.float32, "bhnd", gen)
+    q2 = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last-dim stride != 1
+    counts, indices = full_block_lists(1, 1, 2, 2, device=DEVICE)
+    out, _ = bsa.block_sparse_attention_fwd(q2, k, v, counts, indices, block_size=16)
+    ref, _ = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=16)
+    assert torch.equal(out, ref)
+
+
+def test_validate_block_lists_rejects_bad_lists():
+    counts = torch.tensor([[[2, 1]]], dtype=torch.int32)
+    good = torch.tensor([[[[1, 0], [1, 9]]]], dtype=torch.int32)  # 9 is past the count: ignored
+    bsa.validate_block_lists(counts, good, 2)
+    with pytest.raises(ValueError, match="twice"):
+        bsa.validate_block_lists(counts, torch.tensor([[[[1, 1], [0, 0]]]], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="outside"):
+        bsa.validate_block_lists(counts, torch.tensor([[[[0, 2], [0, 0]]]], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="kv_counts"):
+        bsa.validate_block_lists(torch.tensor([[[3, 1]]], dtype=torch.int32), good, 2)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 32, 32, device=DEVICE)
+    counts, indices = full_block_lists(1, 2, 2, 2, device=DEVICE)
+    fwd = bsa.block_sparse_attention_fwd
+    with pytest.raises(ValueError, match="head_dim"):
+        x = torch.randn(1, 2, 32, 40, device=DEVICE)
+        fwd(x, x, x, counts, indices, block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        fwd(q, q, q, counts, indices, block_size=48)
+    with pytest.raises(ValueError, match="kv_counts"):
+        fwd(q, q, q, counts[:, :1], indices, block_size=16)
+    with pytest.raises(TypeError, match="int32"):
+        fwd(q, q, q, counts.float(), indices, block_size=16)
+    with pytest.raises(TypeError, match="dtype"):
+        fwd(q, q.half(), q, counts, indices, block_size=16)
+    with pytest.raises(ValueError, match="dtype"):
+        x = q.to(torch.float64)
+        fwd(x, x, x, counts, indices, block_size=16)
+    with pytest.raises(ValueError, match="out must be"):
+        fwd(q, q, q, counts, indices, block_size=16, out=torch.empty(1, 2, 32, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="twice"):
+        dup = indices.clone()
+        dup[..., 1] = dup[..., 0]
+        fwd(q, q, q, counts, dup, block_size=16, validate=True)
+
+
+def test_supports_reports_reasons():
+    assert bsa.supports(torch.randn(1, 1, 8, 64, device=DEVICE)) == (True, "")
+    ok, reason = bsa.supports(torch.randn(1, 1, 8, 48, device=DEVICE))
+    assert not ok and "head_dim" in reason
+    ok, reason = bsa.supports(torch.randn(1, 8, 64, device=DEVICE))
+    assert not ok and "4-d" in reason
+    assert 64 in bsa.SUPPORTED_HEAD_DIMS and 128 in bsa.SUPPORTED_HEAD_DIMS
+    assert torch.bfloat16 in bsa.SUPPORTED_DTYPES and torch.float16 in bsa.SUPPORTED_DTYPES
+
+
+# ------------------------------------------------------------------------------ GPU
+def _gpu_case(shape, dtype, block_size, density, cfg=None, seed=0, shuffle=True):
+    B, H, N, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(B, H, N, D, dtype, "bnhd", gen)
+    mq = num_blocks(N, block_size)
+    counts, indices = random_lists(B, H, mq, mq, gen, density=density, shuffle=shuffle)
+    out = torch.full((B, N, H, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=block_size,
+                                              out=out, config=cfg)
+    torch.cuda.synchronize()
+    ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), counts, indices,
+                                              block_size=block_size)
+    # Same-dtype torch: SDPA with the token mask in the input dtype.
+    token_block = torch.arange(N, device=DEVICE) // block_size
+    allowed = block_mask_from_lists(counts, indices, mq)[:, :, token_block][..., token_block]
+    low = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    bound = 2 * (low.double() - ref).abs().max().item() + 1e-5
+    err = (out.double() - ref).abs().max().item()
+    assert not torch.isnan(out).any()
+    assert err <= bound, f"{shape} {dtype} bs={block_size} d={density} {cfg}: {err:.3e} > {bound:.3e}"
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-3
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block_size,density", [
+    ((1, 4, 3000, 128), 128, 0.25),   # ragged N
+    ((2, 3, 2048, 128), 128, 1.0),    # even N, density 1
+    ((1, 4, 1000, 64), 64, 0.3),
+    ((1, 2, 777, 64), 128, 0.5),
+])
+def test_gpu_real_sizes(shape, dtype, block_size, density):
+    _gpu_case(shape, dtype, block_size, density)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_every_candidate_config(D):
+    for cfg in bsa.candidate_configs(128, D, tma=True):
+        if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
+            continue
+        _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [32, 80, 96])
+def test_gpu_other_head_dims(D):
+    _gpu_case((1, 2, 1000, D), torch.bfloat16, 128, 0.5, seed=D)
+
+
+@gpu
+@needs_cuda
+def test_gpu_empty_rows_and_fp32():
+    B, H, N, D = 1, 2, 600, 64
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = random_qkv(B, H, N, D, torch.float32, "bhnd", gen)
+    counts, indices = random_lists(B, H, num_blocks(N, 64), num_blocks(N, 64), gen, p_empty=0.4)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=64)
+    torch.cuda.synchronize()
+    check_against_reference(q, k, v, counts, indices, 64, out, lse)
