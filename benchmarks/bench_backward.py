@@ -106,10 +106,12 @@ def flops_fwd_bwd(shape, density):
 
 
 # ------------------------------------------------------------------------------ correctness
-def check_gradients(device, flex_fn):
+def check_gradients(device, flex_fn, quick=False):
     results = []
     cases = [((1, 4, 3000, 128), torch.bfloat16, 0.25), ((2, 3, 1000, 64), torch.bfloat16, 0.5),
              ((1, 2, 2100, 128), torch.float16, 0.1)]
+    if quick:
+        cases = cases[:2]
     for shape, dtype, density in cases:
         B, H, N, D = shape
         q, k, v, do = make_inputs(shape, dtype, device, seed=1)
@@ -205,8 +207,7 @@ def time_shape(shape, densities, device, flex_fn):
                                                                          block_size=BLOCK, out=out, lse=lse))
         ours_bwd = bench_ms(lambda: bwd_kernel.block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices,
                                                                           block_size=BLOCK))
-        lists_ms = bench_ms(lambda: (bwd_kernel.transpose_block_lists(counts, indices, counts.shape[-1]),
-                                     bwd_kernel.canonical_block_lists(counts, indices, counts.shape[-1])))
+        lists_ms = bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, counts.shape[-1]))
         flex = None
         if flex_fn is not None:
             try:
@@ -278,6 +279,7 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     ap.add_argument("--no-sweep", action="store_true", help="skip timing every backward config")
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check (not recommended)")
+    ap.add_argument("--quick-check", action="store_true", help="check two shapes instead of three")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_backward.py needs a CUDA GPU")
@@ -297,7 +299,7 @@ def main(argv=None):
     checks = []
     if not args.no_check:
         log("gradient check (every backward candidate config):")
-        checks = check_gradients("cuda", flex_fn)
+        checks = check_gradients("cuda", flex_fn, quick=args.quick_check)
         if not all(c["ok"] for c in checks):
             log("CORRECTNESS FAILURE: see above; timings below are of a wrong kernel")
     sweep = [] if args.no_sweep else sweep_configs(SHAPE, 0.25, "cuda")

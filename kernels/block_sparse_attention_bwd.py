@@ -45,13 +45,11 @@ def _compact(mask: torch.Tensor):
     """Sorted int32 lists of the True columns of each row; width = number of columns."""
     width = mask.shape[-1]
     counts = mask.sum(-1, dtype=torch.int32)
-    # Position of each selected column in its row's list; unselected ones go to a spare slot.
-    pos = torch.cumsum(mask, dim=-1) - 1
-    pos = torch.where(mask, pos, width)
-    cols = torch.arange(width, device=mask.device).expand_as(pos)
-    lists = torch.zeros(*mask.shape[:-1], width + 1, dtype=torch.long, device=mask.device)
-    lists.scatter_(-1, pos, cols)
-    return counts, lists[..., :width].to(torch.int32).contiguous()
+    # Unselected columns get a key past every selected one; one row sort puts the list first.
+    cols = torch.arange(width, dtype=torch.int32, device=mask.device)
+    keys = torch.where(mask, cols, width)
+    lists = torch.sort(keys, dim=-1).values
+    return counts, torch.where(lists < width, lists, 0).contiguous()
 
 
 def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
@@ -66,6 +64,12 @@ def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk:
 def canonical_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
     """The forward lists as sorted sets (width Mk): what the dq pass iterates."""
     return _compact(_block_mask(kv_counts, kv_indices, mk))
+
+
+def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Both lists the backward needs, from one mask: ``(canonical forward, transposed)``."""
+    mask = _block_mask(kv_counts, kv_indices, mk)
+    return _compact(mask), _compact(mask.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +228,9 @@ def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool):
 
 def gpu_configs(block_size: int):
     """Candidate (tile, sub_tile, num_warps, num_stages) on a GPU, filtered to divide the block."""
-    cands = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)]
+    # Measured on H100 (BENCHMARKS.md, Backward): 64-row tiles with 4 warps lead; 128x32/8 trails.
+    cands = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+             (128, 32, 8, 2)]
     return [c for c in cands if block_size % c[0] == 0 and block_size % c[1] == 0] or [
         (min(block_size, 64), min(block_size, 32), 4, 2)
     ]
@@ -328,12 +334,13 @@ def block_sparse_attention_bwd(
         raise RuntimeError("the Triton backward needs a CUDA tensor or TRITON_INTERPRET=1")
 
     if q_lists is None:
-        q_lists = transpose_block_lists(kv_counts, kv_indices, mk)
+        (f_counts, f_indices), q_lists = backward_block_lists(kv_counts, kv_indices, mk)
+    else:
+        f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, mk)
     q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
     if q_counts.shape != (B, H, mk) or q_indices.shape[:3] != (B, H, mk):
         raise ValueError(f"q_lists must be (B, H, Mk={mk}) and (B, H, Mk, W); got "
                          f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
-    f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, mk)
 
     lse = lse.to(torch.float32).contiguous()
     bd = max(16, triton.next_power_of_2(D))
