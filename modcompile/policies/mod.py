@@ -13,9 +13,10 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   ``cheap_refresh=True``: the sparse kernel runs with the current lists and observes only the
   computed blocks; skipped blocks keep their older values (the paper's history rule). Every
   ``dense_refresh_every``-th refresh is dense anyway.
-* the observed coverage of a cheap refresh (kept blocks' mass proxy ``1 - S`` as seen, over the
-  whole map's, skipped blocks at their historical values; mean over heads) is computed on device
-  and copied to pinned host memory without waiting. Later plans poll the copy's CUDA event (never
+* the observed coverage of a cheap refresh (:func:`observed_coverage`: the kept share of the
+  attention mass estimated from the sparse call's lse and mean-pooled keys of the skipped blocks;
+  mean over rows, heads and batch) is computed on device and copied to pinned host memory without
+  waiting. Later plans poll the copy's CUDA event (never
   wait); once it has landed and is below ``min_observed_coverage`` the next step is a dense
   refresh. On CPU the value is ready at once, so the dense refresh is the step after.
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import Plan, Policy, SiteContext, register_policy
+from ..kernels.reference import block_mask_from_lists
 from .mod_fit import FitGeometry, Geometry, fit_geometry
 
 log = logging.getLogger("modcompile")
@@ -228,7 +230,9 @@ class ModPolicy(Policy):
             fresh = seen_map.nanmean(0) if seen_map.shape[0] > 1 else seen_map[0]
             seen = ~fresh.isnan()
             merged = torch.where(seen, fresh, st.smap)
-            st.coverage_flag = DeferredScalar(observed_coverage(merged, seen).mean())
+            kept = block_mask_from_lists(kv_counts, kv_indices, st.geometry.nb)
+            st.coverage_flag = DeferredScalar(
+                observed_coverage(q, k, lse, kept, cfg.block_size, scale).mean())
             st.smap = merged
         coef = fg.solve(st.smap)
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
@@ -245,11 +249,30 @@ class ModPolicy(Policy):
         st.lists = {}
 
 
-def observed_coverage(merged: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Per head: mass proxy (1 - S) of the observed blocks over that of the whole map (skipped
-    blocks at their historical values). (H,) float."""
-    w = (1.0 - merged).clamp(0.0, 1.0)
-    return (w * seen).sum((-2, -1)) / w.sum((-2, -1)).clamp_min(1e-12)
+def observed_coverage(q, k, lse, kept, block_size: int, scale: float) -> torch.Tensor:
+    """Per (batch, head): estimated fraction of the dense attention mass that a sparse call kept,
+    mean over query rows, from its lse and mean-pooled keys, (B, H) float.
+
+    A skipped block b holds about ``|b| * exp(q . mean(k_b) * scale)`` unnormalised mass (a lower
+    bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
+    The estimate errs high (coverage overestimated), so a value under the bound is a real drop.
+    Cost: one (N x nb) product per head, chunked over heads."""
+    B, H, N, D = q.shape
+    nb = kept.shape[-1]
+    pad = nb * block_size - k.shape[2]
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    sizes = torch.full((nb,), float(block_size), device=k.device)
+    sizes[-1] = block_size - pad
+    pooled = kp.sum(3) / sizes.view(nb, 1)
+    rows = torch.arange(N, device=q.device) // block_size
+    out = []
+    for h in range(H):
+        s = torch.matmul(q[:, h].float(), pooled[:, h].transpose(-1, -2)) * scale       # (B, N, nb)
+        mass = torch.exp(s - lse[:, h].float().unsqueeze(-1)) * sizes
+        skipped = ~kept[:, h][:, rows]                                                  # (B, N, nb)
+        missing = (mass * skipped).sum(-1)
+        out.append((1.0 / (1.0 + missing)).mean(-1))
+    return torch.stack(out, 1)
 
 
 def extrapolate(fits: list, interval: int) -> torch.Tensor:

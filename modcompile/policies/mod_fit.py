@@ -174,9 +174,11 @@ class FitGeometry:
         return torch.cat(parts, -1)
 
     def solve(self, s: torch.Tensor) -> torch.Tensor:
-        """Ridge coefficients (H, P) float32 of the maps ``s`` (H, nb, nb), all heads in one solve."""
-        rhs = self.moment(s.float()).double().T                            # (P, H)
-        return torch.cholesky_solve(rhs, self.chol).T.float()
+        """Ridge coefficients (H, P) of the maps ``s`` (H, nb, nb), all heads in one solve: float64
+        maps give float64 coefficients, anything else float32."""
+        out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+        rhs = self.moment(s.to(out_dtype)).double().T                      # (P, H)
+        return torch.cholesky_solve(rhs, self.chol).T.to(out_dtype)
 
     # ---- use of the coefficients
     def reconstruct(self, coef: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""The ``mod`` policy end to end: schedule, state, refreshes, CFG passes, compiled DiT loops.
+
+The compiled tests run the torch reference paths (TRITON_INTERPRET=0 inside them: the interpreter
+would take minutes for a 20-step loop); the Triton kernels have their own tests."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modcompile
+from modcompile.config import SparsityConfig
+from modcompile.kernels.reference import block_mask_from_lists
+from modcompile.policies import SiteContext
+from modcompile.policies.mod import ModPolicy, summary
+from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+
+
+@pytest.fixture(autouse=True)
+def _reference_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield
+
+
+# ---------------------------------------------------------------- policy driven directly
+
+class Driver:
+    """Calls a policy the way the custom ops do (plan -> attention -> observe), without a graph."""
+
+    def __init__(self, config, grid=(4, 8, 8), text=0, heads=2, num_steps=20):
+        self.policy = ModPolicy(config)
+        n = grid[0] * grid[1] * grid[2] + text
+        self.info = SiteInfo(key="t/x#0", layer=0, module_path="x", config=config, status="sparse",
+                             seq_len=n, heads=heads, head_dim=16, grid=grid, text_tokens=text)
+        self.state = SiteState(info=self.info, pass_index=0)
+        self.num_steps, self.n, self.heads = num_steps, n, heads
+        self.plans = []
+
+    def step(self, step, q, k, v):
+        ctx = SiteContext(info=self.info, state=self.state, step=step, num_steps=self.num_steps,
+                          config=self.info.config)
+        plan = self.policy.plan(ctx, q, k)
+        self.plans.append(plan)
+        if plan.dense and not plan.observe:
+            return F.scaled_dot_product_attention(q, k, v)
+        out, lse = self.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(q.shape[-1]))
+        if plan.observe:
+            self.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+        return out
+
+
+def _local_qkv(n, heads=2, d=16, seed=0, width=20.0):
+    """Attention concentrated near the diagonal (sharp, so most entries are below 1e-4)."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(n, dtype=torch.float32) / width
+    freqs = torch.arange(1, d // 2 + 1, dtype=torch.float32) * 0.15
+    feat = torch.cat([torch.cos(pos[:, None] * freqs), torch.sin(pos[:, None] * freqs)], -1)
+    q = feat.expand(1, heads, n, d) * 6.0 + 0.1 * torch.randn(1, heads, n, d, generator=g)
+    k = feat.expand(1, heads, n, d) * 6.0 + 0.1 * torch.randn(1, heads, n, d, generator=g)
+    v = torch.randn(1, heads, n, d, generator=g)
+    return q, k, v
+
+
+def test_schedule_paper_variant():
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, cheap_refresh=False)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n)
+    for s in range(20):
+        drv.step(s, q, k, v)
+    st = drv.state.policy_state
+    warm = ModPolicy(cfg).default_warmup(20)
+    assert warm == 5
+    kinds = [(p.dense, p.observe) for p in drv.plans]
+    assert kinds[:3] == [(True, False)] * 3
+    assert kinds[3:5] == [(True, True)] * 2                       # last two warm-up steps observed
+    refresh = {9, 13, 17}
+    for s in range(5, 20):
+        assert kinds[s] == ((True, True) if s in refresh else (False, False)), s
+    assert st.fit_steps == [3, 4, 9, 13, 17]
+    assert [e for e in st.events if e[1].startswith("refresh")] == [(9, "refresh-dense"), (13, "refresh-dense"),
+                                                                   (17, "refresh-dense")]
+
+
+def test_schedule_cheap_refresh_and_history_rule():
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, dense_refresh_every=3, min_observed_coverage=0.0)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n)
+    dense_map = None
+    for s in range(20):
+        if s == 9:
+            dense_map = drv.state.policy_state.smap.clone()
+            mask_before = drv.state.policy_state.mask.clone()
+        drv.step(s, q, k, v)
+        if s == 9:
+            st = drv.state.policy_state
+            # Skipped blocks keep their historical values; computed ones were observed again.
+            assert torch.equal(st.smap[~mask_before], dense_map[~mask_before])
+            assert not drv.plans[9].dense and drv.plans[9].observe
+    st = drv.state.policy_state
+    assert [e for e in st.events if e[1].startswith("refresh")] == [(9, "refresh-cheap"), (13, "refresh-cheap"),
+                                                                   (17, "refresh-dense")]
+    assert [step for step, _ in st.observed_coverage] == [9, 13]
+    assert all(0.0 < c <= 1.0 for _, c in st.observed_coverage)
+    # The sparse steps use the mask: block lists sorted, full width, own block and lines present.
+    plan = drv.plans[10]
+    assert plan.kv_indices.shape == (1, 2, 16, 16) and plan.kv_counts.dtype == torch.int32
+    mask = block_mask_from_lists(plan.kv_counts, plan.kv_indices, 16)
+    assert mask.diagonal(dim1=-2, dim2=-1).all()
+    assert mask.float().mean() < 0.9                               # local attention: sparse
+
+
+def test_low_observed_coverage_triggers_a_dense_refresh():
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, dense_refresh_every=10, min_observed_coverage=0.8)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n)
+    moved = q.roll(drv.n // 2, dims=2)          # from step 8 the queries attend far off the diagonal
+    for s in range(12):
+        drv.step(s, q if s < 8 else moved, k, v)
+    events = drv.state.policy_state.events
+    assert drv.state.policy_state.observed_coverage[0][1] < 0.8
+    assert (9, "refresh-cheap") in events and (10, "refresh-dense-low") in events
+    assert drv.plans[10].dense and drv.plans[10].observe and not drv.plans[11].observe
+
+
+def test_text_tokens_always_attended():
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, text_position="last", lines_per_head=1)
+    drv = Driver(cfg, grid=(2, 8, 8), text=24)                       # N = 152: text in blocks 8, 9
+    q, k, v = _local_qkv(drv.n)
+    for s in range(8):
+        drv.step(s, q, k, v)
+    mask = block_mask_from_lists(drv.plans[-1].kv_counts, drv.plans[-1].kv_indices, 10)
+    assert mask[..., 8:].all() and mask[..., 8:, :].all()
+
+
+# ---------------------------------------------------------------- compiled DiT
+
+class Attn(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.o(o.transpose(1, 2).reshape(B, N, C))
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, dim=32, heads=2, layers=2):
+        super().__init__()
+        self.emb = nn.Conv3d(4, dim, (1, 2, 2), (1, 2, 2))
+        self.blocks = nn.ModuleList(Attn(dim, heads) for _ in range(layers))
+        self.t = nn.Linear(1, dim)
+
+    def forward(self, x, timestep):
+        h = self.emb(x).flatten(2).transpose(1, 2) + self.t(timestep.view(-1, 1).float() / 1000).unsqueeze(1)
+        for b in self.blocks:
+            h = h + b(h)
+        return h
+
+
+OPTIONS = {"policy": "mod", "min_seq_len": 64, "block_size": 16, "video_grid": (4, 8, 8), "num_steps": 20,
+           "refresh_interval": 4}
+
+
+@pytest.fixture
+def fresh():
+    modcompile.reset(forget_sites=True)
+    torch._dynamo.reset()
+    yield
+    modcompile.reset(forget_sites=True)
+    torch._dynamo.reset()
+
+
+class PlanRecorder:
+    """Wraps ModPolicy.plan to record the lists each (site, pass, step) used."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        original = ModPolicy.plan
+
+        def plan(policy, ctx, q, k):
+            result = original(policy, ctx, q, k)
+            self.calls.append((ctx.info.key, ctx.state.pass_index, ctx.step, result))
+            return result
+
+        monkeypatch.setattr(ModPolicy, "plan", plan)
+
+
+def _graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_loop_with_denoising_step(fresh, monkeypatch):
+    rec = PlanRecorder(monkeypatch)
+    torch.manual_seed(0)
+    model = TinyDiT().eval()
+    x = torch.randn(1, 4, 4, 16, 16)
+    cm = torch.compile(model, backend="modsparse", options=dict(OPTIONS))
+    densities = []
+    with torch.no_grad():
+        for i in range(20):
+            with modcompile.denoising_step(i, 20):
+                y = cm(x, torch.tensor([1000.0 - 50 * i]))
+            if i == 0:
+                graphs = _graphs()
+            assert torch.isfinite(y).all()
+            if i < 5:  # dense warm-up equals eager
+                torch.testing.assert_close(y, model(x, torch.tensor([1000.0 - 50 * i])), atol=1e-4, rtol=1e-4)
+            densities.append({r.site: r.density for r in modcompile.report(print_table=False)})
+    assert _graphs() == graphs, "a step recompiled"
+    sites = sorted({c[0] for c in rec.calls})
+    assert len(sites) == 2
+    for site in sites:
+        calls = [c for c in rec.calls if c[0] == site]
+        assert [c[2] for c in calls] == list(range(20))
+        for (_, _, step, plan), dens in zip(calls, densities):
+            used = block_mask_from_lists(plan.kv_counts, plan.kv_indices, 16).float().mean().item()
+            assert dens[site] == pytest.approx(used, abs=1e-6), step
+            assert plan.kv_indices.shape[-1] == 16
+        assert all(c[3].dense for c in calls[:5]) and not any(c[3].dense for c in calls[5:9])
+    rows = summary()
+    assert len(rows) == 2
+    for row in rows:
+        assert row["fit_steps"][:2] == [3, 4]
+        assert [e for e in row["events"] if e[1].startswith("refresh")][:2] == [(9, "refresh-cheap"),
+                                                                             (13, "refresh-cheap")]
+        assert all(0.0 < c <= 1.0 + 1e-6 for c in row["predicted_coverage"])
+
+
+def test_compiled_timestep_tensors_new_generation_and_cfg(fresh):
+    torch.manual_seed(1)
+    model = TinyDiT(layers=1).eval()
+    x = torch.randn(1, 4, 4, 16, 16)
+    cm = torch.compile(model, backend="modsparse", options=dict(OPTIONS, num_steps=8))
+    timesteps = [1000.0 - 120 * i for i in range(8)]
+    with torch.no_grad():
+        for generation in range(2):
+            for t in timesteps:
+                ts = torch.tensor([t])
+                cm(x, ts)                     # conditional pass
+                cm(x * 0.5, ts)               # unconditional pass (CFG): a second pass of the step
+            if generation == 0:
+                graphs = _graphs()
+                first = summary()
+    assert _graphs() == graphs
+    rows = summary()
+    assert len(rows) == 2 and {r["pass"] for r in rows} == {0, 1}
+    # Warm-up of 8 steps: 2 (both observed); refresh at step 6; state restarted with generation 2.
+    for row in rows + first:
+        assert row["fit_steps"] == [0, 1, 6]
+    states = [s.policy_state for s in REGISTRY.states.values()]
+    assert states[0] is not states[1]
+    # Each pass observed its own input (the passes' inputs differ).
+    assert states[0].observed_coverage != states[1].observed_coverage
