@@ -180,8 +180,8 @@ def kernel_incidence(partition: Partition, block_size: int) -> tuple[torch.Tenso
 def kernel_block_mask(selection: torch.Tensor, incidence: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Kernel-level block mask from a partition-level selection (the rule in the module docstring).
 
-    selection (..., P, P) bool; incidence (Mk, P) bool; text (Mk,) bool -> (..., Mk, Mk) bool."""
-    a = incidence.to(torch.float32)
+    selection (..., P, P) bool; incidence (Mk, P) bool or 0/1 float; text (Mk,) bool -> (..., Mk, Mk) bool."""
+    a = incidence if incidence.dtype == torch.float32 else incidence.to(torch.float32)
     # Small integer counts: exact in fp32.
     reach = torch.matmul(torch.matmul(a, selection.to(torch.float32)), a.transpose(0, 1))
     return (reach > 0.5) | text[:, None] | text[None, :]

@@ -65,7 +65,7 @@ class Layout:
     segments: pooling.Segments
     perm: torch.Tensor          # (N,) int32 on device
     inv: torch.Tensor           # (N,) int32 on device
-    incidence: torch.Tensor     # (Mk, P) bool on device
+    incidence: torch.Tensor     # (Mk, P) float32 0/1 on device
     text_blocks: torch.Tensor   # (Mk,) bool on device
     identity: bool
 
@@ -81,7 +81,7 @@ def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_posi
     incidence, text = part_lib.kernel_incidence(partition, block_size)
     segments = pooling.make_segments(partition.perm, partition.starts, _SEG_ROWS, device)
     return Layout(partition, segments, partition.perm.to(device, torch.int32),
-                  partition.inv.to(device, torch.int32), incidence.to(device), text.to(device),
+                  partition.inv.to(device, torch.int32), incidence.to(device, torch.float32), text.to(device),
                   partition.identity)
 
 
@@ -152,10 +152,13 @@ class VmobaPolicy(Policy):
                              density=c.density, min_density=c.min_density, max_density=c.max_density,
                              scale=scale)
 
+    def select_partition(self, q_pool, k_pool, scale: float) -> torch.Tensor:
+        """Partition-level selection (B, H, P, P) bool from the pooled blocks."""
+        return self.select(torch.matmul(q_pool, k_pool.transpose(-1, -2)), scale)
+
     def block_lists(self, q_pool, k_pool, layout: Layout, scale: float):
         """Kernel block lists (permuted order) from the pooled blocks; width exactly Mk."""
-        scores = torch.matmul(q_pool, k_pool.transpose(-1, -2))
-        chosen = self.select(scores, scale)
+        chosen = self.select_partition(q_pool, k_pool, scale)
         mask = part_lib.kernel_block_mask(chosen, layout.incidence, layout.text_blocks)
         return lists_from_mask(mask)
 
