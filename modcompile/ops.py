@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .autograd import attach_autograd
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY
@@ -87,6 +88,9 @@ def _block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tenso
 @_block_sparse_attention_op.register_fake
 def _(q, k, v, kv_counts, kv_indices, block_size, scale):
     return _fake_outputs(q)
+
+
+attach_autograd(_block_sparse_attention_op)
 
 
 def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
@@ -194,10 +198,10 @@ def _(q, k, token, site):
 @torch.library.custom_op("modcompile::sparse_attention", mutates_args=(), tags=_TAGS)
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
                      site: str, scale: float) -> tuple[Tensor, Tensor]:
-    """The site's attention: dense SDPA on dense calls that observe nothing (its lse output is then
-    NaN: nothing reads it), the block-sparse kernel otherwise."""
+    """The site's attention: dense SDPA on dense calls that observe nothing and need no backward
+    (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise."""
     state = REGISTRY.current(site)
-    if state.dense_now and not state.observe_now:
+    if state.dense_now and not state.observe_now and not state.info.training:
         out, lse = _fake_outputs(q)
         out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
         return out, lse.fill_(float("nan"))
@@ -207,6 +211,42 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
 @sparse_attention.register_fake
 def _(q, k, v, kv_counts, kv_indices, site, scale):
     return _fake_outputs(q)
+
+
+@torch.library.custom_op("modcompile::sparse_attention_backward", mutates_args=(), tags=_TAGS)
+def sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              kv_counts: Tensor, kv_indices: Tensor, site: str,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the site's attention with the lists its forward used (no gradient through
+    the selection)."""
+    state = REGISTRY.current(site)
+    grads = policy_for(state.info.config).attention_backward(
+        state.context, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
+    return tuple(g.contiguous() for g in grads)
+
+
+@sparse_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, kv_counts, kv_indices, site, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _site_setup_context(ctx, inputs, output):
+    q, k, v, kv_counts, kv_indices, site, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_counts, kv_indices)
+    ctx.site, ctx.scale = site, scale
+
+
+def _site_backward(ctx, grad_out, grad_lse):
+    # lse is auxiliary (it feeds the observe node only): its gradient is ignored.
+    q, k, v, out, lse, kv_counts, kv_indices = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.modcompile.sparse_attention_backward(
+        grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.site, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_context)
 
 
 # It returns nothing and its effect is on the runtime state: registered as side-effectful so that

@@ -38,6 +38,7 @@ class SiteInfo:
     dtype: str | None = None
     grid: tuple | None = None       # latent (T, H, W) of the video tokens, when known
     text_tokens: int = 0            # joint-attention text tokens (the rest of the sequence)
+    training: bool = False          # q/k/v require grad: every call keeps a valid lse for backward
 
 
 @dataclass

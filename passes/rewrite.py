@@ -32,14 +32,6 @@ def _needs_grad(site: AttentionSite) -> bool:
     return any(getattr(example_value(site.args[n]), "requires_grad", False) for n in ("query", "key", "value"))
 
 
-def _has_backward() -> bool:
-    try:
-        from .. import autograd  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
     """Rewrite the eligible SDPA calls of ``gm`` in place; returns every site, rewritten or not."""
     graph = gm.graph
@@ -54,14 +46,12 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
     infos = []
     for site in sites:
         check_eligibility(site, config.min_seq_len, _head_dim_check)
-        if site.eligible and _needs_grad(site) and not _has_backward():
-            site.eligible, site.reason = False, "training: no backward for the sparse op yet"
         text = text_tokens_for(site.seq_len, grid) if site.seq_len else None
         info = REGISTRY.register_site(SiteInfo(
             key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
-            grid=grid if text is not None else None, text_tokens=text or 0))
+            grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site)))
         infos.append(info)
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)

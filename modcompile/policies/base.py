@@ -74,6 +74,13 @@ class Policy:
         from ..ops import attention_forward
         return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
 
+    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
+                           scale: float):
+        """(dq, dk, dv) of :meth:`attention` for the same lists (training). Policies that permute
+        in :meth:`attention` permute here too."""
+        return torch.ops.modcompile.block_sparse_attention_backward(
+            grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
+
     def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                 kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
         """Called after the attention of a call whose plan had ``observe=True``."""
