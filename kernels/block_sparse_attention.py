@@ -11,6 +11,10 @@ maximum starts at a large finite negative number instead of -inf, so a chunk tha
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
 is empty end with l = 0 and are written as out = 0, lse = -inf.
 
+Launch configuration: on CUDA the first call per (device, head_dim, dtype, block_size, TMA-able)
+compiles and times the candidates (tens of seconds once) and caches the fastest; later calls only
+look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
+
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
 block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
 """
@@ -171,8 +175,8 @@ class KernelConfig:
 # Candidates tried on CUDA (the tuner times each once per key); the first is the untuned fallback.
 # 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB), so they are left out.
 _CANDIDATES = (
+    KernelConfig(128, 128, 8, 3, ragged_branch=True),  # best measured on H100 (BENCHMARKS.md)
     KernelConfig(128, 128, 8, 3),
-    KernelConfig(128, 128, 8, 3, ragged_branch=True),
     KernelConfig(128, 128, 8, 2),
     KernelConfig(128, 64, 8, 3),
     KernelConfig(64, 64, 4, 3),
