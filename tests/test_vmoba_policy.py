@@ -11,6 +11,7 @@ import modcompile
 import modcompile.ops as ops
 from modcompile.config import SparsityConfig
 from modcompile.kernels import partition as P
+from modcompile.kernels import pooling as PL
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
 from modcompile.runtime import REGISTRY, SiteInfo, SiteState
@@ -256,3 +257,29 @@ def test_compiled_grid_that_does_not_fit_falls_back_dense_with_a_reason(fresh, t
     (row,) = modcompile.report()
     assert row.density == 1.0 and "no video grid" in row.note
     assert "no video grid" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_policy_matches_torch_path(dtype, monkeypatch):
+    grid = (5, 12, 20)
+    sa = make_synthetic_attention(grid, heads=4, head_dim=64, text_len=37, seed=7, dtype=dtype, device="cuda")
+    cfg = SparsityConfig(policy="vmoba", block_size=64, tau=0.3)
+    for layer in (0, 1, 2):
+        ctx = _ctx(cfg, grid, sa.seq_len, layer=layer)
+        policy = VmobaPolicy(cfg)
+        layout = policy.layout(ctx, sa.seq_len, sa.q.device)
+        _, _, q_pool, k_pool = policy.permute_pool(sa.q, sa.k, layout)  # Triton
+        _, _, rq_pool, rk_pool = PL.permute_pool_ref(sa.q, sa.k, layout.partition.perm, layout.partition.starts)
+        torch.testing.assert_close(q_pool, rq_pool, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(k_pool, rk_pool, atol=1e-3, rtol=1e-4)
+        plan = policy.plan(ctx, sa.q, sa.k)
+        out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "use_triton", lambda t: False)
+            ref, ref_lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)

@@ -131,7 +131,10 @@ class VmobaPolicy(Policy):
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
         ctx.state.policy_state = None  # drop permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
-        if layout is None or ctx.step < self.warmup_steps(ctx):
+        if layout is None:
+            return ctx.full_plan(q, k)
+        if ctx.step < self.warmup_steps(ctx):
+            ctx.state.note = layout.describe() + "; dense warm-up step"
             return ctx.full_plan(q, k)
         ctx.state.note = layout.describe()
         qp, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
