@@ -13,7 +13,6 @@ Semantics:
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -27,11 +26,9 @@ def _triton_backward_usable(q: torch.Tensor, block_size: int) -> bool:
     # Shapes the kernel does not cover (tiny or odd blocks, huge heads) take the reference path.
     if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
         return False
-    if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    # The interpreter multiplies bf16 raw bits in tl.dot, so only fp16/fp32 run there.
-    return interpret and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
+    from modcompile import ops  # one place decides CUDA / interpreter / reference
+
+    return ops.use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())

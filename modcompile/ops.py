@@ -47,7 +47,9 @@ def _interpreting() -> bool:
 
 def use_triton(t: Tensor) -> bool:
     """Triton on CUDA; on CPU only under TRITON_INTERPRET=1 and not for bf16 (the interpreter's bf16
-    dot is wrong)."""
+    dot is wrong). The one switch between Triton and the torch references: tests that want the
+    reference paths patch this function (toggling TRITON_INTERPRET inside a process confuses
+    Triton's launcher)."""
     if _triton_forward() is None:
         return False
     if t.is_cuda:

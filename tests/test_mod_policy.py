@@ -1,7 +1,7 @@
 """The ``mod`` policy end to end: schedule, state, refreshes, CFG passes, compiled DiT loops.
 
-The compiled tests run the torch reference paths (TRITON_INTERPRET=0 inside them: the interpreter
-would take minutes for a 20-step loop); the Triton kernels have their own tests."""
+The tests run the torch reference paths (``ops.use_triton`` patched: the interpreter would take
+minutes for a 20-step loop); the Triton kernels have their own tests."""
 import math
 
 import pytest
@@ -19,7 +19,8 @@ from modcompile.runtime import REGISTRY, SiteInfo, SiteState
 
 @pytest.fixture(autouse=True)
 def _reference_paths(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from modcompile import ops
+    monkeypatch.setattr(ops, "use_triton", lambda t: False)
     yield
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -100,16 +99,12 @@ class ModState:
         return out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
     with block lists only the listed blocks are written, the others are NaN."""
+    from .. import ops
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
-    use_triton = q.is_cuda or (_interpreting() and q.dtype != torch.bfloat16)
-    fn = block_sparsity if use_triton else block_sparsity_ref
+    fn = block_sparsity if ops.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices)
 
