@@ -94,6 +94,14 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+@dataclass
+class CallState:
+    """What the plan of the current call leaves for its attention (``ctx.state.policy_state``)."""
+
+    dense: bool = True              # full lists: the token order does not matter
+    stash: tuple | None = None      # (key of q, key of k, permuted q, permuted k) from the fused pass
+
+
 @register_policy
 class VmobaPolicy(Policy):
     name = "vmoba"
@@ -129,7 +137,7 @@ class VmobaPolicy(Policy):
 
     # ------------------------------------------------------------------ plan
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
-        ctx.state.policy_state = None  # drop permuted copies of an earlier call
+        call = ctx.state.policy_state = CallState()  # drops permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
         if layout is None:
             return ctx.full_plan(q, k)
@@ -137,9 +145,10 @@ class VmobaPolicy(Policy):
             ctx.state.note = layout.describe() + "; dense warm-up step"
             return ctx.full_plan(q, k)
         ctx.state.note = layout.describe()
+        call.dense = False
         qp, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
         if not layout.identity:
-            ctx.state.policy_state = (_tensor_key(q), _tensor_key(k), qp, kp)
+            call.stash = (_tensor_key(q), _tensor_key(k), qp, kp)
         counts, indices = self.block_lists(q_pool, k_pool, layout, scale=1.0 / math.sqrt(q.shape[-1]))
         return Plan(counts, indices, dense=False)
 
@@ -169,9 +178,11 @@ class VmobaPolicy(Policy):
     def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
         from ..ops import _out_like, attention_forward
         layout = self.layout(ctx, q.shape[2], q.device)
-        if layout is None or layout.identity:
+        call = ctx.state.policy_state if isinstance(ctx.state.policy_state, CallState) else CallState(dense=False)
+        # Full lists (dense plans, e.g. warm-up steps of training) do not depend on the token order.
+        if layout is None or layout.identity or call.dense:
             return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
-        stash, ctx.state.policy_state = ctx.state.policy_state, None
+        stash, call.stash = call.stash, None
         if stash is not None and stash[0] == _tensor_key(q) and stash[1] == _tensor_key(k):
             qp, kp = stash[2], stash[3]
         else:  # the plan's copies do not match (should not happen in a rewritten graph)
@@ -181,6 +192,20 @@ class VmobaPolicy(Policy):
         out = self.gather(out_p, layout.inv, out=_out_like(q))
         lse = lse_p.index_select(2, layout.inv)
         return out, lse
+
+    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
+                           scale: float):
+        """(dq, dk, dv) in the original order: the backward kernel runs on the permuted tensors with
+        the lists the forward used."""
+        layout = self.layout(ctx, q.shape[2], q.device)
+        call = ctx.state.policy_state if isinstance(ctx.state.policy_state, CallState) else CallState(dense=False)
+        if layout is None or layout.identity or call.dense:
+            return super().attention_backward(ctx, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
+        perm, inv = layout.perm, layout.inv
+        dq, dk, dv = torch.ops.modcompile.block_sparse_attention_backward(
+            self.gather(grad_out, perm), self.gather(q, perm), self.gather(k, perm), self.gather(v, perm),
+            self.gather(out, perm), lse.index_select(2, perm), kv_counts, kv_indices, ctx.block_size, scale)
+        return self.gather(dq, inv), self.gather(dk, inv), self.gather(dv, inv)
 
     @staticmethod
     def gather(x, index, out=None):
