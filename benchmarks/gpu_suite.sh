@@ -3,7 +3,7 @@
 # the synthetic fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
 PY=python3
 part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
