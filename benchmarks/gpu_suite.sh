@@ -6,6 +6,9 @@ set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
 PY=python3
+# passes/ and kernels/ install as modcompile.passes / modcompile.kernels: an editable install maps them
+$PY -c "import modcompile.kernels" 2>/dev/null ||
+  $PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
 part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$R/$name.log" 2>&1; local rc=$?
   echo "| $name | rc=$rc | $((SECONDS - t0)) s |" | tee -a "$R/summary.md"; }
