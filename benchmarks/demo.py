@@ -38,8 +38,15 @@ def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _timed_sample(model, noise, steps, device) -> tuple[torch.Tensor, float]:
+def _timed_sample(model, noise, steps, device, profile=False) -> tuple[torch.Tensor, float]:
     sample(model, noise, steps, step_context=modcompile.denoising_step)  # compile, tune: untimed
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as profiler
+        modcompile.reset()
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            sample(model, noise, steps, step_context=modcompile.denoising_step)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=50))
     modcompile.reset()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -57,6 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="mod,vmoba", help="comma-separated modsparse policies")
     parser.add_argument("--checkpoint", default=None, help="trained small-DiT checkpoint (train-dit level)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each timed run")
     args = parser.parse_args(argv)
 
     device = args.device
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
           f"{steps} steps")
 
     dense = torch.compile(model, backend="inductor")
-    reference, dense_time = _timed_sample(dense, noise, steps, device)
+    reference, dense_time = _timed_sample(dense, noise, steps, device, args.profile)
     rows = [("dense (inductor)", dense_time, 1.0, float("inf"), 1.0, 0.0, 1.0)]
     update = (reference - noise).float()  # what denoising changed: the PSNR of samples hides it when small
     for policy in [p for p in args.policies.split(",") if p]:
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         modcompile.reset(forget_sites=True)
         compiled = torch.compile(model, backend="modsparse",
                                  options={"policy": policy, "num_steps": steps, **base_options})
-        out, seconds = _timed_sample(compiled, noise, steps, device)
+        out, seconds = _timed_sample(compiled, noise, steps, device, args.profile)
         table = modcompile.report(print_table=False)
         densities = [r.density for r in table if r.density is not None]
         density = sum(densities) / len(densities) if densities else float("nan")
