@@ -360,3 +360,23 @@ def test_opcheck_graph_ops():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
     torch.library.opcheck(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, "t/attn#0"),
                           test_utils=utils)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reduce_overhead_mode_on_gpu_keeps_updating_state(compiles):
+    """CUDA graphs must not freeze the step-dependent ops: the runtime state advances every step,
+    the output matches eager, and nothing recompiles."""
+    torch.manual_seed(0)
+    eager = TinyVideoDiT(dim=64, heads=1, layers=2).cuda().half().eval()
+    model = torch.compile(eager, backend="modsparse",
+                          options={"policy": "dense", "min_seq_len": 64, "block_size": 64,
+                                   "mode": "reduce-overhead"})
+    x = video().cuda().half()
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0, 600.0, 500.0):
+            ts = torch.tensor([t], device="cuda")
+            torch.testing.assert_close(model(x, ts).clone(), eager(x, ts), rtol=2e-3, atol=2e-3)
+    assert len(compiles) == 1
+    assert REGISTRY.tracker.step == 4
+    assert all(r.steps == 5 and r.status == "sparse" for r in rows())
