@@ -17,13 +17,7 @@ from models import SelfAttention, TinyVideoDiT
 OPTS = {"policy": "dense", "min_seq_len": 64, "block_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
-    yield
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
+pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
 
 @pytest.fixture

@@ -7,13 +7,7 @@ import modcompile
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
-    yield
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
+pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
 
 def tiny_wan():

@@ -8,13 +8,7 @@ from modcompile.runtime import REGISTRY
 from models import TinyVideoDiT
 
 
-@pytest.fixture(autouse=True)
-def fresh_state():
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
-    yield
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
+pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
 
 def _grads(model, eager, x, t):
