@@ -9,7 +9,8 @@ Tokens of the video sit in raster order (frame-major: t, then y, then x), as a p
 * ``3d`` (spatio-temporal): a block is a ``t x h x w`` cube.
 
 Grids that a block shape does not divide get smaller blocks at the far edges. The permutation orders
-the blocks in raster order of the block grid and keeps raster order inside each block; text tokens
+the blocks in raster order of the block grid (or, with ``align``, blocks of a multiple of the kernel
+block size first: see "Alignment" below) and keeps raster order inside each block; text tokens
 keep their place (first or last). ``perm[i]`` is the original index of the token at permuted
 position ``i`` and ``inv`` is its inverse, so ``x_perm = x[perm]`` and ``x = x_perm[inv]``.
 
@@ -21,6 +22,17 @@ partition block of the key block. Every token of a selected partition block is t
 plus the tokens that share a kernel block with it (a superset; listing a key block once per row
 keeps the softmax exact). Kernel blocks that hold a text token attend everything and are attended
 by every query block.
+
+Alignment (why the default shapes are what they are): a partition block that straddles kernel
+blocks drags their other tokens along, so the kernel-level density exceeds the partition-level
+one. ``kernel_footprint`` measures it exactly from the layout (kernel tokens touched per video
+token; 1.0 iff every block is a union of whole kernel blocks). Padding the permuted layout is not
+an option (the kernel cannot mask padding keys), so we (1) choose default shapes with the smallest
+footprint among shapes of ``block_size/2 .. 2*block_size`` tokens, preferring sizes that are
+multiples of ``block_size``, and (2) order the blocks aligned-first when that helps: full blocks of a
+multiple of ``block_size`` tokens first, the ragged edge blocks after them, so the ragged edges no
+longer shift every later block off the kernel grid. Text placed first with a length that is not a
+multiple of ``block_size`` shifts the whole video; the footprint accounts for it.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 KINDS = ("1d", "2d", "3d")
@@ -66,29 +79,99 @@ def full_block_shape(grid, kind: str, shape) -> tuple:
     return min(bt, T), min(bh, H), min(bw, W)
 
 
-def default_block_shape(grid, kind: str, target_tokens: int) -> tuple:
-    """A block shape holding about ``target_tokens`` tokens (the kernel block size): the candidate
-    closest in log-size, then the most even sides, then the fewest ragged edges."""
-    T, H, W = grid
-    if kind == "1d":
-        return (max(1, min(T, round(target_tokens / (H * W)))),)
+def block_sizes(grid, kind: str, shape) -> np.ndarray:
+    """(P,) int64 token counts of the video blocks, in raster order of the block grid (numpy: the
+    default-shape search scores thousands of candidates, where torch's per-op overhead dominates)."""
+    def axis(g, b):
+        n = -(-g // b)
+        sizes = np.full(n, b, dtype=np.int64)
+        sizes[-1] = g - b * (n - 1)
+        return sizes
 
-    def cost(bt, bh, bw, sides):
+    st, sh, sw = (axis(g, b) for g, b in zip(grid, full_block_shape(grid, kind, shape)))
+    return (st[:, None, None] * sh[None, :, None] * sw[None, None, :]).reshape(-1)
+
+
+def aligned_first(sizes: np.ndarray, align: int) -> np.ndarray:
+    """Block order (indices into raster order): blocks whose size is a multiple of ``align`` first,
+    then the others, each group in raster order."""
+    return np.argsort(sizes % align != 0, kind="stable")
+
+
+def kernel_footprint(sizes: np.ndarray, offset: int, block_size: int) -> float:
+    """Kernel tokens per video token of blocks laid out back to back from ``offset`` in this order:
+    ``block_size * sum_p (kernel blocks block p overlaps) / sum_p size_p``. 1.0 iff every block is a
+    union of whole kernel blocks; with independent selections the kernel-level density is about
+    ``footprint**2`` times the token-level partition density."""
+    end = offset + np.cumsum(sizes)
+    start = end - sizes
+    touched = (end + block_size - 1) // block_size - start // block_size
+    return block_size * int(touched.sum()) / int(sizes.sum())
+
+
+def layout_footprints(grid, kind: str, shape, block_size: int, text_tokens: int = 0,
+                      text_position: str = "last") -> tuple[float, float]:
+    """(footprint in raster block order, footprint in aligned-first order)."""
+    sizes = block_sizes(grid, kind, shape)
+    offset = text_tokens if text_position == "first" else 0
+    raster = kernel_footprint(sizes, offset, block_size)
+    if kind == "1d":  # 1D keeps the identity permutation: no reordering
+        return raster, raster
+    return raster, kernel_footprint(sizes[aligned_first(sizes, block_size)], offset, block_size)
+
+
+def alignment_for(grid, kind: str, shape, block_size: int, text_tokens: int = 0,
+                  text_position: str = "last") -> int | None:
+    """``block_size`` when the aligned-first block order wastes fewer kernel tokens than raster order
+    (pass it to :func:`build_partition` as ``align``), else None."""
+    raster, aligned = layout_footprints(grid, kind, shape, block_size, text_tokens, text_position)
+    return block_size if aligned < raster - 1e-9 else None
+
+
+def default_block_shape(grid, kind: str, target_tokens: int, text_tokens: int = 0,
+                        text_position: str = "last") -> tuple:
+    """The default block shape for kernel blocks of ``target_tokens`` tokens.
+
+    Rule: among shapes whose full block holds ``target/2 .. 2*target`` tokens (1D: whole frames),
+    take the smallest kernel footprint (:func:`kernel_footprint`, best of raster and aligned-first
+    order, rounded to 0.01), then the size closest to the target in log scale, then the most even
+    sides, then the fewest ragged edges. Blocks that are unions of whole kernel blocks (footprint
+    1.0) therefore win whenever the grid allows them; otherwise larger blocks within the window
+    straddle relatively less. Without any shape in the window (tiny or odd grids) the closest
+    size wins."""
+    T, H, W = grid
+    lo, hi = target_tokens / 2, 2 * target_tokens
+
+    def footprint(shape):
+        return round(min(layout_footprints(grid, kind, shape, target_tokens, text_tokens, text_position)), 2)
+
+    if kind == "1d":
+        fallback = (max(1, min(T, round(target_tokens / (H * W)))),)
+        window = [(t,) for t in range(1, T + 1) if lo <= t * H * W <= hi]
+        if not window:
+            return fallback
+        return min(window, key=lambda s: (footprint(s), round(abs(math.log(s[0] * H * W / target_tokens)), 6)))
+
+    def closeness(bt, bh, bw, sides):
         size = bt * bh * bw
         ragged = sum(g % s != 0 for g, s in zip(grid, (bt, bh, bw)))
         aspect = math.log(max(sides) / min(sides))
         return (round(abs(math.log(size / target_tokens)), 6), round(aspect, 6), ragged)
 
-    best = None
+    best_window, best_any = None, None
     ts = [T] if kind == "2d" else range(1, T + 1)
     for bt in ts:
         for bh in range(1, H + 1):
             for bw in range(1, W + 1):
                 sides = (bh, bw) if kind == "2d" else (bt, bh, bw)
-                c = cost(bt, bh, bw, sides)
-                if best is None or c < best[0]:
-                    best = (c, sides)
-    return best[1]
+                c = closeness(bt, bh, bw, sides)
+                if best_any is None or c < best_any[0]:
+                    best_any = (c, sides)
+                if lo <= bt * bh * bw <= hi:
+                    cw = (footprint(sides),) + c
+                    if best_window is None or cw < best_window[0]:
+                        best_window = (cw, sides)
+    return (best_window or best_any)[1]
 
 
 @dataclass(frozen=True)
@@ -104,6 +187,7 @@ class Partition:
     inv: torch.Tensor           # (N,) int64: permuted position of original token j
     starts: torch.Tensor        # (P + 1,) int64: video block p spans [starts[p], starts[p+1]) permuted
     identity: bool              # the permutation is the identity (e.g. every 1D partition)
+    align: int | None = None    # blocks of a multiple of ``align`` tokens come first (None: raster order)
 
     @property
     def num_blocks(self) -> int:
@@ -127,8 +211,14 @@ class Partition:
         return ids
 
 
-def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position: str = "last") -> Partition:
-    """The partition of a ``grid`` video (plus ``text_tokens``) into ``kind`` blocks of ``shape``."""
+def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position: str = "last",
+                    align: int | None = None) -> Partition:
+    """The partition of a ``grid`` video (plus ``text_tokens``) into ``kind`` blocks of ``shape``.
+
+    ``align`` (the kernel block size, see :func:`alignment_for`) orders the blocks whose size is a
+    multiple of it first, then the rest, each group in raster order: with the video starting on a
+    kernel-block boundary, every block of the first group is then a union of whole kernel blocks.
+    The blocks themselves (the sets of tokens) do not change."""
     if len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid):
         raise ValueError(f"vmoba: grid must be three positive ints (T, H, W), got {grid!r}")
     if text_tokens < 0:
@@ -143,6 +233,13 @@ def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position:
     x = torch.arange(W).repeat(T * H)
     nbh, nbw = -(-H // bh), -(-W // bw)
     block_id = ((t // bt) * nbh + y // bh) * nbw + x // bw
+    if align is not None:
+        if not isinstance(align, int) or align <= 0:
+            raise ValueError(f"vmoba: align must be a positive int or None, got {align!r}")
+        order = torch.from_numpy(aligned_first(block_sizes(grid, kind, shape), align))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        block_id = rank[block_id]
     # A stable sort keeps raster order inside each block.
     video_perm = torch.argsort(block_id, stable=True)
     sizes = torch.bincount(block_id, minlength=int(block_id.max()) + 1)
@@ -154,12 +251,14 @@ def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position:
     inv[perm] = torch.arange(perm.numel())
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]) + offset
     identity = bool((perm == torch.arange(perm.numel())).all())
-    return Partition(tuple(grid), kind, (bt, bh, bw), text_tokens, text_position, perm, inv, starts, identity)
+    return Partition(tuple(grid), kind, (bt, bh, bw), text_tokens, text_position, perm, inv, starts, identity,
+                     align)
 
 
 @lru_cache(maxsize=128)
-def cached_partition(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str) -> Partition:
-    return build_partition(grid, kind, shape, text_tokens, text_position)
+def cached_partition(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str,
+                     align: int | None = None) -> Partition:
+    return build_partition(grid, kind, shape, text_tokens, text_position, align)
 
 
 def kernel_incidence(partition: Partition, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +279,13 @@ def kernel_incidence(partition: Partition, block_size: int) -> tuple[torch.Tenso
 def kernel_block_mask(selection: torch.Tensor, incidence: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Kernel-level block mask from a partition-level selection (the rule in the module docstring).
 
-    selection (..., P, P) bool; incidence (Mk, P) bool or 0/1 float; text (Mk,) bool -> (..., Mk, Mk) bool."""
+    selection (..., P, P) bool; incidence (Mk, P) bool or 0/1 float; text (Mk,) bool, or the (Mk, Mk)
+    bool ``text[:, None] | text[None, :]`` (one op fewer per call) -> (..., Mk, Mk) bool."""
     a = incidence if incidence.dtype == torch.float32 else incidence.to(torch.float32)
     # Small integer counts: exact in fp32.
     reach = torch.matmul(torch.matmul(a, selection.to(torch.float32)), a.transpose(0, 1))
+    if text.dim() == 2:  # precomputed (Mk, Mk) "row or column holds text"
+        return (reach > 0.5) | text
     return (reach > 0.5) | text[:, None] | text[None, :]
 
 
@@ -197,6 +299,6 @@ def unpermute_tokens(x: torch.Tensor, partition: Partition, dim: int = 2) -> tor
     return x.index_select(dim, partition.inv.to(x.device))
 
 
-__all__ = ["KINDS", "Partition", "build_partition", "cached_partition", "check_block_shape",
-           "default_block_shape", "full_block_shape", "kernel_block_mask", "kernel_incidence",
+__all__ = ["KINDS", "Partition", "aligned_first", "alignment_for", "block_sizes", "build_partition",
+           "cached_partition", "check_block_shape", "default_block_shape", "kernel_footprint", "layout_footprints", "full_block_shape", "kernel_block_mask", "kernel_incidence",
            "kind_for_layer", "permute_tokens", "unpermute_tokens"]

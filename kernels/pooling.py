@@ -216,8 +216,8 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
         raise ValueError(f"permute_pool: the Triton kernel cannot run on {q.device} {q.dtype}; use permute_pool_ref")
     q, k = _unit_stride(q), _unit_stride(k)
     B, H, N, D = q.shape
-    pool_q = torch.zeros(B, H, segments.num_parts, D, dtype=torch.float32, device=q.device)
-    pool_k = torch.zeros_like(pool_q)
+    # one zero fill for both pools
+    pool_q, pool_k = torch.zeros(2, B, H, segments.num_parts, D, dtype=torch.float32, device=q.device).unbind(0)
     qp = _permuted_like(q) if write_permuted else q
     kp = _permuted_like(k) if write_permuted else k
     n_seg = segments.part.numel()

@@ -22,6 +22,7 @@ most ``max(1, floor(max_density * Mk))`` blocks per row, filled / trimmed by sco
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -36,7 +37,8 @@ def normalize_scores(scores: torch.Tensor, method: str, dims: tuple, scale: floa
         lo = s.amin(dim=dims, keepdim=True)
         hi = s.amax(dim=dims, keepdim=True)
         span = hi - lo
-        return torch.where(span > 0, (s - lo) / span.clamp_min(1e-30), torch.ones_like(s))
+        # masked_fill with a broadcast mask: same values as where(span > 0, ..., 1), fewer launches
+        return ((s - lo) / span.clamp_min(1e-30)).masked_fill_(span.gt(0).logical_not_(), 1.0)
     if method == "softmax":
         flat = (s * scale).flatten(dims[0]) if len(dims) > 1 else s * scale
         return torch.softmax(flat, dim=-1).view_as(s)
@@ -49,7 +51,8 @@ def threshold_prefix(weights: torch.Tensor, tau: float) -> torch.Tensor:
     ordered, order = weights.sort(dim=-1, descending=True)
     before = ordered.cumsum(-1) - ordered
     keep_sorted = before < tau * ordered.sum(-1, keepdim=True)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    # ``order`` is a permutation of each row: every entry is written, no zero fill needed
+    return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def rank_in_row(scores: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
@@ -58,13 +61,24 @@ def rank_in_row(scores: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
     if own is not None:
         s = s.masked_fill(own, float("inf"))
     order = s.argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.arange(s.shape[-1], device=s.device).expand_as(order)
-    return torch.empty_like(order).scatter(-1, order, ranks)
+    ranks = _arange(s.shape[-1], s.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+@lru_cache(maxsize=64)
+def _arange(n: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device)
+
+
+@lru_cache(maxsize=64)
+def _own_blocks(mq: int, mk: int, device) -> torch.Tensor:
+    return torch.eye(mq, mk, dtype=torch.bool, device=device)
 
 
 def own_blocks(mq: int, mk: int, device) -> torch.Tensor:
-    """(Mq, Mk) bool diagonal: the own block of query block i is key block i."""
-    return torch.eye(mq, mk, dtype=torch.bool, device=device)
+    """(Mq, Mk) bool diagonal: the own block of query block i is key block i (cached per shape and
+    device: read-only)."""
+    return _own_blocks(mq, mk, torch.device(device))
 
 
 def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.25,
@@ -84,7 +98,10 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
         raise ValueError(f"need 0 <= min_density <= max_density <= 1, got {min_density}, {max_density}")
     mq, mk = scores.shape[-2:]
     own = own_blocks(mq, mk, scores.device) if keep_own else None
-    rank = rank_in_row(scores, own)
+    floor = math.ceil(min_density * mk - 1e-9)
+    ceiling = max(1, math.floor(max_density * mk + 1e-9))
+    # ranks cost a sort: only top-k and the density guard need them
+    rank = rank_in_row(scores, own) if (mode == "topk" or floor > 0 or ceiling < mk) else None
     if mode == "topk":
         if topk is None:
             if density is None:
@@ -102,8 +119,6 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
             keep = threshold_prefix(weights, tau)
     if own is not None:
         keep = keep | own
-    floor = math.ceil(min_density * mk - 1e-9)
-    ceiling = max(1, math.floor(max_density * mk + 1e-9))
     if floor > 0:
         keep = keep | (rank < floor)
     if ceiling < mk:

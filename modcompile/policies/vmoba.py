@@ -53,8 +53,9 @@ def parse_partition_blocks(value) -> dict:
 
 
 @lru_cache(maxsize=128)
-def default_shape(grid: tuple, kind: str, block_size: int) -> tuple:
-    return part_lib.default_block_shape(grid, kind, block_size)
+def default_shape(grid: tuple, kind: str, block_size: int, text_tokens: int = 0,
+                  text_position: str = "last") -> tuple:
+    return part_lib.default_block_shape(grid, kind, block_size, text_tokens, text_position)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,11 @@ class Layout:
     inv: torch.Tensor           # (N,) int32 on device
     incidence: torch.Tensor     # (Mk, P) float32 0/1 on device
     text_blocks: torch.Tensor   # (Mk,) bool on device
+    text_pairs: torch.Tensor    # (Mk, Mk) bool on device: the row or the column holds text
     identity: bool
+    pool_ids: torch.Tensor      # (video tokens,) int64 on device: partition block of each permuted video position
+    block_sizes: torch.Tensor   # (P,) float32 on device: tokens per partition block
+    video: tuple                # (first, end) permuted positions of the video tokens
 
     def describe(self) -> str:
         p = self.partition
@@ -77,12 +82,16 @@ class Layout:
 @lru_cache(maxsize=64)
 def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str,
                block_size: int, device: torch.device) -> Layout:
-    partition = part_lib.cached_partition(grid, kind, shape, text_tokens, text_position)
+    align = part_lib.alignment_for(grid, kind, shape, block_size, text_tokens, text_position)
+    partition = part_lib.cached_partition(grid, kind, shape, text_tokens, text_position, align)
     incidence, text = part_lib.kernel_incidence(partition, block_size)
     segments = pooling.make_segments(partition.perm, partition.starts, _SEG_ROWS, device)
+    text = text.to(device)
     return Layout(partition, segments, partition.perm.to(device, torch.int32),
-                  partition.inv.to(device, torch.int32), incidence.to(device, torch.float32), text.to(device),
-                  partition.identity)
+                  partition.inv.to(device, torch.int32), incidence.to(device, torch.float32), text,
+                  text[:, None] | text[None, :], partition.identity,
+                  partition.block_of_position()[slice(*partition.video_range)].to(device),
+                  (partition.starts[1:] - partition.starts[:-1]).to(device, torch.float32), partition.video_range)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -118,8 +127,9 @@ class VmobaPolicy(Policy):
         return int(WARMUP_FRACTION * num_steps)
 
     # ------------------------------------------------------------------ geometry
-    def block_shape(self, grid: tuple, kind: str) -> tuple:
-        return self.blocks.get(kind) or default_shape(tuple(grid), kind, self.config.block_size)
+    def block_shape(self, grid: tuple, kind: str, text_tokens: int = 0) -> tuple:
+        return self.blocks.get(kind) or default_shape(tuple(grid), kind, self.config.block_size, text_tokens,
+                                                      self.config.text_position)
 
     def layout(self, ctx: SiteContext, n: int, device: torch.device) -> Layout | None:
         """The layout of this site, or None (and a note on the site) when the grid does not fit."""
@@ -132,7 +142,7 @@ class VmobaPolicy(Policy):
             ctx.state.note = f"vmoba: dense, sequence {n} does not fit grid {tuple(grid)}"
             return None
         kind = part_lib.kind_for_layer(ctx.info.layer)
-        return layout_for(tuple(grid), kind, self.block_shape(grid, kind), n - video,
+        return layout_for(tuple(grid), kind, self.block_shape(grid, kind, n - video), n - video,
                           self.config.text_position, self.config.block_size, device)
 
     # ------------------------------------------------------------------ plan
@@ -155,8 +165,17 @@ class VmobaPolicy(Policy):
     def permute_pool(self, q, k, layout: Layout):
         if _use_triton(q):
             return pooling.permute_pool(q, k, layout.segments, write_permuted=not layout.identity)
-        qp, kp, q_pool, k_pool = pooling.permute_pool_ref(q, k, layout.partition.perm, layout.partition.starts)
-        return (None, None, q_pool, k_pool) if layout.identity else (qp, kp, q_pool, k_pool)
+        # torch path (CPU): pooling.permute_pool_ref's arithmetic with the layout's cached index tensors
+        lo, hi = layout.video
+        qp, kp = q.index_select(2, layout.perm), k.index_select(2, layout.perm)
+
+        def pool(x):
+            B, H, _, D = x.shape
+            total = torch.zeros(B, H, layout.block_sizes.numel(), D, dtype=torch.float32, device=x.device)
+            total.index_add_(2, layout.pool_ids, x[:, :, lo:hi].float())
+            return total / layout.block_sizes[:, None]
+
+        return (None, None, pool(q), pool(k)) if layout.identity else (qp, kp, pool(qp), pool(kp))
 
     def select(self, scores: torch.Tensor, scale: float) -> torch.Tensor:
         c = self.config
@@ -171,7 +190,7 @@ class VmobaPolicy(Policy):
     def block_lists(self, q_pool, k_pool, layout: Layout, scale: float):
         """Kernel block lists (permuted order) from the pooled blocks; width exactly Mk."""
         chosen = self.select_partition(q_pool, k_pool, scale)
-        mask = part_lib.kernel_block_mask(chosen, layout.incidence, layout.text_blocks)
+        mask = part_lib.kernel_block_mask(chosen, layout.incidence, layout.text_pairs)
         return lists_from_mask(mask)
 
     # ------------------------------------------------------------------ attention
@@ -216,13 +235,22 @@ class VmobaPolicy(Policy):
 
 def lists_from_mask(mask: torch.Tensor):
     """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
-    a host sync: selected blocks first in increasing order, the rest of each row 0."""
+    a host sync: selected blocks first in increasing order, the rest of each row 0.
+
+    One sort of ``id`` (selected) / ``Mk + id`` (not selected), then ``% Mk``: 4 ops. The constants
+    are cached device tensors (a Python scalar in ``torch.where`` would be copied host -> device on
+    every call)."""
     mk = mask.shape[-1]
-    ids = torch.arange(mk, device=mask.device, dtype=torch.int32)
+    ids, shifted = _list_keys(mk, mask.device)
     counts = mask.sum(-1, dtype=torch.int32)
-    ordered = torch.where(mask, ids, mk).sort(dim=-1).values
-    indices = torch.where(ordered < mk, ordered, 0).to(torch.int32)
-    return counts, indices.contiguous()
+    ordered = torch.where(mask, ids, shifted).sort(dim=-1).values
+    return counts, ordered.remainder_(mk)
+
+
+@lru_cache(maxsize=64)
+def _list_keys(mk: int, device: torch.device):
+    ids = torch.arange(mk, device=device, dtype=torch.int32)
+    return ids, ids + mk
 
 
 __all__ = ["VmobaPolicy", "Layout", "layout_for", "lists_from_mask", "parse_partition_blocks"]
