@@ -173,10 +173,12 @@ def _(timestep):
 
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
-def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str) -> tuple[Tensor, Tensor]:
-    """Ask the site's policy for this call's block lists. The returned lists are read-only."""
+def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, grid_h: int,
+         grid_w: int) -> tuple[Tensor, Tensor]:
+    """Ask the site's policy for this call's block lists. The returned lists are read-only.
+    ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
     state = REGISTRY.enter_site(site)
-    info = state.info
+    info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
                       num_steps=REGISTRY.num_steps(config), config=config)
@@ -190,7 +192,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str) -> tuple[Tens
 
 
 @plan.register_fake
-def _(q, k, token, site):
+def _(q, k, token, site, grid_t, grid_h, grid_w):
     block = REGISTRY.sites[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)

@@ -32,6 +32,8 @@ def collect() -> list[SiteRow]:
     for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.key.split("/")[0], i.layer)):
         states = [s for (key, _), s in REGISTRY.states.items() if key == info.key]
         densities = [_value(s.density) for s in states if s.density is not None]
+        # the geometry of the last call, when the site ran (compile-time values otherwise)
+        info = next((s.context.info for s in states if s.context is not None), info)
         rows.append(SiteRow(
             site=info.key, status=info.status, reason=info.reason, policy=info.config.policy,
             seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,

@@ -8,6 +8,7 @@ each pass keeps its own masks and predictor).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class SiteState:
     last_step: int = -1
     density: Any = None             # block density of the last call (0-dim tensor or float)
     context: Any = None             # the policy's SiteContext of the last plan (read by observe)
+    geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
     note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
 
 
@@ -94,6 +96,7 @@ class Registry:
         self.states: dict[tuple[str, int], SiteState] = {}
         self.tracker = StepTracker()
         self._visits: dict[str, tuple[int, int]] = {}  # site -> (step, calls in that step)
+        self._last_grid: dict[str, tuple] = {}  # scope -> grid of the last call that knew it
         self.lock = threading.Lock()
 
     # --- sites ---
@@ -146,6 +149,29 @@ class Registry:
         state.last_step = step
         return state
 
+    def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
+        """The site's info for this call's geometry. A site's graphs can differ in shape (one
+        compiled graph per resolution, or one dynamic graph): the plan node passes the grid of its
+        own input, and -1s where its graph cannot see the patch embedding (after a graph break),
+        which then takes the grid of the scope's last call. Policy state from another geometry is
+        dropped."""
+        info, scope = state.info, scope_of(state.info.key)
+        grid = tuple(int(g) for g in grid)
+        if min(grid) > 0:
+            self._last_grid[scope] = grid
+        else:
+            grid = self._last_grid.get(scope)
+        text = None if grid is None else seq_len - grid[0] * grid[1] * grid[2]
+        if text is None or not 0 <= text < seq_len:
+            grid, text = None, 0
+        if (info.seq_len, info.grid, info.text_tokens) != (seq_len, grid, text):
+            info = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text)
+        if state.geometry != (seq_len, grid):
+            if state.geometry is not None:
+                state.policy_state, state.kv_counts, state.kv_indices = None, None, None
+            state.geometry = (seq_len, grid)
+        return info
+
     def current(self, key: str) -> SiteState:
         """The state that the last plan node of this site selected (for attention/observe nodes)."""
         step, calls = self._visits[key]
@@ -161,6 +187,7 @@ class Registry:
         self.tracker = StepTracker()
         if forget_sites:
             self.sites.clear()
+            self._last_grid.clear()
 
 
 def scope_of(key: str) -> str:

@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..runtime import REGISTRY, SiteInfo
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites
 from .step_metadata import find_timestep_input
-from .video_grid import infer_video_grid, text_tokens_for
+from .video_grid import infer_video_grid, patch_embedding, text_tokens_for
 
 log = logging.getLogger("modcompile")
 
@@ -37,6 +37,7 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
     graph = gm.graph
     sites = find_attention_sites(gm)
     grid = config.video_grid or infer_video_grid(gm)
+    grid_args = _grid_args(graph, config, patch_embedding(gm) if sites else None)
     timestep = find_timestep_input(gm) if sites else None
     token = None
     if timestep is not None:
@@ -56,7 +57,7 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
             continue
-        _replace_with_sparse(graph, site, info.key, token)
+        _replace_with_sparse(graph, site, info.key, token, grid_args)
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
                  site.seq_len, site.heads, site.head_dim)
     graph.lint()
@@ -64,12 +65,25 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
     return infos
 
 
-def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token) -> None:
+def _grid_args(graph: fx.Graph, config, embedding: fx.Node | None) -> tuple:
+    """The video grid as plan-node arguments: the config's constants, else the patch embedding's
+    output sizes read in the graph (symbolic under dynamic shapes, so every call sees the grid of
+    its own input), else -1s (unknown in this graph: the runtime uses the last grid it saw)."""
+    if config.video_grid is not None:
+        return tuple(config.video_grid)
+    if embedding is None:
+        return (-1, -1, -1)
+    with graph.inserting_after(embedding):
+        sizes = tuple(graph.call_function(torch.ops.aten.sym_size.int, (embedding, dim)) for dim in (4, 3, 2))
+    return sizes[::-1]
+
+
+def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, grid_args) -> None:
     a, node = site.args, site.node
     q, k, v = a["query"], a["key"], a["value"]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
     with graph.inserting_before(node):
-        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, key))
+        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, key, *grid_args))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,

@@ -17,14 +17,20 @@ def _conv3d_outputs(gm: fx.GraphModule):
             yield node
 
 
-def infer_video_grid(gm: fx.GraphModule) -> tuple[int, int, int] | None:
-    """(T, H, W) of the first 3D convolution's output: the patch embedding whose output, flattened,
+def patch_embedding(gm: fx.GraphModule) -> fx.Node | None:
+    """The first 3D convolution with a 5-D output: the patch embedding whose output, flattened,
     becomes the token sequence (Wan, HunyuanVideo and our harness DiT all embed this way)."""
     for node in _conv3d_outputs(gm):
         val = example_value(node)
         if isinstance(val, torch.Tensor) and val.dim() == 5:
-            return tuple(hint(s) for s in val.shape[2:])
+            return node
     return None
+
+
+def infer_video_grid(gm: fx.GraphModule) -> tuple[int, int, int] | None:
+    """(T, H, W) of the patch embedding's output at compile time (hints of symbolic sizes)."""
+    node = patch_embedding(gm)
+    return None if node is None else tuple(hint(s) for s in example_value(node).shape[2:])
 
 
 def text_tokens_for(seq_len: int, grid: tuple[int, int, int] | None) -> int | None:

@@ -346,8 +346,9 @@ def test_opcheck_graph_ops():
     q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
     token = torch.ops.modcompile.step(torch.tensor([3.0]))
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.modcompile.plan.default, (q, k, token, "t/attn#0"), test_utils=utils)
-    counts, indices = torch.ops.modcompile.plan(q, k, token, "t/attn#0")
+    torch.library.opcheck(torch.ops.modcompile.plan.default, (q, k, token, "t/attn#0", -1, -1, -1),
+                          test_utils=utils)
+    counts, indices = torch.ops.modcompile.plan(q, k, token, "t/attn#0", -1, -1, -1)
     torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
                           (q, k, v, counts, indices, "t/attn#0", 0.25), test_utils=utils)
     out, lse = torch.ops.modcompile.sparse_attention(q, k, v, counts, indices, "t/attn#0", 0.25)
@@ -374,3 +375,29 @@ def test_reduce_overhead_mode_on_gpu_keeps_updating_state(compiles):
     assert len(compiles) == 1
     assert REGISTRY.tracker.step == 4
     assert all(r.steps == 5 and r.status == "sparse" for r in rows())
+
+
+def test_video_grid_follows_each_call_across_shapes(compiles):
+    """One compiled graph per resolution, then a dynamic one: every call sees its own grid."""
+    torch.manual_seed(4)
+    eager = TinyVideoDiT(layers=2).eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    for shape in [(2, 16, 16), (2, 16, 32), (4, 16, 16), (2, 16, 32), (3, 16, 24)]:
+        x = torch.randn(1, 4, *shape)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, torch.tensor([9.0])), eager(x, torch.tensor([9.0])),
+                                       rtol=1e-5, atol=1e-5)
+        grid = (shape[0], shape[1] // 2, shape[2] // 2)
+        assert all(r.grid == grid and r.seq_len == grid[0] * grid[1] * grid[2] for r in rows())
+        modcompile.reset()
+    assert len(compiles) == 3  # the last shape ran in the dynamic graph, without a recompile
+
+
+def test_graph_after_a_break_takes_the_grid_of_the_call(compiles):
+    torch.manual_seed(5)
+    eager = TinyVideoDiT(layers=2, graph_break=True).eval()
+    model = torch.compile(eager, backend="modsparse", options=OPTS)
+    with torch.no_grad():
+        model(video(frames=2), torch.tensor([9.0]))
+    second = [r for r in rows() if r.site.endswith("blocks.1#0")][0]
+    assert second.grid == (2, 8, 8)  # this graph holds no patch embedding
