@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_mod.py --out DIR            # GPU, (1,12,32760,128) bf16
     PYTHONPATH=. python benchmarks/bench_mod.py --out DIR --quick    # small, runs on CPU too
+    PYTHONPATH=. python benchmarks/bench_mod.py --out DIR --observe-row-stride 1   # exact observation
 
 The policy is driven directly, one attention site, the way the custom ops call it (plan ->
 attention -> observe), on structured synthetic q/k/v (benchmarks/synthetic.py) that drift over the
@@ -142,7 +143,7 @@ def run_variant(name, config, inputs, args, device, timer, dense_ms, with_qualit
     total_attn = sum(r["attn_ms"] + r["plan_ms"] + r["observe_ms"] for r in rows)
     sparse_rows = [r for r in rows if r["kind"] == "sparse"]
     summary = {
-        "variant": name, "warmup": warmup,
+        "variant": name, "observe_row_stride": config.observe_row_stride, "warmup": warmup,
         "dense_steps": sum(r["kind"] == "dense" for r in rows),
         "observed_steps": sum(r["observe"] for r in rows),
         "observe_ms_total": observe_ms,
@@ -176,6 +177,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--refresh-interval", type=int, default=10)
     p.add_argument("--coverage", type=float, default=0.9)
+    p.add_argument("--observe-row-stride", type=int, default=SparsityConfig().observe_row_stride,
+                   help="estimate the sparsity map from every n-th query row (1 = exact)")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -187,7 +190,7 @@ def main(argv=None):
         dtype = torch.float32
     timer = Timer(device)
     log(f"bench_mod: grid {args.grid}, heads {args.heads}, D {args.head_dim}, {dtype}, block {args.block}, "
-        f"{args.steps} steps on {device}")
+        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride}")
     inputs = make_inputs(args, device, dtype)
 
     q, k, v = inputs(0)
@@ -197,7 +200,7 @@ def main(argv=None):
     log(f"dense SDPA: {dense_ms:.3f} ms per call")
 
     base = dict(block_size=args.block, refresh_interval=args.refresh_interval, coverage=args.coverage,
-                num_steps=args.steps)
+                num_steps=args.steps, observe_row_stride=args.observe_row_stride)
     variants = {"paper": SparsityConfig(**base, cheap_refresh=False),
                 "cheap": SparsityConfig(**base, cheap_refresh=True)}
     summaries, all_rows = [], []
@@ -213,11 +216,14 @@ def main(argv=None):
             f"density {timing['mean_sparse_density']:.3f}, err {timing.get('mean_sparse_rel_l2')}, "
             f"oracle {timing.get('mean_oracle_rel_l2')}")
 
-    columns = ["variant", "warmup", "dense_steps", "observed_steps", "observe_ms_total", "observed_attention_extra_ms",
+    columns = ["variant", "observe_row_stride", "warmup", "dense_steps", "observed_steps", "observe_ms_total",
+               "observed_attention_extra_ms",
                "overhead_fraction", "schedule_vs_dense_time", "mean_sparse_density", "sparse_step_attn_ms",
                "mean_sparse_rel_l2", "mean_oracle_rel_l2", "mod_over_oracle_error"]
     settings = {**vars(args), "dtype": str(dtype), "device": device, "dense_sdpa_ms": dense_ms}
     notes = [f"dense SDPA {dense_ms:.3f} ms per call; goal: overhead_fraction < 0.03",
+             f"observe_row_stride {args.observe_row_stride}: the policy's sparsity map is estimated from every "
+             f"{args.observe_row_stride}-th query row of each block (1 = exact)",
              "overhead = observe calls + extra time of observed attention calls, over steps x dense SDPA",
              "errors: relative L2 of the attention output vs dense SDPA, mean over sparse steps; oracle = same "
              "per-head block count, densest blocks of the step's true sparsity map"]

@@ -12,6 +12,14 @@ are computed; every other entry of ``out`` is left as it was (the caller pre-fil
 with NaN, so that "not observed" is visible). That is the cheap refresh of the MOD policy: observe
 only the blocks the sparse kernel computed. With a sparse call's lse the probabilities are relative
 to the kept blocks' mass (slightly larger than the dense ones).
+
+Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows at local offsets
+``phase, phase + s, ...`` of each query block (``phase = (row_phase % s) % min(s, valid rows)``; see
+:func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
+The kernel loads and multiplies only the sampled rows (grouping several query blocks per program
+in full mode), so its work drops by about s for power-of-two strides up to ``block_size / 16``.
+``row_stride=1`` is the exact map. A caller that observes repeatedly can rotate ``row_phase``
+so that successive observations see different rows.
 """
 from __future__ import annotations
 
@@ -33,11 +41,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row_phase"])
 def _block_sparsity_kernel(
     Q, K, Lse, Out, Counts, Indices,
-    scale, log_threshold,
-    N_Q, N_K, H, MK,
+    scale, log_threshold, row_phase,
+    N_Q, N_K, H, MQ, MK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_lb, stride_lh,
@@ -48,34 +56,56 @@ def _block_sparsity_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ROW_STRIDE: tl.constexpr,
+    SAMPLE_ROWS: tl.constexpr,
+    GROUP: tl.constexpr,
     RESTRICTED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program per (query block, batch * head): the whole query block is one tile of rows.
-    q_block = tl.program_id(0)
+    # One program per GROUP consecutive query blocks and one (batch, head). Each block contributes
+    # SAMPLE_ROWS row slots (its sampled rows: phase, phase + stride, ...; slots past the block or
+    # past N are masked), so one tile of GROUP * SAMPLE_ROWS rows meets every key tile: sampling
+    # cuts both the products and the key loads by about the stride. GROUP is 1 when restricted
+    # (every query block has its own key list) and with stride 1 (the exact map).
+    pid_group = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     CHUNKS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    TILE_M: tl.constexpr = GROUP * SAMPLE_ROWS
 
-    offs_m = q_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    slot = tl.arange(0, TILE_M)
+    slot_group = slot // SAMPLE_ROWS                       # which query block of the group
+    slot_index = slot % SAMPLE_ROWS                        # which sample of that block
+    q_block = pid_group * GROUP + slot_group
+    rows_in_block = tl.minimum(N_Q - q_block * BLOCK_SIZE, BLOCK_SIZE)   # <= 0 past the end
+    # A short ragged block (fewer valid rows than the stride) reduces the phase so that it
+    # always keeps one sampled row; the torch reference does the same.
+    phase = row_phase % tl.maximum(tl.minimum(rows_in_block, ROW_STRIDE), 1)
+    local = phase + slot_index * ROW_STRIDE
+    row_ok = local < rows_in_block
+    offs_m = q_block * BLOCK_SIZE + local
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < N_Q
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))
-    # Rows past the end get bound -inf: no score is below it, so they never count as sparse.
+    # Unsampled / invalid slots get bound -inf: no score is below it, so they never count.
     bound = tl.where(row_ok, lse + log_threshold, float("-inf"))
-    rows_valid = tl.minimum(N_Q - q_block * BLOCK_SIZE, BLOCK_SIZE)
+    # Per query block of the group: its slots (one-hot) and its number of sampled valid rows.
+    groups = tl.arange(0, GROUP)
+    member = slot_group[:, None] == groups[None, :]
+    rows_sampled = tl.sum((member & row_ok[:, None]).to(tl.int32), 0)
+    out_blocks = pid_group * GROUP + groups
+    block_ok = out_blocks < MQ
 
     k_base = K + b * stride_kb + h * stride_kh
-    out_base = Out + b * stride_ob + h * stride_oh + q_block * stride_om
+    out_base = Out + b * stride_ob + h * stride_oh + out_blocks.to(tl.int64) * stride_om
     if RESTRICTED:
-        n_entries = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
-        idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
+        n_entries = tl.load(Counts + b * stride_cb + h * stride_ch + pid_group * stride_cm)
+        idx_base = Indices + b * stride_ib + h * stride_ih + pid_group * stride_im
     else:
         n_entries = MK
 
@@ -84,7 +114,7 @@ def _block_sparsity_kernel(
             key_block = tl.load(idx_base + e * stride_ij)
         else:
             key_block = e
-        below = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+        below = tl.zeros([TILE_M], dtype=tl.int32)
         for c in tl.static_range(CHUNKS):
             cols = key_block * BLOCK_SIZE + c * BLOCK_N + offs_n
             col_ok = cols < N_K
@@ -94,8 +124,32 @@ def _block_sparsity_kernel(
             hit = (s < bound[:, None]) & col_ok[None, :]
             below += tl.sum(hit.to(tl.int32), 1)
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
-        frac = tl.sum(below, 0).to(tl.float32) / (rows_valid * cols_valid).to(tl.float32)
-        tl.store(out_base + key_block * stride_ok, frac)
+        below_per_block = tl.sum(tl.where(member, below[:, None], 0), 0)
+        frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
+        tl.store(out_base + key_block * stride_ok, frac, mask=block_ok)
+
+
+def sample_layout(block_size: int, row_stride: int, restricted: bool) -> tuple[int, int]:
+    """(SAMPLE_ROWS, GROUP): row slots per query block (a power of two >= the block's sampled rows,
+    at least 16 for tl.dot) and query blocks per program (a tile of about block_size rows)."""
+    needed = -(-block_size // row_stride)
+    sample_rows = max(16, triton.next_power_of_2(needed))
+    group = 1 if restricted else max(1, block_size // sample_rows)
+    return sample_rows, group
+
+
+def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 0,
+                 device=None) -> torch.Tensor:
+    """Indices of the query rows the map is estimated from: in each query block the rows at local
+    offsets ``phase, phase + stride, ...`` with ``phase = (row_phase % stride) % min(stride, valid
+    rows of the block)``, so that a short ragged last block keeps one row. Stride 1: every row."""
+    row_phase = row_phase % row_stride
+    rows = torch.arange(n, device=device)
+    local = rows % block_size
+    valid = torch.clamp(n - (rows - local), max=block_size)     # valid rows of each row's block
+    phase = row_phase % torch.clamp(valid, max=row_stride)
+    keep = (local >= phase) & ((local - phase) % row_stride == 0)
+    return rows[keep]
 
 
 @dataclass(frozen=True)
@@ -114,7 +168,12 @@ def _config(block_size: int, head_dim: int) -> SparsityKernelConfig:
     return SparsityKernelConfig(min(64, block_size), 4, 3)
 
 
-def _check(q, k, lse, block_size, kv_counts, kv_indices, out):
+def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase):
+    for name, value, low in (("row_stride", row_stride, 1), ("row_phase", row_phase, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"block_sparsity: {name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"block_sparsity: {name} must be >= {low}, got {value}")
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"block_sparsity: {name} must be a (B, H, N, D) tensor")
@@ -145,12 +204,14 @@ def _check(q, k, lse, block_size, kv_counts, kv_indices, out):
 def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
                    threshold: float = 1e-4, scale: float | None = None,
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None, fill: float = float("nan")) -> torch.Tensor:
+                   out: torch.Tensor | None = None, fill: float = float("nan"),
+                   row_stride: int = 1, row_phase: int = 0) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
-    its other entries, else it is allocated filled with ``fill``."""
-    _check(q, k, lse, block_size, kv_counts, kv_indices, out)
+    its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
+    each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
     if not (q.is_cuda or _interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "use block_sparsity_ref on CPU")
@@ -173,10 +234,11 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
     cfg = _config(block_size, D)
     block_d = max(16, triton.next_power_of_2(D))
-    _block_sparsity_kernel[(mq, B * H)](
+    sample_rows, group = sample_layout(block_size, row_stride, restricted)
+    _block_sparsity_kernel[(triton.cdiv(mq, group), B * H)](
         q, k, lse, out, kv_counts, kv_indices,
-        scale, math.log(threshold),
-        N, n_k, H, mk,
+        scale, math.log(threshold), row_phase % row_stride,
+        N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
@@ -184,7 +246,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
-        RESTRICTED=restricted,
+        ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, RESTRICTED=restricted,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -195,28 +257,32 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
                        threshold: float = 1e-4, scale: float | None = None,
                        kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, fill: float = float("nan"),
+                       row_stride: int = 1, row_phase: int = 0,
                        margin: float = 0.0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Torch reference of :func:`block_sparsity` (any device). ``margin`` shifts the bound
+    """Torch reference of :func:`block_sparsity` (any device), the same estimator: only the rows
+    of :func:`sampled_rows` count. ``margin`` shifts the bound
     (``s * scale < lse + ln(threshold) + margin``): tests use +-margin to bracket rounding."""
-    _check(q, k, lse, block_size, kv_counts, kv_indices, out)
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    bound = (lse.to(compute_dtype) + math.log(threshold) + margin).unsqueeze(-1)
-    rows = torch.arange(mq * block_size, device=q.device)
+    rows = sampled_rows(N, block_size, row_stride, row_phase, device=q.device)
+    row_blocks = rows // block_size
+    bound = (lse[:, :, rows].to(compute_dtype) + math.log(threshold) + margin).unsqueeze(-1)
     cols = torch.arange(mk * block_size, device=q.device)
-    tile_rows = torch.bincount(rows[:N] // block_size, minlength=mq).to(compute_dtype)
+    tile_rows = torch.bincount(row_blocks, minlength=mq).to(compute_dtype)
     tile_cols = torch.bincount(cols[:n_k] // block_size, minlength=mk).to(compute_dtype)
     sums = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
     kc = k.to(compute_dtype)
-    for r0 in range(0, N, 16 * block_size):  # chunks of query rows bound the memory
-        r1 = min(N, r0 + 16 * block_size)
-        s = torch.matmul(q[:, :, r0:r1].to(compute_dtype), kc.transpose(-1, -2)) * scale
+    step = 16 * block_size  # chunks of sampled rows bound the memory
+    for r0 in range(0, rows.numel(), step):
+        r1 = min(rows.numel(), r0 + step)
+        s = torch.matmul(q[:, :, rows[r0:r1]].to(compute_dtype), kc.transpose(-1, -2)) * scale
         below = (s < bound[:, :, r0:r1]).to(compute_dtype)
         below = torch.nn.functional.pad(below, (0, mk * block_size - n_k))
         per_col_block = below.view(B, H, r1 - r0, mk, block_size).sum(-1)
-        sums.index_add_(2, rows[r0:r1] // block_size, per_col_block)
+        sums.index_add_(2, row_blocks[r0:r1], per_col_block)
     frac = (sums / (tile_rows[:, None] * tile_cols[None, :])).float()
     if kv_counts is None:
         if out is not None:
@@ -230,4 +296,4 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     return out
 
 
-__all__ = ["block_sparsity", "block_sparsity_ref", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["block_sparsity", "block_sparsity_ref", "sampled_rows", "sample_layout", "SUPPORTED_BLOCK_SIZES"]

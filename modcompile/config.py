@@ -41,6 +41,8 @@ class SparsityConfig:
     cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
     dense_refresh_every: int = 3         # with cheap_refresh, every n-th refresh is dense
     min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
+    observe_row_stride: int = 8          # estimate the sparsity map from every n-th query row (1 = exact);
+                                         # cuts the observation kernel's work by about n
 
     def __post_init__(self):
         _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
@@ -67,6 +69,9 @@ class SparsityConfig:
                f"normalization must be minmax or softmax, got {self.normalization!r}")
         _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
         _check(self.dense_refresh_every >= 1, "dense_refresh_every must be >= 1")
+        _check(isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)
+               and self.observe_row_stride >= 1,
+               f"observe_row_stride must be an int >= 1, got {self.observe_row_stride!r}")
         _check(self.num_steps is None or self.num_steps >= 1, "num_steps must be >= 1")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
         _check(self.threshold > 0, "threshold must be > 0")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref
+from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref, sampled_rows
 from modcompile.kernels.reference import block_mask_from_lists, num_blocks
 
 # Half of the entries' scores move by at most this much between fp16/fp32 kernels and float64.
@@ -21,12 +21,12 @@ def _inputs(B, H, N, D, dtype, seed, sharp=3.0):
     return q, k, lse
 
 
-def _bracket(q, k, lse, bs, thr, **lists):
+def _bracket(q, k, lse, bs, thr, **kwargs):
     """Reference maps with the bound shifted by -+MARGIN (float64): the kernel must lie between."""
     lo = block_sparsity_ref(q, k, lse, block_size=bs, threshold=thr, margin=-MARGIN,
-                            compute_dtype=torch.float64, **lists)
+                            compute_dtype=torch.float64, **kwargs)
     hi = block_sparsity_ref(q, k, lse, block_size=bs, threshold=thr, margin=+MARGIN,
-                            compute_dtype=torch.float64, **lists)
+                            compute_dtype=torch.float64, **kwargs)
     return lo, hi
 
 
@@ -109,6 +109,149 @@ def test_bad_inputs_raise_clear_errors():
         block_sparsity(q, k, lse.float(), block_size=16, kv_counts=torch.zeros(1, 2, 2, dtype=torch.int32))
 
 
+# ---------------------------------------------------------------- row sampling (observe_row_stride)
+
+def _exact_map_loops(q, k, lse, bs, thr, rows=None):
+    """The definition, by brute force in float64: per tile, sparse entries / valid entries over
+    the given query rows (all rows by default) and all valid keys."""
+    B, H, N, D = q.shape
+    n_k = k.shape[2]
+    rows = range(N) if rows is None else [int(r) for r in rows]
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) / math.sqrt(D)
+    below = s < (lse.double() + math.log(thr)).unsqueeze(-1)
+    mq, mk = num_blocks(N, bs), num_blocks(n_k, bs)
+    hits = torch.zeros(B, H, mq, mk, dtype=torch.float64)
+    seen = torch.zeros(mq, mk, dtype=torch.float64)
+    for r in rows:
+        for j in range(mk):
+            cols = slice(j * bs, min(n_k, (j + 1) * bs))
+            hits[:, :, r // bs, j] += below[:, :, r, cols].sum(-1)
+            seen[r // bs, j] += cols.stop - cols.start
+    return hits / seen
+
+
+def _sampled_rows_loops(n, bs, stride, phase):
+    """sampled_rows written as the plain rule, for cross-checking."""
+    out = []
+    for start in range(0, n, bs):
+        valid = min(bs, n - start)
+        p = (phase % stride) % min(stride, valid)
+        out += [start + r for r in range(p, valid, stride)]
+    return out
+
+
+@pytest.mark.parametrize("n,bs,stride,phase", [(40, 32, 4, 3), (40, 32, 8, 7), (37, 16, 4, 6), (64, 16, 3, 2),
+                                                (100, 32, 1, 5), (33, 32, 64, 40)])
+def test_sampled_rows_rule(n, bs, stride, phase):
+    got = sampled_rows(n, bs, stride, phase).tolist()
+    assert got == _sampled_rows_loops(n, bs, stride, phase)
+    # Every query block keeps at least one row, also a ragged one shorter than the stride.
+    assert set(r // bs for r in got) == set(range(num_blocks(n, bs)))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(20, 150), bs=st.sampled_from([16, 32]), d=st.sampled_from([16, 32]),
+       stride=st.sampled_from([1, 2, 4]), phase=st.integers(0, 7),
+       dtype=st.sampled_from([torch.float16, torch.float32]), thr=st.sampled_from([1e-4, 1e-2]),
+       restricted=st.booleans(), seed=st.integers(0, 10_000))
+def test_strided_map_matches_reference(n, bs, d, stride, phase, dtype, thr, restricted, seed):
+    B, H = 1, 2
+    q, k, lse = _inputs(B, H, n, d, dtype, seed)
+    m = num_blocks(n, bs)
+    lists = {}
+    if restricted:
+        counts, indices = _random_lists(B, H, m, m, seed)
+        lists = dict(kv_counts=counts, kv_indices=indices)
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=thr, row_stride=stride, row_phase=phase,
+                         **lists)
+    lo, hi = _bracket(q, k, lse, bs, thr, row_stride=stride, row_phase=phase, **lists)
+    written = ~lo.isnan()
+    assert torch.equal(~got.isnan(), written)
+    assert (got[written] >= lo[written] - 1e-6).all() and (got[written] <= hi[written] + 1e-6).all(), \
+        (got[written] - lo[written]).abs().max()
+
+
+@pytest.mark.parametrize("n,bs", [(150, 32), (70, 16)])
+def test_stride_one_is_the_exact_map(n, bs):
+    q, k, lse = _inputs(2, 2, n, 16, torch.float32, 5)   # lse: float64
+    ref = block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-3, compute_dtype=torch.float64)
+    one = block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-3, row_stride=1, row_phase=3,
+                             compute_dtype=torch.float64)
+    exact = _exact_map_loops(q, k, lse, bs, 1e-3).float()
+    assert torch.equal(ref, one) and torch.allclose(ref, exact, atol=1e-7, rtol=0)
+    # The kernel with stride 1 against the same definition (fp32: bracketed).
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, row_stride=1)
+    lo, hi = _bracket(q, k, lse, bs, 1e-3)
+    assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all()
+
+
+@pytest.mark.parametrize("n,bs,stride,phase", [(150, 32, 4, 1), (100, 16, 2, 0), (70, 32, 8, 5), (45, 16, 4, 3)])
+def test_strided_estimate_is_the_exact_fraction_of_the_sampled_rows(n, bs, stride, phase):
+    q, k, lse = _inputs(1, 2, n, 16, torch.float32, 11)
+    rows = _sampled_rows_loops(n, bs, stride, phase)
+    brute = _exact_map_loops(q, k, lse, bs, 1e-2, rows=rows).float()
+    ref = block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-2, row_stride=stride, row_phase=phase,
+                             compute_dtype=torch.float64)
+    assert torch.allclose(ref, brute, atol=1e-7, rtol=0)
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=stride, row_phase=phase)
+    lo, hi = _bracket(q, k, lse, bs, 1e-2, row_stride=stride, row_phase=phase)
+    assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all()
+    # Not the full map: with these rows the estimate differs from the exact one somewhere.
+    assert not torch.equal(ref, block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-2,
+                                                   compute_dtype=torch.float64))
+
+
+def _structured_qk(n, heads, d, seed):
+    """Smooth positional features + noise: attention concentrates near the diagonal and on a few
+    'sink' keys, so the map has structure that neighbouring rows share."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(n, dtype=torch.float64)
+    freqs = torch.linspace(0.02, 0.3, d // 2, dtype=torch.float64)
+    feat = torch.cat([torch.cos(pos[:, None] * freqs), torch.sin(pos[:, None] * freqs)], -1)
+    sharp = torch.linspace(1.0, 2.5, heads, dtype=torch.float64).view(1, heads, 1, 1)  # dense to sparse heads
+    q = feat * sharp + 0.3 * torch.randn(1, heads, n, d, generator=g, dtype=torch.float64)
+    k = feat * sharp + 0.3 * torch.randn(1, heads, n, d, generator=g, dtype=torch.float64)
+    k[:, :, ::37] += 2.0 * torch.randn(1, heads, 1, d, generator=g, dtype=torch.float64)
+    q, k = q.float(), k.float()
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) / math.sqrt(d)
+    return q, k, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_strided_map_is_close_to_the_exact_map_on_structured_inputs(stride):
+    n, bs, d = 512, 32, 32
+    q, k, lse = _structured_qk(n, 4, d, 0)
+    exact = block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-4, compute_dtype=torch.float64)
+    assert 0.2 < exact.mean() < 0.95                                     # neither empty nor full
+    diffs = []
+    for phase in range(stride):
+        est = block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase,
+                                 compute_dtype=torch.float64)
+        diffs.append((est - exact).abs().mean().item())
+        assert diffs[-1] < 0.03, (phase, diffs[-1])
+    # Rotating the phase over all offsets and averaging recovers the exact map (full blocks).
+    mean_est = sum(block_sparsity_ref(q, k, lse, block_size=bs, threshold=1e-4, row_stride=stride, row_phase=p,
+                                      compute_dtype=torch.float64) for p in range(stride)) / stride
+    assert torch.allclose(mean_est, exact, atol=1e-6)
+    # The kernel's estimate (fp32) agrees with the reference estimate on these inputs as well
+    # (two heads, the first half of the queries against all keys: the interpreter is slow).
+    q, lse = q[:, 1:3, : n // 2].contiguous(), lse[:, 1:3, : n // 2].contiguous()
+    k = k[:, 1:3].contiguous()
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride, row_phase=1)
+    lo, hi = _bracket(q, k, lse, bs, 1e-4, row_stride=stride, row_phase=1)
+    assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all()
+
+
+def test_bad_row_sampling_arguments_raise():
+    q, k, lse = _inputs(1, 1, 32, 16, torch.float32, 0)
+    with pytest.raises(ValueError, match="row_stride"):
+        block_sparsity(q, k, lse.float(), block_size=16, row_stride=0)
+    with pytest.raises(TypeError, match="row_stride"):
+        block_sparsity_ref(q, k, lse.float(), block_size=16, row_stride=2.0)
+    with pytest.raises(ValueError, match="row_phase"):
+        block_sparsity_ref(q, k, lse.float(), block_size=16, row_phase=-1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -126,3 +269,10 @@ def test_gpu_matches_reference(dtype, bs):
     counts, indices = _random_lists(B, H, m, m, 3)
     got = block_sparsity(q, k, lse.float(), block_size=bs, kv_counts=counts.cuda(), kv_indices=indices.cuda())
     assert torch.equal(~got.isnan(), block_mask_from_lists(counts, indices, m).cuda())
+    # Row sampling at the real block sizes (GROUP = 8 query blocks per program at 128 / stride 8).
+    for stride, phase in ((8, 3), (2, 1)):
+        got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase)
+        kw = dict(block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase, compute_dtype=torch.float64)
+        lo = block_sparsity_ref(q, k, lse, margin=-1e-2, **kw)
+        hi = block_sparsity_ref(q, k, lse, margin=1e-2, **kw)
+        assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all(), (stride, phase)

@@ -134,6 +134,32 @@ def test_text_tokens_always_attended():
     assert mask[..., 8:].all() and mask[..., 8:, :].all()
 
 
+def test_observe_row_stride_is_threaded_with_a_fixed_phase(monkeypatch):
+    from modcompile.policies import mod
+    calls = []
+    real = mod.observe_map
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["row_stride"], kwargs["row_phase"], kwargs.get("kv_counts") is not None))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mod, "observe_map", spy)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, dense_refresh_every=3, observe_row_stride=4,
+                         min_observed_coverage=0.0)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n)
+    for s in range(20):
+        drv.step(s, q, k, v)
+    # Warm-up pair (dense), cheap refreshes at 9 and 13, dense refresh at 17; the same rows each time.
+    assert calls == [(4, 0, False), (4, 0, False), (4, 0, True), (4, 0, True), (4, 0, False)]
+
+
+def test_observe_row_stride_validation():
+    assert SparsityConfig().observe_row_stride == 8
+    for bad in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="observe_row_stride"):
+            SparsityConfig(observe_row_stride=bad)
+
+
 # ---------------------------------------------------------------- compiled DiT
 
 class Attn(nn.Module):

@@ -20,6 +20,11 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   wait); once it has landed and is below ``min_observed_coverage`` the next step is a dense
   refresh. On CPU the value is ready at once, so the dense refresh is the step after.
 
+Observation estimates ``S`` from every ``observe_row_stride``-th query row of each block (1 =
+exact), always the same rows (phase 0, :func:`..kernels.block_sparsity.sampled_rows`): the mask
+extrapolates the difference of the last two fits, and rotating rows would put sampling noise
+into that difference (the warm-up pair is one step apart, so the true drift is small).
+
 Mask (built once per fit, on device): coefficients extrapolated linearly from the last two fits to
 the middle of the coming interval; predicted map ``S^ = M x`` clipped to [0, 1]; mass proxy
 ``w = 1 - S^``. Lines (diagonals and key columns) are ranked by their mean ``w`` (densest first);
@@ -99,14 +104,16 @@ class ModState:
         return out
 
 
-def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None):
+def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
+                row_stride: int = 1, row_phase: int = 0):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
-    with block lists only the listed blocks are written, the others are NaN."""
+    with block lists only the listed blocks are written, the others are NaN. ``row_stride > 1``
+    estimates it from every ``row_stride``-th query row of each block, from ``row_phase`` on."""
     from .. import ops
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
     fn = block_sparsity if ops.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
-              kv_counts=kv_counts, kv_indices=kv_indices)
+              kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase)
 
 
 def lists_from_mask(mask: torch.Tensor):
@@ -216,12 +223,14 @@ class ModPolicy(Policy):
         cfg = self.config
         scale = st.scale if st.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         fg = fit_geometry(st.geometry, cfg.ridge_lambda, q.device)
+        # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
+        # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
+        sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
+                        row_stride=cfg.observe_row_stride, row_phase=0)
         if kind == "dense" or st.smap is None:
-            st.smap = observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold,
-                                  scale=scale).mean(0)
+            st.smap = observe_map(q, k, lse, **sampling).mean(0)
         else:
-            seen_map = observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold,
-                                   scale=scale, kv_counts=kv_counts, kv_indices=kv_indices)
+            seen_map = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
             fresh = seen_map.nanmean(0) if seen_map.shape[0] > 1 else seen_map[0]
             seen = ~fresh.isnan()
             merged = torch.where(seen, fresh, st.smap)
