@@ -19,9 +19,10 @@ cat "$R/env.txt"
 part tests "${T_TESTS:-110}" $PY -m pytest -q -m gpu -x -p no:cacheprovider tests/
 part demo "${T_DEMO:-140}" $PY -m benchmarks.demo --steps 20
 part bench_mod "${T_MOD:-110}" $PY benchmarks/bench_mod.py --out "$R/mod"
+part bench_mod_s8 "${T_MOD:-110}" $PY benchmarks/bench_mod.py --out "$R/mod_s8" --observe-row-stride 8
 part bench_vmoba "${T_VMOBA:-90}" $PY benchmarks/bench_vmoba.py --out "$R/vmoba"
 part fidelity_synthetic "${T_FID:-70}" $PY -m benchmarks run fidelity --synthetic --out "$R/fidelity" --no-progress
 tar czf "$OUT/gpu_suite.tgz" -C "$OUT" r
 for f in "$R"/tests.log "$R"/demo.log; do echo "== $f"; grep -v DEBUG "$f" | tail -25; done
-for f in "$R"/mod/*.md "$R"/vmoba/*.md "$R"/fidelity/*.md; do echo "== $f"; head -30 "$f"; done
+for f in "$R"/mod/*.md "$R"/mod_s8/*.md "$R"/vmoba/*.md "$R"/fidelity/*.md; do echo "== $f"; head -30 "$f"; done
 cat "$R/summary.md"
