@@ -2,10 +2,10 @@
 
 Per rewritten SDPA site the graph holds::
 
-    token = modcompile::step(timestep)                      # once, at graph entry
-    counts, indices = modcompile::plan(q, k, token, site)   # the policy's masks for this call
+    token = modcompile::step(timestep)                             # once, at graph entry
+    counts, indices = modcompile::plan(q, k, token, site, T, H, W) # the policy's masks for this call
     out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale)
-    modcompile::observe(q, k, lse, counts, indices, site)   # predictor fitting, when asked
+    modcompile::observe(q, k, lse, counts, indices, site)          # predictor fitting, when asked
 
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
 Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the
@@ -175,7 +175,7 @@ def _(timestep):
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
 def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, grid_h: int,
          grid_w: int) -> tuple[Tensor, Tensor]:
-    """Ask the site's policy for this call's block lists. The returned lists are read-only.
+    """Ask the site's policy for this call's block lists.
     ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
     state = REGISTRY.enter_site(site)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
@@ -188,7 +188,10 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, 
     state.dense_now, state.observe_now = result.dense, result.observe
     mk = num_blocks(k.shape[2], config.block_size)
     state.density = 1.0 if result.dense else result.kv_counts.sum(dtype=torch.float32) / (result.kv_counts.numel() * mk)
-    return result.kv_counts, result.kv_indices
+    # Policies keep their lists across calls (cached full lists, MOD's interval masks), but the
+    # compiled graph owns an op's outputs and may reuse their memory once they are dead: hand it
+    # copies (two small device copies per call).
+    return result.kv_counts.clone(), result.kv_indices.clone()
 
 
 @plan.register_fake
