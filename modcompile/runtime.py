@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +96,6 @@ class Registry:
         self.tracker = StepTracker()
         self._visits: dict[str, tuple[int, int]] = {}  # site -> (step, calls in that step)
         self._last_grid: dict[str, tuple] = {}  # scope -> grid of the last call that knew it
-        self.lock = threading.Lock()
 
     # --- sites ---
     def register_site(self, info: SiteInfo) -> SiteInfo:
