@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from modcompile.kernels.reference import lists_from_block_mask, num_blocks
+from modcompile.kernels.reference import lists_from_block_mask
+from modcompile.policies.base import block_means
 
 
 def _topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -32,15 +33,7 @@ def oracle_mask(mass: torch.Tensor, density: float) -> torch.Tensor:
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean-pooled q . k per block pair (fp32), ragged last block averaged over its real tokens."""
-    def pool(x):
-        B, H, N, D = x.shape
-        nb = num_blocks(N, block_size)
-        pad = nb * block_size - N
-        xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, D).sum(3)
-        counts = torch.full((nb,), float(block_size), device=x.device)
-        counts[-1] = block_size - pad
-        return xs / counts.view(1, 1, nb, 1)
-    return pool(q) @ pool(k).transpose(-1, -2)
+    return block_means(q, block_size) @ block_means(k, block_size).transpose(-1, -2)
 
 
 def pooled_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, density: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from ..config import SparsityConfig
-from ..kernels.reference import num_blocks
+from ..kernels.reference import full_block_lists, num_blocks
 from ..runtime import SiteInfo, SiteState
 
 
@@ -52,9 +52,44 @@ def full_lists(batch: int, heads: int, mq: int, mk: int, device: torch.device):
     """Cached full block lists: dense steps return the same tensors every call.
 
     Callers must not write into them (the ops treat block lists as read-only)."""
-    counts = torch.full((batch, heads, mq), mk, dtype=torch.int32, device=device)
-    indices = torch.arange(mk, dtype=torch.int32, device=device).expand(batch, heads, mq, mk).contiguous()
-    return counts, indices
+    return full_block_lists(batch, heads, mq, mk, device)
+
+
+def lists_from_mask(mask: torch.Tensor):
+    """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
+    a host sync: selected blocks first in increasing order, then the skipped ones (ignored).
+
+    One sort of ``id`` (selected) / ``Mk + id`` (not selected), then ``% Mk``: 4 ops. The constants
+    are cached device tensors (a Python scalar in ``torch.where`` would be copied host -> device on
+    every call)."""
+    mk = mask.shape[-1]
+    ids, shifted = _list_keys(mk, mask.device)
+    counts = mask.sum(-1, dtype=torch.int32)
+    ordered = torch.where(mask, ids, shifted).sort(dim=-1).values
+    return counts, ordered.remainder_(mk)
+
+
+@lru_cache(maxsize=64)
+def _list_keys(mk: int, device: torch.device):
+    ids = torch.arange(mk, device=device, dtype=torch.int32)
+    return ids, ids + mk
+
+
+def block_token_counts(n: int, block_size: int, device=None) -> torch.Tensor:
+    """(nb,) float32 tokens per block of an ``n``-token sequence (the last block may be ragged)."""
+    nb = num_blocks(n, block_size)
+    sizes = torch.full((nb,), float(block_size), device=device)
+    sizes[-1] = n - (nb - 1) * block_size
+    return sizes
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each block's tokens, (B, H, nb, D) float32, from x (B, H, N, D); a ragged last
+    block is averaged over its real tokens."""
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - N))
+    return padded.view(B, H, nb, block_size, D).sum(3) / block_token_counts(N, block_size, x.device).view(nb, 1)
 
 
 class Policy:

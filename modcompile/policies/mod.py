@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Plan, Policy, SiteContext, register_policy
+from .base import (Plan, Policy, SiteContext, block_means, block_token_counts, lists_from_mask,
+                   register_policy)
 from ..kernels.reference import block_mask_from_lists
 from .mod_fit import FitGeometry, Geometry, fit_geometry
 
@@ -114,16 +115,6 @@ def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_i
     fn = block_sparsity if ops.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase)
-
-
-def lists_from_mask(mask: torch.Tensor):
-    """Sorted block lists of width exactly nb from a (..., nb, nb) bool mask, on device."""
-    nb = mask.shape[-1]
-    cols = torch.arange(nb, dtype=torch.int32, device=mask.device)
-    keyed = torch.where(mask, cols, cols + nb)          # kept blocks first, in increasing order
-    indices = keyed.sort(-1).values % nb                 # padding: the skipped blocks (ignored)
-    counts = mask.sum(-1, dtype=torch.int32)
-    return counts.contiguous(), indices.to(torch.int32).contiguous()
 
 
 @register_policy
@@ -261,13 +252,9 @@ def observed_coverage(q, k, lse, kept, block_size: int, scale: float) -> torch.T
     bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
     The estimate errs high (coverage overestimated), so a value under the bound is a real drop.
     Cost: one (N x nb) product per head, chunked over heads."""
-    B, H, N, D = q.shape
-    nb = kept.shape[-1]
-    pad = nb * block_size - k.shape[2]
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
-    sizes = torch.full((nb,), float(block_size), device=k.device)
-    sizes[-1] = block_size - pad
-    pooled = kp.sum(3) / sizes.view(nb, 1)
+    H, N = q.shape[1], q.shape[2]
+    sizes = block_token_counts(k.shape[2], block_size, k.device)
+    pooled = block_means(k, block_size)
     rows = torch.arange(N, device=q.device) // block_size
     out = []
     for h in range(H):

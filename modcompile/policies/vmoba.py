@@ -28,7 +28,7 @@ import torch
 
 from ..kernels import partition as part_lib
 from ..kernels import pooling
-from .base import Plan, Policy, SiteContext, register_policy
+from .base import Plan, Policy, SiteContext, lists_from_mask, register_policy
 from .selection import select_blocks
 
 WARMUP_FRACTION = 0.25
@@ -69,10 +69,17 @@ class Layout:
     incidence: torch.Tensor     # (Mk, P) float32 0/1 on device
     text_blocks: torch.Tensor   # (Mk,) bool on device
     text_pairs: torch.Tensor    # (Mk, Mk) bool on device: the row or the column holds text
-    identity: bool
     pool_ids: torch.Tensor      # (video tokens,) int64 on device: partition block of each permuted video position
     block_sizes: torch.Tensor   # (P,) float32 on device: tokens per partition block
-    video: tuple                # (first, end) permuted positions of the video tokens
+
+    @property
+    def identity(self) -> bool:
+        return self.partition.identity
+
+    @property
+    def video(self) -> tuple:
+        """(first, end) permuted positions of the video tokens."""
+        return self.partition.video_range
 
     def describe(self) -> str:
         p = self.partition
@@ -89,9 +96,9 @@ def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_posi
     text = text.to(device)
     return Layout(partition, segments, partition.perm.to(device, torch.int32),
                   partition.inv.to(device, torch.int32), incidence.to(device, torch.float32), text,
-                  text[:, None] | text[None, :], partition.identity,
+                  text[:, None] | text[None, :],
                   partition.block_of_position()[slice(*partition.video_range)].to(device),
-                  (partition.starts[1:] - partition.starts[:-1]).to(device, torch.float32), partition.video_range)
+                  (partition.starts[1:] - partition.starts[:-1]).to(device, torch.float32))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -194,13 +201,22 @@ class VmobaPolicy(Policy):
         return lists_from_mask(mask)
 
     # ------------------------------------------------------------------ attention
-    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
-        from ..ops import _out_like, attention_forward
+    def _permuted_call(self, ctx: SiteContext, q) -> tuple[Layout, CallState] | None:
+        """(layout, call state) when this call's lists are in permuted order, else None: no grid,
+        an identity permutation, or full lists (dense plans, e.g. warm-up steps of training), which
+        do not depend on the token order."""
         layout = self.layout(ctx, q.shape[2], q.device)
         call = ctx.state.policy_state if isinstance(ctx.state.policy_state, CallState) else CallState(dense=False)
-        # Full lists (dense plans, e.g. warm-up steps of training) do not depend on the token order.
         if layout is None or layout.identity or call.dense:
+            return None
+        return layout, call
+
+    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
+        from ..ops import _out_like, attention_forward
+        permuted = self._permuted_call(ctx, q)
+        if permuted is None:
             return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+        layout, call = permuted
         stash, call.stash = call.stash, None
         if stash is not None and stash[0] == _tensor_key(q) and stash[1] == _tensor_key(k):
             qp, kp = stash[2], stash[3]
@@ -216,11 +232,10 @@ class VmobaPolicy(Policy):
                            scale: float):
         """(dq, dk, dv) in the original order: the backward kernel runs on the permuted tensors with
         the lists the forward used."""
-        layout = self.layout(ctx, q.shape[2], q.device)
-        call = ctx.state.policy_state if isinstance(ctx.state.policy_state, CallState) else CallState(dense=False)
-        if layout is None or layout.identity or call.dense:
+        permuted = self._permuted_call(ctx, q)
+        if permuted is None:
             return super().attention_backward(ctx, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
-        perm, inv = layout.perm, layout.inv
+        perm, inv = permuted[0].perm, permuted[0].inv
         dq, dk, dv = torch.ops.modcompile.block_sparse_attention_backward(
             self.gather(grad_out, perm), self.gather(q, perm), self.gather(k, perm), self.gather(v, perm),
             self.gather(out, perm), lse.index_select(2, perm), kv_counts, kv_indices, ctx.block_size, scale)
@@ -231,26 +246,6 @@ class VmobaPolicy(Policy):
         if _use_triton(x):
             return pooling.gather_rows(x, index, out=out)
         return pooling.gather_rows_ref(x, index, out=out)
-
-
-def lists_from_mask(mask: torch.Tensor):
-    """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
-    a host sync: selected blocks first in increasing order, the rest of each row 0.
-
-    One sort of ``id`` (selected) / ``Mk + id`` (not selected), then ``% Mk``: 4 ops. The constants
-    are cached device tensors (a Python scalar in ``torch.where`` would be copied host -> device on
-    every call)."""
-    mk = mask.shape[-1]
-    ids, shifted = _list_keys(mk, mask.device)
-    counts = mask.sum(-1, dtype=torch.int32)
-    ordered = torch.where(mask, ids, shifted).sort(dim=-1).values
-    return counts, ordered.remainder_(mk)
-
-
-@lru_cache(maxsize=64)
-def _list_keys(mk: int, device: torch.device):
-    ids = torch.arange(mk, device=device, dtype=torch.int32)
-    return ids, ids + mk
 
 
 __all__ = ["VmobaPolicy", "Layout", "layout_for", "lists_from_mask", "parse_partition_blocks"]
