@@ -20,7 +20,6 @@ block is counted twice). :func:`validate_block_lists` checks this on request (it
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -28,16 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (LOG2E, check_block_list_values, default_scale, dot_precision, empty_heads_last,
+                      interpreting, padded_head_dim, unit_last_stride)
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-
-_LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
@@ -194,7 +189,7 @@ _NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
 
 def candidate_configs(block_size: int, head_dim: int, tma: bool = True) -> list[KernelConfig]:
     """Launch configurations worth timing for this block size and head dim (``tma``: allow TMA)."""
-    block_d = _padded_head_dim(head_dim)
+    block_d = padded_head_dim(head_dim)
     out = []
     smallest = min(64, block_size)  # tiles under 64 only where the block itself is smaller
     for cfg in _CANDIDATES:
@@ -212,10 +207,6 @@ def candidate_configs(block_size: int, head_dim: int, tma: bool = True) -> list[
 def tuned_configs() -> dict:
     """The configurations chosen so far, for reports: ``{key: KernelConfig}``."""
     return dict(_TUNED)
-
-
-def _padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _interpreter_config(block_size: int) -> KernelConfig:
@@ -236,7 +227,7 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
         return False, f"dtype {q.dtype} not supported (supported: {SUPPORTED_DTYPES})"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return False, f"head_dim {q.shape[-1]} not supported (supported: {SUPPORTED_HEAD_DIMS})"
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         return False, "needs a CUDA tensor (or TRITON_INTERPRET=1)"
     if q.is_cuda and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
         return False, "bfloat16 needs compute capability 8.0 or newer"
@@ -247,21 +238,7 @@ def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_
     """Raise ValueError unless every listed entry is in range and no row lists a block twice.
 
     Synchronizes with the device: use in tests and debugging, not in the hot path."""
-    width = kv_indices.shape[-1]
-    counts = kv_counts.long()
-    if bool((counts < 0).any()) or bool((counts > width).any()):
-        raise ValueError(f"kv_counts must lie in [0, {width}] (the width of kv_indices)")
-    valid = torch.arange(width, device=kv_indices.device) < counts.unsqueeze(-1)
-    idx = kv_indices.long()
-    bad = valid & ((idx < 0) | (idx >= num_key_blocks))
-    if bool(bad.any()):
-        raise ValueError(f"kv_indices has entries outside [0, {num_key_blocks})")
-    # Duplicates: sort the valid entries of each row (invalid ones pushed past the end).
-    keyed = torch.where(valid, idx, torch.full_like(idx, num_key_blocks + width))
-    ordered = keyed.sort(dim=-1).values
-    same = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)
-    if bool(same.any()):
-        raise ValueError("kv_indices lists a key block twice in one row")
+    check_block_list_values(kv_counts, kv_indices, num_key_blocks)
 
 
 def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
@@ -307,7 +284,7 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
 def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether K/V can be read through tensor descriptors: sm_90+ (or the interpreter), 16-byte
     aligned base pointers and 16-byte multiples for the batch, head and row strides."""
-    if not _interpreting():
+    if not interpreting():
         if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
             return False
     for t in (k, v):
@@ -327,16 +304,16 @@ _ALLOCATOR_SET = False
 
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale):
     global _ALLOCATOR_SET
-    if cfg.tma and not _ALLOCATOR_SET and not _interpreting():
+    if cfg.tma and not _ALLOCATOR_SET and not interpreting():
         triton.set_allocator(_tma_scratch)
         _ALLOCATOR_SET = True
     B, H, N, D = q.shape
     n_k = k.shape[2]
-    block_d = _padded_head_dim(D)
+    block_d = padded_head_dim(D)
     grid = (triton.cdiv(N, block_size) * (block_size // cfg.block_m), B * H)
     _block_sparse_attention_fwd_kernel[grid](
         q, k, v, out, lse, counts, indices,
-        scale * _LOG2E,
+        scale * LOG2E,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -352,7 +329,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         BLOCK_N=cfg.block_n,
         EVEN_Q=N % cfg.block_m == 0,
         EVEN_K=n_k % block_size == 0,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
         USE_TMA=cfg.tma,
         RAGGED_BRANCH=cfg.ragged_branch,
         num_warps=cfg.num_warps,
@@ -363,7 +340,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
 def _pick_config(q, k, v, block_size, run) -> KernelConfig:
     """The cached configuration for this (device, head_dim, dtype, block); times candidates once."""
     D = q.shape[-1]
-    if _interpreting() or not q.is_cuda:
+    if interpreting() or not q.is_cuda:
         return _interpreter_config(block_size)
     tma = tma_usable(k, v)
     key = (torch.cuda.get_device_capability(q.device), D, q.dtype, block_size, tma)
@@ -415,14 +392,14 @@ def block_sparse_attention_fwd(
     """
     _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse)
     B, H, N, D = q.shape
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    scale = default_scale(D, scale)
     if validate:
         validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
     counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
     indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
     if out is None:
-        out = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+        out = empty_heads_last(q)
     if lse is None:
         lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     if B * H * N == 0:

@@ -14,15 +14,17 @@ gradients: their probabilities are forced to 0 instead of exp(-inf + inf).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ._common import LOG2E, default_scale, dot_precision, interpreting, padded_head_dim
+from .reference import num_blocks
+
+# Read once at import, like triton.jit does when it decides whether the kernels below interpret.
+_INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size):
         raise TypeError("q, k, v and do must share one dtype")
     if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
         raise TypeError("kv_counts and kv_indices must be int32")
-    mq = math.ceil(N / block_size)
+    mq = num_blocks(N, block_size)
     if kv_counts.shape != (B, H, mq) or kv_indices.shape[:3] != (B, H, mq) or kv_indices.dim() != 4:
         raise ValueError(f"block lists must be (B, H, Mq={mq}) and (B, H, Mq, W); got "
                          f"{tuple(kv_counts.shape)}, {tuple(kv_indices.shape)}")
@@ -327,8 +329,8 @@ def block_sparse_attention_bwd(
     _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size)
     B, H, N, D = q.shape
     Nk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    mq, mk = math.ceil(N / block_size), math.ceil(Nk / block_size)
+    scale = default_scale(D, scale)
+    mq, mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
     on_gpu = q.is_cuda
     if not on_gpu and not _INTERPRET:
         raise RuntimeError("the Triton backward needs a CUDA tensor or TRITON_INTERPRET=1")
@@ -343,8 +345,8 @@ def block_sparse_attention_bwd(
                          f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
 
     lse = lse.to(torch.float32).contiguous()
-    bd = max(16, triton.next_power_of_2(D))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    bd = padded_head_dim(D)
+    precision = dot_precision(q.dtype)
 
     delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     rows_per_prog = 64 if on_gpu else 32
@@ -356,7 +358,7 @@ def block_sparse_attention_bwd(
     dk = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
     dv = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    qk_scale_log2 = scale * _LOG2E
+    qk_scale_log2 = scale * LOG2E
 
     def launch_dkdv(cfg):
         tile, sub, warps, stages = cfg

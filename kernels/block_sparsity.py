@@ -24,21 +24,17 @@ so that successive observations see different rows.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import default_scale, dot_precision, interpreting, padded_head_dim, unit_last_stride
 from .reference import block_mask_from_lists, num_blocks
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit(do_not_specialize=["row_phase"])
@@ -159,8 +155,8 @@ class SparsityKernelConfig:
     num_stages: int
 
 
-def _config(block_size: int, head_dim: int) -> SparsityKernelConfig:
-    if _interpreting():
+def _config(block_size: int) -> SparsityKernelConfig:
+    if interpreting():
         # Two chunks per key block so that the chunk loop is exercised under the interpreter.
         return SparsityKernelConfig(max(16, block_size // 2), 4, 1)
     if block_size >= 128:
@@ -212,7 +208,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
     each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "use block_sparsity_ref on CPU")
     if threshold <= 0:
@@ -220,10 +216,9 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    lse = lse.float()
-    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
+    scale = default_scale(D, scale)
+    q, k = unit_last_stride(q), unit_last_stride(k)
+    lse = unit_last_stride(lse.float())
     restricted = kv_counts is not None
     if out is None:
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
@@ -232,8 +227,8 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     if not restricted:  # dummies: never read
         kv_counts = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
         kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-    cfg = _config(block_size, D)
-    block_d = max(16, triton.next_power_of_2(D))
+    cfg = _config(block_size)
+    block_d = padded_head_dim(D)
     sample_rows, group = sample_layout(block_size, row_stride, restricted)
     _block_sparsity_kernel[(triton.cdiv(mq, group), B * H)](
         q, k, lse, out, kv_counts, kv_indices,
@@ -247,7 +242,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, RESTRICTED=restricted,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -266,7 +261,7 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D, scale)
     rows = sampled_rows(N, block_size, row_stride, row_phase, device=q.device)
     row_blocks = rows // block_size
     bound = (lse[:, :, rows].to(compute_dtype) + math.log(threshold) + margin).unsqueeze(-1)

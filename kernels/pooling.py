@@ -16,10 +16,11 @@ bits from run to run when a block has several segments.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ._common import empty_heads_last, interpreting, padded_head_dim, unit_last_stride
 
 try:
     import triton
@@ -71,12 +72,6 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, n: int) -> None:
         raise ValueError(f"the partition covers {n} tokens but q has {q.shape[2]}")
     if not q.dtype.is_floating_point or q.dtype != k.dtype:
         raise TypeError(f"q and k must share a floating dtype; got {q.dtype}, {k.dtype}")
-
-
-def _permuted_like(x: torch.Tensor) -> torch.Tensor:
-    # (B, N, H, D) storage viewed as (B, H, N, D), the layout the attention ops produce.
-    B, H, N, D = x.shape
-    return x.new_empty(B, N, H, D).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- torch references
@@ -186,25 +181,13 @@ if triton is not None:
                  x, mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def triton_available(x: torch.Tensor) -> bool:
     """The Triton kernels can run on ``x``: CUDA, or CPU under TRITON_INTERPRET=1 (not bf16 there)."""
     if triton is None:
         return False
     if x.is_cuda:
         return True
-    return x.device.type == "cpu" and _interpreting() and x.dtype != torch.bfloat16
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x.device.type == "cpu" and interpreting() and x.dtype != torch.bfloat16
 
 
 def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_permuted: bool = True,
@@ -214,17 +197,17 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
     _check_qk(q, k, segments.seq_len)
     if not triton_available(q):
         raise ValueError(f"permute_pool: the Triton kernel cannot run on {q.device} {q.dtype}; use permute_pool_ref")
-    q, k = _unit_stride(q), _unit_stride(k)
+    q, k = unit_last_stride(q), unit_last_stride(k)
     B, H, N, D = q.shape
-    # one zero fill for both pools
+    # One zero fill for both pools; permuted copies in the (B, N, H, D) layout the attention ops produce.
     pool_q, pool_k = torch.zeros(2, B, H, segments.num_parts, D, dtype=torch.float32, device=q.device).unbind(0)
-    qp = _permuted_like(q) if write_permuted else q
-    kp = _permuted_like(k) if write_permuted else k
+    qp = empty_heads_last(q) if write_permuted else q
+    kp = empty_heads_last(k) if write_permuted else k
     n_seg = segments.part.numel()
     if B * H * N == 0 or n_seg == 0:
         return (qp if write_permuted else None), (kp if write_permuted else None), pool_q, pool_k
     if block_t is None:
-        block_t = 32 if _interpreting() else 64
+        block_t = 32 if interpreting() else 64
     _permute_pool_kernel[(n_seg, B * H)](
         q, k, qp, kp, pool_q, pool_k, segments.perm, segments.part, segments.start, segments.length,
         segments.inv_count, H,
@@ -233,7 +216,7 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
         qp.stride(0), qp.stride(1), qp.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
         pool_q.stride(0), pool_q.stride(1), pool_q.stride(2),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=block_t, WRITE=write_permuted,
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE=write_permuted,
         num_warps=4,
     )
     return (qp if write_permuted else None), (kp if write_permuted else None), pool_q, pool_k
@@ -247,23 +230,23 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None =
         raise ValueError(f"gather_rows: x must be (B, H, N, D), got {tuple(x.shape)}")
     if not triton_available(x):
         return gather_rows_ref(x, index, out)
-    x = _unit_stride(x)
+    x = unit_last_stride(x)
     B, H, N, D = x.shape
     if index.numel() != N:
         raise ValueError(f"gather_rows: index has {index.numel()} entries for {N} rows")
     if out is None:
-        out = _permuted_like(x)
+        out = empty_heads_last(x)
     elif tuple(out.shape) != tuple(x.shape) or out.stride(-1) != 1 or out.dtype != x.dtype:
         raise ValueError("gather_rows: out must match x in shape and dtype, with a contiguous last dim")
     if B * H * N == 0:
         return out
     if block_t is None:
-        block_t = 32 if _interpreting() else 64
+        block_t = 32 if interpreting() else 64
     _gather_rows_kernel[(triton.cdiv(N, block_t), B * H)](
         x, out, index, N, H,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_T=block_t, num_warps=4,
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, num_warps=4,
     )
     return out
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
+from .kernels._common import check_block_list_values, empty_heads_last
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY
@@ -57,11 +58,8 @@ def use_triton(t: Tensor) -> bool:
     return t.device.type == "cpu" and _interpreting() and t.dtype != torch.bfloat16
 
 
-def _out_like(q: Tensor) -> Tensor:
-    # (B, N, H, D) storage viewed as (B, H, N, D): the usual transpose(1, 2).reshape after
-    # attention is then free, as with the flash SDPA backends.
-    B, H, N, D = q.shape
-    return q.new_empty(B, N, H, D).transpose(1, 2)
+# (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends (policies import it).
+_out_like = empty_heads_last
 
 
 def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float):
@@ -121,20 +119,8 @@ def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_
         raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)} for block_size {block_size}; got {tuple(kv_counts.shape)}")
     if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq) or kv_indices.shape[3] < 1:
         raise ValueError(f"kv_indices must be (B, H, Mq, Mk_max) with Mq = {mq}; got {tuple(kv_indices.shape)}")
-    if not check_values:
-        return
-    width = kv_indices.shape[3]
-    if bool(((kv_counts < 0) | (kv_counts > min(width, mk))).any()):
-        raise ValueError(f"kv_counts must be in [0, min(Mk_max, Mk)] = [0, {min(width, mk)}]")
-    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
-    listed = torch.where(valid, kv_indices, 0)
-    if bool(((listed < 0) | (listed >= mk)).any()):
-        raise ValueError(f"kv_indices hold key blocks outside [0, {mk})")
-    # A block listed twice would be counted twice by the kernel's softmax.
-    ranked = torch.where(valid, kv_indices, mk + torch.arange(width, device=kv_indices.device, dtype=torch.int32))
-    ranked = ranked.sort(-1).values
-    if bool((ranked[..., 1:] == ranked[..., :-1]).any()):
-        raise ValueError("kv_indices list a key block twice in one row")
+    if check_values:
+        check_block_list_values(kv_counts, kv_indices, mk, max_count=min(kv_indices.shape[3], mk))
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, *,

@@ -1,0 +1,66 @@
+"""Small host-side helpers shared by the kernels' launch wrappers.
+
+Torch only (no triton import): pooling.py must stay importable without triton, and modcompile/ops.py
+reuses the block-list value check on its CPU path.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (any value but empty or "0")."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim rounded up to a power of two, at least 16 (tl.arange and tl.dot need both)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # Exact fp32 products for fp32 inputs; half inputs are exact in tf32 anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied only when its last dim is strided (the kernels address it with offset 1)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def empty_heads_last(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like ``x`` (B, H, N, D), stored (B, N, H, D): merging heads afterwards
+    (the usual transpose(1, 2).reshape after attention) is then free."""
+    B, H, N, D = x.shape
+    return x.new_empty(B, N, H, D).transpose(1, 2)
+
+
+def check_block_list_values(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int,
+                            max_count: int | None = None) -> None:
+    """Raise ValueError unless every count is in ``[0, max_count]`` (default: the lists' width),
+    every listed entry is in ``[0, num_key_blocks)`` and no row lists a block twice (the kernel's
+    softmax would count it twice). Reads the lists back to the host: not for the hot path."""
+    width = kv_indices.shape[-1]
+    max_count = width if max_count is None else max_count
+    counts = kv_counts.long()
+    if bool(((counts < 0) | (counts > max_count)).any()):
+        raise ValueError(f"kv_counts must lie in [0, {max_count}] (kv_indices width {width}, "
+                         f"{num_key_blocks} key blocks)")
+    valid = torch.arange(width, device=kv_indices.device) < counts.unsqueeze(-1)
+    idx = kv_indices.long()
+    if bool((valid & ((idx < 0) | (idx >= num_key_blocks))).any()):
+        raise ValueError(f"kv_indices has entries outside [0, {num_key_blocks})")
+    # Duplicates: sort each row with the unused slots pushed past every valid id.
+    keyed = torch.where(valid, idx, torch.full_like(idx, num_key_blocks + width))
+    ordered = keyed.sort(dim=-1).values
+    if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)).any()):
+        raise ValueError("kv_indices lists a key block twice in one row")
