@@ -57,6 +57,24 @@ def block_density(kv_counts: torch.Tensor, n_q: int, n_k: int, block_size: int) 
     return kv_counts.double().mean() / mk
 
 
+def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (half inputs included) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_chunks(kv_counts, kv_indices, n_q: int, n_k: int, block_size: int, chunk_blocks: int, device):
+    """``(r0, r1, allowed)`` per chunk of ``chunk_blocks`` query blocks: rows ``[r0, r1)`` and
+    their token-level mask ``allowed [B, H, r1 - r0, n_k]`` (bounds the references' memory)."""
+    mq, mk = num_blocks(n_q, block_size), num_blocks(n_k, block_size)
+    bmask = block_mask_from_lists(kv_counts, kv_indices, mk)  # [B, H, Mq, Mk]
+    key_block = torch.arange(n_k, device=device) // block_size  # token -> block id
+    for b0 in range(0, mq, chunk_blocks):
+        b1 = min(b0 + chunk_blocks, mq)
+        r0, r1 = b0 * block_size, min(b1 * block_size, n_q)
+        row_block = torch.arange(r0, r1, device=device) // block_size
+        yield r0, r1, bmask[:, :, row_block][..., key_block]
+
+
 def block_sparse_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,22 +97,14 @@ def block_sparse_attention_ref(
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if compute_dtype is None:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute_dtype = default_compute_dtype(q.dtype)
     out_dtype = q.dtype if compute_dtype != torch.float64 else torch.float64
-    mq, mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-    bmask = block_mask_from_lists(kv_counts, kv_indices, mk)  # [B, H, Mq, Mk]
-    key_block = torch.arange(Nk, device=q.device) // block_size  # token -> block id
 
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
     out = torch.empty(B, H, N, D, dtype=out_dtype, device=q.device)
-    lse = torch.empty(B, H, N, dtype=torch.float64 if compute_dtype == torch.float64 else torch.float32,
-                      device=q.device)
-    for b0 in range(0, mq, chunk_blocks):
-        b1 = min(b0 + chunk_blocks, mq)
-        r0, r1 = b0 * block_size, min(b1 * block_size, N)
+    lse = torch.empty(B, H, N, dtype=default_compute_dtype(compute_dtype), device=q.device)
+    for r0, r1, allowed in query_chunks(kv_counts, kv_indices, N, Nk, block_size, chunk_blocks, q.device):
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)) * scale  # [B, H, rows, Nk]
-        row_block = torch.arange(r0, r1, device=q.device) // block_size
-        allowed = bmask[:, :, row_block][..., key_block]  # [B, H, rows, Nk]
         s = s.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - row_lse.unsqueeze(-1))

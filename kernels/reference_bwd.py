@@ -11,11 +11,10 @@ of query blocks to bound memory, like the forward reference.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .reference import block_mask_from_lists, num_blocks
+from ._common import default_scale
+from .reference import default_compute_dtype, query_chunks
 
 
 def block_sparse_attention_bwd_ref(
@@ -39,25 +38,18 @@ def block_sparse_attention_bwd_ref(
     the input's own half dtype to get the "torch in the same dtype" error baseline of the tests."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = default_scale(D, scale)
     if compute_dtype is None:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        compute_dtype = default_compute_dtype(q.dtype)
     out_dtype = torch.float64 if compute_dtype == torch.float64 else q.dtype
-    mq, mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-    bmask = block_mask_from_lists(kv_counts, kv_indices, mk)
-    key_block = torch.arange(Nk, device=q.device) // block_size
 
     qc, kc, vc, gc, oc = (t.to(compute_dtype) for t in (q, k, v, do, out))
-    lse_c = lse.to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+    lse_c = lse.to(default_compute_dtype(compute_dtype))
     delta = (gc.to(lse_c.dtype) * oc.to(lse_c.dtype)).sum(-1)  # [B, H, N]
     dq = torch.empty(B, H, N, D, dtype=compute_dtype, device=q.device)
     dk = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
     dv = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
-    for b0 in range(0, mq, chunk_blocks):
-        b1 = min(b0 + chunk_blocks, mq)
-        r0, r1 = b0 * block_size, min(b1 * block_size, N)
-        row_block = torch.arange(r0, r1, device=q.device) // block_size
-        allowed = bmask[:, :, row_block][..., key_block]  # [B, H, rows, Nk]
+    for r0, r1, allowed in query_chunks(kv_counts, kv_indices, N, Nk, block_size, chunk_blocks, q.device):
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)).to(lse_c.dtype) * scale
         # where() keeps empty rows (lse = -inf) at exactly 0 instead of exp(-inf + inf) = NaN.
         p = torch.where(allowed, torch.exp(s - lse_c[:, :, r0:r1, None]), 0.0)

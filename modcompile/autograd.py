@@ -49,8 +49,8 @@ def block_sparse_attention_backward(
         try:
             from modcompile.kernels.block_sparse_attention_bwd import block_sparse_attention_bwd
         except ImportError:  # no triton in this environment: the reference is the CPU path anyway
-            block_sparse_attention_bwd = None
-        if block_sparse_attention_bwd is not None:
+            pass
+        else:
             return block_sparse_attention_bwd(grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                                               block_size=block_size, scale=scale)
     dq, dk, dv = block_sparse_attention_bwd_ref(grad_out, q, k, v, out, lse, kv_counts, kv_indices,
