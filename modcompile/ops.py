@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .kernels._common import check_block_list_values, empty_heads_last
+from .kernels._common import check_block_list_values, empty_heads_last, interpreting
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY
@@ -42,10 +41,6 @@ def _triton_forward():
     return block_sparse_attention_fwd
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def use_triton(t: Tensor) -> bool:
     """Triton on CUDA; on CPU only under TRITON_INTERPRET=1 and not for bf16 (the interpreter's bf16
     dot is wrong). The one switch between Triton and the torch references: tests that want the
@@ -55,7 +50,7 @@ def use_triton(t: Tensor) -> bool:
         return False
     if t.is_cuda:
         return True
-    return t.device.type == "cpu" and _interpreting() and t.dtype != torch.bfloat16
+    return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
 
 
 # (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends (policies import it).
