@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
+from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
 
 try:
     import triton  # noqa: E402
@@ -53,22 +55,12 @@ def log(msg: str) -> None:
 
 def make_inputs(shape, dtype, device, seed, n=4):
     """q, k, v, do as (B, H, N, D) views of (B, N, H, D) storage, the layout SDPA callers pass."""
-    B, H, N, D = shape
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(B, N, H, D, dtype=dtype, device=device, generator=g).transpose(1, 2) for _ in range(n)]
+    return common.bnhd_randn(shape, dtype, device, seed, n)
 
 
 def random_block_lists(B, H, N, density, device, seed):
     """round(density * Mk) distinct key blocks per query block, own block included, sorted."""
-    mq = mk = num_blocks(N, BLOCK)
-    count = max(1, min(mk, round(density * mk)))
-    g = torch.Generator(device=device).manual_seed(seed)
-    score = torch.rand(B, H, mq, mk, device=device, generator=g)
-    own = torch.arange(mq, device=device)
-    score[:, :, own, own] = -1.0
-    chosen = score.argsort(dim=-1)[..., :count].sort(dim=-1).values
-    counts = torch.full((B, H, mq), count, dtype=torch.int32, device=device)
-    return counts, chosen.to(torch.int32).contiguous(), count / mk
+    return common.random_block_lists(B, H, N, density, device, seed, BLOCK)
 
 
 def flex_block_mask(counts, indices, N, exact_mask_mod=False):
@@ -231,10 +223,6 @@ def time_shape(shape, densities, device, flex_fn):
     return rows
 
 
-def fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
-
 def markdown_table(rows):
     lines = ["| density | ours fwd+bwd ms | (fwd / bwd ms) | ours TFLOP/s | Flex fwd+bwd ms | SDPA ms | cuDNN ms "
              "| flash ms | ours vs SDPA | ours vs best dense | Flex vs SDPA |",
@@ -253,23 +241,10 @@ def compiled_kernel_report():
     lines = []
     for name in ("_bwd_dkdv_kernel", "_bwd_dq_kernel"):
         try:
-            fn = getattr(bwd_kernel, name)
-            for cache in getattr(fn, "device_caches", {}).values():
-                for key, kern in cache[0].items():
-                    meta = kern.metadata
-                    lines.append(f"  {name}: regs {kern.n_regs} spills {kern.n_spills} smem {meta.shared} "
-                                 f"warps {meta.num_warps} stages {meta.num_stages} | {str(key)[-120:]}")
+            lines.extend(compiled_variants(getattr(bwd_kernel, name), prefix=f"{name}: ", key_chars=120))
         except Exception as e:  # noqa: BLE001
             lines.append(f"  {name}: no report ({type(e).__name__}: {e})")
     return lines
-
-
-def environment():
-    props = torch.cuda.get_device_properties(0)
-    return dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
-                capability=list(torch.cuda.get_device_capability(0)), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                python=platform.python_version(), time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def main(argv=None):
@@ -288,13 +263,7 @@ def main(argv=None):
     env = environment()
     log(f"device {env['device']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}, "
         f"cuda {env['cuda']}, cudnn {env['cudnn']}")
-    flex_fn = None
-    if not args.no_flex:
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-            flex_fn = torch.compile(flex_attention, dynamic=False)
-        except Exception as e:  # noqa: BLE001
-            log(f"FlexAttention unavailable: {type(e).__name__}: {e}")
+    flex_fn = None if args.no_flex else common.compiled_flex_attention(log)
     t0 = time.time()
     checks = []
     if not args.no_check:

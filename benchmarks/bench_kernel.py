@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +29,9 @@ import triton  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks import common  # noqa: E402
+from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
+from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
 from kernels import block_sparse_attention as bsa  # noqa: E402
 from kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
 
@@ -48,29 +48,13 @@ def log(msg: str) -> None:
 
 def make_inputs(shape, dtype, device, seed):
     """q, k, v as (B, H, N, D) views of (B, N, H, D) tensors, as SDPA callers pass them."""
-    B, H, N, D = shape
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(B, N, H, D, dtype=dtype, device=device, generator=g).transpose(1, 2)
-            for _ in range(3)]
+    return common.bnhd_randn(shape, dtype, device, seed)
 
 
 def random_block_lists(B, H, N, density, device, seed, full_width=True):
-    """Random lists of round(density * Mk) key blocks per query block, own block included, sorted.
-
-    With ``full_width`` the index tensor is (B, H, Mq, Mk): the selected blocks first, then the
-    rest (ignored), so every density gives the same shapes (FlexAttention compiles once)."""
-    mq = mk = num_blocks(N, BLOCK)
-    count = max(1, min(mk, round(density * mk)))
-    g = torch.Generator(device=device).manual_seed(seed)
-    score = torch.rand(B, H, mq, mk, device=device, generator=g)
-    own = torch.arange(mq, device=device)
-    score[:, :, own, own] = -1.0  # the own block always ranks first
-    order = score.argsort(dim=-1)
-    chosen = order[..., :count].sort(dim=-1).values
-    rest = order[..., count:]
-    indices = torch.cat([chosen, rest], dim=-1) if full_width else chosen
-    counts = torch.full((B, H, mq), count, dtype=torch.int32, device=device)
-    return counts, indices.to(torch.int32).contiguous(), count / mk
+    """Random sorted lists, own block included (:func:`benchmarks.common.random_block_lists`);
+    full width by default, so every density gives the same shapes (FlexAttention compiles once)."""
+    return common.random_block_lists(B, H, N, density, device, seed, BLOCK, full_width=full_width)
 
 
 def flex_block_mask(counts, indices, N):
@@ -219,10 +203,6 @@ def time_shape(shape, densities, device, flex_fn):
 
 
 # ------------------------------------------------------------------------------ reporting
-def fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
-
 def markdown_table(rows):
     lines = ["| shape (B,H,N,D) | density | ours ms | ours TFLOP/s | Flex ms | Flex TFLOP/s | SDPA ms "
              "| cuDNN ms | flash ms | ours speedup vs SDPA | Flex speedup vs SDPA | ours / cuDNN |",
@@ -270,26 +250,10 @@ def plot(rows, path):
 
 def compiled_kernel_report():
     """Registers, spills and shared memory of every compiled variant of our kernel (best effort)."""
-    lines = []
     try:
-        fn = bsa._block_sparse_attention_fwd_kernel
-        for cache in getattr(fn, "device_caches", {}).values():
-            for key, kern in cache[0].items():
-                meta = kern.metadata
-                lines.append(f"  regs {kern.n_regs} spills {kern.n_spills} smem {meta.shared} "
-                             f"warps {meta.num_warps} stages {meta.num_stages} | {str(key)[-160:]}")
+        return compiled_variants(bsa._block_sparse_attention_fwd_kernel)
     except Exception as e:  # noqa: BLE001
-        lines.append(f"  (no report: {type(e).__name__}: {e})")
-    return lines
-
-
-def environment():
-    props = torch.cuda.get_device_properties(0)
-    return dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
-                capability=list(torch.cuda.get_device_capability(0)), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        return [f"  (no report: {type(e).__name__}: {e})"]
 
 
 def main(argv=None):
@@ -308,13 +272,7 @@ def main(argv=None):
     log(f"device {env['device']} ({env['sms']} SMs, sm_{env['capability'][0]}{env['capability'][1]}), "
         f"torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, cudnn {env['cudnn']}")
 
-    flex_fn = None
-    if not args.no_flex:
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-            flex_fn = torch.compile(flex_attention, dynamic=False)
-        except Exception as e:  # noqa: BLE001
-            log(f"FlexAttention unavailable: {type(e).__name__}: {e}")
+    flex_fn = None if args.no_flex else common.compiled_flex_attention(log)
 
     t0 = time.time()
     log("correctness (every candidate config):")

@@ -215,6 +215,70 @@ def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], 
     return payload
 
 
+# ---------------------------------------------------------------- GPU kernel scripts
+# bench_kernel.py and bench_backward.py: plain scripts run from a checkout (torch + triton only).
+def cuda_environment() -> dict:
+    """The GPU (SMs, capability) and library versions recorded by the kernel scripts."""
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    return dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
+                capability=list(torch.cuda.get_device_capability(0)), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                python=platform.python_version(), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def bnhd_randn(shape, dtype, device, seed: int, n: int = 3) -> list:
+    """``n`` random (B, H, N, D) tensors as views of (B, N, H, D) storage, the layout SDPA callers pass."""
+    B, H, N, D = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, N, H, D, dtype=dtype, device=device, generator=g).transpose(1, 2) for _ in range(n)]
+
+
+def random_block_lists(B, H, N, density, device, seed, block_size: int, full_width: bool = False):
+    """``(counts, indices, density)``: round(density * Mk) distinct random key blocks per query
+    block, the own block always included, sorted.
+
+    With ``full_width`` the index tensor is (B, H, Mq, Mk): the selected blocks first, then the
+    rest (ignored), so every density gives the same shapes (FlexAttention compiles once)."""
+    mq = mk = -(-N // block_size)
+    count = max(1, min(mk, round(density * mk)))
+    g = torch.Generator(device=device).manual_seed(seed)
+    score = torch.rand(B, H, mq, mk, device=device, generator=g)
+    own = torch.arange(mq, device=device)
+    score[:, :, own, own] = -1.0  # the own block always ranks first
+    order = score.argsort(dim=-1)
+    chosen = order[..., :count].sort(dim=-1).values
+    indices = torch.cat([chosen, order[..., count:]], dim=-1) if full_width else chosen
+    counts = torch.full((B, H, mq), count, dtype=torch.int32, device=device)
+    return counts, indices.to(torch.int32).contiguous(), count / mk
+
+
+def compiled_flex_attention(log_fn=print):
+    """``torch.compile(flex_attention)``, or None (and a log line) when FlexAttention is missing."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+        return torch.compile(flex_attention, dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        log_fn(f"FlexAttention unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+def compiled_variants(kernel, prefix: str = "", key_chars: int = 160) -> list[str]:
+    """One line per compiled variant of a Triton kernel: registers, spills, shared memory, launch."""
+    lines = []
+    for cache in getattr(kernel, "device_caches", {}).values():
+        for key, kern in cache[0].items():
+            meta = kern.metadata
+            lines.append(f"  {prefix}regs {kern.n_regs} spills {kern.n_spills} smem {meta.shared} "
+                         f"warps {meta.num_warps} stages {meta.num_stages} | {str(key)[-key_chars:]}")
+    return lines
+
+
+def fmt_or_dash(x, spec: str = ".2f") -> str:
+    """Table cell of the kernel scripts: ``spec``-formatted, "-" for None."""
+    return "-" if x is None else format(x, spec)
+
+
 # ---------------------------------------------------------------- plots
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing."""
