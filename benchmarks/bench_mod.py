@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, log, write_json, write_results  # noqa: E402
+from benchmarks.common import log, parse_dtype, write_results  # noqa: E402
 from benchmarks.metrics import relative_l2  # noqa: E402
 from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
 from modcompile.config import SparsityConfig  # noqa: E402
@@ -185,7 +185,7 @@ def main(argv=None):
         args.grid, args.heads, args.head_dim, args.block, args.steps = [4, 8, 16], 2, 32, 32, 12
         args.refresh_interval = 3
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     if device == "cpu":
         dtype = torch.float32
     timer = Timer(device)

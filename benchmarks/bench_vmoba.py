@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import bench, default_device, log, parse_dtype, write_results  # noqa: E402
-from benchmarks.metrics import block_attention_mass, mass_recall_from_mass, relative_l2  # noqa: E402
+from benchmarks.metrics import (achieved_density, block_attention_mass, mass_recall_from_mass,  # noqa: E402
+                                relative_l2)
 from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
 from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels.reference import block_mask_from_lists  # noqa: E402
@@ -84,7 +85,7 @@ def overhead_rows(args, sa, device) -> list[dict]:
             kernel_ms = bench(lambda: attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, args.block,
                                                         scale), device=device)["ms"]
             total_ms = bench(lambda: run_policy(policy, ctx, q, k, v, scale), device=device)["ms"]
-            density = plan.kv_counts.double().mean().item() / plan.kv_indices.shape[-1]
+            density = achieved_density(plan.kv_counts, plan.kv_indices.shape[-1])
             rows.append({
                 "blocks": blocks_name, "kind": kind, "block_shape": "x".join(map(str, layout.partition.block)),
                 "partitions": layout.partition.num_blocks, "identity_perm": layout.identity,
@@ -123,7 +124,7 @@ def fidelity_rows(args, sa, device) -> list[dict]:
                     rows.append({
                         "blocks": blocks_name, "kind": kind, "selection": mode, "norm": norm, "tau": tau,
                         "partition_density": chosen.double().mean().item(),
-                        "density": plan.kv_counts.double().mean().item() / plan.kv_indices.shape[-1],
+                        "density": achieved_density(plan.kv_counts, plan.kv_indices.shape[-1]),
                         "mass_recall": mass_recall_from_mass(mass, bmask),
                         "rel_err": relative_l2(out, ref), "dense_rel_err": dense_err,
                     })

@@ -14,11 +14,11 @@ make every model output exactly 0 and every comparison trivially perfect.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import modcompile
+from benchmarks.common import Stopwatch
 from benchmarks.metrics import psnr, ssim
 from benchmarks.video_dit import DiTConfig, VideoDiT, make_noise, sample
 
@@ -48,13 +48,9 @@ def _timed_sample(model, noise, steps, device, profile=False) -> tuple[torch.Ten
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=50))
     modcompile.reset()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = sample(model, noise, steps, step_context=modcompile.denoising_step)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    with Stopwatch(device) as sw:
+        out = sample(model, noise, steps, step_context=modcompile.denoising_step)
+    return out, sw.ms / 1e3
 
 
 def main(argv=None) -> int:

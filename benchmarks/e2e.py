@@ -158,9 +158,8 @@ def run(args) -> dict:
             skipped[policy] = f"failed: {type(exc).__name__}: {exc}"
             continue
         dens = [p["density"] for p in mb.current_site_plans(policy).values() if p["density"] is not None]
-        timed = steps
         by_phase = {}
-        for r in timed:
+        for r in steps:
             by_phase.setdefault(r["phase"], []).append(r["ms"])
         sparse_ms = statistics.median(by_phase["sparse"]) if "sparse" in by_phase else None
         dense_phase_ms = statistics.median(by_phase["dense"]) if "dense" in by_phase else dense_ms

@@ -147,10 +147,6 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, *, layout: str = "CTHW", data_range
     return float(ssim_frames(frames_x, frames_r, data_range).mean())
 
 
-__all__ = ["relative_l2", "block_attention_mass", "mass_recall_from_mass", "attention_mass_recall",
-           "achieved_density", "psnr", "ssim", "ssim_frames"]
-
-
 # ---------------------------------------------------------------- log-sum-exp based recall
 def dense_lse(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
     """Row log-sum-exp of the dense scaled scores, float32 ``(B, H, N)``, chunked over queries."""
@@ -168,3 +164,7 @@ def recall_from_lse(lse_sparse: torch.Tensor, lse_dense: torch.Tensor, per_head:
     kept = torch.exp((lse_sparse.float() - lse_dense.float()).clamp(max=0.0))
     kept = torch.nan_to_num(kept, nan=0.0)
     return kept.mean(-1) if per_head else float(kept.mean())
+
+
+__all__ = ["relative_l2", "block_attention_mass", "mass_recall_from_mass", "attention_mass_recall",
+           "achieved_density", "psnr", "ssim", "ssim_frames", "dense_lse", "recall_from_lse"]
