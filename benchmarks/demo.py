@@ -72,9 +72,8 @@ def main(argv=None) -> int:
     _randomize_zero_init(model, args.seed)
     weights = "random weights"
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu")
-        model = VideoDiT(DiTConfig(**state["config"]) if "config" in state else cfg)
-        model.load_state_dict(state.get("model", state))
+        from benchmarks.train_dit import load_checkpoint
+        model = load_checkpoint(args.checkpoint)
         cfg, weights = model.cfg, f"checkpoint {args.checkpoint}"
     model = model.to(device=device, dtype=dtype).eval()
     noise = make_noise((1, cfg.in_channels, *cfg.latent), args.seed, device=device, dtype=dtype)

@@ -71,15 +71,12 @@ class Layout:
     text_pairs: torch.Tensor    # (Mk, Mk) bool on device: the row or the column holds text
     pool_ids: torch.Tensor      # (video tokens,) int64 on device: partition block of each permuted video position
     block_sizes: torch.Tensor   # (P,) float32 on device: tokens per partition block
+    video: tuple                # (first, end) permuted positions of the video tokens; stored, since
+                                # reading them from the partition's tensor costs a scalar read per call
 
     @property
     def identity(self) -> bool:
         return self.partition.identity
-
-    @property
-    def video(self) -> tuple:
-        """(first, end) permuted positions of the video tokens."""
-        return self.partition.video_range
 
     def describe(self) -> str:
         p = self.partition
@@ -98,7 +95,8 @@ def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_posi
                   partition.inv.to(device, torch.int32), incidence.to(device, torch.float32), text,
                   text[:, None] | text[None, :],
                   partition.block_of_position()[slice(*partition.video_range)].to(device),
-                  (partition.starts[1:] - partition.starts[:-1]).to(device, torch.float32))
+                  (partition.starts[1:] - partition.starts[:-1]).to(device, torch.float32),
+                  partition.video_range)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
