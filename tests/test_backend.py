@@ -401,3 +401,11 @@ def test_graph_after_a_break_takes_the_grid_of_the_call(compiles):
         model(video(frames=2), torch.tensor([9.0]))
     second = [r for r in rows() if r.site.endswith("blocks.1#0")][0]
     assert second.grid == (2, 8, 8)  # this graph holds no patch embedding
+
+
+def test_head_dim_the_gpu_kernel_lacks_stays_dense_with_the_reason():
+    from modcompile.passes.rewrite import _head_dim_check
+
+    assert _head_dim_check(128, torch.device("cuda"), torch.bfloat16) == ""
+    assert "head_dim 256 not supported" in _head_dim_check(256, torch.device("cuda"), torch.bfloat16)
+    assert _head_dim_check(256, torch.device("cpu"), torch.float32) == ""  # the reference runs any
