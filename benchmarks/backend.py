@@ -104,8 +104,11 @@ def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
         return {}
     reg = runtime.REGISTRY
     plans = {}
+    # Sites of earlier compilations stay registered (other scopes) but have no state after a reset:
+    # leave them out before numbering, or a re-run policy's site would not be layer 0.
     sparse_sites = [i for i in reg.sites.values() if i.status == "sparse"
-                    and (options_policy is None or i.config.policy == options_policy)]
+                    and (options_policy is None or i.config.policy == options_policy)
+                    and reg.states.get((i.key, 0)) is not None]
     sparse_sites.sort(key=lambda i: i.layer)
     for fallback, info in enumerate(sparse_sites):
         state = reg.states.get((info.key, 0))

@@ -2,6 +2,9 @@
 
 * ``oracle``: per query block, the key blocks that truly hold the most dense softmax mass (needs the
   dense attention, so it is an upper bound at a given density, not a usable policy);
+* ``oracle_budget``: the blocks of largest true mass over all heads at a total block budget (the
+  matched-density comparison: its density equals a policy's to half a block, its recall is an
+  upper bound at that density);
 * ``pooled``: per query block, the top key blocks by mean-pooled q . mean-pooled k (a training-free
   local top-k in the spirit of VMoBA/MoBA, in raw token order).
 
@@ -31,6 +34,22 @@ def oracle_mask(mass: torch.Tensor, density: float) -> torch.Tensor:
     return _topk_mask(mass, density)
 
 
+def oracle_budget_mask(mass: torch.Tensor, density: float) -> torch.Tensor:
+    """The truly densest blocks at a block budget: the ``round(density * B*H*Mq*Mk)`` blocks of largest
+    true mass over all (batch, head) maps together, own blocks first. Every map's mass sums to its
+    query count, so no mask with as many blocks (own blocks included) keeps more mass: an upper bound
+    on recall at that density, whatever the per-head or per-row split a policy picks."""
+    B, H, mq, mk = mass.shape
+    own = min(mq, mk)
+    total = min(mass.numel(), max(B * H * own, round(density * mass.numel())))
+    scores = mass.clone().float()
+    diag = torch.arange(own, device=mass.device)
+    scores[:, :, diag, diag] = float("inf")
+    idx = scores.reshape(-1).topk(total).indices
+    flat = torch.zeros(mass.numel(), dtype=torch.bool, device=mass.device)
+    return flat.scatter_(0, idx, True).view(B, H, mq, mk)
+
+
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean-pooled q . k per block pair (fp32), ragged last block averaged over its real tokens."""
     return block_means(q, block_size) @ block_means(k, block_size).transpose(-1, -2)
@@ -44,4 +63,4 @@ def mask_to_lists(mask: torch.Tensor):
     return lists_from_block_mask(mask)
 
 
-__all__ = ["oracle_mask", "pooled_mask", "pooled_scores", "mask_to_lists"]
+__all__ = ["oracle_mask", "oracle_budget_mask", "pooled_mask", "pooled_scores", "mask_to_lists"]

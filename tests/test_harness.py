@@ -243,3 +243,59 @@ def test_fidelity_synthetic_with_a_sparse_policy(tmp_path, monkeypatch):
     assert 0 < row["rel_err"] < 1 and row["sparse_steps"] == 2
     assert any(r["policy"] == "oracle" for r in payload["rows"])
     assert (tmp_path / "fidelity_synthetic.md").exists() and (tmp_path / "fidelity_synthetic.json").exists()
+
+
+def test_fidelity_synthetic_matched_density_rows(tmp_path, monkeypatch):
+    """mod and vmoba re-run at each other's achieved density next to the budget oracle: the rows
+    exist, are recorded as groups, and land on the target within each selection's block step."""
+    pytest.importorskip("modcompile.backend")
+    pytest.importorskip("modcompile.policies.mod")
+    pytest.importorskip("modcompile.policies.vmoba")
+    from modcompile import ops
+    from benchmarks.cli import _fill_defaults, build_parser
+    from benchmarks.fidelity import run_synthetic
+
+    if not torch.cuda.is_available():  # torch reference paths: the Triton interpreter is far slower
+        monkeypatch.setattr(ops, "use_triton", lambda t: False)
+
+    grid, heads, block = (8, 4, 8), 2, 16
+    args = _fill_defaults(build_parser().parse_args(
+        ["run", "fidelity", "--synthetic", "--policies", "mod,vmoba", "--steps", "8", "--device", "cpu",
+         "--grid", ",".join(map(str, grid)), "--heads", str(heads), "--head-dim", "16",
+         "--block-size", str(block), "--no-progress", "--baseline-densities", "0.5", "--out", str(tmp_path)]))
+    payload = run_synthetic(args)
+    # Block counts fix the granularity. 256 tokens / 16 = 16 kernel blocks per side. mod adds whole
+    # lines per head (at most 16 blocks each): achieved in [d, d + 1/16). vmoba's 1D partition of this
+    # layer is one frame (4*8 = 32 tokens, within [block/2, 2*block]) = 2 whole kernel blocks, so P = 8
+    # partition blocks and top-k keeps ceil(d*8) of them per row: achieved in [d, d + 1/8]. The oracle
+    # takes round(d * all blocks) blocks: within half a block of the whole (1, 2, 16, 16) tensor.
+    nb = (grid[0] * grid[1] * grid[2]) // block
+    partitions = grid[0]
+    step = {"mod": 1.0 / nb, "vmoba": 1.0 / partitions}
+    oracle_tol = 0.5 / (heads * nb * nb)
+    eps = 1e-9
+
+    matched = payload["matched_density"]
+    groups = {g["group"]: g for g in matched["groups"]}
+    assert set(groups) == {"mod-density", "vmoba-density"}
+    rows = {r["variant"]: r for r in matched["rows"]}
+    main = {r["variant"]: r for r in payload["rows"]}
+    for anchor, other in (("mod", "vmoba"), ("vmoba", "mod")):
+        g = groups[f"{anchor}-density"]
+        assert g["anchor"] == anchor and set(g["variants"]) == {anchor, other, "oracle"}
+        assert g["kernel_blocks"] == nb and g["vmoba_partitions"] == partitions
+        d = g["target_density"]
+        assert d == main[anchor]["density"] and 0 < d < 1  # the anchor is the unchanged main-table row
+        a, m, o = (rows[g["variants"][x]] for x in (anchor, other, "oracle"))
+        assert (a["role"], m["role"], o["role"]) == ("anchor", "matched", "oracle")
+        assert a["density"] == d and a["rel_err"] == main[anchor]["rel_err"]
+        assert all(r["target_density"] == d and r["group"] == g["group"] for r in (a, m, o))
+        assert d - eps <= m["density"] <= d + step[other] + eps, (other, d, m["density"])
+        assert m["granularity"] == pytest.approx(step[other])
+        assert abs(o["density"] - d) <= oracle_tol + eps
+        # the oracle keeps the most mass any mask with as many blocks can: the anchor cannot beat it
+        assert o["recall"] >= a["recall"] - 1e-5
+        assert m["sparse_steps"] > 0 and math.isfinite(m["rel_err"]) and o["err_vs_oracle"] == pytest.approx(1.0)
+    # the existing rows and columns are still there, the matched block is its own labelled section
+    assert {"mod", "vmoba"} <= set(main) and any(r["policy"] == "oracle" for r in payload["rows"])
+    assert "### Matched density" in (tmp_path / "fidelity_synthetic.md").read_text()
