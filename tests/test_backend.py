@@ -330,12 +330,13 @@ def test_logging_names_every_site(caplog):
 # ----------------------------------------------------------------------------- custom ops
 
 def test_opcheck_public_op():
-    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    """All of opcheck (schema, autograd registration, fake tensor, AOT dispatch) on inputs that
+    require grad."""
+    q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))
     counts = torch.tensor([[[1, 2, 3], [3, 1, 2]]], dtype=torch.int32)
     indices = torch.tensor([[[[0, 0, 0], [1, 0, 0], [2, 1, 0]], [[0, 1, 2], [1, 0, 0], [2, 0, 0]]]],
                            dtype=torch.int32)
-    torch.library.opcheck(torch.ops.modcompile.block_sparse_attention.default,
-                          (q, k, v, counts, indices, 32, 0.25), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.modcompile.block_sparse_attention.default, (q, k, v, counts, indices, 32, 0.25))
 
 
 def test_opcheck_graph_ops():
@@ -355,6 +356,18 @@ def test_opcheck_graph_ops():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
     torch.library.opcheck(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, "t/attn#0"),
                           test_utils=utils)
+
+
+def test_opcheck_training_site_attention_fully():
+    """A training site: the whole opcheck, autograd registration and AOT dispatch included."""
+    from modcompile.config import SparsityConfig
+    from modcompile.runtime import SiteInfo
+    REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
+                                    status="sparse", training=True))
+    q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))
+    counts, indices = torch.ops.modcompile.plan(q.detach(), k.detach(), None, "t/attn#0", -1, -1, -1)
+    torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
+                          (q, k, v, counts, indices, "t/attn#0", 0.25))
 
 
 @pytest.mark.gpu
