@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import modcompile
@@ -15,6 +14,8 @@ from modcompile.kernels.reference import block_mask_from_lists
 from modcompile.policies import SiteContext
 from modcompile.policies.mod import ModPolicy, summary
 from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+
+from models import TinyVideoDiT
 
 
 @pytest.fixture(autouse=True)
@@ -162,45 +163,8 @@ def test_observe_row_stride_validation():
 
 # ---------------------------------------------------------------- compiled DiT
 
-class Attn(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.h = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.o = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.o(o.transpose(1, 2).reshape(B, N, C))
-
-
-class TinyDiT(nn.Module):
-    def __init__(self, dim=32, heads=2, layers=2):
-        super().__init__()
-        self.emb = nn.Conv3d(4, dim, (1, 2, 2), (1, 2, 2))
-        self.blocks = nn.ModuleList(Attn(dim, heads) for _ in range(layers))
-        self.t = nn.Linear(1, dim)
-
-    def forward(self, x, timestep):
-        h = self.emb(x).flatten(2).transpose(1, 2) + self.t(timestep.view(-1, 1).float() / 1000).unsqueeze(1)
-        for b in self.blocks:
-            h = h + b(h)
-        return h
-
-
 OPTIONS = {"policy": "mod", "min_seq_len": 64, "block_size": 16, "video_grid": (4, 8, 8), "num_steps": 20,
            "refresh_interval": 4}
-
-
-@pytest.fixture
-def fresh():
-    modcompile.reset(forget_sites=True)
-    torch._dynamo.reset()
-    yield
-    modcompile.reset(forget_sites=True)
-    torch._dynamo.reset()
 
 
 class PlanRecorder:
@@ -222,10 +186,10 @@ def _graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_compiled_loop_with_denoising_step(fresh, monkeypatch):
+def test_compiled_loop_with_denoising_step(fresh_modcompile, monkeypatch):
     rec = PlanRecorder(monkeypatch)
     torch.manual_seed(0)
-    model = TinyDiT().eval()
+    model = TinyVideoDiT().eval()
     x = torch.randn(1, 4, 4, 16, 16)
     cm = torch.compile(model, backend="modsparse", options=dict(OPTIONS))
     densities = []
@@ -259,9 +223,9 @@ def test_compiled_loop_with_denoising_step(fresh, monkeypatch):
         assert all(0.0 < c <= 1.0 + 1e-6 for c in row["predicted_coverage"])
 
 
-def test_compiled_timestep_tensors_new_generation_and_cfg(fresh):
+def test_compiled_timestep_tensors_new_generation_and_cfg(fresh_modcompile):
     torch.manual_seed(1)
-    model = TinyDiT(layers=1).eval()
+    model = TinyVideoDiT(layers=1).eval()
     x = torch.randn(1, 4, 4, 16, 16)
     cm = torch.compile(model, backend="modsparse", options=dict(OPTIONS, num_steps=8))
     timesteps = [1000.0 - 120 * i for i in range(8)]

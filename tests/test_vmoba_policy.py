@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import modcompile
@@ -15,6 +14,8 @@ from modcompile.kernels import pooling as PL
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
 from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+
+from models import TinyVideoDiT
 
 from benchmarks.metrics import relative_l2
 from benchmarks.synthetic import make_synthetic_attention
@@ -152,56 +153,13 @@ def test_bad_config_is_a_clear_error():
 
 # ----------------------------------------------------------------------------- compiled
 
-class Attn(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.h = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.o = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-
-
-class TinyDiT(nn.Module):
-    """Conv3d patch embedding (grid (T, H/2, W/2)), optional joint text tokens, SDPA blocks."""
-
-    def __init__(self, dim=32, heads=2, layers=3, text=0, text_position="last"):
-        super().__init__()
-        self.emb = nn.Conv3d(4, dim, (1, 2, 2), (1, 2, 2))
-        self.blocks = nn.ModuleList(Attn(dim, heads) for _ in range(layers))
-        self.t = nn.Linear(1, dim)
-        self.text = nn.Parameter(torch.randn(text, dim)) if text else None
-        self.text_position = text_position
-
-    def forward(self, x, timestep):
-        h = self.emb(x).flatten(2).transpose(1, 2) + self.t(timestep.view(-1, 1).float() * 1e-3).unsqueeze(1)
-        if self.text is not None:
-            t = self.text.expand(h.shape[0], -1, -1)
-            h = torch.cat([h, t] if self.text_position == "last" else [t, h], 1)
-        for b in self.blocks:
-            h = h + b(h)
-        return h
-
-
-@pytest.fixture
-def fresh():
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
-    yield
-    torch._dynamo.reset()
-    modcompile.reset(forget_sites=True)
-
-
 def _states():
     return {key: s for (key, _), s in REGISTRY.states.items()}
 
 
-def test_compiled_schedule_densities_and_report(fresh):
+def test_compiled_schedule_densities_and_report(fresh_modcompile):
     torch.manual_seed(0)
-    model = TinyDiT().eval()
+    model = TinyVideoDiT(layers=3).eval()
     x = torch.randn(1, 4, 4, 16, 16)  # grid (4, 8, 8): 256 tokens
     cm = torch.compile(model, backend="modsparse",
                        options={"policy": "vmoba", "min_seq_len": 64, "block_size": 32, "num_steps": 4,
@@ -228,9 +186,9 @@ def test_compiled_schedule_densities_and_report(fresh):
 
 
 @pytest.mark.parametrize("position", ["first", "last"])
-def test_compiled_with_text_tokens_and_full_selection_equals_eager(position, fresh, torch_path):
+def test_compiled_with_text_tokens_and_full_selection_equals_eager(position, fresh_modcompile, torch_path):
     torch.manual_seed(1)
-    model = TinyDiT(text=6, text_position=position).eval()
+    model = TinyVideoDiT(layers=3, text_tokens=6, text_position=position).eval()
     x = torch.randn(1, 4, 2, 16, 16)  # grid (2, 8, 8) + 6 text tokens
     cm = torch.compile(model, backend="modsparse",
                        options={"policy": "vmoba", "min_seq_len": 64, "block_size": 16, "warmup_steps": 0,
@@ -244,9 +202,9 @@ def test_compiled_with_text_tokens_and_full_selection_equals_eager(position, fre
     assert all(r.text_tokens == 6 and r.density == 1.0 and "vmoba" in r.note for r in rows)
 
 
-def test_compiled_grid_that_does_not_fit_falls_back_dense_with_a_reason(fresh, torch_path, capsys):
+def test_compiled_grid_that_does_not_fit_falls_back_dense_with_a_reason(fresh_modcompile, torch_path, capsys):
     torch.manual_seed(2)
-    model = TinyDiT(layers=1).eval()
+    model = TinyVideoDiT(layers=1).eval()
     x = torch.randn(1, 4, 4, 16, 16)
     cm = torch.compile(model, backend="modsparse",
                        options={"policy": "vmoba", "min_seq_len": 64, "block_size": 32, "warmup_steps": 0,
