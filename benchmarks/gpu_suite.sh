@@ -16,7 +16,12 @@ part() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } > "$R/env.txt" 2>&1
 cat "$R/env.txt"
-part tests "${T_TESTS:-110}" $PY -m pytest -q -m gpu -x -p no:cacheprovider tests/
+# pytest/hypothesis from wheels carried in .whl/ when the machine lacks them
+$PY -c "import pytest, hypothesis" 2>/dev/null || { [ -d .whl ] &&
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$R/wheels.log" 2>&1 &&
+  export PYTHONPATH=$PYTHONPATH:/tmp/site; }
+# tests use the untuned first config (tuning is the benchmarks' job)
+part tests "${T_TESTS:-110}" env MODCOMPILE_BSA_NO_TUNE=1 MODCOMPILE_BWD_AUTOTUNE=0 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 part demo "${T_DEMO:-140}" $PY -m benchmarks.demo --steps 20
 part bench_mod "${T_MOD:-110}" $PY benchmarks/bench_mod.py --out "$R/mod"
 part bench_mod_s8 "${T_MOD:-110}" $PY benchmarks/bench_mod.py --out "$R/mod_s8" --observe-row-stride 8
