@@ -14,6 +14,7 @@ Python bodies, so the compiled graph is the same at every step (no recompiles). 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Optional
 
@@ -24,6 +25,8 @@ from torch import Tensor
 from .autograd import attach_autograd
 from .kernels._common import check_block_list_values, empty_heads_last, interpreting
 from .kernels.reference import block_sparse_attention_ref, num_blocks
+
+log = logging.getLogger("modcompile")
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY
 
@@ -65,6 +68,32 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     ref_out, lse = block_sparse_attention_ref(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale)
     out.copy_(ref_out)
     return out, lse
+
+
+def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
+    """Dense attention and its natural-log lse (B, H, N) from cuDNN's fused SDPA, for dense calls
+    that observe (MOD's dense steps): faster than our kernel at density 1. None where cuDNN cannot
+    run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or _CUDNN_LSE_BROKEN:
+        return None
+    out, lse = _fake_outputs(q)
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, False, False, scale=scale)
+        lse.copy_(res[1].reshape(lse.shape))
+    except RuntimeError as err:
+        _disable_cudnn_lse(err)
+        return None
+    return out.copy_(res[0]), lse
+
+
+_CUDNN_LSE_BROKEN = False
+
+
+def _disable_cudnn_lse(err: Exception) -> None:
+    global _CUDNN_LSE_BROKEN
+    _CUDNN_LSE_BROKEN = True
+    log.info("cuDNN attention with lse unavailable (%s): dense observed calls use the Triton kernel", err)
 
 
 def _fake_outputs(q: Tensor):
@@ -189,10 +218,15 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     """The site's attention: dense SDPA on dense calls that observe nothing and need no backward
     (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise."""
     state = REGISTRY.current(site)
-    if state.dense_now and not state.observe_now and not state.info.training:
-        out, lse = _fake_outputs(q)
-        out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
-        return out, lse.fill_(float("nan"))
+    state.scale = scale
+    if state.dense_now and not state.info.training:
+        if not state.observe_now:
+            out, lse = _fake_outputs(q)
+            out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+            return out, lse.fill_(float("nan"))
+        dense = dense_attention_with_lse(q, k, v, scale)
+        if dense is not None:
+            return dense
     return policy_for(state.info.config).attention(state.context, q, k, v, kv_counts, kv_indices, scale)
 
 

@@ -55,6 +55,7 @@ class SiteState:
     steps_seen: int = 0
     last_step: int = -1
     density: Any = None             # block density of the last call (0-dim tensor or float)
+    scale: float | None = None      # softmax scale of the last attention call (observe has none)
     context: Any = None             # the policy's SiteContext of the last plan (read by observe)
     geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
     note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()

@@ -37,7 +37,7 @@ class TinyVideoDiT(nn.Module):
 
     def forward(self, x, timestep):
         h = self.embed(x).flatten(2).transpose(1, 2)
-        freqs = torch.exp(-torch.arange(8, dtype=torch.float32) / 8)
+        freqs = torch.exp(-torch.arange(8, dtype=torch.float32, device=timestep.device) / 8)
         angle = timestep.float().view(-1, 1) * freqs
         h = h + self.time(torch.cat([angle.sin(), angle.cos()], -1)).unsqueeze(1)
         if self.text is not None:

@@ -422,3 +422,33 @@ def test_head_dim_the_gpu_kernel_lacks_stays_dense_with_the_reason():
     assert _head_dim_check(128, torch.device("cuda"), torch.bfloat16) == ""
     assert "head_dim 256 not supported" in _head_dim_check(256, torch.device("cuda"), torch.bfloat16)
     assert _head_dim_check(256, torch.device("cpu"), torch.float32) == ""  # the reference runs any
+
+
+def test_dense_attention_with_lse_leaves_cpu_to_the_kernel():
+    from modcompile.ops import dense_attention_with_lse
+
+    q = torch.randn(1, 2, 64, 16)
+    assert dense_attention_with_lse(q, q, q, 0.25) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n, d", [(1000, 128), (777, 64)])
+def test_dense_observed_calls_get_cudnn_output_and_lse(n, d):
+    """MOD's dense observed steps read the lse: cuDNN's must be the natural-log lse per query."""
+    from modcompile.ops import dense_attention_with_lse
+
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q, k, v = (torch.randn(1, n, 3, d, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    scale = d ** -0.5
+    res = dense_attention_with_lse(q, k, v, scale)
+    assert res is not None, "cuDNN attention with lse did not run"
+    out, lse = res
+    s = q.double() @ k.double().transpose(-1, -2) * scale
+    ref_lse = s.logsumexp(-1)
+    ref_out = s.softmax(-1) @ v.double()
+    sdpa_err = (F.scaled_dot_product_attention(q, k, v, scale=scale).double() - ref_out).abs().max()
+    assert (out.double() - ref_out).abs().max() <= 2 * sdpa_err + 1e-4
+    assert (lse.double() - ref_lse).abs().max() < 1e-2
+    assert lse.shape == (1, 3, n) and lse.dtype == torch.float32

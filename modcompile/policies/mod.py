@@ -86,7 +86,6 @@ class ModState:
     keep_frame: torch.Tensor | None = None         # (H,) bool
     predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
     observing: str | None = None                   # "dense" / "cheap" while an observed call runs
-    scale: float | None = None
     cheap_since_dense: int = 0
     coverage_flag: DeferredScalar | None = None
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
@@ -199,20 +198,14 @@ class ModPolicy(Policy):
             st.lists[batch] = lists
         return lists
 
-    # ------------------------------------------------------------------ attention, observation
-    def attention(self, ctx, q, k, v, kv_counts, kv_indices, scale):
-        st = ctx.state.policy_state
-        if st is not None:
-            st.scale = scale  # the observe node has no scale argument
-        return super().attention(ctx, q, k, v, kv_counts, kv_indices, scale)
-
+    # ------------------------------------------------------------------ observation
     def observe(self, ctx, q, k, lse, kv_counts, kv_indices) -> None:
         st = ctx.state.policy_state
         if st is None or st.observing is None:
             return
         kind, st.observing = st.observing, None
         cfg = self.config
-        scale = st.scale if st.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scale = ctx.state.scale if ctx.state.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         fg = fit_geometry(st.geometry, cfg.ridge_lambda, q.device)
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
