@@ -1,8 +1,9 @@
 """``python -m benchmarks.demo``: compile a small video DiT with ``backend="modsparse"``, denoise,
 and print speed and fidelity of each sparse policy against the same model compiled dense.
 
-On CUDA it runs a 6-layer DiT on a 16x32x32 latent token grid (16384 tokens, bf16, 128-token
-blocks); on CPU a reduced one in float32, where the sparse path is the torch reference: CPU times
+On CUDA it runs a DiT with the attention shape of Wan2.1-1.3B (12 heads x 128, 16x30x52 = 24960
+tokens, 4 layers, bf16, 128-token blocks; ``--preset small`` for a 6 x 64-head one at 16384
+tokens); on CPU a reduced one in float32, where the sparse path is the torch reference: CPU times
 show that the integration works, not what the kernels gain (GPU numbers are in BENCHMARKS.md).
 Each compiled model runs the whole schedule once untimed (compilation, kernel tuning), then timed.
 
@@ -23,11 +24,14 @@ from benchmarks.metrics import psnr, ssim
 from benchmarks.video_dit import DiTConfig, VideoDiT, make_noise, sample
 
 
-def _config(device: str) -> tuple[DiTConfig, dict]:
-    if device == "cuda":
-        return DiTConfig(latent=(16, 64, 64), dim=384, depth=6, heads=6), {"block_size": 128, "min_seq_len": 1024}
-    return DiTConfig(latent=(4, 16, 16), dim=64, depth=4, heads=2, freq_dim=32), {"block_size": 32,
-                                                                                    "min_seq_len": 128}
+# GPU presets: "wan" has the attention shape of Wan2.1-1.3B at a 16-frame 480p latent (12 heads x
+# 128, 16x30x52 = 24960 tokens) with 4 of its 30 layers, where attention is most of a step's time;
+# "small" is a 6-layer, 6 x 64-head DiT at 16384 tokens, where per-call planning costs show.
+PRESETS = {
+    "wan": (DiTConfig(latent=(16, 60, 104), dim=1536, depth=4, heads=12), {"block_size": 128, "min_seq_len": 1024}),
+    "small": (DiTConfig(latent=(16, 64, 64), dim=384, depth=6, heads=6), {"block_size": 128, "min_seq_len": 1024}),
+    "cpu": (DiTConfig(latent=(4, 16, 16), dim=64, depth=4, heads=2, freq_dim=32), {"block_size": 32, "min_seq_len": 128}),
+}
 
 
 def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
@@ -59,12 +63,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30 CUDA, 12 CPU)")
     parser.add_argument("--policies", default="mod,vmoba", help="comma-separated modsparse policies")
     parser.add_argument("--checkpoint", default=None, help="trained small-DiT checkpoint (train-dit level)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="model size (default: wan on CUDA, cpu on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of each timed run")
     args = parser.parse_args(argv)
 
     device = args.device
-    cfg, base_options = _config(device)
+    cfg, base_options = PRESETS[args.preset or ("wan" if device == "cuda" else "cpu")]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     steps = args.steps or (30 if device == "cuda" else 12)
     torch.manual_seed(args.seed)

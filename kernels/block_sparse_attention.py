@@ -56,6 +56,7 @@ def _block_sparse_attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,     # K/V through tensor descriptors (Hopper TMA); OOB rows read as 0
     RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
+    WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -93,7 +94,7 @@ def _block_sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in range(0, count * CHUNKS):
+    for t in tl.range(0, count * CHUNKS, warp_specialize=WARP_SPEC):
         key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
         start = key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
         cols = start + offs_n
@@ -162,6 +163,7 @@ class KernelConfig:
     num_stages: int
     tma: bool = False  # K/V loads through tensor descriptors (needs sm_90+ and 16-byte strides)
     ragged_branch: bool = False  # mask only the chunk that crosses the sequence end
+    warp_spec: bool = False  # producer/consumer warp specialization of the key loop (Triton, sm_90+)
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
@@ -177,6 +179,11 @@ _CANDIDATES = (
     KernelConfig(64, 64, 4, 3),
     KernelConfig(128, 128, 8, 3, tma=True),
     KernelConfig(128, 64, 8, 3, tma=True),
+    # Warp-specialized variants (Triton 3.5+ on Hopper needs TMA loads for it): not yet measured.
+    KernelConfig(128, 128, 8, 2, tma=True, ragged_branch=True, warp_spec=True),
+    KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
+    KernelConfig(128, 128, 8, 3, tma=True, warp_spec=True),
+    KernelConfig(128, 128, 8, 3, ragged_branch=True, warp_spec=True),
     KernelConfig(32, 32, 4, 2),
     KernelConfig(16, 16, 2, 1),
 )
@@ -332,6 +339,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TMA=cfg.tma,
         RAGGED_BRANCH=cfg.ragged_branch,
+        WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
