@@ -38,7 +38,9 @@ import modcompile  # noqa: E402
 from modcompile import ops  # noqa: E402
 from modcompile.runtime import REGISTRY  # noqa: E402
 
-OPS = {"plan": (ops.plan, 3), "attention": (ops.sparse_attention, 5), "observe": (ops.observe, 5)}
+# short name -> (op, index of its site argument, profiler event name)
+OPS = {"plan": (ops.plan, 3, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
+       "observe": (ops.observe, 5, "modcompile::observe")}
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -66,7 +68,7 @@ class CallLog:
 def timed_ops(log: CallLog, device_type: str):
     """Time the Python bodies of the graph ops (a device kernel wrapping the op's own function;
     disabled again on exit, so the ops fall back to their default implementation)."""
-    for name, (op, site_arg) in OPS.items():
+    for name, (op, site_arg, _) in OPS.items():
         body = op._init_fn
 
         def wrapper(*args, _body=body, _name=name, _site_arg=site_arg):
@@ -83,7 +85,7 @@ def timed_ops(log: CallLog, device_type: str):
     try:
         yield log
     finally:
-        for op, _ in OPS.values():
+        for op, _, _ in OPS.values():
             op.set_kernel_enabled(device_type, False)
 
 
@@ -118,7 +120,9 @@ def _run(model, noise, steps):
 def _count_per_call(prof, op_name: str, device: str) -> list[dict]:
     """Per call of ``op_name`` (start order): launches, copies, syncs (CUDA) or top-level aten ops (CPU)."""
     events = list(prof.events())
-    calls = sorted((e for e in events if e.name == op_name), key=lambda e: e.time_range.start)
+    # an op with autograd registered shows up twice, nested: count the outer event
+    calls = sorted((e for e in events if e.name == op_name and not (e.cpu_parent and e.cpu_parent.name == op_name)),
+                   key=lambda e: e.time_range.start)
     if device != "cuda":
         return [{"aten_ops": sum(1 for c in e.cpu_children if c.name.startswith("aten::"))} for e in calls]
     runtime = sorted((e.time_range.start, e.name, e.thread) for e in events
@@ -159,8 +163,8 @@ def measure(policy: str, device: str, steps: int, profile: bool = True) -> dict:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
             with profiler(activities=activities) as prof:
                 _run(compiled, noise, steps)
-            for name in OPS:
-                per_call = _count_per_call(prof, f"modcompile::{name}", device)
+            for name, (_, _, event_name) in OPS.items():
+                per_call = _count_per_call(prof, event_name, device)
                 phases = [p for p, _ in log.calls[name]]
                 if len(per_call) == len(phases):
                     counts[name] = list(zip(phases, per_call))
@@ -178,7 +182,16 @@ def measure(policy: str, device: str, steps: int, profile: bool = True) -> dict:
             rows[f"{name}/{phase}"] = row
     return {"policy": policy, "device": device, "steps": steps, "seq_len": cfg.seq_len, "heads": cfg.heads,
             "head_dim": cfg.head_dim, "layers": cfg.depth, "dtype": str(dtype).replace("torch.", ""),
-            "block_size": options["block_size"], "schedule_s": total, "ops": rows}
+            "block_size": options["block_size"], "schedule_s": total, "ops": rows,
+            "cuda_graphs": _graphs_on(device)}
+
+
+def _graphs_on(device: str) -> bool:
+    try:
+        from modcompile import cuda_graphs
+    except ImportError:  # a checkout from before the graphed selection
+        return False
+    return cuda_graphs.enabled(torch.device(device))
 
 
 def markdown(results: list[dict]) -> str:
@@ -188,7 +201,8 @@ def markdown(results: list[dict]) -> str:
     count_cols = ("launches", "copies", "syncs") if device == "cuda" else ("aten_ops",)
     r0 = results[0]
     lines = [f"{label}; {r0['layers']} layers, {r0['seq_len']} tokens, {r0['heads']} heads x {r0['head_dim']}, "
-             f"{r0['dtype']}, block {r0['block_size']}, {r0['steps']} steps; median per layer call",
+             f"{r0['dtype']}, block {r0['block_size']}, {r0['steps']} steps, CUDA graphs "
+             f"{'on' if r0['cuda_graphs'] else 'off'}; median per layer call",
              "",
              "| policy | op | phase | calls | host ms (median) | host ms (mean) | " +
              " | ".join(f"{c} / call" for c in count_cols) + " |",
@@ -214,6 +228,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not args.tune:
         os.environ.setdefault("MODCOMPILE_BSA_NO_TUNE", "1")
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise (and suffer from a busy host)
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
         results.append(measure(policy, args.device, args.steps, profile=not args.no_profile))
