@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 
 import torch
 
@@ -16,6 +17,16 @@ LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 def interpreting() -> bool:
     """Whether TRITON_INTERPRET asks for the Triton interpreter (any value but empty or "0")."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability`` cached per device: the launch wrappers ask on every call."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def padded_head_dim(head_dim: int) -> int:

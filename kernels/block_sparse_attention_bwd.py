@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, default_scale, dot_precision, interpreting, padded_head_dim
+from ._common import LOG2E, default_scale, device_capability, dot_precision, interpreting, padded_head_dim
 from .reference import num_blocks
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
@@ -389,7 +389,7 @@ def block_sparse_attention_bwd(
         launch_dkdv(config)
         launch_dq(config)
     elif on_gpu and _autotune_enabled():
-        key = (block_size, bd, q.dtype, N, Nk, torch.cuda.get_device_capability(q.device))
+        key = (block_size, bd, q.dtype, N, Nk, device_capability(q.device))
         _launch_tuned("dkdv", launch_dkdv, key, block_size)
         _launch_tuned("dq", launch_dq, key, block_size)
     else:

@@ -196,8 +196,6 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, 
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
     state.dense_now, state.observe_now = result.dense, result.observe
-    mk = num_blocks(k.shape[2], config.block_size)
-    state.density = 1.0 if result.dense else result.kv_counts.sum(dtype=torch.float32) / (result.kv_counts.numel() * mk)
     # Policies keep their lists across calls (cached full lists, MOD's interval masks), but the
     # compiled graph owns an op's outputs and may reuse their memory once they are dead: hand it
     # copies (two small device copies per call).

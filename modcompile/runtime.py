@@ -54,11 +54,20 @@ class SiteState:
     observe_now: bool = False       # the observe node must run this step
     steps_seen: int = 0
     last_step: int = -1
-    density: Any = None             # block density of the last call (0-dim tensor or float)
     scale: float | None = None      # softmax scale of the last attention call (observe has none)
     context: Any = None             # the policy's SiteContext of the last plan (read by observe)
     geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
     note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
+
+    @property
+    def density(self):
+        """Block density of the last call's lists (1.0 for dense plans; a 0-dim device tensor
+        otherwise, read by report()). Computed on read: the plan op would pay two launches per call."""
+        if self.kv_counts is None:
+            return None
+        if self.dense_now:
+            return 1.0
+        return self.kv_counts.sum(dtype=torch.float32) / (self.kv_counts.numel() * self.kv_indices.shape[-1])
 
 
 class StepTracker:

@@ -69,7 +69,7 @@ def lists_from_mask(mask: torch.Tensor):
     return counts, ordered.remainder_(mk)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)  # never evicted: captured CUDA graphs hold the addresses (cuda_graphs.py)
 def _list_keys(mk: int, device: torch.device):
     ids = torch.arange(mk, device=device, dtype=torch.int32)
     return ids, ids + mk

@@ -65,12 +65,14 @@ def rank_in_row(scores: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
-@lru_cache(maxsize=64)
+# Per-shape constants, never evicted: CUDA graphs captured from this code (modcompile/cuda_graphs.py)
+# hold their addresses.
+@lru_cache(maxsize=None)
 def _arange(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)
 def _own_blocks(mq: int, mk: int, device) -> torch.Tensor:
     return torch.eye(mq, mk, dtype=torch.bool, device=device)
 

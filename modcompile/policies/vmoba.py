@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import torch
 
+from .. import cuda_graphs
 from ..kernels import partition as part_lib
 from ..kernels import pooling
 from .base import Plan, Policy, SiteContext, lists_from_mask, register_policy
@@ -33,6 +34,7 @@ from .selection import select_blocks
 
 WARMUP_FRACTION = 0.25
 _SEG_ROWS = 256
+_MAX_GRAPHS = 64  # captured selection tails kept per policy (one per layout and pooled shape)
 
 
 def parse_partition_blocks(value) -> dict:
@@ -123,6 +125,7 @@ class VmobaPolicy(Policy):
     def __init__(self, config):
         super().__init__(config)
         self.blocks = parse_partition_blocks(config.partition_blocks)
+        self._graphs: dict = {}  # (id(layout), pooled shape, dtype, device) -> (layout, GraphedCall)
         if config.selection == "topk" and config.topk is None and config.density is None:
             raise ValueError("vmoba: selection='topk' needs topk or density")
         if config.topk is not None and config.topk < 1:
@@ -164,8 +167,25 @@ class VmobaPolicy(Policy):
         qp, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
         if not layout.identity:
             call.stash = (_tensor_key(q), _tensor_key(k), qp, kp)
-        counts, indices = self.block_lists(q_pool, k_pool, layout, scale=1.0 / math.sqrt(q.shape[-1]))
+        counts, indices = self.lists_fn(layout, q_pool)(q_pool, k_pool)
         return Plan(counts, indices, dense=False)
+
+    def lists_fn(self, layout: Layout, q_pool: torch.Tensor):
+        """``(q_pool, k_pool) -> (counts, indices)`` for this layout and pooled shape: on CUDA
+        replayed from a CUDA graph after the first call (the selection is ~30 tiny kernels whose
+        launches cost more host time than their GPU time), else :meth:`block_lists`."""
+        scale = 1.0 / math.sqrt(q_pool.shape[-1])
+        if not cuda_graphs.enabled(q_pool.device):
+            return lambda qp, kp: self.block_lists(qp, kp, layout, scale)
+        key = (id(layout), tuple(q_pool.shape), q_pool.dtype, q_pool.device)
+        entry = self._graphs.get(key)
+        if entry is None or entry[0] is not layout:  # `is`: an evicted layout's id may be reused
+            if len(self._graphs) >= _MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            call = cuda_graphs.GraphedCall(lambda qp, kp: self.block_lists(qp, kp, layout, scale),
+                                           name=f"the {layout.describe()} selection")
+            entry = self._graphs[key] = (layout, call)
+        return entry[1]
 
     def permute_pool(self, q, k, layout: Layout):
         if _use_triton(q):
