@@ -35,7 +35,7 @@ from benchmarks.metrics import relative_l2  # noqa: E402
 from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
 from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels.reference import block_mask_from_lists, full_block_lists, num_blocks  # noqa: E402
-from modcompile.ops import attention_forward  # noqa: E402
+from modcompile.ops import attention_forward, site_attention  # noqa: E402
 from modcompile.policies import SiteContext  # noqa: E402
 from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map  # noqa: E402
 from modcompile.runtime import SiteInfo, SiteState  # noqa: E402
@@ -75,10 +75,9 @@ class Site:
                           config=self.info.config)
         plan, t_plan = timer(lambda: self.policy.plan(ctx, q, k))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        if plan.dense and not plan.observe:
-            out, t_attn = timer(lambda: F.scaled_dot_product_attention(q, k, v))
-            return out, plan, {"plan": t_plan, "attn": t_attn, "observe": 0.0}
-        (out, lse), t_attn = timer(lambda: self.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, scale))
+        self.state.dense_now, self.state.observe_now = plan.dense, plan.observe
+        (out, lse), t_attn = timer(lambda: site_attention(self.policy, ctx, q, k, v, plan.kv_counts,
+                                                          plan.kv_indices, scale))
         t_obs = 0.0
         if plan.observe:
             _, t_obs = timer(lambda: self.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices))

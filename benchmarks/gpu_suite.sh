@@ -31,8 +31,10 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
              $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
+    kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --no-sweep ${KERNEL_ARGS:-} ;;
     kernel_quick) part kernel_quick 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --quick --no-flex ;;
     backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check ;;
+    host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
     fidelity_synthetic) part fidelity_synthetic 70 $PY -m benchmarks run fidelity --synthetic --out "$R/fidelity" --no-progress ;;

@@ -216,6 +216,13 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     """The site's attention: dense SDPA on dense calls that observe nothing and need no backward
     (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise."""
     state = REGISTRY.current(site)
+    return site_attention(policy_for(state.info.config), state.context, q, k, v, kv_counts, kv_indices, scale)
+
+
+def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float):
+    """The body of the site attention op for the step its plan set up (``ctx.state.dense_now`` /
+    ``observe_now``); benchmarks that drive a policy by hand call it too."""
+    state = ctx.state
     state.scale = scale
     if state.dense_now and not state.info.training:
         if not state.observe_now:
@@ -225,7 +232,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
         dense = dense_attention_with_lse(q, k, v, scale)
         if dense is not None:
             return dense
-    return policy_for(state.info.config).attention(state.context, q, k, v, kv_counts, kv_indices, scale)
+    return policy.attention(ctx, q, k, v, kv_counts, kv_indices, scale)
 
 
 @sparse_attention.register_fake
