@@ -39,7 +39,7 @@ class TinyVideoDiT(nn.Module):
         h = self.embed(x).flatten(2).transpose(1, 2)
         freqs = torch.exp(-torch.arange(8, dtype=torch.float32, device=timestep.device) / 8)
         angle = timestep.float().view(-1, 1) * freqs
-        h = h + self.time(torch.cat([angle.sin(), angle.cos()], -1)).unsqueeze(1)
+        h = h + self.time(torch.cat([angle.sin(), angle.cos()], -1).to(h.dtype)).unsqueeze(1)
         if self.text is not None:
             text = self.text.expand(h.shape[0], -1, -1)
             h = torch.cat([h, text] if self.text_position == "last" else [text, h], 1)
