@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--checkpoint", default=None, help="where to save (default OUT/dit_small.pt)")
     t.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor)")
+    t.add_argument("--compare", default=None, choices=["vmoba", "mod", "dense"],
+                   help="then train through backend=modsparse with this policy for the same steps and data")
+    t.add_argument("--block-size", type=int, default=None, help="kernel block for --compare (64 CUDA, 16 CPU)")
     return parser
 
 
@@ -142,8 +145,10 @@ def _fill_defaults(args):
         else:
             args.block_size = args.block_size or (64 if cuda else 16)
             args.steps = args.steps or 30
-    if args.level == "train-dit" and args.steps is None and args.minutes is None:
-        args.minutes = 3.0
+    if args.level == "train-dit":
+        if args.steps is None and args.minutes is None:
+            args.minutes = 3.0
+        args.block_size = args.block_size or (64 if cuda else 16)
     return args
 
 

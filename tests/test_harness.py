@@ -166,6 +166,24 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
     assert torch.equal(loaded(x, timestep=t), res["model"].eval()(x, timestep=t))
 
 
+def test_training_runs_see_the_same_batches_and_compare_trains_sparse(tmp_path, fresh_modcompile):
+    """Two dense runs are identical (data, noise and times fixed by seed and step); the comparison
+    trains the same model through modsparse vmoba with a density below 1 and writes its table."""
+    from benchmarks.cli import main as cli_main
+    from benchmarks.train_dit import train
+    a = train("tiny", steps=2, batch_size=2, val_every=1, show_progress=False)
+    b = train("tiny", steps=2, batch_size=2, val_every=1, show_progress=False)
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    cli_main(["run", "train-dit", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--val-every", "1",
+              "--compare", "vmoba", "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "train_compare.json").read_text())
+    dense, sparse = data["rows"]
+    assert dense["steps"] == sparse["steps"] == 2
+    assert 0.0 < data["settings"]["density"] < 1.0
+    assert math.isfinite(sparse["val_loss"]) and sparse["step_ms"] > 0
+    assert set(data["history"]) == {"dense", "vmoba"}
+
+
 # ------------------------------------------------------------------ writers and CLI
 def test_markdown_and_json_writers(tmp_path):
     rows = [{"name": "a", "psnr": float("inf"), "x": 0.123456}, {"name": "b|c", "x": None}]
