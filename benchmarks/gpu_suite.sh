@@ -2,7 +2,8 @@
 # One GPU session: GPU tests, the demo, the kernel/backward/policy benchmarks and the synthetic
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
-#   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic);
+#   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
+#   demo_small kernel kernel_quick backward_quick host_overhead train_compare fidelity_dit);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
