@@ -34,7 +34,7 @@ PRESETS = {
 }
 
 
-def _randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
+def randomize_zero_init(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     steps = args.steps or (30 if device == "cuda" else 12)
     torch.manual_seed(args.seed)
     model = VideoDiT(cfg)
-    _randomize_zero_init(model, args.seed)
+    randomize_zero_init(model, args.seed)
     weights = "random weights"
     if args.checkpoint:
         from benchmarks.train_dit import load_checkpoint

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -90,21 +89,21 @@ def timed_ops(log: CallLog, device_type: str):
 
 
 def _model(device: str):
-    from benchmarks.video_dit import DiTConfig, VideoDiT
+    """The demo's small preset on CUDA; on CPU its CPU preset cut to 3 layers (4x8x8 = 256 tokens,
+    32-token blocks: CPU compute stays small next to the host overhead)."""
+    from dataclasses import replace
+
+    from benchmarks.demo import PRESETS, randomize_zero_init
+    from benchmarks.video_dit import VideoDiT
     if device == "cuda":
-        cfg = DiTConfig(latent=(16, 64, 64), dim=384, depth=6, heads=6)
-        options = {"block_size": 128, "min_seq_len": 1024}
+        cfg, options = PRESETS["small"]
         dtype = torch.bfloat16
-    else:  # 4x8x8 = 256 tokens, 32-token blocks: CPU compute stays small next to the host overhead
-        cfg = DiTConfig(latent=(4, 16, 16), dim=64, depth=3, heads=2, freq_dim=32)
-        options = {"block_size": 32, "min_seq_len": 128}
-        dtype = torch.float32
+    else:
+        cfg, options = PRESETS["cpu"]
+        cfg, dtype = replace(cfg, depth=3), torch.float32
     torch.manual_seed(0)
     model = VideoDiT(cfg)
-    with torch.no_grad():  # adaLN-zero would make every branch 0: random weights instead
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0.0, 0.02)
+    randomize_zero_init(model, 0)  # adaLN-zero would make every branch 0
     return model.to(device=device, dtype=dtype).eval(), cfg, options, dtype
 
 
@@ -237,8 +236,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from benchmarks.common import environment
-        (out / "host_overhead.json").write_text(json.dumps({"env": environment(), "results": results}, indent=1))
+        from benchmarks.common import environment, write_json
+        write_json(out / "host_overhead.json", {"env": environment(), "results": results})
         (out / "host_overhead.md").write_text(table + "\n")
     print(table)
     return 0

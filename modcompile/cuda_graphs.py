@@ -52,14 +52,12 @@ class GraphedCall:
         self.failed = False
 
     def __call__(self, *inputs: torch.Tensor) -> tuple:
-        if self.graph is None:
-            if self.failed or self.eager_calls == 0 or torch.cuda.is_current_stream_capturing():
-                self.eager_calls += 1
-                return tuple(self.fn(*inputs))
+        if self.graph is None and not (self.failed or self.eager_calls == 0
+                                       or torch.cuda.is_current_stream_capturing()):
             self._capture(inputs)
-            if self.graph is None:
-                self.eager_calls += 1
-                return tuple(self.fn(*inputs))
+        if self.graph is None:  # first call, failed or nested capture: eager
+            self.eager_calls += 1
+            return tuple(self.fn(*inputs))
         for static, x in zip(self.static_inputs, inputs):
             static.copy_(x)
         self.graph.replay()

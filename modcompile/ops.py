@@ -25,10 +25,10 @@ from torch import Tensor
 from .autograd import attach_autograd
 from .kernels._common import check_block_list_values, empty_heads_last, interpreting
 from .kernels.reference import block_sparse_attention_ref, num_blocks
-
-log = logging.getLogger("modcompile")
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY
+
+log = logging.getLogger("modcompile")
 
 _TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t is not None)
 
@@ -74,6 +74,7 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
     """Dense attention and its natural-log lse (B, H, N) from cuDNN's fused SDPA, for dense calls
     that observe (MOD's dense steps): faster than our kernel at density 1. None where cuDNN cannot
     run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel."""
+    global _CUDNN_LSE_BROKEN
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or _CUDNN_LSE_BROKEN:
         return None
     out, lse = _fake_outputs(q)
@@ -82,18 +83,13 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
             q, k, v, None, True, 0.0, False, False, scale=scale)
         lse.copy_(res[1].reshape(lse.shape))
     except RuntimeError as err:
-        _disable_cudnn_lse(err)
+        _CUDNN_LSE_BROKEN = True
+        log.info("cuDNN attention with lse unavailable (%s): dense observed calls use the Triton kernel", err)
         return None
     return out.copy_(res[0]), lse
 
 
 _CUDNN_LSE_BROKEN = False
-
-
-def _disable_cudnn_lse(err: Exception) -> None:
-    global _CUDNN_LSE_BROKEN
-    _CUDNN_LSE_BROKEN = True
-    log.info("cuDNN attention with lse unavailable (%s): dense observed calls use the Triton kernel", err)
 
 
 def _fake_outputs(q: Tensor):
