@@ -262,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one shape, densities 1.0 and 0.1")
     ap.add_argument("--no-sweep", action="store_true", help="skip timing every launch config")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--sweep-heads", type=lambda s: [int(x) for x in s.split(",")], default=[40],
+                    help="heads of the (1, H, 32760, 128) shapes the config sweep times, e.g. 12,40")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_kernel.py needs a CUDA GPU")
@@ -285,7 +287,8 @@ def main(argv=None):
     sweep = []
     if not args.no_sweep:
         log("config sweep:")
-        sweep = sweep_configs((1, 40, 32760, 128), [1.0, 0.1], device)
+        for heads in args.sweep_heads:
+            sweep += sweep_configs((1, heads, 32760, 128), [1.0, 0.1], device)
 
     rows = []
     for shape in shapes:
@@ -300,6 +303,12 @@ def main(argv=None):
         f"{table}\n")
     (out_dir / "kernel_bench.json").write_text(json.dumps(
         dict(environment=env, checks=checks, sweep=sweep, rows=rows), indent=1, default=str))
+    if sweep:
+        sweep_md = ["| shape | density | config | ms | TFLOP/s |", "|---|---|---|---|---|"]
+        sweep_md += [f"| {tuple(r['shape'])} | {r['density']:.3f} | {r['config']} | {r['ms']:.3f} | {r['tflops']:.0f} |"
+                     for r in sweep]
+        (out_dir / "kernel_sweep.md").write_text("\n".join(sweep_md) + "\n")
+        log("\n".join(sweep_md))
     plotted = plot(rows, out_dir / "kernel_speedup.png")
     log("compiled variants:\n" + "\n".join(compiled_kernel_report()))
     log(f"tuned configs: {env['tuned_configs']}")

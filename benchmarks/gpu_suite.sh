@@ -3,7 +3,7 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   demo_small kernel kernel_quick backward_quick host_overhead train_compare fidelity_dit);
+#   demo_small kernel kernel_quick backward_quick host_overhead train_compare fidelity_dit e2e);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -42,6 +42,10 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
              --out "$R/fidelity_dit" --no-progress ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
+    e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
+         $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \
+           diffusers > "$R/e2e_wheels.log" 2>&1
+         part e2e 540 $PY -m benchmarks run e2e --out "$R/e2e" --no-progress ${E2E_ARGS:-} ;;
     fidelity_synthetic) part fidelity_synthetic 70 $PY -m benchmarks run fidelity --synthetic --out "$R/fidelity" --no-progress ;;
     *) echo "unknown part $p" ;;
   esac

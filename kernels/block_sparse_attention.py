@@ -11,9 +11,10 @@ maximum starts at a large finite negative number instead of -inf, so a chunk tha
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
 is empty end with l = 0 and are written as out = 0, lse = -inf.
 
-Launch configuration: on CUDA the first call per (device, head_dim, dtype, block_size, TMA-able)
-compiles and times the candidates (tens of seconds once) and caches the fastest; later calls only
-look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
+Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
+TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
+candidates (tens of seconds once; later keys reuse the compiled binaries) and caches the fastest;
+later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
 block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
                       empty_heads_last, interpreting, padded_head_dim, unit_last_stride)
@@ -55,6 +57,7 @@ def _block_sparse_attention_fwd_kernel(
     EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block anywhere
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,     # K/V through tensor descriptors (Hopper TMA); OOB rows read as 0
+    HOST_TMA: tl.constexpr,    # K and V arrive as host-built (B, H, N, D) descriptors
     RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
     WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
 ):
@@ -78,15 +81,20 @@ def _block_sparse_attention_fwd_kernel(
     else:
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    if USE_TMA:
-        # One (N_K, HEAD_DIM) view per (batch, head): the copy engine zero-fills rows past N_K and
-        # columns past HEAD_DIM, so the loads need no masks and no per-thread addresses.
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
+    if HOST_TMA:
+        b32 = pid_bh // H
+        h32 = pid_bh % H
+    else:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        if USE_TMA:
+            # One (N_K, HEAD_DIM) view per (batch, head): the copy engine zero-fills rows past N_K
+            # and columns past HEAD_DIM, so the loads need no masks and no per-thread addresses.
+            # Built by each program on the device (a global write and a fence per program).
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[N_K, HEAD_DIM], strides=[stride_kn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, HEAD_DIM], strides=[stride_vn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -98,7 +106,10 @@ def _block_sparse_attention_fwd_kernel(
         key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
         start = key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
         cols = start + offs_n
-        if USE_TMA:
+        if HOST_TMA:
+            k = K.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D).T
+            v = V.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif USE_TMA:
             k = k_desc.load([start, 0]).T
             v = v_desc.load([start, 0])
         else:
@@ -162,8 +173,13 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # K/V loads through tensor descriptors (needs sm_90+ and 16-byte strides)
+    host_tma: bool = False  # with tma: descriptors built once on the host, not by every program
     ragged_branch: bool = False  # mask only the chunk that crosses the sequence end
     warp_spec: bool = False  # producer/consumer warp specialization of the key loop (Triton, sm_90+)
+
+    def __post_init__(self):
+        if self.host_tma and not self.tma:
+            raise ValueError("KernelConfig: host_tma needs tma=True")
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
@@ -176,6 +192,8 @@ class KernelConfig:
 # 4 stages need 288 KB of shared memory (H100: 227 KB), so they are left out.
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
+    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
+    KernelConfig(128, 64, 8, 4, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),
     KernelConfig(128, 128, 8, 3),
     KernelConfig(128, 128, 8, 2),
@@ -187,7 +205,7 @@ _CANDIDATES = (
     KernelConfig(16, 16, 2, 1),
 )
 
-# (capability, head_dim, dtype, block_size, tma usable) -> KernelConfig chosen by timing.
+# tuning key (see _tuning_key) -> KernelConfig chosen by timing.
 _TUNED: dict[tuple, KernelConfig] = {}
 # Set MODCOMPILE_BSA_NO_TUNE=1 to skip timing and use the first fitting candidate.
 _NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
@@ -317,8 +335,13 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
     n_k = k.shape[2]
     block_d = padded_head_dim(D)
     grid = (triton.cdiv(N, block_size) * (block_size // cfg.block_m), B * H)
+    k_arg, v_arg = k, v
+    if cfg.host_tma:
+        # Zero padding past N and past D, like the on-device descriptors.
+        k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_n, block_d])
+                        for t in (k, v))
     _block_sparse_attention_fwd_kernel[grid](
-        q, k, v, out, lse, counts, indices,
+        q, k_arg, v_arg, out, lse, counts, indices,
         scale * LOG2E,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -337,11 +360,22 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         EVEN_K=n_k % block_size == 0,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_TMA=cfg.tma,
+        HOST_TMA=cfg.host_tma,
         RAGGED_BRANCH=cfg.ragged_branch,
         WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+
+
+def _tuning_key(q, k, block_size: int, tma: bool) -> tuple:
+    """What the best configuration depends on: device, head_dim, dtype, block size, TMA, whether
+    the last key block is ragged, and the number of query blocks x heads in powers of two (a
+    choice timed on a small ragged test shape is not reused for a 32k-token call)."""
+    B, H, N, D = q.shape
+    programs = B * H * triton.cdiv(N, block_size)
+    return (device_capability(q.device), D, q.dtype, block_size, tma, k.shape[2] % block_size != 0,
+            programs.bit_length())
 
 
 def _pick_config(q, k, v, block_size, run) -> KernelConfig:
@@ -350,7 +384,7 @@ def _pick_config(q, k, v, block_size, run) -> KernelConfig:
     if interpreting() or not q.is_cuda:
         return _interpreter_config(block_size)
     tma = tma_usable(k, v)
-    key = (device_capability(q.device), D, q.dtype, block_size, tma)
+    key = _tuning_key(q, k, block_size, tma)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
@@ -395,7 +429,7 @@ def block_sparse_attention_fwd(
     (B, N, H, D) tensor viewed as (B, H, N, D), so that merging heads afterwards is free.
     ``lse`` (B, H, N) float32, natural log, -inf on rows with an empty list (whose out is 0).
     ``config`` forces a launch configuration (tests, benchmarks); otherwise a cached choice, timed
-    once per (device, head_dim, dtype, block_size). ``validate`` checks the lists (synchronizes).
+    once per tuning key (see the module docstring). ``validate`` checks the lists (synchronizes).
     """
     _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse)
     B, H, N, D = q.shape

@@ -104,7 +104,8 @@ def interpreter_configs(block_size):
     return [bsa.KernelConfig(block_size, half, 4, 1),
             bsa.KernelConfig(half, block_size, 4, 1, ragged_branch=True),
             bsa.KernelConfig(block_size, block_size, 4, 1, tma=True),
-            bsa.KernelConfig(half, half, 4, 1, tma=True, ragged_branch=True)]
+            bsa.KernelConfig(half, half, 4, 1, tma=True, ragged_branch=True),
+            bsa.KernelConfig(block_size, half, 4, 1, tma=True, host_tma=True, ragged_branch=True)]
 
 
 # ------------------------------------------------------------------------------ property tests
@@ -120,7 +121,7 @@ def problems(draw):
         layout=draw(st.sampled_from(["bhnd", "bnhd"])),
         p_empty=draw(st.sampled_from([0.0, 0.0, 0.3])),
         shuffle=draw(st.booleans()),
-        config=draw(st.integers(0, 3)),
+        config=draw(st.integers(0, 4)),
         out_layout=draw(st.sampled_from([None, "bhnd", "bnhd"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -174,7 +175,7 @@ def test_padded_head_dims(D):
     gen = torch.Generator().manual_seed(D)
     q, k, v = random_qkv(1, 1, 70, D, torch.float16, "bnhd", gen)
     counts, indices = random_lists(1, 1, 3, 3, gen)
-    for cfg in interpreter_configs(32)[:3]:
+    for cfg in interpreter_configs(32):
         out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=32, config=cfg)
         check_against_reference(q, k, v, counts, indices, 32, out, lse)
 
@@ -319,3 +320,18 @@ def test_gpu_empty_rows_and_fp32():
     out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=64)
     torch.cuda.synchronize()
     check_against_reference(q, k, v, counts, indices, 64, out, lse)
+
+
+def test_tuning_key_separates_small_ragged_from_large_shapes(monkeypatch):
+    """A configuration timed on a small ragged shape (a test, a warm-up) must not be reused for a
+    32k-token call: the key holds raggedness and the program count in powers of two."""
+    monkeypatch.setattr(bsa, "device_capability", lambda device: (9, 0))
+
+    def key(n, heads=12):
+        q = torch.empty(1, heads, n, 128, dtype=torch.float16)
+        return bsa._tuning_key(q, q, 128, True)
+
+    assert key(3000) != key(32768)            # ragged, 24 vs 256 query blocks
+    assert key(32760) != key(32768)           # same block count, ragged vs even
+    assert key(32768) == key(32768 - 128)     # 256 vs 255 blocks: same power of two
+    assert key(32768, heads=12) != key(32768, heads=40)
