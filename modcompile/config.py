@@ -37,6 +37,8 @@ class SparsityConfig:
     ridge_lambda: float = 1.0            # ridge regularisation of the fit
     refresh_interval: int = 10           # steps between mask refreshes
     lines_per_head: int | None = None    # k lines per head; None = chosen by coverage
+    mask_rule: str = "blocks"            # blocks: the lines set each head's budget, the densest blocks of
+                                         # the last observed map fill it; lines: whole lines (the paper)
     coverage: float = 0.9                # predicted kept mass that the chosen lines must reach
     cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
     dense_refresh_every: int = 3         # with cheap_refresh, every n-th refresh is dense
@@ -67,6 +69,8 @@ class SparsityConfig:
                f"selection must be global, row or topk, got {self.selection!r}")
         _check(self.normalization in ("minmax", "softmax"),
                f"normalization must be minmax or softmax, got {self.normalization!r}")
+        _check(self.mask_rule in ("blocks", "lines"),
+               f"mask_rule must be 'blocks' or 'lines', got {self.mask_rule!r}")
         _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
         _check(self.dense_refresh_every >= 1, "dense_refresh_every must be >= 1")
         _check(isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)

@@ -125,6 +125,37 @@ def test_densest_lines_are_kept_and_text_and_own_block_forced():
     assert (cov > 0).all() and (cov <= 1).all()
 
 
+def test_blocks_rule_fills_the_line_budget_with_the_densest_observed_blocks():
+    """mask_rule="blocks": the lines set the per-head count, the observed map picks the blocks
+    (forced ones first); "lines" keeps whole lines; without an observed map both are the lines."""
+    geom = Geometry(160, 16, None, text_tokens=20, text_position="first")   # text: blocks 0, 1
+    nb = geom.nb
+    g = torch.Generator().manual_seed(3)
+    s = torch.stack([_line_map(nb, diag_dense=(2,)), _line_map(nb, col_dense=(7,))])
+    observed = (s + 0.01 * torch.rand(s.shape, generator=g)).clamp(0, 1)
+    observed[:, 6, 3] = 0.0                     # a dense block on no line of either head
+    observed[0, 4, 6] = observed[1, 5, 7] = 1.0  # and a sparse block on each head's line
+    fg = fit_geometry(geom, 1e-3, "cpu")
+    coef = fg.solve(observed)
+    by_lines, *_ = predict_mask(coef, fg, SparsityConfig(lines_per_head=1, mask_rule="lines"), observed)
+    assert torch.equal(by_lines, predict_mask(coef, fg, SparsityConfig(lines_per_head=1))[0])
+    by_blocks, lines, _, cov = predict_mask(coef, fg, SparsityConfig(lines_per_head=1), observed)
+    assert torch.equal(by_blocks.sum((-2, -1)), by_lines.sum((-2, -1)))      # same budget
+    text = torch.zeros(nb, dtype=torch.bool)
+    text[:2] = True
+    forced = torch.eye(nb, dtype=torch.bool) | text[None, :] | text[:, None]
+    for h in range(2):
+        assert by_blocks[h][forced].all()
+        free = ~forced
+        kept_w = (1 - observed[h])[by_blocks[h] & free]
+        dropped_w = (1 - observed[h])[~by_blocks[h] & free]
+        assert kept_w.min() >= dropped_w.max()                                # densest blocks kept
+    assert by_blocks[:, 6, 3].all() and not by_lines[:, 6, 3].any()
+    assert not by_blocks[0, 4, 6] and not by_blocks[1, 5, 7]
+    with pytest.raises(ValueError, match="mask_rule"):
+        SparsityConfig(mask_rule="diagonal")
+
+
 def test_coverage_and_density_choose_lines_per_head():
     geom = Geometry(256, 16, None)
     nb = geom.nb
