@@ -4,17 +4,21 @@ Same contract as :mod:`modcompile.kernels.reference` (block lists per query bloc
 duplicates collapse, entries past the count are ignored, a ragged last block is masked). The
 backward recomputes the probabilities from the forward's log-sum-exp, FlashAttention-2 style:
 
-* ``delta = rowsum(dO * O)`` (fp32), one small kernel;
+* a pre-pass writes ``delta = rowsum(dO * O)`` and ``lse * log2(e)`` (fp32) padded to whole
+  blocks (padded and empty rows get lse = +inf, hence probability 0: the passes need no row mask);
 * dk/dv: one program per slice of a key block, looping over the query blocks that attend that key
   block (the *transposed* lists, built on device by :func:`transpose_block_lists`);
 * dq: one program per slice of a query block, looping over its own (canonicalised) key blocks.
 
 Neither pass needs atomics, so results are deterministic. Empty rows (lse = -inf) get zero
-gradients: their probabilities are forced to 0 instead of exp(-inf + inf).
+gradients: their probabilities are forced to 0 instead of exp(-inf + inf). Launch options per
+pass (:class:`BackwardConfig`): tile sizes, TMA loads of the streamed tensors, the ragged tail
+handled outside the full chunks, and Triton's warp specialization of the inner loop (sm_90+).
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -78,37 +82,52 @@ def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: 
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(
-    O, DO, Delta,
+def _bwd_prepass_kernel(
+    O, DO, LSE, Delta, Lse2,
     s_ob, s_oh, s_on, s_od,
     s_gb, s_gh, s_gn, s_gd,
-    H, N, D,
+    s_lb, s_lh, s_ln,
+    H, N, D, ROW_STRIDE,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Per row: delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf for empty rows), written
+    into (B*H, ROW_STRIDE) buffers padded to whole blocks (delta 0, lse2 +inf past N). Padded rows
+    then get probability exp2(s - inf) = 0 in both passes without any mask."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: B*H*N*D may pass 2**31
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    m = (rows[:, None] < N) & (cols[None, :] < D)
+    row_ok = rows < N
+    m = row_ok[:, None] & (cols[None, :] < D)
     o = tl.load(O + b * s_ob + h * s_oh + rows[:, None] * s_on + cols[None, :] * s_od, mask=m, other=0.0)
     g = tl.load(DO + b * s_gb + h * s_gh + rows[:, None] * s_gn + cols[None, :] * s_gd, mask=m, other=0.0)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
-    tl.store(Delta + bh * N + rows, delta, mask=rows < N)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + rows * s_ln, mask=row_ok, other=float("-inf")).to(tl.float32)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    in_buf = rows < ROW_STRIDE
+    tl.store(Delta + bh * ROW_STRIDE + rows, delta, mask=in_buf)
+    tl.store(Lse2 + bh * ROW_STRIDE + rows, lse2, mask=in_buf)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MK", "LIST_W"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, QCounts, QIndices,
+    Q, K, V, DO, Lse2, Delta, DK, DV, QCounts, QIndices,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_gb, s_gh, s_gn, s_gd,
-    H, N_Q, N_K, D, MK, LIST_W,
+    H, N_Q, N_K, D, MK, LIST_W, ROW_STRIDE,
     qk_scale_log2, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_Q: tl.constexpr,         # N_Q % BLOCK_SIZE == 0: no query row past the end in any block
+    EVEN_D: tl.constexpr,         # D == BLOCK_D: no column mask
+    USE_TMA: tl.constexpr,        # q / dO through tensor descriptors (rows past N_Q read as 0)
+    TMA_ROWS: tl.constexpr,       # lse2 / delta through 1-d descriptors too
+    RAGGED_BRANCH: tl.constexpr,  # pointer path: clamp rows instead of masking every load
+    WARP_SPEC: tl.constexpr,      # Triton's automatic warp specialization of the query loop
 ):
     PARTS: tl.constexpr = BLOCK_SIZE // BLOCK_N
     STEPS: tl.constexpr = BLOCK_SIZE // SUB_M
@@ -127,7 +146,14 @@ def _bwd_dkdv_kernel(
 
     q_base = Q + b * s_qb + h * s_qh
     g_base = DO + b * s_gb + h * s_gh
-    row_base = bh * N_Q
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N_Q, D], strides=[s_qn, 1], block_shape=[SUB_M, BLOCK_D])
+        g_desc = tl.make_tensor_descriptor(g_base, shape=[N_Q, D], strides=[s_gn, 1], block_shape=[SUB_M, BLOCK_D])
+    lse_base = Lse2 + bh * ROW_STRIDE
+    delta_base = Delta + bh * ROW_STRIDE
+    if TMA_ROWS:
+        lse_desc = tl.make_tensor_descriptor(lse_base, shape=[ROW_STRIDE], strides=[1], block_shape=[SUB_M])
+        delta_desc = tl.make_tensor_descriptor(delta_base, shape=[ROW_STRIDE], strides=[1], block_shape=[SUB_M])
     list_ptr = QIndices + (bh * MK + kb) * LIST_W
     count = tl.load(QCounts + bh * MK + kb)
 
@@ -135,20 +161,39 @@ def _bwd_dkdv_kernel(
     acc_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_off = tl.arange(0, SUB_M)
     # One flat loop over (listed query block, slice of it) so the pipeliner sees a single loop.
-    for it in range(0, count * STEPS):
+    for it in tl.range(0, count * STEPS, warp_specialize=WARP_SPEC):
         qb = tl.load(list_ptr + it // STEPS)
-        m_rows = qb * BLOCK_SIZE + (it % STEPS) * SUB_M + m_off
-        m_ok = m_rows < N_Q
-        qm = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + m_rows[:, None] * s_qn + d[None, :] * s_qd, mask=qm, other=0.0)
-        g = tl.load(g_base + m_rows[:, None] * s_gn + d[None, :] * s_gd, mask=qm, other=0.0)
-        lse = tl.load(LSE + row_base + m_rows, mask=m_ok, other=float("inf"))
-        # Empty or padded rows: +inf makes their probabilities exactly 0.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(Delta + row_base + m_rows, mask=m_ok, other=0.0)
+        start = qb * BLOCK_SIZE + (it % STEPS) * SUB_M
+        m_rows = start + m_off
+        if USE_TMA:
+            q = q_desc.load([start, 0])
+            g = g_desc.load([start, 0])
+        else:
+            if EVEN_Q or RAGGED_BRANCH:
+                # Rows past N_Q (ragged last block) re-read row N_Q - 1: finite values whose
+                # probabilities are 0 through lse2 = +inf, so no per-row mask is needed.
+                rows = m_rows if EVEN_Q else tl.minimum(m_rows, N_Q - 1)
+                q_ptrs = q_base + rows[:, None] * s_qn + d[None, :] * s_qd
+                g_ptrs = g_base + rows[:, None] * s_gn + d[None, :] * s_gd
+                if EVEN_D:
+                    q = tl.load(q_ptrs)
+                    g = tl.load(g_ptrs)
+                else:
+                    q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+                    g = tl.load(g_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                qm = (m_rows < N_Q)[:, None] & d_ok[None, :]
+                q = tl.load(q_base + m_rows[:, None] * s_qn + d[None, :] * s_qd, mask=qm, other=0.0)
+                g = tl.load(g_base + m_rows[:, None] * s_gn + d[None, :] * s_gd, mask=qm, other=0.0)
+        if TMA_ROWS:
+            lse2 = lse_desc.load([start])
+            delta = delta_desc.load([start])
+        else:
+            lse2 = tl.load(lse_base + m_rows)  # padded buffers: always in bounds
+            delta = tl.load(delta_base + m_rows)
         # Work on the transposed tile [keys, queries] so the accumulators need no transpose.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        p_t = tl.exp2(s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634)
+        p_t = tl.exp2(s_t * qk_scale_log2 - lse2[None, :])
         acc_dv += tl.dot(p_t.to(g.dtype), g, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -161,17 +206,22 @@ def _bwd_dkdv_kernel(
     tl.store(dv_ptrs, acc_dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MQ", "LIST_W"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, KVCounts, KVIndices,
+    Q, K, V, DO, Lse2, Delta, DQ, KVCounts, KVIndices,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_gb, s_gh, s_gn, s_gd,
-    H, N_Q, N_K, D, MQ, LIST_W,
+    H, N_Q, N_K, D, MQ, LIST_W, ROW_STRIDE,
     qk_scale_log2, scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,         # N_K % BLOCK_SIZE == 0: no ragged key block
+    EVEN_D: tl.constexpr,         # D == BLOCK_D: no column mask
+    USE_TMA: tl.constexpr,        # k / v through tensor descriptors (rows past N_K read as 0)
+    RAGGED_BRANCH: tl.constexpr,  # mask probabilities only in the chunk that crosses N_K
+    WARP_SPEC: tl.constexpr,      # Triton's automatic warp specialization of the key loop
 ):
     PARTS: tl.constexpr = BLOCK_SIZE // BLOCK_M
     STEPS: tl.constexpr = BLOCK_SIZE // SUB_N
@@ -187,27 +237,51 @@ def _bwd_dq_kernel(
     qm = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * s_qb + h * s_qh + m_rows[:, None] * s_qn + d[None, :] * s_qd, mask=qm, other=0.0)
     g = tl.load(DO + b * s_gb + h * s_gh + m_rows[:, None] * s_gn + d[None, :] * s_gd, mask=qm, other=0.0)
-    lse = tl.load(LSE + bh * N_Q + m_rows, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    lse2 = lse * 1.4426950408889634
-    delta = tl.load(Delta + bh * N_Q + m_rows, mask=m_ok, other=0.0)
+    lse2 = tl.load(Lse2 + bh * ROW_STRIDE + m_rows)  # padded: +inf past N_Q and on empty rows
+    delta = tl.load(Delta + bh * ROW_STRIDE + m_rows)
 
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_K, D], strides=[s_kn, 1], block_shape=[SUB_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, D], strides=[s_vn, 1], block_shape=[SUB_N, BLOCK_D])
     list_ptr = KVIndices + (bh * MQ + qb) * LIST_W
     count = tl.load(KVCounts + bh * MQ + qb)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_off = tl.arange(0, SUB_N)
-    for it in range(0, count * STEPS):
+    for it in tl.range(0, count * STEPS, warp_specialize=WARP_SPEC):
         kb = tl.load(list_ptr + it // STEPS)
-        n_rows = kb * BLOCK_SIZE + (it % STEPS) * SUB_N + n_off
-        n_ok = n_rows < N_K
-        km = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n_rows[:, None] * s_kn + d[None, :] * s_kd, mask=km, other=0.0)
-        v = tl.load(v_base + n_rows[:, None] * s_vn + d[None, :] * s_vd, mask=km, other=0.0)
+        start = kb * BLOCK_SIZE + (it % STEPS) * SUB_N
+        n_rows = start + n_off
+        if USE_TMA:
+            k = k_desc.load([start, 0])
+            v = v_desc.load([start, 0])
+        else:
+            if EVEN_K or RAGGED_BRANCH:
+                # Keys past N_K re-read key N_K - 1; the branch below zeroes their probabilities.
+                rows = n_rows if EVEN_K else tl.minimum(n_rows, N_K - 1)
+                k_ptrs = k_base + rows[:, None] * s_kn + d[None, :] * s_kd
+                v_ptrs = v_base + rows[:, None] * s_vn + d[None, :] * s_vd
+                if EVEN_D:
+                    k = tl.load(k_ptrs)
+                    v = tl.load(v_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                km = (n_rows < N_K)[:, None] & d_ok[None, :]
+                k = tl.load(k_base + n_rows[:, None] * s_kn + d[None, :] * s_kd, mask=km, other=0.0)
+                v = tl.load(v_base + n_rows[:, None] * s_vn + d[None, :] * s_vd, mask=km, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
-        p = tl.where(n_ok[None, :], p, 0.0)  # padded keys of a ragged block
+        if not EVEN_K:
+            # Padded keys of the ragged last block: only the chunk that crosses N_K needs the
+            # mask (scalar branch); without RAGGED_BRANCH every chunk pays for it.
+            if RAGGED_BRANCH:
+                if start + SUB_N > N_K:
+                    p = tl.where((n_rows < N_K)[None, :], p, 0.0)
+            else:
+                p = tl.where((n_rows < N_K)[None, :], p, 0.0)
         dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -219,36 +293,99 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
-def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool):
-    """(tile, sub_tile, num_warps, num_stages) used when not autotuning (interpreter, tests)."""
+class BackwardConfig(NamedTuple):
+    """Launch configuration of one backward pass.
+
+    ``tile`` rows per program (keys for dk/dv, queries for dq), streamed ``sub`` rows at a time;
+    both must divide the block size. The flags (sm_90+ for ``tma``/``warp_spec``):
+    ``tma`` streams q/dO (dk/dv) or k/v (dq) through tensor descriptors; ``ragged_branch`` keeps
+    the ragged-tail handling out of the chunks that do not cross the sequence end; ``warp_spec``
+    asks Triton to warp-specialize the inner loop (meant with ``tma``); ``tma_rows`` also reads
+    lse/delta through descriptors in the dk/dv pass. A plain 4-tuple converts with the flags off."""
+
+    tile: int
+    sub: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+    ragged_branch: bool = False
+    warp_spec: bool = False
+    tma_rows: bool = False
+
+    def label(self) -> str:
+        flags = [n for n in ("tma", "ragged_branch", "warp_spec", "tma_rows") if getattr(self, n)]
+        shape = f"({self.tile},{self.sub},{self.num_warps}w,{self.num_stages}s)"
+        return shape + "".join("+" + f for f in flags)
+
+
+def as_config(cfg) -> BackwardConfig:
+    """A :class:`BackwardConfig` from a config or a tuple ``(tile, sub, warps, stages[, flags...])``."""
+    if isinstance(cfg, BackwardConfig):
+        return cfg
+    if not isinstance(cfg, (tuple, list)) or not 4 <= len(cfg) <= len(BackwardConfig._fields):
+        raise TypeError(f"backward config must be a BackwardConfig or a (tile, sub, warps, stages, ...) tuple, "
+                        f"got {cfg!r}")
+    return BackwardConfig(*cfg)
+
+
+def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool) -> BackwardConfig:
+    """The configuration used when not autotuning (interpreter, tests)."""
     if not on_gpu:
-        return min(block_size, 32), min(block_size, 16), 4, 1
+        return BackwardConfig(min(block_size, 32), min(block_size, 16), 4, 1)
     tile = min(block_size, 64)
     sub = min(block_size, 32 if head_dim_p2 >= 128 else 64)
-    return tile, sub, 4, 2
+    return BackwardConfig(tile, sub, 4, 2)
 
 
-def gpu_configs(block_size: int):
-    """Candidate (tile, sub_tile, num_warps, num_stages) on a GPU, filtered to divide the block."""
-    # The set measured on H100 (BENCHMARKS.md, Backward); the tuner picked (64, 64, 4, 2) for dk/dv
-    # and (64, 32, 4, 3) for dq at (1, 12, 32760, 128) bf16.
-    # 8-warp (64, 64) and (128, 64, 3 stages) added to test the register-spill lead of that run.
-    cands = [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3),
-             (64, 64, 8, 2), (64, 64, 8, 3), (128, 64, 8, 3)]
-    return [c for c in cands if block_size % c[0] == 0 and block_size % c[1] == 0] or [
-        (min(block_size, 64), min(block_size, 32), 4, 2)
-    ]
+_TMA_FLAGS = dict(tma=True, ragged_branch=True)
+
+# Tuner candidates (both passes time all of them). Measured on H100 at (1, 12, 32760, 128) bf16,
+# density 0.25 (BENCHMARKS.md, Backward): the tuner picked (64, 64, 4, 2) for dk/dv and
+# (128, 64, 8, 3) for dq; sub-tiles of 32 and (64, 64) with 8 plain warps were slower (both passes
+# forced: 13.5-15.0 and 23-26 ms vs 12.2-12.7), so they are no longer timed. The flagged variants
+# follow the forward's H100 result (TMA + scalar ragged branch + warp specialization: +11-13%);
+# the warp-specialized ones come last so that a compiler failure there costs the least.
+_GPU_CANDIDATES = (
+    BackwardConfig(64, 64, 4, 2),
+    BackwardConfig(128, 64, 8, 3),
+    BackwardConfig(128, 64, 8, 2),
+    BackwardConfig(64, 64, 4, 2, ragged_branch=True),
+    BackwardConfig(128, 64, 8, 3, ragged_branch=True),
+    BackwardConfig(64, 64, 4, 2, **_TMA_FLAGS),
+    BackwardConfig(128, 64, 8, 3, **_TMA_FLAGS),
+    BackwardConfig(64, 64, 4, 2, **_TMA_FLAGS, warp_spec=True),
+    BackwardConfig(64, 64, 8, 2, **_TMA_FLAGS, warp_spec=True),
+    BackwardConfig(128, 64, 8, 2, **_TMA_FLAGS, warp_spec=True),
+    BackwardConfig(128, 64, 8, 3, **_TMA_FLAGS, warp_spec=True),
+    BackwardConfig(128, 64, 8, 2, **_TMA_FLAGS, warp_spec=True, tma_rows=True),
+)
+
+
+_DISABLED: set = set()
+
+
+def disable_configs(configs) -> None:
+    """Leave these candidates out of the tuner from now on (e.g. ones a benchmark's gradient check
+    or compile found failing on this machine)."""
+    _DISABLED.update(as_config(c) for c in configs)
+
+
+def gpu_configs(block_size: int, tma: bool = True) -> list[BackwardConfig]:
+    """Candidate configurations on a GPU that divide the block (``tma=False``: plain loads only)."""
+    cands = [c for c in _GPU_CANDIDATES if block_size % c.tile == 0 and block_size % c.sub == 0
+             and (tma or not (c.tma or c.warp_spec or c.tma_rows)) and c not in _DISABLED]
+    return cands or [BackwardConfig(min(block_size, 64), min(block_size, 32), 4, 2)]
 
 
 _TUNED: dict = {}
 
 
 def tuned_configs() -> dict:
-    """Configurations chosen so far: ``{(pass, key): (tile, sub_tile, num_warps, num_stages)}``."""
+    """Configurations chosen so far: ``{(pass, key): BackwardConfig}``."""
     return dict(_TUNED)
 
 
-def _launch_tuned(kind, launch, key, block_size):
+def _launch_tuned(kind, launch, key, candidates):
     """Pick the fastest config once per key by timing each candidate (GPU only).
 
     Every launch writes (never accumulates) its outputs, so repeated timing runs are harmless."""
@@ -257,10 +394,10 @@ def _launch_tuned(kind, launch, key, block_size):
         from triton.testing import do_bench
 
         best = None
-        for c in gpu_configs(block_size):
+        for c in candidates:
             try:
                 t = do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median")
-            except Exception:  # config does not fit (shared memory, registers): skip it
+            except Exception:  # config does not compile or fit (shared memory, registers): skip it
                 continue
             if best is None or t < best[0]:
                 best = (t, c)
@@ -272,6 +409,36 @@ def _launch_tuned(kind, launch, key, block_size):
 
 def _autotune_enabled() -> bool:
     return os.environ.get("MODCOMPILE_BWD_AUTOTUNE", "1") != "0"
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # Global scratch for the descriptors that the kernels build on the device.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Triton keeps its allocator in a ContextVar: set it in *this* thread (autograd runs the
+    backward on its own device thread) unless one is already there."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # private API moved: setting it again is harmless
+        pass
+    triton.set_allocator(_tma_scratch)
+
+
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether these (B, H, N, D) tensors can be read through tensor descriptors: sm_90+ (or the
+    interpreter), unit last stride, 16-byte aligned base and batch/head/row strides."""
+    for t in tensors:
+        if not _INTERPRET and (not t.is_cuda or device_capability(t.device)[0] < 9):
+            return False
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,6 +473,124 @@ def _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size):
         raise ValueError(f"all tensors must be on one device; got {devs}")
 
 
+class BackwardLaunch:
+    """One backward call, prepared: lists, padded row statistics and outputs allocated.
+
+    :meth:`prepass` fills delta / lse2, then :meth:`dkdv` and :meth:`dq` run the two passes with
+    a given configuration; each writes (never accumulates) its outputs, so a benchmark may time a
+    pass alone and repeatedly. Built by :func:`prepare_backward`."""
+
+    def __init__(self, do, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale, q_lists):
+        B, H, N, D = q.shape
+        Nk = k.shape[2]
+        self.block_size, self.on_gpu = block_size, q.is_cuda
+        self.mq, self.mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
+        if q_lists is None:
+            (f_counts, f_indices), q_lists = backward_block_lists(kv_counts, kv_indices, self.mk)
+        else:
+            f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, self.mk)
+        q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
+        if q_counts.shape != (B, H, self.mk) or q_indices.shape[:3] != (B, H, self.mk):
+            raise ValueError(f"q_lists must be (B, H, Mk={self.mk}) and (B, H, Mk, W); got "
+                             f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
+        self.f_lists, self.q_lists = (f_counts, f_indices), (q_counts, q_indices)
+        self.do, self.q, self.k, self.v, self.out = do, q, k, v, out
+        self.lse = lse if lse.dtype == torch.float32 else lse.to(torch.float32)
+        self.scale = default_scale(D, scale)
+        self.block_d = padded_head_dim(D)
+        self.precision = dot_precision(q.dtype)
+        # Row statistics padded to whole blocks (see _bwd_prepass_kernel).
+        self.row_stride = self.mq * block_size
+        self.delta = torch.empty(B * H, self.row_stride, dtype=torch.float32, device=q.device)
+        self.lse2 = torch.empty(B * H, self.row_stride, dtype=torch.float32, device=q.device)
+        self.dq_out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+        self.dk_out = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
+        self.dv_out = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
+        self.strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        self.tma_ok = {"dkdv": tma_usable(q, do), "dq": tma_usable(k, v)}
+        self.sm90 = _INTERPRET or not self.on_gpu or device_capability(q.device)[0] >= 9
+
+    @property
+    def grads(self):
+        return self.dq_out, self.dk_out, self.dv_out
+
+    def prepass(self) -> None:
+        B, H, N, D = self.q.shape
+        rows_per_prog = 64 if self.on_gpu else 32
+        _bwd_prepass_kernel[(triton.cdiv(self.row_stride, rows_per_prog), B * H)](
+            self.out, self.do, self.lse, self.delta, self.lse2, *self.out.stride(), *self.do.stride(),
+            *self.lse.stride(), H, N, D, self.row_stride, BLOCK_M=rows_per_prog, BLOCK_D=self.block_d,
+        )
+
+    def check_config(self, kind: str, cfg) -> BackwardConfig:
+        """``cfg`` as a BackwardConfig, or ValueError if it cannot run here."""
+        cfg = as_config(cfg)
+        bs = self.block_size
+        if bs % cfg.tile or bs % cfg.sub or min(cfg.tile, cfg.sub) < 16:
+            raise ValueError(f"config {cfg}: tiles must be >= 16 and divide block_size {bs}")
+        if (cfg.tma or cfg.warp_spec or cfg.tma_rows) and not self.sm90:
+            raise ValueError(f"config {cfg.label()} needs compute capability 9.0 (TMA / warp specialization)")
+        if cfg.tma and not self.tma_ok[kind]:
+            streamed = "q/do" if kind == "dkdv" else "k/v"
+            raise ValueError(f"config {cfg.label()} needs TMA-readable {streamed}: unit last stride, "
+                             "16-byte aligned base and strides")
+        return cfg
+
+    def candidates(self, kind: str) -> list[BackwardConfig]:
+        return gpu_configs(self.block_size, tma=self.sm90 and self.tma_ok[kind])
+
+    def _prepare_launch(self, cfg) -> None:
+        if (cfg.tma or cfg.tma_rows) and self.on_gpu:
+            _ensure_tma_allocator()
+
+    def dkdv(self, cfg) -> None:
+        cfg = self.check_config("dkdv", cfg)
+        self._prepare_launch(cfg)
+        B, H, N, D = self.q.shape
+        Nk = self.k.shape[2]
+        q_counts, q_indices = self.q_lists
+        _bwd_dkdv_kernel[(self.mk * (self.block_size // cfg.tile), B * H)](
+            self.q, self.k, self.v, self.do, self.lse2, self.delta, self.dk_out, self.dv_out, q_counts, q_indices,
+            *self.strides, H, N, Nk, D, self.mk, q_indices.shape[-1], self.row_stride,
+            self.scale * LOG2E, self.scale,
+            BLOCK_SIZE=self.block_size, BLOCK_N=cfg.tile, SUB_M=cfg.sub, BLOCK_D=self.block_d,
+            PRECISION=self.precision, EVEN_Q=N % self.block_size == 0, EVEN_D=D == self.block_d,
+            USE_TMA=cfg.tma, TMA_ROWS=cfg.tma_rows, RAGGED_BRANCH=cfg.ragged_branch, WARP_SPEC=cfg.warp_spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def dq(self, cfg) -> None:
+        cfg = self.check_config("dq", cfg)
+        self._prepare_launch(cfg)
+        B, H, N, D = self.q.shape
+        Nk = self.k.shape[2]
+        f_counts, f_indices = self.f_lists
+        _bwd_dq_kernel[(self.mq * (self.block_size // cfg.tile), B * H)](
+            self.q, self.k, self.v, self.do, self.lse2, self.delta, self.dq_out, f_counts, f_indices,
+            *self.strides, H, N, Nk, D, self.mq, f_indices.shape[-1], self.row_stride,
+            self.scale * LOG2E, self.scale,
+            BLOCK_SIZE=self.block_size, BLOCK_M=cfg.tile, SUB_N=cfg.sub, BLOCK_D=self.block_d,
+            PRECISION=self.precision, EVEN_K=Nk % self.block_size == 0, EVEN_D=D == self.block_d,
+            USE_TMA=cfg.tma, RAGGED_BRANCH=cfg.ragged_branch, WARP_SPEC=cfg.warp_spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    def tune_key(self, kind: str) -> tuple:
+        B, H, N, D = self.q.shape
+        cap = device_capability(self.q.device) if self.on_gpu else None
+        return (self.block_size, self.block_d, self.q.dtype, N, self.k.shape[2], cap, self.tma_ok[kind])
+
+
+def prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices, *, block_size: int = 128,
+                     scale: float | None = None, q_lists=None) -> BackwardLaunch:
+    """Checked inputs and buffers of one backward call, for running the passes one by one
+    (benchmarks); :func:`block_sparse_attention_bwd` is the normal entry point."""
+    _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size)
+    if not q.is_cuda and not _INTERPRET:
+        raise RuntimeError("the Triton backward needs a CUDA tensor or TRITON_INTERPRET=1")
+    return BackwardLaunch(do, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale, q_lists)
+
+
 def block_sparse_attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -319,81 +604,31 @@ def block_sparse_attention_bwd(
     block_size: int = 128,
     scale: float | None = None,
     q_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: BackwardConfig | tuple | None = None,
+    dkdv_config: BackwardConfig | tuple | None = None,
+    dq_config: BackwardConfig | tuple | None = None,
 ):
     """Gradients ``(dq, dk, dv)`` of block-sparse attention, in q's dtype, contiguous.
 
     ``out``/``lse`` are the forward's outputs (lse natural-log, fp32, (B, H, N)); the gradient that
     may flow into lse is not taken (lse is auxiliary). ``q_lists`` is the transposed lists from
     :func:`transpose_block_lists`, if the caller already has them. ``config`` forces the launch
-    configuration ``(tile, sub_tile, num_warps, num_stages)`` of both passes (benchmarks, tests);
-    otherwise GPUs time the candidates once per shape key (``MODCOMPILE_BWD_AUTOTUNE=0``: fixed)."""
-    _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size)
-    B, H, N, D = q.shape
-    Nk = k.shape[2]
-    scale = default_scale(D, scale)
-    mq, mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-    on_gpu = q.is_cuda
-    if not on_gpu and not _INTERPRET:
-        raise RuntimeError("the Triton backward needs a CUDA tensor or TRITON_INTERPRET=1")
-
-    if q_lists is None:
-        (f_counts, f_indices), q_lists = backward_block_lists(kv_counts, kv_indices, mk)
-    else:
-        f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, mk)
-    q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
-    if q_counts.shape != (B, H, mk) or q_indices.shape[:3] != (B, H, mk):
-        raise ValueError(f"q_lists must be (B, H, Mk={mk}) and (B, H, Mk, W); got "
-                         f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
-
-    lse = lse.to(torch.float32).contiguous()
-    bd = padded_head_dim(D)
-    precision = dot_precision(q.dtype)
-
-    delta = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    rows_per_prog = 64 if on_gpu else 32
-    _bwd_delta_kernel[(triton.cdiv(N, rows_per_prog), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, N, D, BLOCK_M=rows_per_prog, BLOCK_D=bd,
-    )
-
-    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
-    dk = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
-    dv = torch.empty(B, H, Nk, D, dtype=q.dtype, device=q.device)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    qk_scale_log2 = scale * LOG2E
-
-    def launch_dkdv(cfg):
-        tile, sub, warps, stages = cfg
-        grid = (mk * (block_size // tile), B * H)
-        _bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, dk, dv, q_counts, q_indices, *strides,
-            H, N, Nk, D, mk, q_indices.shape[-1], qk_scale_log2, scale,
-            BLOCK_SIZE=block_size, BLOCK_N=tile, SUB_M=sub, BLOCK_D=bd, PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )
-
-    def launch_dq(cfg):
-        tile, sub, warps, stages = cfg
-        grid = (mq * (block_size // tile), B * H)
-        _bwd_dq_kernel[grid](
-            q, k, v, do, lse, delta, dq, f_counts, f_indices, *strides,
-            H, N, Nk, D, mq, f_indices.shape[-1], qk_scale_log2, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=tile, SUB_N=sub, BLOCK_D=bd, PRECISION=precision,
-            num_warps=warps, num_stages=stages,
-        )
-
-    if config is not None:
-        tile, sub = config[0], config[1]
-        if block_size % tile or block_size % sub or min(tile, sub) < 16:
-            raise ValueError(f"config {config}: tiles must be >= 16 and divide block_size {block_size}")
-        launch_dkdv(config)
-        launch_dq(config)
-    elif on_gpu and _autotune_enabled():
-        key = (block_size, bd, q.dtype, N, Nk, device_capability(q.device))
-        _launch_tuned("dkdv", launch_dkdv, key, block_size)
-        _launch_tuned("dq", launch_dq, key, block_size)
-    else:
-        cfg = _fixed_config(block_size, bd, on_gpu)
-        launch_dkdv(cfg)
-        launch_dq(cfg)
-    return dq, dk, dv
+    configuration (a :class:`BackwardConfig` or ``(tile, sub_tile, num_warps, num_stages)``) of both
+    passes, ``dkdv_config`` / ``dq_config`` of one pass (benchmarks, tests); a pass not forced is
+    timed once per shape key on GPUs (``MODCOMPILE_BWD_AUTOTUNE=0``: fixed configuration)."""
+    run = prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices, block_size=block_size, scale=scale,
+                           q_lists=q_lists)
+    if q.numel() == 0 or k.numel() == 0:  # nothing attends anything: all gradients are zero
+        return tuple(g.zero_() for g in run.grads)
+    run.prepass()
+    forced = {"dkdv": dkdv_config if dkdv_config is not None else config,
+              "dq": dq_config if dq_config is not None else config}
+    tune = run.on_gpu and _autotune_enabled()
+    for kind, launch in (("dkdv", run.dkdv), ("dq", run.dq)):
+        if forced[kind] is not None:
+            launch(forced[kind])
+        elif tune:
+            _launch_tuned(kind, launch, run.tune_key(kind), run.candidates(kind))
+        else:
+            launch(_fixed_config(block_size, run.block_d, run.on_gpu))
+    return run.grads

@@ -19,7 +19,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 from modcompile.autograd import attach_autograd  # noqa: E402
 from modcompile.kernels.block_sparse_attention_bwd import (  # noqa: E402
+    BackwardConfig,
+    as_config,
     block_sparse_attention_bwd,
+    gpu_configs,
     canonical_block_lists,
     transpose_block_lists,
 )
@@ -72,7 +75,7 @@ def check_grads(got, ref64, base, tiny):
         assert err <= 2 * base_err + tiny, f"{name}: err {err:.3e} > 2 * {base_err:.3e} + {tiny:.1e}"
 
 
-def run_case(B, H, N, Nk, D, bs, dtype, seed, strided=False, device=DEVICE, p_empty=0.2):
+def run_case(B, H, N, Nk, D, bs, dtype, seed, strided=False, device=DEVICE, p_empty=0.2, **configs):
     gen = torch.Generator().manual_seed(seed)
     mq, mk = num_blocks(N, bs), num_blocks(Nk, bs)
     q = torch.randn(B, H, N, D, generator=gen)
@@ -91,7 +94,7 @@ def run_case(B, H, N, Nk, D, bs, dtype, seed, strided=False, device=DEVICE, p_em
                                           compute_dtype=dtype)
     args = [maybe_strided(t.to(device), gen, strided) for t in (dod, qd, kd, vd, out_d)]
     got = block_sparse_attention_bwd(*args, lse_d.float().to(device), counts.to(device), indices.to(device),
-                                     block_size=bs)
+                                     block_size=bs, **configs)
     got = [g.cpu() for g in got]
     scale_ref = max(r.abs().max().item() for r in ref) if N else 1.0
     tiny = (1e-5 if dtype == torch.float32 else 1e-3) * max(scale_ref, 1.0)
@@ -150,6 +153,74 @@ def test_transpose_ignores_out_of_range_ids_and_garbage_past_count():
 def test_backward_matches_float64_reference(dtype, B, H, bs, N, nk_delta, D, strided, seed):
     Nk = max(1, N + nk_delta)
     run_case(B, H, N, Nk, D, bs, dtype, seed, strided=strided)
+
+
+# Launch options forced on both passes (or one each), on ragged shapes with Nk != N and D both
+# a power of two and not: TMA descriptors (rows past the end read as 0), the scalar ragged branch,
+# warp specialization (a no-op under the interpreter, but the loop form is exercised) and lse/delta
+# through 1-d descriptors.
+_FLAG_CONFIGS = {
+    "plain": dict(config=BackwardConfig(32, 16, 4, 1)),
+    "ragged_branch": dict(config=BackwardConfig(32, 16, 4, 1, ragged_branch=True)),
+    "tma": dict(config=BackwardConfig(32, 16, 4, 1, tma=True)),
+    "tma_branch_ws": dict(config=BackwardConfig(32, 32, 4, 1, tma=True, ragged_branch=True, warp_spec=True)),
+    "per_pass": dict(dkdv_config=(32, 16, 4, 1, True, True, True, True), dq_config=(16, 16, 4, 1, False, True)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", list(_FLAG_CONFIGS))
+def test_backward_launch_options_match_float64_reference(name, dtype):
+    seed = sorted(_FLAG_CONFIGS).index(name) + (10 if dtype == torch.float16 else 0)
+    run_case(2, 1, 75, 101, 32, 32, dtype, seed, p_empty=0.1, **_FLAG_CONFIGS[name])
+    run_case(1, 2, 93, 50, 24, 32, dtype, seed + 1, p_empty=0.1, **_FLAG_CONFIGS[name])
+
+
+@needs_triton
+def test_backward_tma_on_bnhd_storage():
+    """(B, N, H, D) storage viewed as (B, H, N, D): row stride H*D, still TMA-readable."""
+    gen = torch.Generator().manual_seed(21)
+    B, H, N, D, bs = 1, 3, 70, 16, 16
+    q, k, v, do = (torch.randn(B, N, H, D, generator=gen).transpose(1, 2).to(DEVICE) for _ in range(4))
+    mq = num_blocks(N, bs)
+    counts, indices = random_lists(gen, B, H, mq, mq, p_empty=0.1)
+    counts, indices = counts.to(DEVICE), indices.to(DEVICE)
+    out, lse = block_sparse_attention_ref(q, k, v, counts, indices, block_size=bs)
+    plain = block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices, block_size=bs,
+                                       config=BackwardConfig(16, 16, 4, 1))
+    tma = block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices, block_size=bs,
+                                     config=BackwardConfig(16, 16, 4, 1, tma=True, ragged_branch=True, tma_rows=True))
+    for a, b in zip(plain, tma):
+        assert max_err(a.cpu(), b.cpu()) < 1e-5
+
+
+@needs_triton
+def test_backward_forced_tma_config_rejects_strided_head_dim():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 40, 32, generator=gen)[..., ::2].to(DEVICE)  # last-dim stride 2
+    counts = torch.ones(1, 1, 3, dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 1, 3, 1, dtype=torch.int32, device=DEVICE)
+    lse = torch.zeros(1, 1, 40, device=DEVICE)
+    with pytest.raises(ValueError, match="TMA"):
+        block_sparse_attention_bwd(q, q, q, q, q, lse, counts, indices, block_size=16,
+                                   config=BackwardConfig(16, 16, 4, 1, tma=True))
+    with pytest.raises(ValueError, match="divide"):
+        block_sparse_attention_bwd(q, q, q, q, q, lse, counts, indices, block_size=16, dq_config=(32, 16, 4, 1))
+
+
+def test_backward_config_conversion_and_gpu_candidates():
+    assert as_config((64, 32, 4, 2)) == BackwardConfig(64, 32, 4, 2)
+    assert as_config([64, 32, 4, 2, True]).tma and not as_config((64, 32, 4, 2)).warp_spec
+    with pytest.raises(TypeError):
+        as_config((64, 32))
+    cands = gpu_configs(128)
+    assert all(isinstance(c, BackwardConfig) for c in cands)
+    assert any(c.tma and c.warp_spec for c in cands) and any(c.tile == 64 and c.num_warps == 8 for c in cands)
+    plain = gpu_configs(128, tma=False)
+    assert plain and not any(c.tma or c.warp_spec or c.tma_rows for c in plain)
+    assert all(16 % c.tile == 0 and 16 % c.sub == 0 for c in gpu_configs(16))
+    assert len({c.label() for c in cands}) == len(cands)
 
 
 @needs_triton
