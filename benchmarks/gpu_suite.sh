@@ -3,8 +3,11 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   demo_small kernel kernel_quick backward_quick host_overhead train_compare fidelity_dit e2e);
+#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit e2e);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests.
+# A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
+# .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
+#   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl/e2e diffusers`.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
@@ -34,7 +37,8 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
     kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --no-sweep ${KERNEL_ARGS:-} ;;
     kernel_quick) part kernel_quick 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --quick --no-flex ;;
-    backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check ;;
+    backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
+    backward_sweep) part backward_sweep 280 $PY benchmarks/bench_backward.py --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
     host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ;;
     train_compare) part train_compare 240 $PY -m benchmarks run train-dit --minutes "${TRAIN_MINUTES:-1.2}" \
              --compare vmoba --checkpoint /tmp/dit_small.pt --out "$R/train" --no-progress ;;

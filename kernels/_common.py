@@ -75,3 +75,23 @@ def check_block_list_values(kv_counts: torch.Tensor, kv_indices: torch.Tensor, n
     ordered = keyed.sort(dim=-1).values
     if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)).any()):
         raise ValueError("kv_indices lists a key block twice in one row")
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # Global scratch for the tensor descriptors that kernels build on the device.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Triton keeps its allocator in a ContextVar: set it in *this* thread (autograd runs the
+    backward on its own device thread) unless one is already there."""
+    import triton  # here, not at the top: this module stays importable without triton
+
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # private API moved: setting it again is harmless
+        pass
+    triton.set_allocator(_tma_scratch)

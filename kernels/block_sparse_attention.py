@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
-                      empty_heads_last, interpreting, padded_head_dim, unit_last_stride)
+                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, unit_last_stride)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -318,19 +318,9 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    # Global scratch for descriptors that kernels build on the device.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-_ALLOCATOR_SET = False
-
-
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale):
-    global _ALLOCATOR_SET
-    if cfg.tma and not _ALLOCATOR_SET and not interpreting():
-        triton.set_allocator(_tma_scratch)
-        _ALLOCATOR_SET = True
+    if cfg.tma and not cfg.host_tma and not interpreting():
+        ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
     B, H, N, D = q.shape
     n_k = k.shape[2]
     block_d = padded_head_dim(D)

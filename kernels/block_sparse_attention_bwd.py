@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, default_scale, device_capability, dot_precision, interpreting, padded_head_dim
+from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
+                      padded_head_dim)
 from .reference import num_blocks
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
@@ -411,24 +412,6 @@ def _autotune_enabled() -> bool:
     return os.environ.get("MODCOMPILE_BWD_AUTOTUNE", "1") != "0"
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    # Global scratch for the descriptors that the kernels build on the device.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_tma_allocator() -> None:
-    """Triton keeps its allocator in a ContextVar: set it in *this* thread (autograd runs the
-    backward on its own device thread) unless one is already there."""
-    try:
-        from triton.runtime import _allocation
-
-        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            return
-    except (ImportError, AttributeError):  # private API moved: setting it again is harmless
-        pass
-    triton.set_allocator(_tma_scratch)
-
-
 def tma_usable(*tensors: torch.Tensor) -> bool:
     """Whether these (B, H, N, D) tensors can be read through tensor descriptors: sm_90+ (or the
     interpreter), unit last stride, 16-byte aligned base and batch/head/row strides."""
@@ -541,7 +524,7 @@ class BackwardLaunch:
 
     def _prepare_launch(self, cfg) -> None:
         if (cfg.tma or cfg.tma_rows) and self.on_gpu:
-            _ensure_tma_allocator()
+            ensure_tma_allocator()
 
     def dkdv(self, cfg) -> None:
         cfg = self.check_config("dkdv", cfg)
