@@ -35,7 +35,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
              $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
-    kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --no-sweep ${KERNEL_ARGS:-} ;;
+    kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" ${KERNEL_ARGS:---no-sweep} ;;
     kernel_quick) part kernel_quick 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --quick --no-flex ;;
     backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
     backward_sweep) part backward_sweep 280 $PY benchmarks/bench_backward.py --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
