@@ -14,8 +14,9 @@ Per call of a sparse step:
    straddling two partition blocks belongs to both; text blocks attend and are attended by all);
 5. ``attention`` permutes v and runs the block-sparse kernel on the permuted k and v with q in the
    original order and ``q_rows = perm``: the kernel reads each query row from its original token and
-   writes out and the log-sum-exp there, so nothing is un-permuted afterwards (memory passes per
-   call: write k', read + write v'; no permuted q, no un-permutation of out). The torch path (CPU)
+   writes out and the log-sum-exp there, so nothing is un-permuted afterwards (permutation traffic
+   per call: write k' in the pooling pass, read v + write v'; no permuted q, no un-permutation of out
+   and lse; v is not an input of the plan, so it cannot join the pooling pass). The torch path (CPU)
    computes the same values by permuting q and un-permuting around the reference. The backward
    (training) permutes all its inputs and un-permutes the gradients.
 
