@@ -18,6 +18,14 @@ later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candid
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
 block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
+
+Gathered queries (``q_rows``): policies whose blocks are contiguous only after a token permutation
+(VMoBA's 2D/3D partitions) pass k and v already permuted and q in the original order, with
+``q_rows[r]`` = the token at permuted position ``r``. Row ``r`` of a program (the order the block
+lists refer to) then reads q from token ``q_rows[r]`` and writes out and lse there, so out and lse come
+back in the original order with no permuted copy of q and no un-permutation pass. ``q_rows`` is
+trusted like the block lists: it must be a permutation of ``range(N)`` (every row written exactly
+once); ``validate=True`` checks it too.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices,
+    Q, K, V, Out, Lse, Counts, Indices, QRows,
     qk_scale_log2,
     N_Q, N_K, H,
     stride_qb, stride_qh, stride_qn,
@@ -60,6 +68,7 @@ def _block_sparse_attention_fwd_kernel(
     HOST_TMA: tl.constexpr,    # K and V arrive as host-built (B, H, N, D) descriptors
     RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
     WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
+    GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -75,7 +84,15 @@ def _block_sparse_attention_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < N_Q
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    # Token of each row: itself, or QRows[row] (the lists' order is a permutation of the tokens).
+    if GATHER_Q:
+        if EVEN_Q:
+            tok_m = tl.load(QRows + offs_m)
+        else:
+            tok_m = tl.load(QRows + offs_m, mask=row_ok, other=0)
+    else:
+        tok_m = offs_m
+    q_ptrs = Q + b * stride_qb + h * stride_qh + tok_m[:, None] * stride_qn + offs_d[None, :]
     if EVEN_Q and EVEN_D:
         q = tl.load(q_ptrs)
     else:
@@ -148,8 +165,8 @@ def _block_sparse_attention_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    l_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m
+    o_ptrs = Out + b * stride_ob + h * stride_oh + tok_m[:, None] * stride_on + offs_d[None, :]
+    l_ptrs = Lse + b * stride_lb + h * stride_lh + tok_m
     if EVEN_Q and EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
@@ -265,7 +282,7 @@ def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_
     check_block_list_values(kv_counts, kv_indices, num_key_blocks)
 
 
-def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
+def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor")
@@ -303,6 +320,19 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse):
     if lse is not None:
         if tuple(lse.shape) != (B, H, N) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
             raise ValueError(f"lse must be (B, H, N) = {(B, H, N)} float32 with a contiguous last dim")
+    if q_rows is not None:
+        if not isinstance(q_rows, torch.Tensor) or q_rows.dim() != 1 or q_rows.numel() != N:
+            raise ValueError(f"q_rows must be a (N,) = ({N},) tensor, got "
+                             f"{tuple(q_rows.shape) if isinstance(q_rows, torch.Tensor) else type(q_rows)}")
+        if q_rows.dtype != torch.int32 or q_rows.device != q.device:
+            raise ValueError(f"q_rows must be int32 on {q.device}, got {q_rows.dtype} on {q_rows.device}")
+
+
+def validate_q_rows(q_rows: torch.Tensor) -> None:
+    """Raise ValueError unless ``q_rows`` is a permutation of ``range(len(q_rows))``. Synchronizes."""
+    expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=q_rows.dtype)
+    if not torch.equal(q_rows.sort().values, expected):
+        raise ValueError("q_rows must be a permutation of range(N) (every row written exactly once)")
 
 
 def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -318,7 +348,7 @@ def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
-def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale):
+def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):
     if cfg.tma and not cfg.host_tma and not interpreting():
         ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
     B, H, N, D = q.shape
@@ -331,7 +361,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_n, block_d])
                         for t in (k, v))
     _block_sparse_attention_fwd_kernel[grid](
-        q, k_arg, v_arg, out, lse, counts, indices,
+        q, k_arg, v_arg, out, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
         scale * LOG2E,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -353,6 +383,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         HOST_TMA=cfg.host_tma,
         RAGGED_BRANCH=cfg.ragged_branch,
         WARP_SPEC=cfg.warp_spec,
+        GATHER_Q=q_rows is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -410,6 +441,7 @@ def block_sparse_attention_fwd(
     lse: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     validate: bool = False,
+    q_rows: torch.Tensor | None = None,
 ):
     """Block-sparse attention forward: returns ``(out, lse)``.
 
@@ -420,13 +452,21 @@ def block_sparse_attention_fwd(
     ``lse`` (B, H, N) float32, natural log, -inf on rows with an empty list (whose out is 0).
     ``config`` forces a launch configuration (tests, benchmarks); otherwise a cached choice, timed
     once per tuning key (see the module docstring). ``validate`` checks the lists (synchronizes).
+    ``q_rows`` (N,) int32, a permutation of ``range(N)`` (None: identity): the lists and k/v are in
+    a permuted token order and q, out, lse in the original one; row ``r`` of the lists' order reads q
+    from token ``q_rows[r]`` and writes out and lse there (module docstring). Trusted like the lists;
+    ``validate`` checks it too.
     """
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse)
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows)
     B, H, N, D = q.shape
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    if q_rows is not None:
+        q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     scale = default_scale(D, scale)
     if validate:
         validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
+        if q_rows is not None:
+            validate_q_rows(q_rows)
     counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
     indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
     if out is None:
@@ -437,7 +477,7 @@ def block_sparse_attention_fwd(
         return out, lse
 
     def run(cfg):
-        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale)
+        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows)
 
     if config is None:
         config = _pick_config(q, k, v, block_size, run)

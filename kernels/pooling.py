@@ -5,7 +5,9 @@ VMoBA scores key blocks by the mean of their keys (and, since our kernel selects
 query blocks by the mean of their queries). The blocks are contiguous only after a permutation
 (kernels/partition.py), so one kernel reads q and k once, writes the permuted copies that the
 attention kernel needs, and accumulates the fp32 means on the way: one pass over memory instead of
-three.
+three. Each copy is optional (``write_permuted``): the attention kernel can gather q rows itself
+(``q_rows``), so VMoBA asks only for the permuted k. v is not seen by the plan (it arrives with the
+attention op), so its permutation stays a separate gather (:func:`gather_rows`).
 
 Work is split into *segments*: runs of permuted positions that stay inside one partition block and
 hold at most ``seg_rows`` tokens (text runs carry partition -1: permuted, not pooled). A program
@@ -76,10 +78,24 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, n: int) -> None:
 
 # ----------------------------------------------------------------------------- torch references
 
-def permute_pool_ref(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, starts: torch.Tensor):
+def _write_flags(write_permuted) -> tuple[bool, bool]:
+    """``write_permuted`` as (write q, write k): one bool for both or a pair."""
+    if isinstance(write_permuted, bool):
+        return write_permuted, write_permuted
+    try:
+        write_q, write_k = write_permuted
+    except (TypeError, ValueError):
+        raise TypeError(f"write_permuted must be a bool or a (q, k) pair of bools, got {write_permuted!r}") from None
+    return bool(write_q), bool(write_k)
+
+
+def permute_pool_ref(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, starts: torch.Tensor,
+                     write_permuted=True):
     """Reference: ``(q_perm, k_perm, q_pool, k_pool)``; pools (B, H, P, D) float32 means over each
-    partition block's tokens."""
+    partition block's tokens. A permuted copy not asked for by ``write_permuted`` (bool, or a
+    (q, k) pair) is None, as in :func:`permute_pool`."""
     _check_qk(q, k, perm.numel())
+    write_q, write_k = _write_flags(write_permuted)
     perm = perm.to(q.device, torch.int64)
     starts = starts.to(torch.int64)
     qp, kp = q.index_select(2, perm), k.index_select(2, perm)
@@ -93,7 +109,7 @@ def permute_pool_ref(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, start
         total.index_add_(2, ids, x[:, :, lo:hi].float())
         return total / sizes.to(torch.float32)[:, None]
 
-    return qp, kp, pool(qp), pool(kp)
+    return qp if write_q else None, kp if write_k else None, pool(qp), pool(kp)
 
 
 def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,7 +136,8 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_T: tl.constexpr,
-        WRITE: tl.constexpr,       # store the permuted q / k
+        WRITE_Q: tl.constexpr,     # store the permuted q
+        WRITE_K: tl.constexpr,     # store the permuted k
     ):
         seg = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -146,8 +163,9 @@ if triton is not None:
             mask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + src[:, None] * stride_qn + offs_d[None, :], mask=mask, other=0.0)
             k = tl.load(k_base + src[:, None] * stride_kn + offs_d[None, :], mask=mask, other=0.0)
-            if WRITE:
+            if WRITE_Q:
                 tl.store(qp_base + rows[:, None] * stride_qpn + offs_d[None, :], q, mask=mask)
+            if WRITE_K:
                 tl.store(kp_base + rows[:, None] * stride_kpn + offs_d[None, :], k, mask=mask)
             acc_q += tl.sum(q.to(tl.float32), 0)
             acc_k += tl.sum(k.to(tl.float32), 0)
@@ -190,22 +208,24 @@ def triton_available(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and interpreting() and x.dtype != torch.bfloat16
 
 
-def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_permuted: bool = True,
+def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_permuted=True,
                  block_t: int | None = None):
-    """Triton: ``(q_perm, k_perm, q_pool, k_pool)`` in one pass over q and k. The permuted copies are
-    None when ``write_permuted`` is False (identity permutations need only the pools)."""
+    """Triton: ``(q_perm, k_perm, q_pool, k_pool)`` in one pass over q and k. ``write_permuted``: a
+    bool for both copies or a (q, k) pair; a copy not written is None (identity permutations need
+    only the pools; VMoBA's attention gathers q in the kernel and needs only k permuted)."""
     _check_qk(q, k, segments.seq_len)
+    write_q, write_k = _write_flags(write_permuted)
     if not triton_available(q):
         raise ValueError(f"permute_pool: the Triton kernel cannot run on {q.device} {q.dtype}; use permute_pool_ref")
     q, k = unit_last_stride(q), unit_last_stride(k)
     B, H, N, D = q.shape
     # One zero fill for both pools; permuted copies in the (B, N, H, D) layout the attention ops produce.
     pool_q, pool_k = torch.zeros(2, B, H, segments.num_parts, D, dtype=torch.float32, device=q.device).unbind(0)
-    qp = empty_heads_last(q) if write_permuted else q
-    kp = empty_heads_last(k) if write_permuted else k
+    qp = empty_heads_last(q) if write_q else q  # the input itself stands in for an unwritten copy
+    kp = empty_heads_last(k) if write_k else k
     n_seg = segments.part.numel()
     if B * H * N == 0 or n_seg == 0:
-        return (qp if write_permuted else None), (kp if write_permuted else None), pool_q, pool_k
+        return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
     if block_t is None:
         block_t = 32 if interpreting() else 64
     _permute_pool_kernel[(n_seg, B * H)](
@@ -216,10 +236,10 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
         qp.stride(0), qp.stride(1), qp.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
         pool_q.stride(0), pool_q.stride(1), pool_q.stride(2),
-        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE=write_permuted,
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE_Q=write_q, WRITE_K=write_k,
         num_warps=4,
     )
-    return (qp if write_permuted else None), (kp if write_permuted else None), pool_q, pool_k
+    return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,

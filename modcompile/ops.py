@@ -60,14 +60,24 @@ def use_triton(t: Tensor) -> bool:
 _out_like = empty_heads_last
 
 
-def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float):
-    """Block-sparse attention on the best available path; returns ``(out, lse)``."""
+def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float,
+                      q_rows: Optional[Tensor] = None):
+    """Block-sparse attention on the best available path; returns ``(out, lse)``.
+
+    ``q_rows`` (N,) int32 permutation (VMoBA): the lists, k and v are in permuted token order, q and
+    the returned out / lse in the original one; permuted row ``r`` is token ``q_rows[r]``. The kernel
+    gathers q and scatters out / lse itself; the torch path permutes q and un-permutes around the
+    reference."""
     out = _out_like(q)
     if use_triton(q):
-        return _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out)
-    ref_out, lse = block_sparse_attention_ref(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale)
-    out.copy_(ref_out)
-    return out, lse
+        return _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
+                                 q_rows=q_rows)
+    rows = None if q_rows is None else q_rows.to(torch.int64)
+    q_in = q if rows is None else q.index_select(2, rows)
+    ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale)
+    if rows is None:
+        return out.copy_(ref_out), lse
+    return out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
 
 
 def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):

@@ -155,6 +155,54 @@ def test_matches_reference_random_lists(p):
     check_against_reference(q, k, v, counts, indices, bs, got, got_lse)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_q_rows_gathers_q_and_scatters_out_and_lse(p):
+    """q_rows = a random permutation: the lists, k, v are in permuted order, q in the original one.
+    out / lse at token q_rows[r] must equal the reference's row r computed on the permuted q; a
+    poisoned output shows that every element is written."""
+    gen = torch.Generator().manual_seed(p["seed"])
+    B, H, N, D, bs = p["B"], p["H"], p["N"], p["D"], p["block_size"]
+    q, k, v = random_qkv(B, H, N, D, p["dtype"], p["layout"], gen)
+    mq = num_blocks(N, bs)
+    counts, indices = random_lists(B, H, mq, mq, gen, p_empty=p["p_empty"], shuffle=p["shuffle"])
+    rows = torch.randperm(N, generator=gen).to(DEVICE)
+    cfg = interpreter_configs(bs)[p["config"]]
+    if cfg.tma and not bsa.tma_usable(k, v):
+        cfg = interpreter_configs(bs)[0]
+    out = torch.full((B, N, H, D), float("nan"), dtype=q.dtype, device=DEVICE).transpose(1, 2)
+    lse = torch.full((B, H, N), float("nan"), device=DEVICE)
+    got, got_lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=bs, out=out, lse=lse,
+                                                  config=cfg, q_rows=rows.to(torch.int32), validate=True)
+    assert got is out and got_lse is lse
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "an element was not written"
+    # row r of the permuted order lives at token rows[r]
+    check_against_reference(q[:, :, rows], k, v, counts, indices, bs, got[:, :, rows], got_lse[:, :, rows])
+
+
+def test_q_rows_identity_equals_no_q_rows_and_bad_q_rows_are_errors():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = random_qkv(1, 2, 40, 16, torch.float32, "bnhd", gen)
+    counts, indices = random_lists(1, 2, 3, 3, gen)
+    fwd = bsa.block_sparse_attention_fwd
+    plain, plain_lse = fwd(q, k, v, counts, indices, block_size=16)
+    ident = torch.arange(40, dtype=torch.int32, device=DEVICE)
+    out, lse = fwd(q, k, v, counts, indices, block_size=16, q_rows=ident)
+    assert torch.equal(out, plain) and torch.equal(lse, plain_lse)
+    with pytest.raises(ValueError, match="q_rows must be a"):
+        fwd(q, k, v, counts, indices, block_size=16, q_rows=ident[:-1])
+    with pytest.raises(ValueError, match="q_rows must be a"):
+        fwd(q, k, v, counts, indices, block_size=16, q_rows=ident.view(4, 10))
+    with pytest.raises(ValueError, match="q_rows must be int32"):
+        fwd(q, k, v, counts, indices, block_size=16, q_rows=ident.long())
+    with pytest.raises(ValueError, match="q_rows must be int32 on"):
+        fwd(q, k, v, counts, indices, block_size=16, q_rows=torch.empty(40, dtype=torch.int32, device="meta"))
+    with pytest.raises(ValueError, match="permutation"):
+        twice = ident.clone()
+        twice[1] = 0
+        fwd(q, k, v, counts, indices, block_size=16, q_rows=twice, validate=True)
+
+
 @settings(max_examples=8, deadline=None)
 @given(N=st.integers(1, 96), D=st.sampled_from([16, 32]), seed=st.integers(0, 2**31 - 1))
 def test_full_density_equals_dense_attention(N, D, seed):
@@ -257,16 +305,19 @@ def test_supports_reports_reasons():
 
 
 # ------------------------------------------------------------------------------ GPU
-def _gpu_case(shape, dtype, block_size, density, cfg=None, seed=0, shuffle=True):
+def _gpu_case(shape, dtype, block_size, density, cfg=None, seed=0, shuffle=True, gather_q=False):
     B, H, N, D = shape
     gen = torch.Generator().manual_seed(seed)
     q, k, v = random_qkv(B, H, N, D, dtype, "bnhd", gen)
     mq = num_blocks(N, block_size)
     counts, indices = random_lists(B, H, mq, mq, gen, density=density, shuffle=shuffle)
     out = torch.full((B, N, H, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
-    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=block_size,
-                                              out=out, config=cfg)
+    rows = torch.randperm(N, generator=gen).to(DEVICE) if gather_q else None
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=block_size, out=out, config=cfg,
+                                              q_rows=None if rows is None else rows.to(torch.int32))
     torch.cuda.synchronize()
+    if rows is not None:  # compare in the permuted order (row r lives at token rows[r])
+        q, out, lse = q[:, :, rows], out[:, :, rows], lse[:, :, rows]
     ref, ref_lse = block_sparse_attention_ref(q.double(), k.double(), v.double(), counts, indices,
                                               block_size=block_size)
     # Same-dtype torch: SDPA with the token mask in the input dtype.
@@ -301,6 +352,17 @@ def test_gpu_every_candidate_config(D):
         if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
             continue
         _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_q_rows_every_candidate_config(D):
+    for cfg in bsa.candidate_configs(128, D, tma=True):
+        if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
+            continue
+        _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D + 1, gather_q=True)
+    _gpu_case((2, 4, 2048, D), torch.float16, 128, 0.5, seed=D, gather_q=True)  # even N, tuned config
 
 
 @gpu

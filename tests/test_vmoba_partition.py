@@ -147,6 +147,15 @@ def test_permute_pool_kernel_matches_reference(dtype, geometry):
     none_q, none_k, q_pool2, _ = PL.permute_pool(q, k, segments, write_permuted=False)
     assert none_q is None and none_k is None
     torch.testing.assert_close(q_pool2, q_pool)
+    # only k permuted (VMoBA: the attention kernel gathers q rows itself); the reference agrees
+    none_q, kp_only, q_pool3, k_pool3 = PL.permute_pool(q, k, segments, write_permuted=(False, True))
+    ref_none_q, ref_kp, _, _ = PL.permute_pool_ref(q, k, p.perm, p.starts, write_permuted=(False, True))
+    assert none_q is None and ref_none_q is None
+    assert torch.equal(kp_only, rk) and torch.equal(ref_kp, rk)
+    torch.testing.assert_close(q_pool3, q_pool)
+    torch.testing.assert_close(k_pool3, k_pool)
+    qp_only, none_k, _, _ = PL.permute_pool(q, k, segments, write_permuted=(True, False))
+    assert none_k is None and torch.equal(qp_only, rq)
 
 
 def test_gather_rows_kernel_round_trip():
@@ -167,3 +176,6 @@ def test_pooling_bad_inputs_are_clear_errors():
         PL.permute_pool(torch.randn(1, 1, 10, 16), torch.randn(1, 1, 10, 16), segments)
     with pytest.raises(ValueError, match="one shape"):
         PL.permute_pool_ref(torch.randn(1, 1, 32, 16), torch.randn(1, 2, 32, 16), p.perm, p.starts)
+    with pytest.raises(TypeError, match="write_permuted"):
+        x = torch.randn(1, 1, 32, 16)
+        PL.permute_pool(x, x, segments, write_permuted=(True, True, False))

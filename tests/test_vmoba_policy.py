@@ -128,6 +128,38 @@ def test_triton_interpreter_path_matches_torch_path(monkeypatch):
     torch.testing.assert_close(results[0][2], results[1][2], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+@pytest.mark.parametrize("triton_on", [True, False])
+def test_kernel_q_gather_equals_permute_unpermute_path(layer, triton_on, monkeypatch):
+    """The inference path (plan keeps only the permuted k, the kernel gathers q rows and writes out /
+    lse in the original order) gives exactly the values of permuting q, k, v into the kernel and
+    un-permuting out and lse after it; on the torch path too."""
+    if not triton_on:
+        monkeypatch.setattr(ops, "use_triton", lambda t: False)
+    grid = (2, 4, 8)
+    sa = make_synthetic_attention(grid, heads=2, head_dim=16, text_len=5, text_position="first", seed=layer)
+    cfg = SparsityConfig(policy="vmoba", block_size=16, tau=0.4, text_position="first",
+                         partition_blocks={"2d": (2, 4), "3d": (1, 2, 4)})
+    ctx = _ctx(cfg, grid, sa.seq_len, layer)
+    policy = VmobaPolicy(cfg)
+    layout = policy.layout(ctx, sa.seq_len, sa.q.device)
+    assert not layout.identity
+    plan = policy.plan(ctx, sa.q, sa.k)
+    stash = ctx.state.policy_state.stash
+    assert len(stash) == 2 and torch.equal(stash[1], sa.k[:, :, layout.partition.perm])  # permuted k only
+    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
+    assert ctx.state.policy_state.stash is None
+    qp, kp, vp = (policy.gather(t, layout.perm) for t in (sa.q, sa.k, sa.v))
+    out_p, lse_p = ops.attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, 16, 0.25)
+    assert torch.equal(out, policy.gather(out_p, layout.inv))
+    assert torch.equal(lse, lse_p.index_select(2, layout.inv))
+    assert out.stride() == ops._out_like(sa.q).stride()
+    # a k that is not the plan's (stash miss): attention permutes it itself, same result
+    plan = policy.plan(ctx, sa.q, sa.k)
+    out2, lse2 = policy.attention(ctx, sa.q, sa.k.clone(), sa.v, plan.kv_counts, plan.kv_indices, 0.25)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+
+
 def test_warmup_and_missing_grid_plan_dense(torch_path):
     cfg = SparsityConfig(policy="vmoba", block_size=16)
     policy = VmobaPolicy(cfg)

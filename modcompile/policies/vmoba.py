@@ -6,14 +6,19 @@ Per call of a sparse step:
 1. the partition of this layer (``layer % 3``: 1D temporal, 2D spatial, 3D cubes; block shapes from
    ``config.partition_blocks`` or defaults of about ``block_size`` tokens) gives a permutation that
    makes every partition block contiguous (kernels/partition.py; cached per geometry and device);
-2. one fused pass permutes q and k and mean-pools them per partition block in fp32
-   (kernels/pooling.py); the permuted copies are kept for the attention op of the same call;
+2. one fused pass reads q and k in permuted order, mean-pools them per partition block in fp32 and
+   writes the permuted copy of k (kernels/pooling.py), kept for the attention op of the same call;
 3. pooled scores ``mean(q) . mean(k)`` are selected per head (modcompile/policies/selection.py:
    global / row threshold on the normalized mass, or top-k; own block kept; density guard);
 4. the partition-level selection becomes kernel block lists in permuted order (a kernel block
    straddling two partition blocks belongs to both; text blocks attend and are attended by all);
-5. ``attention`` permutes v, runs the block-sparse kernel on the permuted tensors and un-permutes
-   the output and the log-sum-exp back to the original token order.
+5. ``attention`` permutes v and runs the block-sparse kernel on the permuted k and v with q in the
+   original order and ``q_rows = perm``: the kernel reads each query row from its original token and
+   writes out and the log-sum-exp there, so nothing is un-permuted afterwards (permutation traffic
+   per call: write k' in the pooling pass, read v + write v'; no permuted q, no un-permutation of out
+   and lse; v is not an input of the plan, so it cannot join the pooling pass). The torch path (CPU)
+   computes the same values by permuting q and un-permuting around the reference. The backward
+   (training) permutes all its inputs and un-permutes the gradients.
 
 The first 25% of the denoising steps run dense (``config.warmup_steps`` overrides). Sites without a
 usable video grid run dense and say why in ``modcompile.report()``.
@@ -115,7 +120,7 @@ class CallState:
     """What the plan of the current call leaves for its attention (``ctx.state.policy_state``)."""
 
     dense: bool = True              # full lists: the token order does not matter
-    stash: tuple | None = None      # (key of q, key of k, permuted q, permuted k) from the fused pass
+    stash: tuple | None = None      # (key of k, permuted k) from the fused pass
 
 
 @register_policy
@@ -164,9 +169,9 @@ class VmobaPolicy(Policy):
             return ctx.full_plan(q, k)
         ctx.state.note = layout.describe()
         call.dense = False
-        qp, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
+        _, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
         if not layout.identity:
-            call.stash = (_tensor_key(q), _tensor_key(k), qp, kp)
+            call.stash = (_tensor_key(k), kp)
         counts, indices = self.lists_fn(layout, q_pool)(q_pool, k_pool)
         return Plan(counts, indices, dense=False)
 
@@ -188,8 +193,10 @@ class VmobaPolicy(Policy):
         return entry[1]
 
     def permute_pool(self, q, k, layout: Layout):
+        """``(None, permuted k or None, q_pool, k_pool)``: the attention kernel gathers q rows itself,
+        so only k is permuted (and only when the permutation is not the identity)."""
         if _use_triton(q):
-            return pooling.permute_pool(q, k, layout.segments, write_permuted=not layout.identity)
+            return pooling.permute_pool(q, k, layout.segments, write_permuted=(False, not layout.identity))
         # torch path (CPU): pooling.permute_pool_ref's arithmetic with the layout's cached index tensors
         lo, hi = layout.video
         qp, kp = q.index_select(2, layout.perm), k.index_select(2, layout.perm)
@@ -200,7 +207,7 @@ class VmobaPolicy(Policy):
             total.index_add_(2, layout.pool_ids, x[:, :, lo:hi].float())
             return total / layout.block_sizes[:, None]
 
-        return (None, None, pool(q), pool(k)) if layout.identity else (qp, kp, pool(qp), pool(kp))
+        return (None, None, pool(q), pool(k)) if layout.identity else (None, kp, pool(qp), pool(kp))
 
     def select(self, scores: torch.Tensor, scale: float) -> torch.Tensor:
         c = self.config
@@ -230,21 +237,19 @@ class VmobaPolicy(Policy):
         return layout, call
 
     def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
-        from ..ops import _out_like, attention_forward
+        """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
+        from ..ops import attention_forward
         permuted = self._permuted_call(ctx, q)
         if permuted is None:
             return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
         layout, call = permuted
         stash, call.stash = call.stash, None
-        if stash is not None and stash[0] == _tensor_key(q) and stash[1] == _tensor_key(k):
-            qp, kp = stash[2], stash[3]
-        else:  # the plan's copies do not match (should not happen in a rewritten graph)
-            qp, kp = self.gather(q, layout.perm), self.gather(k, layout.perm)
+        if stash is not None and stash[0] == _tensor_key(k):
+            kp = stash[1]
+        else:  # the plan's copy does not match (should not happen in a rewritten graph)
+            kp = self.gather(k, layout.perm)
         vp = self.gather(v, layout.perm)
-        out_p, lse_p = attention_forward(qp, kp, vp, kv_counts, kv_indices, ctx.block_size, scale)
-        out = self.gather(out_p, layout.inv, out=_out_like(q))
-        lse = lse_p.index_select(2, layout.inv)
-        return out, lse
+        return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
