@@ -368,3 +368,39 @@ def test_observe_has_no_host_sync_ops_and_a_bounded_op_count(kind, monkeypatch):
     names = collections.Counter(e.name for e in events)
     assert not SYNC_OPS & set(names), names
     assert len(top) <= OBSERVE_OP_BUDGET[kind], (len(top), collections.Counter(e.name for e in top))
+
+
+def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged():
+    """benchmarks/bench_mod.py times observed steps again on a copy of the state: the run itself
+    (schedule, lists, maps, fits) must be the one without the repeats."""
+    import argparse
+    from benchmarks import bench_mod
+    args = argparse.Namespace(grid=[2, 4, 8], heads=2, head_dim=16, steps=12)
+    inputs = bench_mod.make_inputs(args, "cpu", torch.float32)
+    cfg = SparsityConfig(block_size=16, refresh_interval=3, dense_refresh_every=2, num_steps=12,
+                         min_observed_coverage=0.0)
+    calls = []
+
+    def repeat(fn):
+        calls.append(fn)
+        fn(), fn()
+        return 1.0
+
+    runs = []
+    for rep in (None, repeat):
+        policy = ModPolicy(cfg)
+        summary_, rows = bench_mod.run_variant("cheap", policy, inputs, args, "cpu", bench_mod.Timer("cpu"), 1.0,
+                                               with_quality=False, repeat=rep)
+        runs.append((summary_, rows))
+    (s0, rows0), (s1, rows1) = runs
+    assert s0["events"] == s1["events"] == [(1, "observe-dense"), (2, "observe-dense"), (6, "refresh-cheap"),
+                                             (9, "refresh-dense")]
+    assert [(r["kind"], r["observe"], r["density"]) for r in rows0] == \
+        [(r["kind"], r["observe"], r["density"]) for r in rows1]
+    for key in ("lines_per_head_last", "predicted_coverage_last", "observed_coverage"):
+        assert s0[key] == s1[key], key
+    observed = [r for r in rows1 if r["observe"]]
+    assert len(observed) == 4 and all({"observe_rep_ms", "attn_rep_ms", "baseline_ms"} <= set(r) for r in observed)
+    assert [r["baseline_ms"] for r in observed] == [1.0, 1.0, 1.0, 1.0]  # dense time, dense time, own call, lists
+    assert len(calls) == 4 * 2 + 1                                     # observe, attention; + the dense refresh's baseline
+    assert s1["overhead_fraction"] == pytest.approx((4 * 1.0 + 0.0) / 12)
