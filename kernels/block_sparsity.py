@@ -7,17 +7,21 @@ log-sum-exp from the attention that just ran (a second pass over the q.k tiles, 
 entry of a tile is ``sparse entries / valid entries``: rows and columns past the end of a ragged last
 block do not count.
 
-Restricted mode (``kv_counts``/``kv_indices`` given): only the listed key blocks of each query block
-are computed; every other entry of ``out`` is left as it was (the caller pre-fills it, by default
-with NaN, so that "not observed" is visible). That is the cheap refresh of the MOD policy: observe
-only the blocks the sparse kernel computed. With a sparse call's lse the probabilities are relative
-to the kept blocks' mass (slightly larger than the dense ones).
+Restricted mode (``kv_counts``/``kv_indices`` given): only the listed (query block, key block)
+entries are written; every other entry of ``out`` is left as it was (the caller pre-fills it, by
+default with NaN, so that "not observed" is visible). That is the cheap refresh of the MOD policy:
+observe only the blocks the sparse kernel computed. With a sparse call's lse the probabilities are
+relative to the kept blocks' mass (slightly larger than the dense ones). The kernel keeps the same
+query-block groups as the full map (one tile of about ``block_size`` sampled rows per program) and
+visits the *union* of its blocks' lists (built on device from the lists, a few small ops), storing
+an entry only where that query block lists the key block: the restricted map costs at most the
+full one, instead of one 16-row tile per query block re-loading all of its key blocks.
 
 Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows at local offsets
 ``phase, phase + s, ...`` of each query block (``phase = (row_phase % s) % min(s, valid rows)``; see
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
-The kernel loads and multiplies only the sampled rows (grouping several query blocks per program
-in full mode), so its work drops by about s for power-of-two strides up to ``block_size / 16``.
+The kernel loads and multiplies only the sampled rows (grouping several query blocks per program),
+so its work drops by about s for power-of-two strides up to ``block_size / 16``.
 ``row_stride=1`` is the exact map. A caller that observes repeatedly can rotate ``row_phase``
 so that successive observations see different rows.
 """
@@ -39,7 +43,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit(do_not_specialize=["row_phase"])
 def _block_sparsity_kernel(
-    Q, K, Lse, Out, Counts, Indices,
+    Q, K, Lse, Out, Counts, Indices, Listed,
     scale, log_threshold, row_phase,
     N_Q, N_K, H, MQ, MK,
     stride_qb, stride_qh, stride_qn,
@@ -48,6 +52,7 @@ def _block_sparsity_kernel(
     stride_ob, stride_oh, stride_om, stride_ok,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ij,
+    stride_fb, stride_fh, stride_fm,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -61,8 +66,10 @@ def _block_sparsity_kernel(
     # One program per GROUP consecutive query blocks and one (batch, head). Each block contributes
     # SAMPLE_ROWS row slots (its sampled rows: phase, phase + stride, ...; slots past the block or
     # past N are masked), so one tile of GROUP * SAMPLE_ROWS rows meets every key tile: sampling
-    # cuts both the products and the key loads by about the stride. GROUP is 1 when restricted
-    # (every query block has its own key list) and with stride 1 (the exact map).
+    # cuts both the products and the key loads by about the stride. GROUP is 1 with stride 1.
+    # Restricted: Counts/Indices list the key blocks of the program's group (the union of its
+    # query blocks' lists; with GROUP 1 the caller's own lists), and Listed (B, H, MQ, MK) int8
+    # says which query block of the group listed each one: only those entries are stored.
     pid_group = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -99,6 +106,7 @@ def _block_sparsity_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     out_base = Out + b * stride_ob + h * stride_oh + out_blocks.to(tl.int64) * stride_om
+    listed_base = Listed + b * stride_fb + h * stride_fh + out_blocks.to(tl.int64) * stride_fm
     if RESTRICTED:
         n_entries = tl.load(Counts + b * stride_cb + h * stride_ch + pid_group * stride_cm)
         idx_base = Indices + b * stride_ib + h * stride_ih + pid_group * stride_im
@@ -122,16 +130,36 @@ def _block_sparsity_kernel(
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
         below_per_block = tl.sum(tl.where(member, below[:, None], 0), 0)
         frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
-        tl.store(out_base + key_block * stride_ok, frac, mask=block_ok)
+        store_ok = block_ok
+        if RESTRICTED and GROUP > 1:
+            store_ok = store_ok & (tl.load(listed_base + key_block, mask=block_ok, other=0) != 0)
+        tl.store(out_base + key_block * stride_ok, frac, mask=store_ok)
 
 
-def sample_layout(block_size: int, row_stride: int, restricted: bool) -> tuple[int, int]:
+def sample_layout(block_size: int, row_stride: int, restricted: bool = False) -> tuple[int, int]:
     """(SAMPLE_ROWS, GROUP): row slots per query block (a power of two >= the block's sampled rows,
-    at least 16 for tl.dot) and query blocks per program (a tile of about block_size rows)."""
+    at least 16 for tl.dot) and query blocks per program (a tile of about block_size rows). The
+    same in restricted mode (``restricted`` is kept for callers; it no longer changes the layout)."""
     needed = -(-block_size // row_stride)
     sample_rows = max(16, triton.next_power_of_2(needed))
-    group = 1 if restricted else max(1, block_size // sample_rows)
+    group = max(1, block_size // sample_rows)
     return sample_rows, group
+
+
+def group_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int, group: int):
+    """Restricted mode's work lists: ``listed`` (B, H, Mq, Mk) bool from the block lists, and per
+    group of ``group`` consecutive query blocks the union of their lists as (counts (B, H, G),
+    indices (B, H, G, Mk)) int32, in increasing key-block order. On device, no host sync."""
+    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    B, H, mq, _ = listed.shape
+    n_groups = -(-mq // group)
+    padded = listed.new_zeros(B, H, n_groups * group, mk)
+    padded[:, :, :mq] = listed
+    union = padded.view(B, H, n_groups, group, mk).any(3)
+    ids = torch.arange(mk, device=listed.device, dtype=torch.int32)
+    # Listed ids first in increasing order (unlisted ones shifted past mk), then back to ids.
+    order = torch.where(union, ids, ids + mk).sort(dim=-1).values.remainder_(mk)
+    return listed, union.sum(-1, dtype=torch.int32), order
 
 
 def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 0,
@@ -224,14 +252,18 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
         return out
+    cfg = _config(block_size)
+    block_d = padded_head_dim(D)
+    sample_rows, group = sample_layout(block_size, row_stride)
+    listed = torch.zeros(1, 1, 1, 1, dtype=torch.int8, device=q.device)  # dummy: never read
     if not restricted:  # dummies: never read
         kv_counts = torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
         kv_indices = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=q.device)
-    cfg = _config(block_size)
-    block_d = padded_head_dim(D)
-    sample_rows, group = sample_layout(block_size, row_stride, restricted)
+    elif group > 1:
+        listed, kv_counts, kv_indices = group_lists(kv_counts, kv_indices, mk, group)
+        listed = listed.view(torch.int8)
     _block_sparsity_kernel[(triton.cdiv(mq, group), B * H)](
-        q, k, lse, out, kv_counts, kv_indices,
+        q, k, lse, out, kv_counts, kv_indices, listed,
         scale, math.log(threshold), row_phase % row_stride,
         N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
@@ -240,6 +272,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
+        listed.stride(0), listed.stride(1), listed.stride(2),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, RESTRICTED=restricted,
         DOT_PRECISION=dot_precision(q.dtype),
@@ -291,4 +324,5 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     return out
 
 
-__all__ = ["block_sparsity", "block_sparsity_ref", "sampled_rows", "sample_layout", "SUPPORTED_BLOCK_SIZES"]
+__all__ = ["block_sparsity", "block_sparsity_ref", "sampled_rows", "sample_layout", "group_lists",
+           "SUPPORTED_BLOCK_SIZES"]

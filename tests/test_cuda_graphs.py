@@ -129,3 +129,150 @@ def test_compiled_vmoba_replays_and_switch(graphs, fresh_modcompile, monkeypatch
     else:
         assert not calls
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+# ----------------------------------------------------------------------------- MOD observation tail
+
+def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nb = geom.nb
+    raw = torch.rand(batch, heads, nb, nb, generator=g)
+    inputs = [raw]
+    if cheap:
+        raw[torch.rand(batch, heads, nb, nb, generator=g) < 0.5] = float("nan")
+        inputs.append(torch.rand(heads, nb, nb, generator=g))
+    if build:
+        inputs += [torch.randn(heads, geom.num_basis, generator=g) * 0.1,
+                   torch.tensor([float(1 + seed % 3), 5.5])]
+    return [x.to(device) for x in inputs]
+
+
+def test_mod_tail_graph_cache_key(monkeypatch):
+    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod_fit import Geometry, fit_geometry
+    cfg = SparsityConfig(block_size=16)
+    policy = ModPolicy(cfg)
+    geom = Geometry(70, 16, (2, 5, 6), 10, "last")
+    fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
+    assert not isinstance(policy.observe_tail(fg, 1, 2, True, True), cuda_graphs.GraphedCall)  # CPU: eager
+    monkeypatch.setattr(cuda_graphs, "enabled", lambda device: True)
+    first = policy.observe_tail(fg, 1, 2, True, True)
+    assert isinstance(first, cuda_graphs.GraphedCall)
+    assert policy.observe_tail(fg, 1, 2, True, True) is first
+    others = [policy.observe_tail(fg, *args) for args in ((2, 2, True, True), (1, 3, True, True),
+                                                          (1, 2, False, True), (1, 2, True, False))]
+    assert len({id(c) for c in others + [first]}) == 5
+    other_geom = fit_geometry(Geometry(70, 16, None), cfg.ridge_lambda, "cpu")
+    assert policy.observe_tail(other_geom, 1, 2, True, True) is not first
+    # the first call of a key runs eagerly and gives the eager outputs
+    inputs = _mod_tail_inputs(geom, fg, 1, 2, True, True, "cpu", 0)
+    got = first(*inputs)
+    want = observe_tail(fg, cfg, 1, True, True, *inputs)
+    assert first.eager_calls == 1 and first.graph is None
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cheap,build", [(False, False), (False, True), (True, True)])
+def test_mod_tail_replay_equals_eager(cheap, build, monkeypatch):
+    monkeypatch.delenv(cuda_graphs.ENV, raising=False)
+    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod_fit import Geometry, fit_geometry
+    cfg = SparsityConfig(block_size=64, coverage=0.85, min_density=0.05, max_density=0.7)
+    policy = ModPolicy(cfg)
+    geom = Geometry(8 * 16 * 16 + 40, 64, (8, 16, 16), 40, "last")     # ragged last block, text tokens
+    fg = fit_geometry(geom, cfg.ridge_lambda, torch.device("cuda"))
+    call = None
+    for step in range(5):
+        inputs = _mod_tail_inputs(geom, fg, 2, 3, cheap, build, "cuda", step)
+        call = policy.observe_tail(fg, 2, 3, cheap, build)
+        got = call(*inputs)
+        want = observe_tail(fg, cfg, 2, cheap, build, *inputs)
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), (step, i)
+        if build:
+            assert (got[6] < geom.nb).any()  # really sparse, so equality says something
+    assert isinstance(call, cuda_graphs.GraphedCall) and not call.failed
+    assert call.eager_calls == 1 and call.replays == 4
+
+
+def _run_mod_generation(policy, state, info, qkv, num_steps, check_sync: bool):
+    """One generation of a MOD site driven like the ops do; returns the lists of every step."""
+    from modcompile.ops import site_attention
+    state.policy_state = None  # a new generation: fresh policy state, same policy (graph cache)
+    lists = []
+    for step in range(num_steps):
+        q, k, v = qkv(step)
+        ctx = SiteContext(info=info, state=state, step=step, num_steps=num_steps, config=info.config)
+        with _sync_mode("error" if check_sync else "default"):
+            plan = policy.plan(ctx, q, k)
+        state.dense_now, state.observe_now = plan.dense, plan.observe
+        _, lse = site_attention(policy, ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(q.shape[-1]))
+        if plan.observe:
+            with _sync_mode("error" if check_sync else "default"):
+                policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+        lists.append((plan.dense, plan.kv_counts.clone(), plan.kv_indices.clone()))
+    return lists
+
+
+class _sync_mode:
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(self.mode)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.old)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
+    """A 20-step MOD schedule (warm-up pair, cheap refreshes, a dense refresh) on the GPU: with the
+    tail graphed the lists of every step equal the eager run's, and from the third generation on
+    (every tail kind captured) plan and observe never synchronize with the device."""
+    monkeypatch.setenv("MODCOMPILE_BSA_NO_TUNE", "1")
+    from modcompile.policies.mod import ModPolicy
+    cfg = SparsityConfig(block_size=64, refresh_interval=3, dense_refresh_every=3, min_observed_coverage=0.0,
+                         num_steps=20)
+    grid = (4, 16, 16)
+    n = math.prod(grid)
+    info = SiteInfo(key="test/mod#0", layer=0, module_path="attn", config=cfg, status="sparse", seq_len=n,
+                    heads=2, head_dim=64, grid=grid, text_tokens=0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.arange(n, device="cuda", dtype=torch.float32) / 48.0
+    feat = torch.cat([torch.cos(pos[:, None] * torch.arange(1, 33, device="cuda") * 0.2),
+                      torch.sin(pos[:, None] * torch.arange(1, 33, device="cuda") * 0.2)], -1)
+    base = [feat.expand(1, 2, n, 64) * 3 + 0.3 * torch.randn(1, 2, n, 64, device="cuda", generator=g)
+            for _ in range(3)]
+    drift = [torch.randn(1, 2, n, 64, device="cuda", generator=g) for _ in range(3)]
+
+    def qkv(step):
+        return tuple((b + 0.02 * step * d).half().contiguous() for b, d in zip(base, drift))
+
+    runs = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv(cuda_graphs.ENV, graphs)
+        policy = ModPolicy(cfg)
+        state = SiteState(info=info, pass_index=0)
+        gens = [_run_mod_generation(policy, state, info, qkv, 20, check_sync=(graphs == "1" and gen == 2))
+                for gen in range(3)]
+        runs[graphs] = gens
+        events = [e for e in state.policy_state.events if e[1].startswith("refresh")]
+        # warm-up 5 (observed 3, 4); refreshes every 3 steps from 8, every third one dense
+        assert events == [(8, "refresh-cheap"), (11, "refresh-cheap"), (14, "refresh-dense"),
+                          (17, "refresh-cheap")], events
+        if graphs == "1":
+            calls = list(policy._tails.values())
+            assert len(calls) == 3 and all(c.replays >= 1 and not c.failed for c in calls)
+        else:
+            assert not policy._tails
+    for eager_gen, graphed_gen in zip(runs["0"], runs["1"]):
+        for step, (a, b) in enumerate(zip(eager_gen, graphed_gen)):
+            assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]), step
+    sparse = [c for dense, c, _ in runs["1"][-1] if not dense]
+    assert sparse and all((c < c.new_tensor(n // 64)).any() for c in sparse)  # really sparse

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref, sampled_rows
+from modcompile.kernels.block_sparsity import (block_sparsity, block_sparsity_ref, group_lists, sample_layout,
+                                              sampled_rows)
 from modcompile.kernels.reference import block_mask_from_lists, num_blocks
 
 # Half of the entries' scores move by at most this much between fp16/fp32 kernels and float64.
@@ -70,6 +71,56 @@ def test_restricted_map_writes_listed_blocks_only(n, bs, dtype, seed):
     old = torch.full_like(got, 7.0)
     block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, kv_counts=counts, kv_indices=indices, out=old)
     assert torch.equal(old == 7.0, ~listed)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(40, 200), bs=st.sampled_from([32, 64]), stride=st.sampled_from([2, 4, 8]),
+       dtype=st.sampled_from([torch.float16, torch.float32]), density=st.sampled_from([0.1, 0.4, 0.9]),
+       seed=st.integers(0, 10_000))
+def test_grouped_restricted_map_equals_full_map_on_listed_blocks(n, bs, stride, dtype, density, seed):
+    """Restricted mode keeps the full map's query-block groups (GROUP > 1 here): listed entries are
+    the full map's values bit for bit, every other entry of ``out`` stays exactly as it was."""
+    B, H, d = 2, 2, 16
+    assert sample_layout(bs, stride)[1] > 1
+    q, k, lse = _inputs(B, H, n, d, dtype, seed)
+    m = num_blocks(n, bs)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, H, m, m, generator=g) < density
+    keep[0, 0, 0] = False                                            # an empty list
+    counts = keep.sum(-1, dtype=torch.int32)
+    # Listed ids first in a random order (the kernel must not rely on sorted lists), then junk.
+    perm = torch.rand(B, H, m, m, generator=g).argsort(-1)
+    first = torch.sort((~keep).gather(-1, perm).to(torch.int8), dim=-1, stable=True).indices
+    order = perm.gather(-1, first).to(torch.int32)
+    junk = torch.randint(0, m, order.shape, generator=g, dtype=torch.int32)
+    indices = torch.where(torch.arange(m) < counts.unsqueeze(-1), order, junk).contiguous()
+    listed = block_mask_from_lists(counts, indices, m)
+    assert torch.equal(listed, keep)
+    full = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, row_stride=stride)
+    old = torch.randn(B, H, m, m, generator=g)
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, row_stride=stride,
+                         kv_counts=counts, kv_indices=indices, out=old.clone())
+    assert torch.equal(got[listed], full[listed])
+    assert torch.equal(got[~listed], old[~listed])
+    lo, hi = _bracket(q, k, lse, bs, 1e-3, row_stride=stride)
+    assert (got[listed] >= lo[listed] - 1e-6).all() and (got[listed] <= hi[listed] + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_group_lists_are_the_union_of_the_groups_lists(group):
+    B, H, m = 1, 2, 7
+    counts, indices = _random_lists(B, H, m, m, 4)
+    listed, u_counts, u_indices = group_lists(counts, indices, m, group)
+    assert torch.equal(listed, block_mask_from_lists(counts, indices, m))
+    n_groups = -(-m // group)
+    assert u_counts.shape == (B, H, n_groups) and u_indices.shape == (B, H, n_groups, m)
+    for gi in range(n_groups):
+        union = listed[:, :, gi * group:(gi + 1) * group].any(2)                 # (B, H, m)
+        for b in range(B):
+            for h in range(H):
+                want = torch.nonzero(union[b, h]).flatten().tolist()
+                c = int(u_counts[b, h, gi])
+                assert u_indices[b, h, gi, :c].tolist() == want
 
 
 def test_ragged_tail_counts_only_valid_entries():

@@ -248,3 +248,160 @@ def test_compiled_timestep_tensors_new_generation_and_cfg(fresh_modcompile):
     assert states[0] is not states[1]
     # Each pass observed its own input (the passes' inputs differ).
     assert states[0].observed_coverage != states[1].observed_coverage
+
+
+# ---------------------------------------------------------------- observation tail and coverage
+
+def test_observe_tail_is_the_eager_sequence_of_steps():
+    """CPU runs :func:`observe_tail` eagerly: merge, fit, :func:`extrapolate`, :func:`predict_mask`
+    and the block lists exactly as the policy composed them before the tail was graphed."""
+    from modcompile.policies.mod import extrapolate, lists_from_mask, observe_tail, predict_mask
+    from modcompile.policies.mod_fit import Geometry, fit_geometry
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
+    geom = Geometry(70, 16, (2, 5, 6), 10, "last")
+    nb, H, B = geom.nb, 3, 2
+    fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
+    g = torch.Generator().manual_seed(0)
+    raw = torch.rand(B, H, nb, nb, generator=g)
+    old_map = torch.rand(H, nb, nb, generator=g)
+    coef_prev = fg.solve(torch.rand(H, nb, nb, generator=g))
+    cheap_raw = raw.clone()
+    cheap_raw[torch.rand(B, H, nb, nb, generator=g) < 0.5] = float("nan")
+    steps = torch.tensor([3.0, (cfg.refresh_interval + 1) / 2])
+    for cheap, smap in ((False, raw.mean(0)),
+                        (True, torch.where(cheap_raw.nanmean(0).isnan(), old_map, cheap_raw.nanmean(0)))):
+        inputs = (cheap_raw, old_map) if cheap else (raw,)
+        coef = fg.solve(smap)
+        got = observe_tail(fg, cfg, B, cheap, False, *inputs)
+        assert len(got) == 2 and torch.equal(got[0], smap) and torch.equal(got[1], coef)
+        for prev, step_args in (((5, coef_prev), steps), (None, torch.tensor([1.0, 0.0]))):
+            fits = ([prev] if prev else []) + [(8, coef)]
+            want = predict_mask(extrapolate(fits, cfg.refresh_interval), fg, cfg, smap)
+            counts, indices = lists_from_mask(want[0])
+            got = observe_tail(fg, cfg, B, cheap, True, *inputs,
+                               prev[1] if prev else torch.zeros_like(coef), step_args)
+            assert torch.equal(got[0], smap) and torch.equal(got[1], coef)
+            for a, b in zip(got[2:6], want):
+                assert torch.equal(a, b)
+            assert torch.equal(got[6], counts.expand(B, H, nb)) and torch.equal(got[7], indices.expand(B, H, nb, nb))
+        if cheap:
+            assert not torch.equal(smap, raw.mean(0))   # the merge did something
+
+
+def _coverage_brute(q, k, lse, kept, bs, scale, rows):
+    """observed_coverage's definition, by loops in float64."""
+    B, H, N, _ = q.shape
+    nb = -(-k.shape[2] // bs)
+    out = torch.zeros(B, H, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            vals = []
+            for r in rows:
+                missing = 0.0
+                for j in range(nb):
+                    keys = k[b, h, j * bs:(j + 1) * bs].double()
+                    if not kept[b, h, r // bs, j]:
+                        s = float(q[b, h, r].double() @ keys.mean(0)) * scale
+                        missing += keys.shape[0] * math.exp(s - float(lse[b, h, r]))
+                vals.append(1.0 / (1.0 + missing))
+            out[b, h] = sum(vals) / len(vals)
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_observed_coverage_is_the_mean_over_the_sampled_rows(stride, monkeypatch):
+    from modcompile.kernels.block_sparsity import sampled_rows
+    from modcompile.policies import mod
+    B, H, N, D, bs = 2, 3, 70, 16, 16
+    g = torch.Generator().manual_seed(stride)
+    q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    nb = -(-N // bs)
+    kept = (torch.rand(B, H, nb, nb, generator=g) < 0.4) | torch.eye(nb, dtype=torch.bool)
+    scale = D ** -0.5
+    # lse of the sparse call: over the kept blocks' keys only
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    cols = kept.repeat_interleave(bs, -1)[..., :N].repeat_interleave(bs, -2)[..., :N, :]
+    lse = torch.logsumexp(s.masked_fill(~cols, float("-inf")), -1).float()
+    rows = sampled_rows(N, bs, stride, 0).tolist()
+    want = _coverage_brute(q, k, lse, kept, bs, scale, rows)
+    got = mod.observed_coverage(q, k, lse, kept, bs, scale, row_stride=stride)
+    assert got.shape == (B, H) and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert (want < 0.999).any()                                   # something is missing somewhere
+    # a per-head mask broadcasts over the batch; chunking over heads changes nothing
+    monkeypatch.setattr(mod, "_COVERAGE_CHUNK", 1)
+    per_head = mod.observed_coverage(q, k, lse, kept[0], bs, scale, row_stride=stride)
+    want0 = _coverage_brute(q, k, lse, kept[:1].expand(B, -1, -1, -1), bs, scale, rows)
+    assert torch.allclose(per_head.double(), want0, rtol=1e-5, atol=1e-6)
+
+
+SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::tolist"}
+# Measured on CPU (4 heads): 163 top-level aten ops (views included) for a cheap refresh's observe
+# (coverage estimate + tail), 130 for a dense one, with the map kernel stubbed out (16 of them are
+# mask_rule="blocks"). The bound leaves margin for refactors, not for per-head loops (the coverage
+# estimate had one: ~20 ops per head).
+OBSERVE_OP_BUDGET = {"cheap": 180, "dense": 145}
+
+
+@pytest.mark.parametrize("kind", ["cheap", "dense"])
+def test_observe_has_no_host_sync_ops_and_a_bounded_op_count(kind, monkeypatch):
+    import collections
+    from torch.profiler import ProfilerActivity, profile
+    from modcompile.policies import mod
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, dense_refresh_every=3 if kind == "cheap" else 1,
+                         min_observed_coverage=0.0)
+    drv = Driver(cfg, heads=4)
+    q, k, v = _local_qkv(drv.n, heads=4)
+    for s in range(13):  # up to the second refresh of the kind: lazily built caches exist
+        drv.step(s, q, k, v)
+    ctx = SiteContext(info=drv.info, state=drv.state, step=13, num_steps=drv.num_steps, config=cfg)
+    plan = drv.policy.plan(ctx, q, k)
+    assert drv.state.policy_state.observing == kind
+    _, lse = drv.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 0.25)
+    real = mod.observe_map(q, k, lse, block_size=16, threshold=cfg.threshold, scale=0.25,
+                           kv_counts=plan.kv_counts if kind == "cheap" else None,
+                           kv_indices=plan.kv_indices if kind == "cheap" else None)
+    monkeypatch.setattr(mod, "observe_map", lambda *a, **kw: real.clone())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        drv.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+    assert drv.state.policy_state.fit_steps[-1] == 13
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    names = collections.Counter(e.name for e in events)
+    assert not SYNC_OPS & set(names), names
+    assert len(top) <= OBSERVE_OP_BUDGET[kind], (len(top), collections.Counter(e.name for e in top))
+
+
+def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged():
+    """benchmarks/bench_mod.py times observed steps again on a copy of the state: the run itself
+    (schedule, lists, maps, fits) must be the one without the repeats."""
+    import argparse
+    from benchmarks import bench_mod
+    args = argparse.Namespace(grid=[2, 4, 8], heads=2, head_dim=16, steps=12)
+    inputs = bench_mod.make_inputs(args, "cpu", torch.float32)
+    cfg = SparsityConfig(block_size=16, refresh_interval=3, dense_refresh_every=2, num_steps=12,
+                         min_observed_coverage=0.0)
+    calls = []
+
+    def repeat(fn):
+        calls.append(fn)
+        fn(), fn()
+        return 1.0
+
+    runs = []
+    for rep in (None, repeat):
+        policy = ModPolicy(cfg)
+        summary_, rows = bench_mod.run_variant("cheap", policy, inputs, args, "cpu", bench_mod.Timer("cpu"), 1.0,
+                                               with_quality=False, repeat=rep)
+        runs.append((summary_, rows))
+    (s0, rows0), (s1, rows1) = runs
+    assert s0["events"] == s1["events"] == [(1, "observe-dense"), (2, "observe-dense"), (6, "refresh-cheap"),
+                                             (9, "refresh-dense")]
+    assert [(r["kind"], r["observe"], r["density"]) for r in rows0] == \
+        [(r["kind"], r["observe"], r["density"]) for r in rows1]
+    for key in ("lines_per_head_last", "predicted_coverage_last", "observed_coverage"):
+        assert s0[key] == s1[key], key
+    observed = [r for r in rows1 if r["observe"]]
+    assert len(observed) == 4 and all({"observe_rep_ms", "attn_rep_ms", "baseline_ms"} <= set(r) for r in observed)
+    assert [r["baseline_ms"] for r in observed] == [1.0, 1.0, 1.0, 1.0]  # dense time, dense time, own call, lists
+    assert len(calls) == 4 * 2 + 1                                     # observe, attention; + the dense refresh's baseline
+    assert s1["overhead_fraction"] == pytest.approx((4 * 1.0 + 0.0) / 12)

@@ -76,7 +76,13 @@ def _list_keys(mk: int, device: torch.device):
 
 
 def block_token_counts(n: int, block_size: int, device=None) -> torch.Tensor:
-    """(nb,) float32 tokens per block of an ``n``-token sequence (the last block may be ragged)."""
+    """(nb,) float32 tokens per block of an ``n``-token sequence (the last block may be ragged).
+    Cached per (n, block_size, device): treat it as read-only."""
+    return _block_token_counts(n, block_size, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@lru_cache(maxsize=None)  # never evicted: captured CUDA graphs may hold the address (cuda_graphs.py)
+def _block_token_counts(n: int, block_size: int, device: torch.device) -> torch.Tensor:
     nb = num_blocks(n, block_size)
     sizes = torch.full((nb,), float(block_size), device=device)
     sizes[-1] = n - (nb - 1) * block_size
@@ -85,11 +91,18 @@ def block_token_counts(n: int, block_size: int, device=None) -> torch.Tensor:
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of each block's tokens, (B, H, nb, D) float32, from x (B, H, N, D); a ragged last
-    block is averaged over its real tokens."""
+    block is averaged over its real tokens. Sums in float32 straight from x's storage (no float
+    or padded copy of x: one pass over it)."""
     B, H, N, D = x.shape
     nb = num_blocks(N, block_size)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block_size - N))
-    return padded.view(B, H, nb, block_size, D).sum(3) / block_token_counts(N, block_size, x.device).view(nb, 1)
+    full = N // block_size
+    parts = []
+    if full:
+        parts.append(x[:, :, :full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32))
+    if full < nb:
+        parts.append(x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+    return sums / block_token_counts(N, block_size, x.device).view(nb, 1)
 
 
 class Policy:

@@ -15,10 +15,18 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   ``dense_refresh_every``-th refresh is dense anyway.
 * the observed coverage of a cheap refresh (:func:`observed_coverage`: the kept share of the
   attention mass estimated from the sparse call's lse and mean-pooled keys of the skipped blocks;
-  mean over rows, heads and batch) is computed on device and copied to pinned host memory without
-  waiting. Later plans poll the copy's CUDA event (never
-  wait); once it has landed and is below ``min_observed_coverage`` the next step is a dense
-  refresh. On CPU the value is ready at once, so the dense refresh is the step after.
+  mean over the observation's sampled rows, heads and batch) is computed on device and copied to
+  pinned host memory without waiting. Later plans poll the copy's CUDA event (never wait); once it
+  has landed and is below ``min_observed_coverage`` the next step is a dense refresh. On CPU the
+  value is ready at once, so the dense refresh is the step after.
+
+Cost of an observation: the map kernel (a cheap refresh's restricted map visits, per group of query
+blocks, the union of their lists: at most the full map's work), the coverage estimate (cheap
+refreshes), then :func:`observe_tail`: merge, fit, extrapolation, mask and block lists, dozens of
+small kernels on (H, nb, nb) maps. On CUDA the tail is replayed from a CUDA graph per (geometry,
+batch, heads, kind), shared by all sites and CFG passes of that shape (first call eager, second
+captures; ``MODCOMPILE_CUDA_GRAPHS=0`` keeps it eager); its inputs and outputs are copied in and out,
+so the state holds ordinary tensors. No observation waits for the host.
 
 Observation estimates ``S`` from every ``observe_row_stride``-th query row of each block (1 =
 exact), always the same rows (phase 0, :func:`..kernels.block_sparsity.sampled_rows`): the mask
@@ -39,15 +47,16 @@ observation has; measured MOD-vs-oracle error in BENCHMARKS.md). ``min_density``
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import cuda_graphs
 from .base import (Plan, Policy, SiteContext, block_means, block_token_counts, lists_from_mask,
                    register_policy)
-from ..kernels.reference import block_mask_from_lists
 from .mod_fit import FitGeometry, Geometry, fit_geometry
 
 log = logging.getLogger("modcompile")
@@ -55,6 +64,8 @@ log = logging.getLogger("modcompile")
 # The frame block diagonal is kept when its fitted coefficient is below -FRAME_KEEP: being in the
 # same latent frame lowers a block's predicted sparsity by more than this (fraction of entries).
 FRAME_KEEP = 0.05
+# Captured observation tails kept per policy (one per geometry, batch and kind: a few in practice).
+_MAX_GRAPHS = 32
 
 
 class DeferredScalar:
@@ -122,6 +133,10 @@ def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_i
 @register_policy
 class ModPolicy(Policy):
     name = "mod"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._tails: dict = {}  # (geometry, device, batch, heads, cheap, build) -> GraphedCall
 
     def default_warmup(self, num_steps: int) -> int:
         # The paper: 12 of 50 dense steps; at least two, so that two fits exist.
@@ -214,52 +229,141 @@ class ModPolicy(Policy):
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
                         row_stride=cfg.observe_row_stride, row_phase=0)
-        if kind == "dense" or st.smap is None:
-            st.smap = observe_map(q, k, lse, **sampling).mean(0)
+        cheap = kind != "dense" and st.smap is not None
+        if cheap:
+            raw = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
+            # The cheap refresh ran the policy's own lists: the kept blocks are st.mask.
+            st.coverage_flag = DeferredScalar(observed_coverage(
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_row_stride).mean())
         else:
-            seen_map = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
-            fresh = seen_map.nanmean(0) if seen_map.shape[0] > 1 else seen_map[0]
-            seen = ~fresh.isnan()
-            merged = torch.where(seen, fresh, st.smap)
-            kept = block_mask_from_lists(kv_counts, kv_indices, st.geometry.nb)
-            st.coverage_flag = DeferredScalar(
-                observed_coverage(q, k, lse, kept, cfg.block_size, scale).mean())
-            st.smap = merged
-        coef = fg.solve(st.smap)
+            raw = observe_map(q, k, lse, **sampling)
+        build = ctx.step >= self.warmup_steps(ctx) - 1
+        inputs = [raw]
+        if cheap:
+            inputs.append(st.smap)
+        if build:
+            inputs += self._extrapolation_inputs(st, ctx.step, raw.shape[1], fg)
+        outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
+        st.smap, coef = outputs[0], outputs[1]
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
         st.fit_steps.append(ctx.step)
-        if ctx.step >= self.warmup_steps(ctx) - 1:
-            self._build_mask(st, fg)
+        if build:
+            st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[2:]
+            st.head_lists = (counts[0], indices[0])
+            st.lists = {raw.shape[0]: (counts, indices)}
 
-    # ------------------------------------------------------------------ prediction
-    def _build_mask(self, st: ModState, fg: FitGeometry) -> None:
-        coef = extrapolate(st.fits, self.config.refresh_interval)
-        mask, lines, keep_frame, coverage = predict_mask(coef, fg, self.config, st.smap)
-        st.mask, st.lines, st.keep_frame, st.predicted_coverage = mask, lines, keep_frame, coverage
-        st.head_lists = lists_from_mask(mask)
-        st.lists = {}
+    def _extrapolation_inputs(self, st: ModState, step: int, heads: int, fg: FitGeometry) -> list:
+        """``[coef_prev, steps]`` for :func:`observe_tail`: the last fit and, as a device tensor,
+        (step gap, (T+1)/2); zeros and (1, 0) when there is no earlier fit to extrapolate from."""
+        prev = st.fits[-1] if st.fits else None
+        if prev is not None and prev[0] != step:
+            coef_prev, steps = prev[1], (float(step - prev[0]), (self.config.refresh_interval + 1) / 2.0)
+        else:
+            coef_prev, steps = torch.zeros(heads, st.geometry.num_basis, device=fg.device), (1.0, 0.0)
+        return [coef_prev, _device_scalars(steps, fg.device)]
+
+    def observe_tail(self, fg: FitGeometry, batch: int, heads: int, cheap: bool, build: bool):
+        """The observation's work after the map kernel, :func:`observe_tail` for these static
+        shapes: on CUDA replayed from a CUDA graph after its first call (dozens of small kernels
+        on (H, nb, nb) maps: launch-bound), shared by all sites and passes of one geometry and
+        shape; eager elsewhere (CPU, ``MODCOMPILE_CUDA_GRAPHS=0``)."""
+        fn = functools.partial(observe_tail, fg, self.config, batch, cheap, build)
+        if not cuda_graphs.enabled(fg.device):
+            return fn
+        key = (fg.geom, fg.device, batch, heads, cheap, build)
+        call = self._tails.get(key)
+        if call is None:
+            if len(self._tails) >= _MAX_GRAPHS:
+                self._tails.pop(next(iter(self._tails)))
+            call = self._tails[key] = cuda_graphs.GraphedCall(
+                fn, name=f"the mod observation tail ({'cheap' if cheap else 'dense'}, nb {fg.geom.nb})")
+        return call
+
+def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, raw: torch.Tensor, *rest):
+    """Everything an observation does after its map kernel, on device, as a pure function of its
+    tensor inputs (static shapes, no host sync, no state): replayable from a CUDA graph.
+
+    ``raw`` (B, H, nb, nb) is the observed map. Cheap (``rest`` starts with the old map): entries
+    the restricted map did not compute (NaN) keep the old map's values. The map is fitted; with
+    ``build`` (``rest`` ends with the previous coefficients and the (step gap, (T+1)/2) device
+    tensor of :meth:`ModPolicy._extrapolation_inputs`) the coefficients are extrapolated as
+    :func:`extrapolate` does, the mask predicted and its block lists built for ``batch``.
+    Returns ``(smap, coef)`` or ``(smap, coef, mask, lines, keep_frame, predicted_coverage,
+    counts (batch, H, nb), indices (batch, H, nb, nb))``."""
+    rest = list(rest)
+    if cheap:
+        fresh = raw.nanmean(0) if raw.shape[0] > 1 else raw[0]
+        smap = torch.where(fresh.isnan(), rest.pop(0), fresh)
+    else:
+        smap = raw.mean(0)
+    coef = fg.solve(smap)
+    if not build:
+        return smap, coef
+    coef_prev, steps = rest
+    slope = (coef - coef_prev) / steps[0]
+    mask, lines, keep_frame, coverage = predict_mask(coef + slope * steps[1], fg, config, smap)
+    counts, indices = lists_from_mask(mask)
+    H, nb = counts.shape
+    return (smap, coef, mask, lines, keep_frame, coverage,
+            counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous())
 
 
-def observed_coverage(q, k, lse, kept, block_size: int, scale: float) -> torch.Tensor:
+def _device_scalars(values, device: torch.device) -> torch.Tensor:
+    """A small float32 tensor on ``device`` from host numbers, without a host sync on CUDA (a
+    pageable host-to-device copy would wait for the stream: pinned memory, non-blocking)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+# Elements of the (B, heads, rows, nb) intermediates of observed_coverage per chunk of heads.
+_COVERAGE_CHUNK = 1 << 25
+
+
+def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride: int = 1) -> torch.Tensor:
     """Per (batch, head): estimated fraction of the dense attention mass that a sparse call kept,
-    mean over query rows, from its lse and mean-pooled keys, (B, H) float.
+    mean over the query rows of :func:`..kernels.block_sparsity.sampled_rows` (every
+    ``row_stride``-th row of each block, phase 0: those the observation samples), (B, H) float.
+    ``kept`` is the call's block mask, (B, H, nb, nb) or (H, nb, nb).
 
     A skipped block b holds about ``|b| * exp(q . mean(k_b) * scale)`` unnormalised mass (a lower
     bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
     The estimate errs high (coverage overestimated), so a value under the bound is a real drop.
-    Cost: one (N x nb) product per head, chunked over heads."""
-    H, N = q.shape[1], q.shape[2]
+    Cost: one pass over k (block means) and a (rows x nb) product per head, in a few batched ops
+    (chunked over heads to bound memory)."""
+    B, H, N, _ = q.shape
     sizes = block_token_counts(k.shape[2], block_size, k.device)
-    pooled = block_means(k, block_size)
-    rows = torch.arange(N, device=q.device) // block_size
+    pooled = block_means(k, block_size)                                        # (B, H, nbk, D)
+    rows, row_blocks = _coverage_rows(N, block_size, row_stride, q.device)
+    qs = q.index_select(2, rows)
+    ls = lse.index_select(2, rows).float().unsqueeze(-1)
+    if kept.dim() == 3:
+        kept = kept.unsqueeze(0)
+    heads = max(1, _COVERAGE_CHUNK // max(1, B * rows.numel() * pooled.shape[2]))
     out = []
-    for h in range(H):
-        s = torch.matmul(q[:, h].float(), pooled[:, h].transpose(-1, -2)) * scale       # (B, N, nb)
-        mass = torch.exp(s - lse[:, h].float().unsqueeze(-1)) * sizes
-        skipped = ~kept[:, h][:, rows]                                                  # (B, N, nb)
-        missing = (mass * skipped).sum(-1)
-        out.append((1.0 / (1.0 + missing)).mean(-1))
-    return torch.stack(out, 1)
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        s = torch.matmul(qs[:, h0:h1].float(), pooled[:, h0:h1].transpose(-1, -2))   # (B, h, R, nbk)
+        mass = s.mul_(scale).sub_(ls[:, h0:h1]).exp_()
+        mass.masked_fill_(kept[:, h0:h1].index_select(2, row_blocks), 0.0)      # kept blocks: not missing
+        missing = torch.matmul(mass, sizes)                                     # (B, h, R)
+        out.append(missing.add_(1.0).reciprocal_().mean(-1))
+    return torch.cat(out, 1) if len(out) > 1 else out[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _coverage_rows(n: int, block_size: int, row_stride: int, device: torch.device):
+    """The sampled rows and their query blocks, built on the host (the selection is a boolean
+    index: a sync on a GPU) and copied without waiting; cached."""
+    from ..kernels.block_sparsity import sampled_rows
+    rows = sampled_rows(n, block_size, row_stride, 0)
+    both = torch.stack([rows, rows // block_size])
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    else:
+        both = both.to(device)
+    return both[0], both[1]
 
 
 def extrapolate(fits: list, interval: int) -> torch.Tensor:
@@ -359,4 +463,4 @@ def summary() -> list[dict]:
 
 
 __all__ = ["ModPolicy", "ModState", "predict_mask", "extrapolate", "lists_from_mask", "observe_map",
-           "observed_coverage", "summary", "FRAME_KEEP"]
+           "observe_tail", "observed_coverage", "summary", "FRAME_KEEP"]

@@ -12,7 +12,8 @@ Basis of an ``nb x nb`` block map (columns of the design matrix ``M``, rows = th
 ``M^T M`` depends only on this geometry, so it is formed analytically (counts of diagonal lengths,
 diagonal/column crossings and reductions of the frame indicator), factored once with the ridge
 term and cached per geometry. ``M^T S`` is just diagonal sums, column sums and the frame-block-
-diagonal sum of ``S``; the solve is one Cholesky solve for all heads at once.
+diagonal sum of ``S``; the solve is one Cholesky solve (two triangular solves) for all heads at
+once.
 
 The diagonal and column families both sum to the all-ones map, so ``M`` is rank deficient: the
 coefficients are only defined up to that direction (the ridge picks the small-norm one), while the
@@ -158,7 +159,8 @@ class FitGeometry:
         nb = geom.nb
         gram = gram_matrix(geom)
         gram += ridge_lambda * torch.eye(geom.num_basis, dtype=torch.float64)
-        self.chol = torch.linalg.cholesky(gram).to(device)             # float64, P x P
+        self.chol = torch.linalg.cholesky(gram).to(device)             # float64, P x P, lower
+        self.chol_t = self.chol.mT.contiguous()                          # its transpose, upper
         self.diag_index = diagonal_index(nb, device)                     # (nb, nb)
         self.diag_length = (nb - (torch.arange(geom.num_diagonals, device=device) - (nb - 1)).abs()).float()
         self.frame = geom.frame_indicator().to(device) if geom.has_frame else None
@@ -178,7 +180,10 @@ class FitGeometry:
         maps give float64 coefficients, anything else float32."""
         out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
         rhs = self.moment(s.to(out_dtype)).double().T                      # (P, H)
-        return torch.cholesky_solve(rhs, self.chol).T.to(out_dtype)
+        # Two triangular solves (L y = rhs, L^T x = y), what cholesky_solve does, but as cuBLAS
+        # trsm on CUDA: capturable in a CUDA graph (cuSOLVER's potrs is not guaranteed to be).
+        y = torch.linalg.solve_triangular(self.chol, rhs, upper=False)
+        return torch.linalg.solve_triangular(self.chol_t, y, upper=True).T.to(out_dtype)
 
     # ---- use of the coefficients
     def reconstruct(self, coef: torch.Tensor) -> torch.Tensor:
