@@ -216,7 +216,7 @@ def test_backward_config_conversion_and_gpu_candidates():
         as_config((64, 32))
     cands = gpu_configs(128)
     assert all(isinstance(c, BackwardConfig) for c in cands)
-    assert any(c.tma and c.warp_spec for c in cands) and any(c.tile == 64 and c.num_warps == 8 for c in cands)
+    assert any(c.tma and c.warp_spec for c in cands) and any(c.tma and not c.warp_spec for c in cands)
     plain = gpu_configs(128, tma=False)
     assert plain and not any(c.tma or c.warp_spec or c.tma_rows for c in plain)
     assert all(16 % c.tile == 0 and 16 % c.sub == 0 for c in gpu_configs(16))
