@@ -3,7 +3,8 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit e2e);
+#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit e2e
+#   bench_observe);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
 # .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
@@ -45,6 +46,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     fidelity_dit) part fidelity_dit 130 $PY -m benchmarks run fidelity --checkpoint /tmp/dit_small.pt \
              --out "$R/fidelity_dit" --no-progress ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ;;
+    bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \

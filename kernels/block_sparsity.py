@@ -229,12 +229,14 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                    threshold: float = 1e-4, scale: float | None = None,
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, fill: float = float("nan"),
-                   row_stride: int = 1, row_phase: int = 0) -> torch.Tensor:
+                   row_stride: int = 1, row_phase: int = 0,
+                   config: SparsityKernelConfig | None = None) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
-    each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``."""
+    each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``.
+    ``config`` forces a launch configuration (benchmarks); ``block_n`` must divide the block."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
@@ -252,7 +254,9 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
         return out
-    cfg = _config(block_size)
+    cfg = config or _config(block_size)
+    if block_size % cfg.block_n:
+        raise ValueError(f"block_sparsity: config block_n {cfg.block_n} does not divide block_size {block_size}")
     block_d = padded_head_dim(D)
     sample_rows, group = sample_layout(block_size, row_stride)
     listed = torch.zeros(1, 1, 1, 1, dtype=torch.int8, device=q.device)  # dummy: never read

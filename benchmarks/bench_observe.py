@@ -1,0 +1,84 @@
+"""MOD observation kernel (kernels/block_sparsity.py): launch-config sweep on the GPU.
+
+    PYTHONPATH=. python benchmarks/bench_observe.py --out DIR [--row-stride 8] [--density 0.5]
+
+Times the sparsity-map kernel at (1, 12, 32760, 128) bf16, block 128, on a structured-free random
+q/k with the lse of the dense attention, in both modes the MOD policy uses: the full map (dense
+observed steps) and the restricted map over random block lists (cheap refreshes). Every candidate
+is checked against the default configuration's map first (same sampled rows; entries may differ
+only where a score sits on the threshold, so the check is a max difference bound) and timed with
+``triton.testing.do_bench`` medians. Prints a markdown table, writes it and JSON to DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
+from benchmarks.common import (bnhd_randn, environment, log, markdown_table,  # noqa: E402
+                               random_block_lists, write_json)
+from modcompile.kernels import block_sparsity as bs  # noqa: E402
+
+CANDIDATES = [bs.SparsityKernelConfig(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", type=int, nargs=4, default=[1, 12, 32760, 128])
+    ap.add_argument("--row-stride", type=int, default=8)
+    ap.add_argument("--density", type=float, default=0.5, help="of the restricted mode's random lists")
+    ap.add_argument("--block", type=int, default=128)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_observe.py needs a CUDA GPU")
+    from triton.testing import do_bench
+    B, H, N, D = args.shape
+    q, k, v = bnhd_randn(tuple(args.shape), torch.bfloat16, "cuda", seed=0)
+    scale = 1.0 / math.sqrt(D)
+    lse = torch.logsumexp((q.float() @ k.float().transpose(-1, -2)) * scale, -1) if N <= 4096 else None
+    if lse is None:  # the dense attention's lse, row chunk by row chunk (a full N x N fp32 is 51 GB)
+        lse = torch.cat([torch.logsumexp((q[:, :, i:i + 2048].float() @ k.float().transpose(-1, -2)) * scale, -1)
+                         for i in range(0, N, 2048)], 2)
+    counts, indices, eff = random_block_lists(B, H, N, args.density, "cuda", seed=1, block_size=args.block)
+    common = dict(block_size=args.block, scale=scale, row_stride=args.row_stride)
+    modes = {"full": {}, f"restricted d={eff:.2f}": dict(kv_counts=counts, kv_indices=indices)}
+    rows = []
+    for mode, extra in modes.items():
+        ref = bs.block_sparsity(q, k, lse, **common, **extra)
+        for cfg in CANDIDATES:
+            if args.block % cfg.block_n:
+                continue
+            row = dict(mode=mode, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
+                       default=cfg == bs._config(args.block))
+            try:
+                got = bs.block_sparsity(q, k, lse, **common, **extra, config=cfg)
+                diff = (got - ref).nan_to_num(0.0).abs().max().item()
+                same_nan = torch.equal(got.isnan(), ref.isnan())
+                row["max_diff"] = diff
+                row["ok"] = same_nan and diff <= 2e-3
+                row["ms"] = do_bench(lambda: bs.block_sparsity(q, k, lse, **common, **extra, config=cfg),
+                                     warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # noqa: BLE001  (a config that does not compile: out of resources)
+                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(row)
+            log(f"{mode} {cfg}: {row.get('ms', float('nan')):.3f} ms ok={row.get('ok')} {row.get('error', '')}")
+    dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100, return_mode="median")
+    env = environment()
+    table = markdown_table(rows, ["mode", "block_n", "warps", "stages", "default", "ms", "max_diff", "ok", "error"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = (f"device {env.get('device')}; torch {env.get('torch')}; triton {env.get('triton')}; shape {tuple(args.shape)} "
+            f"bf16, block {args.block}, row_stride {args.row_stride}; dense SDPA {dense:.3f} ms\n\n{table}\n")
+    (out / "bench_observe.md").write_text(text)
+    write_json(out / "bench_observe.json", dict(environment=env, dense_ms=dense, rows=rows))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
