@@ -346,23 +346,15 @@ def test_gpu_real_sizes(shape, dtype, block_size, density):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("gather_q", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
-def test_gpu_every_candidate_config(D):
+def test_gpu_every_candidate_config(D, gather_q):
     for cfg in bsa.candidate_configs(128, D, tma=True):
         if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
             continue
-        _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_q_rows_every_candidate_config(D):
-    for cfg in bsa.candidate_configs(128, D, tma=True):
-        if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
-            continue
-        _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D + 1, gather_q=True)
-    _gpu_case((2, 4, 2048, D), torch.float16, 128, 0.5, seed=D, gather_q=True)  # even N, tuned config
+        _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D + gather_q, gather_q=gather_q)
+    if gather_q:
+        _gpu_case((2, 4, 2048, D), torch.float16, 128, 0.5, seed=D, gather_q=True)  # even N, tuned config
 
 
 @gpu
