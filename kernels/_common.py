@@ -77,6 +77,18 @@ def check_block_list_values(kv_counts: torch.Tensor, kv_indices: torch.Tensor, n
         raise ValueError("kv_indices lists a key block twice in one row")
 
 
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Whether these (B, H, N, D) tensors can be read through tensor descriptors: sm_90+ (or the
+    interpreter), unit last stride, 16-byte aligned base and batch/head/row strides."""
+    for t in tensors:
+        if not interpreting() and (not t.is_cuda or device_capability(t.device)[0] < 9):
+            return False
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
+            return False
+    return True
+
+
 def _tma_scratch(size: int, alignment: int, stream):
     # Global scratch for the tensor descriptors that kernels build on the device.
     return torch.empty(size, dtype=torch.int8, device="cuda")

@@ -38,7 +38,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
-                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, unit_last_stride)
+                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, tma_usable,
+                      unit_last_stride)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -333,19 +334,6 @@ def validate_q_rows(q_rows: torch.Tensor) -> None:
     expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=q_rows.dtype)
     if not torch.equal(q_rows.sort().values, expected):
         raise ValueError("q_rows must be a permutation of range(N) (every row written exactly once)")
-
-
-def tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether K/V can be read through tensor descriptors: sm_90+ (or the interpreter), 16-byte
-    aligned base pointers and 16-byte multiples for the batch, head and row strides."""
-    if not interpreting():
-        if not k.is_cuda or device_capability(k.device)[0] < 9:
-            return False
-    for t in (k, v):
-        size = t.element_size()
-        if t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
-            return False
-    return True
 
 
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):

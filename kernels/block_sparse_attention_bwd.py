@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
-                      padded_head_dim)
+                      padded_head_dim, tma_usable)
 from .reference import num_blocks
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
@@ -410,18 +410,6 @@ def _launch_tuned(kind, launch, key, candidates):
 
 def _autotune_enabled() -> bool:
     return os.environ.get("MODCOMPILE_BWD_AUTOTUNE", "1") != "0"
-
-
-def tma_usable(*tensors: torch.Tensor) -> bool:
-    """Whether these (B, H, N, D) tensors can be read through tensor descriptors: sm_90+ (or the
-    interpreter), unit last stride, 16-byte aligned base and batch/head/row strides."""
-    for t in tensors:
-        if not _INTERPRET and (not t.is_cuda or device_capability(t.device)[0] < 9):
-            return False
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((t.stride(i) * size) % 16 for i in range(3)):
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
