@@ -243,7 +243,9 @@ def test_cross_attention_and_short_and_gqa_and_dtype_stay_dense():
     args = (torch.randn(1, 4, 128, 16), torch.randn(1, 4, 8, 16), torch.randn(1, 4, 32, 16),
             torch.randn(1, 2, 128, 16), torch.randn(1, 4, 128, 16, dtype=torch.float64), torch.tensor([1.0]))
     compiled = torch.compile(Mixed(), backend="modsparse", options=OPTS)
-    torch.testing.assert_close(compiled(*args), Mixed()(*args))
+    # The sum mixes float32 terms into a float64 one: Inductor may reduce the float32 parts in
+    # another order, so compare with float32 tolerances (the default would be float64's).
+    torch.testing.assert_close(compiled(*args), Mixed()(*args), rtol=1e-5, atol=1e-5)
     reasons = [r.reason for r in rows()]
     assert "cross-attention" in reasons[0]
     assert "min_seq_len" in reasons[1]
