@@ -342,7 +342,9 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
     B, H, N, D = q.shape
     n_k = k.shape[2]
     block_d = padded_head_dim(D)
-    grid = (triton.cdiv(N, block_size) * (block_size // cfg.block_m), B * H)
+    # One program per BLOCK_M rows that exist: EVEN_Q (N % BLOCK_M == 0) then means no program
+    # holds a row past N (a grid of whole blocks would read and write past the tensors there).
+    grid = (triton.cdiv(N, cfg.block_m), B * H)
     k_arg, v_arg = k, v
     if cfg.host_tma:
         # Zero padding past N and past D, like the on-device descriptors.

@@ -180,6 +180,27 @@ def test_q_rows_gathers_q_and_scatters_out_and_lse(p):
     check_against_reference(q[:, :, rows], k, v, counts, indices, bs, got[:, :, rows], got_lse[:, :, rows])
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_tiles_smaller_than_block_write_nothing_past_n(gather):
+    """N a multiple of BLOCK_M but not of the block (80 = 2.5 blocks of 32, tiles of 16): no
+    program may hold rows past N. out and lse are views into larger poisoned buffers; the tail
+    must stay untouched (a grid of whole blocks wrote rows 80..95 there and read q past its end)."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, N, D, bs = 1, 1, 80, 16, 32
+    q, k, v = random_qkv(B, H, N, D, torch.float32, "bhnd", gen)
+    counts, indices = random_lists(B, H, 3, 3, gen)
+    sentinel = 12345.0
+    out_buf = torch.full((B, H, N + 32, D), sentinel, device=DEVICE)
+    lse_buf = torch.full((B, H, N + 32), sentinel, device=DEVICE)
+    rows = torch.randperm(N, generator=gen).to(device=DEVICE, dtype=torch.int32) if gather else None
+    cfg = bsa.KernelConfig(16, 32, 4, 1, ragged_branch=True)
+    out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=bs, config=cfg,
+                                              out=out_buf[:, :, :N], lse=lse_buf[:, :, :N], q_rows=rows)
+    assert (out_buf[:, :, N:] == sentinel).all() and (lse_buf[:, :, N:] == sentinel).all()
+    order = rows.long() if gather else torch.arange(N)
+    check_against_reference(q[:, :, order], k, v, counts, indices, bs, out[:, :, order], lse[:, :, order])
+
+
 def test_q_rows_identity_equals_no_q_rows_and_bad_q_rows_are_errors():
     gen = torch.Generator().manual_seed(4)
     q, k, v = random_qkv(1, 2, 40, 16, torch.float32, "bnhd", gen)
