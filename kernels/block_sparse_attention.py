@@ -46,6 +46,74 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 @triton.jit
+def _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """First key token of flattened step ``t``: chunk ``t % CHUNKS`` of the ``t // CHUNKS``-th listed block."""
+    key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
+    return key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
+
+
+@triton.jit
+def _load_k(K, k_desc, k_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
+            USE_TMA: tl.constexpr, HOST_TMA: tl.constexpr):
+    """K^T of one chunk, (BLOCK_D, BLOCK_N); keys past N_K (and columns past the head dim) read as 0."""
+    if HOST_TMA:
+        k = K.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D).T
+    elif USE_TMA:
+        k = k_desc.load([start, 0]).T
+    else:
+        k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        if EVEN_K and EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=((start + offs_n) < N_K)[None, :] & d_ok[:, None], other=0.0)
+    return k
+
+
+@triton.jit
+def _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
+            USE_TMA: tl.constexpr, HOST_TMA: tl.constexpr):
+    """V of one chunk, (BLOCK_N, BLOCK_D), zero past N_K and past the head dim."""
+    if HOST_TMA:
+        v = V.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D)
+    elif USE_TMA:
+        v = v_desc.load([start, 0])
+    else:
+        v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_K and EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=((start + offs_n) < N_K)[:, None] & d_ok[None, :], other=0.0)
+    return v
+
+
+@triton.jit
+def _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K, BLOCK_N: tl.constexpr,
+                  EVEN_K: tl.constexpr, RAGGED_BRANCH: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax update with the raw scores ``s`` of the chunk that starts at ``start``."""
+    cols = start + offs_n
+    if EVEN_K or RAGGED_BRANCH:
+        if not EVEN_K:
+            if start + BLOCK_N > N_K:
+                s = tl.where((cols < N_K)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
+        s = s * qk_scale_log2 - m_new[:, None]
+    else:
+        # Keys past the end of the sequence (ragged last block) get -inf.
+        bias = tl.where(cols < N_K, 0.0, float("-inf"))
+        s = s * qk_scale_log2 + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = s - m_new[:, None]
+    p = tl.math.exp2(s)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_attention_fwd_kernel(
     Q, K, V, Out, Lse, Counts, Indices, QRows,
     qk_scale_log2,
@@ -70,6 +138,9 @@ def _block_sparse_attention_fwd_kernel(
     RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
     WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
     GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
+    PIPE_QK: tl.constexpr,     # 0: plain loop; 1: QK^T of the next chunk issued before the softmax
+                               # of the current one (peeled last chunk); 2: same, one spare QK^T
+    QO_TMA: tl.constexpr,      # with HOST_TMA and no GATHER_Q: q loaded / out stored by descriptors
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -93,16 +164,22 @@ def _block_sparse_attention_fwd_kernel(
             tok_m = tl.load(QRows + offs_m, mask=row_ok, other=0)
     else:
         tok_m = offs_m
-    q_ptrs = Q + b * stride_qb + h * stride_qh + tok_m[:, None] * stride_qn + offs_d[None, :]
-    if EVEN_Q and EVEN_D:
-        q = tl.load(q_ptrs)
+    if QO_TMA:
+        q = Q.load([pid_bh // H, pid_bh % H, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
     else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_ptrs = Q + b * stride_qb + h * stride_qh + tok_m[:, None] * stride_qn + offs_d[None, :]
+        if EVEN_Q and EVEN_D:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    if HOST_TMA:
-        b32 = pid_bh // H
-        h32 = pid_bh % H
-    else:
+    b32 = pid_bh // H
+    h32 = pid_bh % H
+    k_base = K  # placeholders where unused (the helpers read only what their flags select)
+    v_base = V
+    k_desc = K
+    v_desc = V
+    if not HOST_TMA:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         if USE_TMA:
@@ -120,58 +197,59 @@ def _block_sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in tl.range(0, count * CHUNKS, warp_specialize=WARP_SPEC):
-        key_block = tl.load(idx_base + (t // CHUNKS) * stride_ij)
-        start = key_block * BLOCK_SIZE + (t % CHUNKS) * BLOCK_N
-        cols = start + offs_n
-        if HOST_TMA:
-            k = K.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D).T
-            v = V.load([b32, h32, start, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif USE_TMA:
-            k = k_desc.load([start, 0]).T
-            v = v_desc.load([start, 0])
-        else:
-            k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-            v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if EVEN_K and EVEN_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            else:
-                col_ok = cols < N_K
-                k = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-
+    n_iter = count * CHUNKS
+    if PIPE_QK == 0:
+        for t in tl.range(0, n_iter, warp_specialize=WARP_SPEC):
+            start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
+            k = _load_k(K, k_desc, k_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
+                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
+                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
+            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
+                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
+    elif n_iter > 0:
+        # Software-pipelined (FlashAttention-3's intra-warpgroup overlap): the tensor cores compute
+        # the next chunk's scores while this chunk's softmax runs on the other units.
+        start = _chunk_start(idx_base, stride_ij, 0, BLOCK_SIZE, BLOCK_N, CHUNKS)
+        k = _load_k(K, k_desc, k_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
+                    BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
-        if EVEN_K or RAGGED_BRANCH:
-            if not EVEN_K:
-                if start + BLOCK_N > N_K:
-                    s = tl.where((cols < N_K)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
-            s = s * qk_scale_log2 - m_new[:, None]
-        else:
-            # Keys past the end of the sequence (ragged last block) get -inf.
-            bias = tl.where(cols < N_K, 0.0, float("-inf"))
-            s = s * qk_scale_log2 + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            s = s - m_new[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # PIPE_QK 1 peels the last chunk; 2 runs it in the loop with a spare (discarded) QK^T.
+        n_loop = n_iter - 1 if PIPE_QK == 1 else n_iter
+        for t in tl.range(0, n_loop, warp_specialize=WARP_SPEC):
+            start_next = _chunk_start(idx_base, stride_ij, tl.minimum(t + 1, n_iter - 1),
+                                      BLOCK_SIZE, BLOCK_N, CHUNKS)
+            k = _load_k(K, k_desc, k_base, start_next, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
+                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+            s_next = tl.dot(q, k, input_precision=DOT_PRECISION)
+            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
+                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
+                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
+            s = s_next
+            start = start_next
+        if PIPE_QK == 1:
+            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
+                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
+                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
 
-    o_ptrs = Out + b * stride_ob + h * stride_oh + tok_m[:, None] * stride_on + offs_d[None, :]
     l_ptrs = Lse + b * stride_lb + h * stride_lh + tok_m
-    if EVEN_Q and EVEN_D:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    if QO_TMA:  # the copy engine clips rows past N and columns past HEAD_DIM
+        Out.store([pid_bh // H, pid_bh % H, pid_m * BLOCK_M, 0],
+                  out.to(Out.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        o_ptrs = Out + b * stride_ob + h * stride_oh + tok_m[:, None] * stride_on + offs_d[None, :]
+        if EVEN_Q and EVEN_D:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if EVEN_Q:
         tl.store(l_ptrs, lse)
     else:
@@ -194,10 +272,16 @@ class KernelConfig:
     host_tma: bool = False  # with tma: descriptors built once on the host, not by every program
     ragged_branch: bool = False  # mask only the chunk that crosses the sequence end
     warp_spec: bool = False  # producer/consumer warp specialization of the key loop (Triton, sm_90+)
+    pipe_qk: int = 0  # 1/2: next chunk's QK^T issued before this chunk's softmax (see the kernel)
+    qo_tma: bool = False  # with host_tma: q and out through descriptors too (ignored with q_rows)
 
     def __post_init__(self):
         if self.host_tma and not self.tma:
             raise ValueError("KernelConfig: host_tma needs tma=True")
+        if self.qo_tma and not self.host_tma:
+            raise ValueError("KernelConfig: qo_tma needs host_tma=True")
+        if self.pipe_qk not in (0, 1, 2):
+            raise ValueError(f"KernelConfig: pipe_qk must be 0, 1 or 2, got {self.pipe_qk}")
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
@@ -211,6 +295,15 @@ class KernelConfig:
 # come first. 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB): left out.
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
+    # Under test (2026-12 H200 session): software-pipelined QK^T, q/out through descriptors,
+    # narrower key chunks (less shared memory and fewer live registers with two score tiles).
+    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=1),
+    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=2),
+    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, pipe_qk=1),
+    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, qo_tma=True),
+    KernelConfig(128, 64, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
+    KernelConfig(128, 64, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=1),
+    KernelConfig(128, 64, 8, 2, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=2),
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),
     KernelConfig(128, 128, 8, 3),
@@ -345,13 +438,17 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
     # One program per BLOCK_M rows that exist: EVEN_Q (N % BLOCK_M == 0) then means no program
     # holds a row past N (a grid of whole blocks would read and write past the tensors there).
     grid = (triton.cdiv(N, cfg.block_m), B * H)
-    k_arg, v_arg = k, v
+    k_arg, v_arg, q_arg, out_arg = k, v, q, out
     if cfg.host_tma:
         # Zero padding past N and past D, like the on-device descriptors.
         k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_n, block_d])
                         for t in (k, v))
+    qo_tma = cfg.qo_tma and q_rows is None and tma_usable(q, out)
+    if qo_tma:  # loads past N read 0, stores past N are dropped by the copy engine
+        q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, block_d])
+                          for t in (q, out))
     _block_sparse_attention_fwd_kernel[grid](
-        q, k_arg, v_arg, out, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
+        q_arg, k_arg, v_arg, out_arg, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
         scale * LOG2E,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -374,6 +471,8 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         RAGGED_BRANCH=cfg.ragged_branch,
         WARP_SPEC=cfg.warp_spec,
         GATHER_Q=q_rows is not None,
+        PIPE_QK=cfg.pipe_qk,
+        QO_TMA=qo_tma,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
