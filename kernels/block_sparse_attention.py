@@ -138,8 +138,6 @@ def _block_sparse_attention_fwd_kernel(
     RAGGED_BRANCH: tl.constexpr,  # mask scores only in the chunk that crosses N_K (scalar branch)
     WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
     GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
-    PIPE_QK: tl.constexpr,     # 0: plain loop; 1: QK^T of the next chunk issued before the softmax
-                               # of the current one (peeled last chunk); 2: same, one spare QK^T
     QO_TMA: tl.constexpr,      # with HOST_TMA and no GATHER_Q: q loaded / out stored by descriptors
 ):
     pid_m = tl.program_id(0)
@@ -197,43 +195,15 @@ def _block_sparse_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    n_iter = count * CHUNKS
-    if PIPE_QK == 0:
-        for t in tl.range(0, n_iter, warp_specialize=WARP_SPEC):
-            start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
-            k = _load_k(K, k_desc, k_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
-                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
-            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
-                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION)
-            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
-                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
-    elif n_iter > 0:
-        # Software-pipelined (FlashAttention-3's intra-warpgroup overlap): the tensor cores compute
-        # the next chunk's scores while this chunk's softmax runs on the other units.
-        start = _chunk_start(idx_base, stride_ij, 0, BLOCK_SIZE, BLOCK_N, CHUNKS)
+    for t in tl.range(0, count * CHUNKS, warp_specialize=WARP_SPEC):
+        start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
         k = _load_k(K, k_desc, k_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
                     BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
+        v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
+                    BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
-        # PIPE_QK 1 peels the last chunk; 2 runs it in the loop with a spare (discarded) QK^T.
-        n_loop = n_iter - 1 if PIPE_QK == 1 else n_iter
-        for t in tl.range(0, n_loop, warp_specialize=WARP_SPEC):
-            start_next = _chunk_start(idx_base, stride_ij, tl.minimum(t + 1, n_iter - 1),
-                                      BLOCK_SIZE, BLOCK_N, CHUNKS)
-            k = _load_k(K, k_desc, k_base, start_next, b32, h32, offs_n, offs_d, d_ok, N_K, stride_kn,
-                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
-            s_next = tl.dot(q, k, input_precision=DOT_PRECISION)
-            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
-                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
-            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
-                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
-            s = s_next
-            start = start_next
-        if PIPE_QK == 1:
-            v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
-                        BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
-            m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
-                                          BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
+        m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
+                                      BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -272,7 +242,6 @@ class KernelConfig:
     host_tma: bool = False  # with tma: descriptors built once on the host, not by every program
     ragged_branch: bool = False  # mask only the chunk that crosses the sequence end
     warp_spec: bool = False  # producer/consumer warp specialization of the key loop (Triton, sm_90+)
-    pipe_qk: int = 0  # 1/2: next chunk's QK^T issued before this chunk's softmax (see the kernel)
     qo_tma: bool = False  # with host_tma: q and out through descriptors too (ignored with q_rows)
 
     def __post_init__(self):
@@ -280,8 +249,6 @@ class KernelConfig:
             raise ValueError("KernelConfig: host_tma needs tma=True")
         if self.qo_tma and not self.host_tma:
             raise ValueError("KernelConfig: qo_tma needs host_tma=True")
-        if self.pipe_qk not in (0, 1, 2):
-            raise ValueError(f"KernelConfig: pipe_qk must be 0, 1 or 2, got {self.pipe_qk}")
 
     def fits(self, block_size: int) -> bool:
         return block_size % self.block_m == 0 and block_size % self.block_n == 0
@@ -295,15 +262,8 @@ class KernelConfig:
 # come first. 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB): left out.
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
-    # Under test (2026-12 H200 session): software-pipelined QK^T, q/out through descriptors,
-    # narrower key chunks (less shared memory and fewer live registers with two score tiles).
-    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=1),
-    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=2),
-    KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, pipe_qk=1),
+    # q and out through descriptors too: a tie on H200 (-0.9% at density 1, equal at 0.1).
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, qo_tma=True),
-    KernelConfig(128, 64, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
-    KernelConfig(128, 64, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=1),
-    KernelConfig(128, 64, 8, 2, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, pipe_qk=2),
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),
     KernelConfig(128, 128, 8, 3),
@@ -471,7 +431,6 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         RAGGED_BRANCH=cfg.ragged_branch,
         WARP_SPEC=cfg.warp_spec,
         GATHER_Q=q_rows is not None,
-        PIPE_QK=cfg.pipe_qk,
         QO_TMA=qo_tma,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
