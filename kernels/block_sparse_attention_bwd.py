@@ -7,7 +7,7 @@ backward recomputes the probabilities from the forward's log-sum-exp, FlashAtten
 * a pre-pass writes ``delta = rowsum(dO * O)`` and ``lse * log2(e)`` (fp32) padded to whole
   blocks (padded and empty rows get lse = +inf, hence probability 0: the passes need no row mask);
 * dk/dv: one program per slice of a key block, looping over the query blocks that attend that key
-  block (the *transposed* lists, built on device by :func:`transpose_block_lists`);
+  block (the *transposed* lists, built on device by :func:`backward_block_lists`: one Triton launch);
 * dq: one program per slice of a query block, looping over its own (canonicalised) key blocks.
 
 Neither pass needs atomics, so results are deterministic. Empty rows (lse = -inf) get zero
@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
                       padded_head_dim, tma_usable)
+from .block_lists import block_lists_triton
 from .reference import num_blocks
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
@@ -33,7 +34,7 @@ _INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
-# Block-list transposition (torch ops on device, no host sync)
+# Block lists of the backward: a Triton kernel on CUDA / the interpreter, torch ops otherwise
 # --------------------------------------------------------------------------------------------
 def _block_mask(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int) -> torch.Tensor:
     """Boolean ``[B, H, Mq, Mk]`` mask from lists; out-of-range ids are dropped, not trusted."""
@@ -59,24 +60,40 @@ def _compact(mask: torch.Tensor):
     return counts, torch.where(lists < width, lists, 0).contiguous()
 
 
-def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Key block -> query blocks that attend it: ``(q_counts [B,H,Mk], q_indices [B,H,Mk,Mq])``.
-
-    Exact set semantics (duplicates in a forward list count once), lists sorted ascending, slots
-    past the count are 0. Built with torch ops on the lists' device, without a host sync."""
+def backward_block_lists_torch(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Reference of :func:`backward_block_lists` in torch ops (the CPU path; ~25 small launches)."""
     mask = _block_mask(kv_counts, kv_indices, mk)
-    return _compact(mask.transpose(-1, -2))
+    return _compact(mask), _compact(mask.transpose(-1, -2))
+
+
+def _use_list_kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Both lists the backward needs: ``(canonical forward, transposed)``.
+
+    Canonical: ``(counts [B,H,Mq], lists [B,H,Mq,Mk])``, each forward list as a sorted set.
+    Transposed: ``(q_counts [B,H,Mk], q_lists [B,H,Mk,Mq])``, key block -> query blocks that attend
+    it. Exact set semantics (duplicates count once, entries past the count and ids outside
+    ``[0, Mk)`` ignored), lists sorted ascending, slots past the count 0, no host sync. One Triton
+    launch (:mod:`block_lists`) on CUDA and under the interpreter, torch ops otherwise."""
+    if _use_list_kernel(kv_indices):
+        return block_lists_triton(kv_counts, kv_indices, mk)
+    return backward_block_lists_torch(kv_counts, kv_indices, mk)
+
+
+def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Key block -> query blocks that attend it: ``(q_counts [B,H,Mk], q_indices [B,H,Mk,Mq])``
+    (the second half of :func:`backward_block_lists`)."""
+    return backward_block_lists(kv_counts, kv_indices, mk)[1]
 
 
 def canonical_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
     """The forward lists as sorted sets (width Mk): what the dq pass iterates."""
+    if _use_list_kernel(kv_indices):
+        return block_lists_triton(kv_counts, kv_indices, mk, transposed=False)[0]
     return _compact(_block_mask(kv_counts, kv_indices, mk))
-
-
-def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Both lists the backward needs, from one mask: ``(canonical forward, transposed)``."""
-    mask = _block_mask(kv_counts, kv_indices, mk)
-    return _compact(mask), _compact(mask.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
