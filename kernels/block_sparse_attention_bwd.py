@@ -473,11 +473,11 @@ class BackwardLaunch:
         Nk = k.shape[2]
         self.block_size, self.on_gpu = block_size, q.is_cuda
         self.mq, self.mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-        if q_lists is None:
-            (f_counts, f_indices), q_lists = backward_block_lists(kv_counts, kv_indices, self.mk)
+        if q_lists is None:  # built here: int32 and contiguous already
+            (f_counts, f_indices), (q_counts, q_indices) = backward_block_lists(kv_counts, kv_indices, self.mk)
         else:
             f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, self.mk)
-        q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
+            q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
         if q_counts.shape != (B, H, self.mk) or q_indices.shape[:3] != (B, H, self.mk):
             raise ValueError(f"q_lists must be (B, H, Mk={self.mk}) and (B, H, Mk, W); got "
                              f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")

@@ -155,3 +155,57 @@ def test_gpu_real_size_equals_reference_without_sync(density, width, marks):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_same(got, ref)
+
+
+# ------------------------------------------------------------------------ launch budget of a backward
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts ``kernel[grid](...)`` launches and runs the original with
+    dispatch modes off (the interpreter's own tensor copies are not what the GPU path issues)."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            from torch.utils._python_dispatch import _disable_current_modes
+            self.log.append(getattr(self.kernel, "__name__", str(self.kernel)))
+            with _disable_current_modes():
+                return launch(*args, **kwargs)
+        return run
+
+
+@needs_triton
+def test_backward_call_is_four_launches_and_no_torch_compute(monkeypatch):
+    """One backward = list kernel, pre-pass, dk/dv, dq; the only torch ops are output allocations
+    (the torch list building was ~24 device ops per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modcompile.kernels import block_lists
+    from modcompile.kernels import block_sparse_attention_bwd as bwd
+
+    launches = []
+    for mod, name in ((block_lists, "_block_lists_kernel"), (bwd, "_bwd_prepass_kernel"),
+                      (bwd, "_bwd_dkdv_kernel"), (bwd, "_bwd_dq_kernel")):
+        monkeypatch.setattr(mod, name, _CountLaunches(getattr(mod, name), launches))
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, N, D, bs = 1, 2, 64, 16, 16
+    q, k, v, do, out = (torch.randn(B, H, N, D, generator=gen).to(DEVICE) for _ in range(5))
+    lse = torch.randn(B, H, N, generator=gen).to(DEVICE)
+    counts, indices = messy_lists(gen, B, H, 4, 4, 4)
+    counts, indices = counts.to(DEVICE), indices.to(DEVICE)
+    mode = Ops()
+    with mode:
+        bwd.block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices, block_size=bs,
+                                       config=(16, 16, 4, 1))
+    assert launches == ["_block_lists_kernel", "_bwd_prepass_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    assert set(mode.seen) <= {"aten.empty.memory_format"}, sorted(set(mode.seen))
