@@ -18,6 +18,8 @@ handled outside the full chunks, and Triton's warp specialization of the inner l
 from __future__ import annotations
 
 import os
+import re
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -346,6 +348,38 @@ def as_config(cfg) -> BackwardConfig:
     return BackwardConfig(*cfg)
 
 
+_LABEL = re.compile(r"\((\d+),(\d+),(\d+)w,(\d+)s\)((?:\+\w+)*)")
+
+
+def parse_label(text: str) -> BackwardConfig:
+    """The config that :meth:`BackwardConfig.label` printed, e.g. ``(64,64,4w,2s)+tma+ragged_branch``."""
+    m = _LABEL.fullmatch(text.strip())
+    flags = m.group(5).split("+")[1:] if m else []
+    if m is None or any(f not in BackwardConfig._fields[4:] for f in flags):
+        raise ValueError(f"not a backward config label: {text!r} (e.g. '(64,64,4w,2s)+tma+ragged_branch')")
+    return BackwardConfig(*(int(g) for g in m.groups()[:4]), **{f: True for f in flags})
+
+
+_PIN_ENV = "MODCOMPILE_BWD_CONFIG"
+
+
+def pinned_configs() -> dict:
+    """``MODCOMPILE_BWD_CONFIG="dkdv=LABEL;dq=LABEL"`` (either part may be left out): fixed GPU configs
+    instead of tuning, e.g. a tuner's earlier pick, to save the candidates' compile time."""
+    return dict(_parse_pins(os.environ.get(_PIN_ENV, "").strip()))
+
+
+@lru_cache(maxsize=8)  # read on every backward call: parse each setting once
+def _parse_pins(text: str) -> tuple:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, _, label = part.partition("=")
+        if kind.strip() not in ("dkdv", "dq"):
+            raise ValueError(f"{_PIN_ENV}: expected 'dkdv=LABEL;dq=LABEL', got {text!r}")
+        out[kind.strip()] = parse_label(label)
+    return tuple(out.items())
+
+
 def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool) -> BackwardConfig:
     """The configuration used when not autotuning (interpreter, tests)."""
     if not on_gpu:
@@ -612,7 +646,13 @@ def block_sparse_attention_bwd(
     forced = {"dkdv": dkdv_config if dkdv_config is not None else config,
               "dq": dq_config if dq_config is not None else config}
     tune = run.on_gpu and _autotune_enabled()
+    pins = pinned_configs() if run.on_gpu else {}
     for kind, launch in (("dkdv", run.dkdv), ("dq", run.dq)):
+        if forced[kind] is None and kind in pins:
+            try:
+                forced[kind] = run.check_config(kind, pins[kind])
+            except ValueError:  # cannot run on these tensors (e.g. TMA alignment): tune as usual
+                pass
         if forced[kind] is not None:
             launch(forced[kind])
         elif tune:
