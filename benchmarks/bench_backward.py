@@ -490,10 +490,11 @@ def main(argv=None):
     env["seconds"] = round(time.time() - t0, 1)
     name = "backward_sweep" if args.sweep_only else "backward_bench"
     table = markdown_table(rows) if rows else sweep_table(sweep, sweep_summary)
+    goal_md = f"\n{goal['line']}\n" if goal else ""
     (out_dir / f"{name}.md").write_text(
         f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; cuda {env['cuda']}; "
-        f"shape {SHAPE} bf16, block {BLOCK}\n\n{table}\n" + (f"\n{goal['line']}\n" if goal else "") + ("" if not rows else
-                                                             "\n" + sweep_table(sweep, sweep_summary) + "\n"))
+        f"shape {SHAPE} bf16, block {BLOCK}\n\n{table}\n" + goal_md + ("" if not rows else
+                                                                       "\n" + sweep_table(sweep, sweep_summary) + "\n"))
     (out_dir / f"{name}.json").write_text(json.dumps(
         dict(environment=env, checks=checks, sweep=sweep, sweep_summary=sweep_summary, rows=rows, goal=goal),
         indent=1, default=str))
