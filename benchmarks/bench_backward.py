@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -279,17 +280,54 @@ def sweep_passes(shape, density, device, configs, fwd=None):
         best = {kind: min(timed[kind], key=lambda r: r[f"{kind}_ms"]) for kind in timed}
         pick = {kind: bwd_kernel.as_config(best[kind]["config"]) for kind in best}
         prepass_ms = bench_ms(run.prepass, rep_ms=50)
-        lists_ms = bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, counts.shape[-1]), rep_ms=50)
+        lists_ms, lists_torch_ms = lists_times(counts, indices)
         full_ms = bench_ms(lambda: bwd_kernel.block_sparse_attention_bwd(
             do, q, k, v, out, lse, counts, indices, block_size=BLOCK,
             dkdv_config=pick["dkdv"], dq_config=pick["dq"]), rep_ms=150)
         summary = dict(best_dkdv=pick["dkdv"].label(), best_dkdv_ms=best["dkdv"]["dkdv_ms"],
                        best_dq=pick["dq"].label(), best_dq_ms=best["dq"]["dq_ms"], prepass_ms=prepass_ms,
-                       lists_ms=lists_ms, full_bwd_best_pair_ms=full_ms)
+                       lists_ms=lists_ms, lists_torch_ms=lists_torch_ms, full_bwd_best_pair_ms=full_ms)
         log(f"  best dk/dv {pick['dkdv'].label()} {best['dkdv']['dkdv_ms']:.3f} ms + best dq {pick['dq'].label()} "
-            f"{best['dq']['dq_ms']:.3f} ms + prepass {prepass_ms:.3f} ms (+ lists {lists_ms:.3f} ms, "
+            f"{best['dq']['dq_ms']:.3f} ms + prepass {prepass_ms:.3f} ms (+ lists {lists_ms:.3f} ms [torch ops "
+            f"{lists_torch_ms:.3f}], "
             f"overlaps in a loop); whole backward with this pair forced: {full_ms:.3f} ms")
     return rows, summary
+
+
+def lists_times(counts, indices):
+    """The backward's list building alone: ``(Triton kernel ms, torch-ops reference ms)``; both
+    outputs checked equal first."""
+    mk = counts.shape[-1]
+    got = bwd_kernel.backward_block_lists(counts, indices, mk)
+    ref = bwd_kernel.backward_block_lists_torch(counts, indices, mk)
+    if not all(torch.equal(a, b) for a, b in zip((*got[0], *got[1]), (*ref[0], *ref[1]))):
+        raise AssertionError("Triton block lists differ from the torch reference")
+    return (bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, mk), rep_ms=50),
+            bench_ms(lambda: bwd_kernel.backward_block_lists_torch(counts, indices, mk), rep_ms=50))
+
+
+def goal_check(shape, density, device, pairs, goal=3.0):
+    """Ours vs dense SDPA forward+backward timed alternately ``pairs`` times (do_bench medians each):
+    clock or thermal drift between the two timings hits both alike, and the spread shows."""
+    B, H, N, D = shape
+    q, k, v, do = make_inputs(shape, torch.bfloat16, device, seed=5)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    counts, indices, eff = random_block_lists(B, H, N, density, device, seed=6)
+    sdpa = sdpa_fwd_bwd(*leaves, do)
+    ours_fwd_bwd(q, k, v, do, counts, indices)  # tuned once per shape (already, in a full run)
+    pairs_ms = []
+    for _ in range(pairs):
+        pairs_ms.append((bench_ms(sdpa, grad_to_none=leaves, rep_ms=150),
+                         bench_ms(lambda: ours_fwd_bwd(q, k, v, do, counts, indices), rep_ms=150)))
+    ratios = sorted(s_ / o for s_, o in pairs_ms)
+    med = statistics.median(ratios)
+    line = (f"GOAL fwd+bwd {tuple(shape)} bf16 d={eff:.3f}: ours vs dense SDPA median {med:.2f}x over {pairs} "
+            f"interleaved pairs (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x; SDPA ms "
+            + "/".join(f"{s_:.2f}" for s_, _ in pairs_ms) + ", ours ms " + "/".join(f"{o:.2f}" for _, o in pairs_ms)
+            + f"); goal >= {goal:g}x: {'MET' if med >= goal else 'MISSED'}")
+    log(line)
+    return dict(shape=list(shape), density=eff, pairs_ms=pairs_ms, median_speedup=med, min_speedup=ratios[0],
+                max_speedup=ratios[-1], goal=goal, met=med >= goal, line=line)
 
 
 def sdpa_fwd_bwd(q, k, v, do, backend=None):
@@ -330,7 +368,7 @@ def time_shape(shape, densities, device, flex_fn):
                                                                          block_size=BLOCK, out=out, lse=lse))
         ours_bwd = bench_ms(lambda: bwd_kernel.block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices,
                                                                           block_size=BLOCK))
-        lists_ms = bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, counts.shape[-1]))
+        lists_ms, lists_torch_ms = lists_times(counts, indices)
         flex = None
         if flex_fn is not None:
             try:
@@ -342,25 +380,28 @@ def time_shape(shape, densities, device, flex_fn):
             except Exception as e:  # noqa: BLE001
                 log(f"  flex failed: {type(e).__name__}: {str(e)[:200]}")
         row = dict(shape=list(shape), density=eff, ours_ms=ours, ours_fwd_ms=ours_fwd, ours_bwd_ms=ours_bwd,
-                   lists_ms=lists_ms, flex_ms=flex, sdpa_ms=dense["sdpa"], cudnn_ms=dense["cudnn"],
+                   lists_ms=lists_ms, lists_torch_ms=lists_torch_ms, flex_ms=flex, sdpa_ms=dense["sdpa"],
+                   cudnn_ms=dense["cudnn"],
                    flash_ms=dense["flash"], ours_tflops=flops_fwd_bwd(shape, eff) / (ours * 1e-3) / 1e12,
                    speedup_vs_sdpa=dense["sdpa"] / ours,
                    speedup_vs_best_dense=min(t for t in dense.values() if t) / ours,
                    flex_speedup_vs_sdpa=dense["sdpa"] / flex if flex else None)
         rows.append(row)
-        log(f"  d={eff:.3f}: ours {ours:.2f} ms (fwd {ours_fwd:.2f} + bwd {ours_bwd:.2f}, lists {lists_ms:.3f}; "
+        log(f"  d={eff:.3f}: ours {ours:.2f} ms (fwd {ours_fwd:.2f} + bwd {ours_bwd:.2f}, lists {lists_ms:.3f} "
+            f"[torch ops {lists_torch_ms:.3f}]; "
             f"{row['ours_tflops']:.0f} TFLOP/s) {row['speedup_vs_sdpa']:.2f}x vs SDPA"
             + (f"; flex {flex:.2f} ms ({dense['sdpa'] / flex:.2f}x)" if flex else ""))
     return rows
 
 
 def markdown_table(rows):
-    lines = ["| density | ours fwd+bwd ms | (fwd / bwd ms) | ours TFLOP/s | Flex fwd+bwd ms | SDPA ms | cuDNN ms "
-             "| flash ms | ours vs SDPA | ours vs best dense | Flex vs SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| density | ours fwd+bwd ms | (fwd / bwd ms) | lists ms (kernel / torch ops) | ours TFLOP/s "
+             "| Flex fwd+bwd ms | SDPA ms | cuDNN ms | flash ms | ours vs SDPA | ours vs best dense | Flex vs SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['density']:.3f} | {fmt(r['ours_ms'])} | {fmt(r['ours_fwd_ms'])} / {fmt(r['ours_bwd_ms'])} "
+            f"| {fmt(r['lists_ms'], '.3f')} / {fmt(r['lists_torch_ms'], '.3f')} "
             f"| {fmt(r['ours_tflops'], '.0f')} | {fmt(r['flex_ms'])} | {fmt(r['sdpa_ms'])} | {fmt(r['cudnn_ms'])} "
             f"| {fmt(r['flash_ms'])} | {fmt(r['speedup_vs_sdpa'])}x | {fmt(r['speedup_vs_best_dense'])}x "
             f"| {fmt(r['flex_speedup_vs_sdpa'])}x |")
@@ -396,6 +437,8 @@ def main(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the gradient check (not recommended)")
     ap.add_argument("--quick-check", action="store_true", help="check two shapes instead of three")
     ap.add_argument("--jobs", type=int, default=12, help="candidates checked (compiled) in parallel")
+    ap.add_argument("--goal-pairs", type=int, default=5, help="interleaved ours/SDPA timings at density 0.25 "
+                    "for the 3x goal (0: skip)")
     ap.add_argument("--worker-check", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--check-set", default="full", choices=sorted(CHECK_SETS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -441,17 +484,19 @@ def main(argv=None):
         densities = [1.0, 0.25] if args.quick else DENSITIES
         log(f"timing {SHAPE}:")
         rows = time_shape(SHAPE, densities, DEVICE, flex_fn)
+    goal = goal_check(SHAPE, 0.25, DEVICE, args.goal_pairs) if args.goal_pairs and not args.sweep_only else None
     env["bwd_tuned_configs"] = {str(k): v.label() for k, v in bwd_kernel.tuned_configs().items()}
     env["fwd_tuned_configs"] = {str(k): str(v) for k, v in fwd_kernel.tuned_configs().items()}
     env["seconds"] = round(time.time() - t0, 1)
     name = "backward_sweep" if args.sweep_only else "backward_bench"
     table = markdown_table(rows) if rows else sweep_table(sweep, sweep_summary)
+    goal_md = f"\n{goal['line']}\n" if goal else ""
     (out_dir / f"{name}.md").write_text(
         f"device: {env['device']}; torch {env['torch']}; triton {env['triton']}; cuda {env['cuda']}; "
-        f"shape {SHAPE} bf16, block {BLOCK}\n\n{table}\n" + ("" if not rows else
-                                                             "\n" + sweep_table(sweep, sweep_summary) + "\n"))
+        f"shape {SHAPE} bf16, block {BLOCK}\n\n{table}\n" + goal_md + ("" if not rows else
+                                                                       "\n" + sweep_table(sweep, sweep_summary) + "\n"))
     (out_dir / f"{name}.json").write_text(json.dumps(
-        dict(environment=env, checks=checks, sweep=sweep, sweep_summary=sweep_summary, rows=rows),
+        dict(environment=env, checks=checks, sweep=sweep, sweep_summary=sweep_summary, rows=rows, goal=goal),
         indent=1, default=str))
     log("compiled backward variants:\n" + "\n".join(compiled_kernel_report()))
     log(f"bwd tuned: {tuned_summary()}")
@@ -464,6 +509,8 @@ def main(argv=None):
         log(sweep_table(sweep, sweep_summary))
     if rows:
         log(table)
+    if goal:
+        log(goal["line"])
     return 0 if ok else 1
 
 

@@ -8,7 +8,8 @@ Levels:
              extrapolated to a full run, plus the attention share of the dense run
   fidelity   PSNR/SSIM, per-layer error, recall, density of each policy vs dense on the trained small
              video DiT (or --synthetic: structured synthetic attention, no training)
-  train-dit  train the small video DiT on procedural videos, save a checkpoint
+  train-dit  train the small video DiT on procedural videos, save a checkpoint; --compare POLICY trains
+             the same model through modsparse too (same data, seeds and schedule) and compares
 """
 from __future__ import annotations
 
@@ -123,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the training model (inductor)")
     t.add_argument("--compare", default=None, choices=["vmoba", "mod", "dense"],
                    help="then train through backend=modsparse with this policy for the same steps and data")
-    t.add_argument("--block-size", type=int, default=None, help="kernel block for --compare (64 CUDA, 16 CPU)")
+    t.add_argument("--block-size", type=int, default=None, help="kernel block for --compare (CUDA: 128 from "
+                   "8192 tokens on, else 64; CPU 16)")
+    t.add_argument("--dense-warmup", type=_floats, default=[0.0], help="--compare: fractions of the steps trained "
+                   "dense before the sparse run takes over, one sparse run each (e.g. 0,0.25)")
+    t.add_argument("--options", type=json.loads, default={}, help="--compare: JSON of extra modsparse options "
+                   "(e.g. '{\"tau\": 0.25}')")
     return parser
 
 
@@ -148,7 +154,9 @@ def _fill_defaults(args):
     if args.level == "train-dit":
         if args.steps is None and args.minutes is None:
             args.minutes = 3.0
-        args.block_size = args.block_size or (64 if cuda else 16)
+        if args.block_size is None:
+            from .video_dit import get_config
+            args.block_size = (128 if get_config(args.config).seq_len >= 8192 else 64) if cuda else 16
     return args
 
 

@@ -52,6 +52,9 @@ CONFIGS = {
     "tiny-text": DiTConfig(latent=(2, 8, 8), dim=64, depth=2, heads=2, text_len=4, text_dim=16, freq_dim=32),
     # H100 fidelity runs: 8 x 16 x 16 = 2048 tokens
     "small": DiTConfig(latent=(8, 32, 32), dim=384, depth=6, heads=6),
+    # H100 training comparison in the kernels' efficient regime: 16 x 32 x 32 = 16384 tokens, head_dim 128
+    # (128-token blocks), two layers of each VMoBA partition kind
+    "long": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6),
 }
 
 
@@ -115,7 +118,10 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        # q/k in v's dtype: what SDPA computes in under autocast anyway (it casts its inputs), made
+        # explicit so that a rewritten site sees one dtype even where autocast keeps the norms in fp32.
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v)
         if self.capture is not None:
             self.capture.append((self.layer_index, q, k, v, out))

@@ -7,7 +7,7 @@ backward recomputes the probabilities from the forward's log-sum-exp, FlashAtten
 * a pre-pass writes ``delta = rowsum(dO * O)`` and ``lse * log2(e)`` (fp32) padded to whole
   blocks (padded and empty rows get lse = +inf, hence probability 0: the passes need no row mask);
 * dk/dv: one program per slice of a key block, looping over the query blocks that attend that key
-  block (the *transposed* lists, built on device by :func:`transpose_block_lists`);
+  block (the *transposed* lists, built on device by :func:`backward_block_lists`: one Triton launch);
 * dq: one program per slice of a query block, looping over its own (canonicalised) key blocks.
 
 Neither pass needs atomics, so results are deterministic. Empty rows (lse = -inf) get zero
@@ -18,6 +18,8 @@ handled outside the full chunks, and Triton's warp specialization of the inner l
 from __future__ import annotations
 
 import os
+import re
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
                       padded_head_dim, tma_usable)
+from .block_lists import block_lists_triton
 from .reference import num_blocks
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
@@ -33,7 +36,7 @@ _INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
-# Block-list transposition (torch ops on device, no host sync)
+# Block lists of the backward: a Triton kernel on CUDA / the interpreter, torch ops otherwise
 # --------------------------------------------------------------------------------------------
 def _block_mask(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int) -> torch.Tensor:
     """Boolean ``[B, H, Mq, Mk]`` mask from lists; out-of-range ids are dropped, not trusted."""
@@ -59,24 +62,40 @@ def _compact(mask: torch.Tensor):
     return counts, torch.where(lists < width, lists, 0).contiguous()
 
 
-def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Key block -> query blocks that attend it: ``(q_counts [B,H,Mk], q_indices [B,H,Mk,Mq])``.
-
-    Exact set semantics (duplicates in a forward list count once), lists sorted ascending, slots
-    past the count are 0. Built with torch ops on the lists' device, without a host sync."""
+def backward_block_lists_torch(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Reference of :func:`backward_block_lists` in torch ops (the CPU path; ~25 small launches)."""
     mask = _block_mask(kv_counts, kv_indices, mk)
-    return _compact(mask.transpose(-1, -2))
+    return _compact(mask), _compact(mask.transpose(-1, -2))
+
+
+def _use_list_kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Both lists the backward needs: ``(canonical forward, transposed)``.
+
+    Canonical: ``(counts [B,H,Mq], lists [B,H,Mq,Mk])``, each forward list as a sorted set.
+    Transposed: ``(q_counts [B,H,Mk], q_lists [B,H,Mk,Mq])``, key block -> query blocks that attend
+    it. Exact set semantics (duplicates count once, entries past the count and ids outside
+    ``[0, Mk)`` ignored), lists sorted ascending, slots past the count 0, no host sync. One Triton
+    launch (:mod:`block_lists`) on CUDA and under the interpreter, torch ops otherwise."""
+    if _use_list_kernel(kv_indices):
+        return block_lists_triton(kv_counts, kv_indices, mk)
+    return backward_block_lists_torch(kv_counts, kv_indices, mk)
+
+
+def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
+    """Key block -> query blocks that attend it: ``(q_counts [B,H,Mk], q_indices [B,H,Mk,Mq])``
+    (the second half of :func:`backward_block_lists`)."""
+    return backward_block_lists(kv_counts, kv_indices, mk)[1]
 
 
 def canonical_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
     """The forward lists as sorted sets (width Mk): what the dq pass iterates."""
+    if _use_list_kernel(kv_indices):
+        return block_lists_triton(kv_counts, kv_indices, mk, transposed=False)[0]
     return _compact(_block_mask(kv_counts, kv_indices, mk))
-
-
-def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Both lists the backward needs, from one mask: ``(canonical forward, transposed)``."""
-    mask = _block_mask(kv_counts, kv_indices, mk)
-    return _compact(mask), _compact(mask.transpose(-1, -2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +348,38 @@ def as_config(cfg) -> BackwardConfig:
     return BackwardConfig(*cfg)
 
 
+_LABEL = re.compile(r"\((\d+),(\d+),(\d+)w,(\d+)s\)((?:\+\w+)*)")
+
+
+def parse_label(text: str) -> BackwardConfig:
+    """The config that :meth:`BackwardConfig.label` printed, e.g. ``(64,64,4w,2s)+tma+ragged_branch``."""
+    m = _LABEL.fullmatch(text.strip())
+    flags = m.group(5).split("+")[1:] if m else []
+    if m is None or any(f not in BackwardConfig._fields[4:] for f in flags):
+        raise ValueError(f"not a backward config label: {text!r} (e.g. '(64,64,4w,2s)+tma+ragged_branch')")
+    return BackwardConfig(*(int(g) for g in m.groups()[:4]), **{f: True for f in flags})
+
+
+_PIN_ENV = "MODCOMPILE_BWD_CONFIG"
+
+
+def pinned_configs() -> dict:
+    """``MODCOMPILE_BWD_CONFIG="dkdv=LABEL;dq=LABEL"`` (either part may be left out): fixed GPU configs
+    instead of tuning, e.g. a tuner's earlier pick, to save the candidates' compile time."""
+    return dict(_parse_pins(os.environ.get(_PIN_ENV, "").strip()))
+
+
+@lru_cache(maxsize=8)  # read on every backward call: parse each setting once
+def _parse_pins(text: str) -> tuple:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, _, label = part.partition("=")
+        if kind.strip() not in ("dkdv", "dq"):
+            raise ValueError(f"{_PIN_ENV}: expected 'dkdv=LABEL;dq=LABEL', got {text!r}")
+        out[kind.strip()] = parse_label(label)
+    return tuple(out.items())
+
+
 def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool) -> BackwardConfig:
     """The configuration used when not autotuning (interpreter, tests)."""
     if not on_gpu:
@@ -456,11 +507,11 @@ class BackwardLaunch:
         Nk = k.shape[2]
         self.block_size, self.on_gpu = block_size, q.is_cuda
         self.mq, self.mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-        if q_lists is None:
-            (f_counts, f_indices), q_lists = backward_block_lists(kv_counts, kv_indices, self.mk)
+        if q_lists is None:  # built here: int32 and contiguous already
+            (f_counts, f_indices), (q_counts, q_indices) = backward_block_lists(kv_counts, kv_indices, self.mk)
         else:
             f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, self.mk)
-        q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
+            q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
         if q_counts.shape != (B, H, self.mk) or q_indices.shape[:3] != (B, H, self.mk):
             raise ValueError(f"q_lists must be (B, H, Mk={self.mk}) and (B, H, Mk, W); got "
                              f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
@@ -595,7 +646,13 @@ def block_sparse_attention_bwd(
     forced = {"dkdv": dkdv_config if dkdv_config is not None else config,
               "dq": dq_config if dq_config is not None else config}
     tune = run.on_gpu and _autotune_enabled()
+    pins = pinned_configs() if run.on_gpu else {}
     for kind, launch in (("dkdv", run.dkdv), ("dq", run.dq)):
+        if forced[kind] is None and kind in pins:
+            try:
+                forced[kind] = run.check_config(kind, pins[kind])
+            except ValueError:  # cannot run on these tensors (e.g. TMA alignment): tune as usual
+                pass
         if forced[kind] is not None:
             launch(forced[kind])
         elif tune:

@@ -45,6 +45,12 @@ def block_sparse_attention_backward(
     scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in q's dtype: Triton on CUDA / under the interpreter, else torch."""
+    return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
+
+
+def backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size: int, scale):
+    """The body of the backward op, callable directly from code that already runs inside an opaque op
+    (the site backward): saves a second custom-op dispatch per call."""
     if _triton_backward_usable(q, block_size):
         try:
             from modcompile.kernels.block_sparse_attention_bwd import block_sparse_attention_bwd

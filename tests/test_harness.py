@@ -168,20 +168,39 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
 
 def test_training_runs_see_the_same_batches_and_compare_trains_sparse(tmp_path, fresh_modcompile):
     """Two dense runs are identical (data, noise and times fixed by seed and step); the comparison
-    trains the same model through modsparse vmoba with a density below 1 and writes its table."""
+    trains the same model through modsparse vmoba with a density below 1, from the first step and
+    from the dense run's state after a warm-up, and writes its tables, goal lines and plot."""
     from benchmarks.cli import main as cli_main
     from benchmarks.train_dit import train
     a = train("tiny", steps=2, batch_size=2, val_every=1, show_progress=False)
     b = train("tiny", steps=2, batch_size=2, val_every=1, show_progress=False)
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
     cli_main(["run", "train-dit", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--val-every", "1",
-              "--compare", "vmoba", "--out", str(tmp_path), "--no-progress"])
+              "--compare", "vmoba", "--dense-warmup", "0,0.5", "--out", str(tmp_path), "--no-progress"])
     data = json.loads((tmp_path / "train_compare.json").read_text())
-    dense, sparse = data["rows"]
-    assert dense["steps"] == sparse["steps"] == 2
-    assert 0.0 < data["settings"]["density"] < 1.0
-    assert math.isfinite(sparse["val_loss"]) and sparse["step_ms"] > 0
-    assert set(data["history"]) == {"dense", "vmoba"}
+    dense, sparse, warm = data["rows"]
+    assert dense["steps"] == 2 and (sparse["start_step"], sparse["steps"]) == (0, 2)
+    assert (warm["start_step"], warm["steps"]) == (1, 1)
+    assert 0.0 < sparse["density"] < 1.0 and 0.0 < warm["density"] < 1.0
+    assert math.isfinite(sparse["val_loss"]) and sparse["step_ms"] > 0 and sparse["attention_speedup"] > 0
+    assert set(data["history"]) == {"dense", "vmoba (dense warm-up 0%)", "vmoba (dense warm-up 50%)"}
+    assert len(data["goals"]) == 4 and all(g.startswith("GOAL") for g in data["goals"])
+    attention = json.loads((tmp_path / "train_compare_attention.json").read_text())["rows"]
+    assert [r["layer"] for r in attention] == [0, 1, "all"] * 2
+    assert (tmp_path / "train_compare_loss.png").exists() or common.pyplot() is None
+
+
+def test_training_resumes_from_a_snapshot_exactly():
+    """A run continued from another run's snapshot repeats that run's steps (same batches, noise,
+    learning rates, optimizer state): what the dense warm-up of the comparison relies on."""
+    from benchmarks.train_dit import train
+    full = train("tiny", steps=4, batch_size=2, val_every=10, snapshot_steps={2}, show_progress=False)
+    rest = train("tiny", steps=4, batch_size=2, val_every=10, start=full["snapshots"][2], show_progress=False)
+    assert rest["first_step"] == 2 and rest["train_losses"] == full["train_losses"][2:]
+    assert rest["val_loss"] == full["val_loss"]
+    with pytest.raises(SystemExit, match="needs --steps"):
+        from benchmarks.cli import main as cli_main
+        cli_main(["run", "train-dit", "--config", "tiny", "--minutes", "0.1", "--compare", "vmoba", "--out", "/tmp/x"])
 
 
 # ------------------------------------------------------------------ writers and CLI

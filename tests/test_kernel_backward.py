@@ -223,6 +223,31 @@ def test_backward_config_conversion_and_gpu_candidates():
     assert len({c.label() for c in cands}) == len(cands)
 
 
+def test_config_labels_round_trip_and_pins_parse(monkeypatch):
+    """``MODCOMPILE_BWD_CONFIG`` takes the labels the benchmarks print; a typo is an error, not a
+    silently tuned run."""
+    from modcompile.kernels.block_sparse_attention_bwd import parse_label, pinned_configs
+    for cfg in (*gpu_configs(128), BackwardConfig(32, 16, 4, 1), BackwardConfig(64, 64, 4, 2, tma_rows=True)):
+        assert parse_label(cfg.label()) == cfg
+    monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", " dq=(128,64,8w,3s)+tma+ragged_branch ")
+    assert pinned_configs() == {"dq": BackwardConfig(128, 64, 8, 3, tma=True, ragged_branch=True)}
+    for bad in ("dq=(128,64,8,3)", "dkdv=(64,64,4w,2s)+fast", "both=(64,64,4w,2s)"):
+        monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", bad)
+        with pytest.raises(ValueError):
+            pinned_configs()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_pinned_backward_configs_are_used_without_tuning(monkeypatch):
+    from modcompile.kernels import block_sparse_attention_bwd as bwd
+    monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", "dkdv=(64,64,4w,2s)+tma+ragged_branch;dq=(128,64,8w,3s)")
+    monkeypatch.setenv("MODCOMPILE_BWD_AUTOTUNE", "1")
+    before = dict(bwd.tuned_configs())
+    run_case(1, 2, 3 * 128 + 37, 3 * 128 + 37, 128, 128, torch.bfloat16, 3)
+    assert bwd.tuned_configs() == before  # nothing timed: both passes ran their pins
+
+
 @needs_triton
 def test_backward_all_rows_empty_gives_zero_not_nan():
     B, H, N, D, bs = 1, 2, 40, 32, 16

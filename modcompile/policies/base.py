@@ -126,8 +126,8 @@ class Policy:
                            scale: float):
         """(dq, dk, dv) of :meth:`attention` for the same lists (training). Policies that permute
         in :meth:`attention` permute here too."""
-        return torch.ops.modcompile.block_sparse_attention_backward(
-            grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
+        from ..autograd import backward_grads  # already inside the opaque site op: no second dispatch
+        return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
 
     def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                 kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:

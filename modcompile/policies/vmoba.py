@@ -259,7 +259,8 @@ class VmobaPolicy(Policy):
         if permuted is None:
             return super().attention_backward(ctx, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
         perm, inv = permuted[0].perm, permuted[0].inv
-        dq, dk, dv = torch.ops.modcompile.block_sparse_attention_backward(
+        from ..autograd import backward_grads  # already inside the opaque site op: no second dispatch
+        dq, dk, dv = backward_grads(
             self.gather(grad_out, perm), self.gather(q, perm), self.gather(k, perm), self.gather(v, perm),
             self.gather(out, perm), lse.index_select(2, perm), kv_counts, kv_indices, ctx.block_size, scale)
         return self.gather(dq, inv), self.gather(dk, inv), self.gather(dv, inv)
