@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -84,6 +85,14 @@ def _site_phase(policy: str) -> str:
     return "dense" if dense == len(plans) else ("sparse" if dense == 0 else "mixed")
 
 
+def _timed_phase(name: str, fn):
+    """Run one backend's compile + schedules, logging its wall time (compiles dominate a first run)."""
+    t0 = time.perf_counter()
+    out = fn()
+    log(f"e2e: {name} done in {time.perf_counter() - t0:.0f} s (compile and both rounds)")
+    return out
+
+
 def run(args) -> dict:
     try:
         from diffusers import WanTransformer3DModel
@@ -122,7 +131,8 @@ def run(args) -> dict:
     # ---- dense: inductor
     torch._dynamo.reset()
     dense_model = torch.compile(model, backend="inductor")
-    dense_steps = _time_steps(step_fn(dense_model), range(W + T), device, no_ctx, n, desc="inductor", show=show)
+    dense_steps = _timed_phase("inductor", lambda: _time_steps(step_fn(dense_model), range(W + T), device, no_ctx,
+                                                               n, desc="inductor", show=show))
     dense_ms = statistics.median(r["ms"] for r in dense_steps)
     rows = [{"backend": "inductor (dense)", "policy": "dense", "phase": "dense", "steps_timed": len(dense_steps),
              "step_ms": dense_ms, "vs_dense": 1.0, "full_run_s": dense_ms * n / 1e3, "full_vs_dense": 1.0,
@@ -132,13 +142,36 @@ def run(args) -> dict:
         torch._dynamo.reset()
         with self_attention_replaced():
             cheap_model = torch.compile(model, backend="inductor")
-            cheap = _time_steps(step_fn(cheap_model), range(W + T), device, no_ctx, n, desc="no-attn", show=show)
+            cheap = _timed_phase("no-attention", lambda: _time_steps(step_fn(cheap_model), range(W + T), device,
+                                                                     no_ctx, n, desc="no-attn", show=show))
         no_attn_ms = statistics.median(r["ms"] for r in cheap)
         attention_share = max(0.0, 1.0 - no_attn_ms / dense_ms)
         rows.append({"backend": "inductor, self-attn SDPA -> identity", "policy": "-", "phase": "dense",
                      "steps_timed": len(cheap), "step_ms": no_attn_ms, "vs_dense": no_attn_ms / dense_ms,
                      "full_run": f"self-attention share of the dense step: {attention_share:.1%}"})
     skipped = {}
+
+    def write(final: bool):
+        settings = {"model": "diffusers WanTransformer3DModel (random weights)", "config": cfg, "latent": grid,
+                    "tokens": tokens, "text_len": text_len, "dtype": str(dtype), "warmup_steps": W,
+                    "timed_steps": T, "num_steps": n, "policies": args.policies, "options": args.options,
+                    "skipped": skipped, "attention_share": attention_share, "complete": final}
+        notes = [f"dense baseline: the same model compiled with backend=inductor in the same run; step = one "
+                 f"transformer forward (batch 1, no CFG); every schedule ({W} warm-up + {T} steps) runs twice, the "
+                 f"second is timed",
+                 "modsparse runs shorten the dense warm-up to --warmup-steps so sparse steps are reached; the "
+                 "full-run column extrapolates with the policy's default warm-up for the run length (not measured)",
+                 "attention share: 1 - step time with self-attention SDPA replaced by an identity-like op / dense "
+                 "step time"]
+        notes.extend(f"skipped {k2}: {v2}" for k2, v2 in skipped.items())
+        if not final:
+            notes.append("partial: written after each backend; the run did not finish all of them")
+        return write_results(Path(args.out), "e2e", f"End to end: Wan2.1-1.3B-shaped transformer, {tokens} "
+                             f"tokens, {layers} layers", rows, settings=settings, notes=notes, quiet=not final,
+                             columns=["backend", "policy", "phase", "steps_timed", "density", "step_ms", "vs_dense",
+                                      "full_run_s", "full_vs_dense", "full_run"])
+
+    write(final=False)
     why_backend = mb.backend_missing()
     for policy in args.policies:
         why = why_backend or mb.policy_missing(policy)
@@ -151,8 +184,9 @@ def run(args) -> dict:
         mb.reset()
         try:
             sparse_model = mb.compile_model(model, "modsparse", opts)
-            steps = _time_steps(step_fn(sparse_model), range(W + T), device, mb.step_context(), n,
-                                phase_of=lambda: _site_phase(policy), desc=policy, show=show)
+            steps = _timed_phase(policy, lambda: _time_steps(step_fn(sparse_model), range(W + T), device,
+                                                             mb.step_context(), n, phase_of=lambda: _site_phase(policy),
+                                                             desc=policy, show=show))
         except Exception as exc:
             log(f"policy {policy} FAILED: {type(exc).__name__}: {exc}")
             skipped[policy] = f"failed: {type(exc).__name__}: {exc}"
@@ -176,17 +210,5 @@ def run(args) -> dict:
                          "full_vs_dense": full_ms / (dense_ms * n) if full_ms and phase == "sparse" else None,
                          "full_run": (f"extrapolated: {w_full} dense + {n - w_full} sparse steps at the medians"
                                       if phase == "sparse" else None)})
-    settings = {"model": "diffusers WanTransformer3DModel (random weights)", "config": cfg, "latent": grid,
-                "tokens": tokens, "text_len": text_len, "dtype": str(dtype), "warmup_steps": W, "timed_steps": T,
-                "num_steps": n, "policies": args.policies, "options": args.options, "skipped": skipped,
-                "attention_share": attention_share}
-    notes = [f"dense baseline: the same model compiled with backend=inductor in the same run; step = one transformer "
-             f"forward (batch 1, no CFG); every schedule ({W} warm-up + {T} steps) runs twice, the second is timed",
-             "modsparse runs shorten the dense warm-up to --warmup-steps so sparse steps are reached; the full-run "
-             "column extrapolates with the policy's default warm-up for the run length (not measured)",
-             "attention share: 1 - step time with self-attention SDPA replaced by an identity-like op / dense step time"]
-    notes.extend(f"skipped {k2}: {v2}" for k2, v2 in skipped.items())
-    return write_results(Path(args.out), "e2e", f"End to end: Wan2.1-1.3B-shaped transformer, {tokens} tokens, "
-                         f"{layers} layers", rows, settings=settings, notes=notes,
-                         columns=["backend", "policy", "phase", "steps_timed", "density", "step_ms", "vs_dense",
-                                  "full_run_s", "full_vs_dense", "full_run"])
+        write(final=False)
+    return write(final=True)
