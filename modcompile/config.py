@@ -41,7 +41,8 @@ class SparsityConfig:
                                          # the last observed map fill it; lines: whole lines (the paper)
     coverage: float = 0.9                # predicted kept mass that the chosen lines must reach
     cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
-    dense_refresh_every: int = 3         # with cheap_refresh, every n-th refresh is dense
+    full_refresh_every: int = 3          # with cheap_refresh, every n-th refresh observes every block
+    full_refresh: str = "sparse"         # how: sparse (the sparse step's lse) | dense (a dense step)
     min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
     observe_row_stride: int = 8          # estimate the sparsity map from every n-th query row (1 = exact);
                                          # H100: same fidelity as 1, a quarter of the observe time (BENCHMARKS.md)
@@ -72,7 +73,9 @@ class SparsityConfig:
         _check(self.mask_rule in ("blocks", "lines"),
                f"mask_rule must be 'blocks' or 'lines', got {self.mask_rule!r}")
         _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
-        _check(self.dense_refresh_every >= 1, "dense_refresh_every must be >= 1")
+        _check(self.full_refresh_every >= 1, "full_refresh_every must be >= 1")
+        _check(self.full_refresh in ("sparse", "dense"),
+               f"full_refresh must be 'sparse' or 'dense', got {self.full_refresh!r}")
         _check(isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)
                and self.observe_row_stride >= 1,
                f"observe_row_stride must be an int >= 1, got {self.observe_row_stride!r}")
