@@ -12,9 +12,10 @@ paper-blocks (dense refreshes, ``mask_rule="blocks"``); cheap (the default: refr
 step, restricted to its blocks, every ``full_refresh_every``-th one observing every block from the
 sparse call's lse; blocks); cheap-s8 (the same at observe_row_stride 8); cheap-dense (the full
 refresh is a dense step) and cheap-dense-s8 (that at stride 8: the previous default); cheap-lines
-(cheap with whole lines); cheap-guarded (no scheduled full refresh; a dense one only when the
-observed coverage falls under ``min_observed_coverage``). ``--quality-only`` (CPU studies) runs
-each variant once for the errors, without warm-up runs or timings.
+(cheap with whole lines); all-full (every refresh a full one on the sparse step); cheap-guarded
+(no scheduled full refresh; a dense one only when the observed coverage falls under
+``min_observed_coverage``). ``--quality-only`` (CPU studies) runs each variant once for the
+errors, without warm-up runs or timings.
 
 Each variant's policy object lives across its runs (two warm-up runs, timing, quality), as
 ``modcompile.ops.policy_for`` keeps one policy per config in a compiled model: the observation
@@ -388,6 +389,8 @@ VARIANTS = {
                                   observe_row_stride=8),
     "cheap-lines": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
                                      mask_rule="lines"),
+    # every refresh full (on the sparse step): no restricted maps, no history
+    "all-full": lambda args: dict(cheap_refresh=True, full_refresh_every=1),
     # no scheduled full refresh: only the coverage guard triggers a (dense) one
     "cheap-guarded": lambda args: dict(cheap_refresh=True, full_refresh_every=10 ** 6),
 }
