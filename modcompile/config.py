@@ -44,8 +44,8 @@ class SparsityConfig:
     full_refresh_every: int = 3          # with cheap_refresh, every n-th refresh observes every block
     full_refresh: str = "sparse"         # how: sparse (the sparse step's lse) | dense (a dense step)
     min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
-    observe_row_stride: int = 8          # estimate the sparsity map from every n-th query row (1 = exact);
-                                         # H100: same fidelity as 1, a quarter of the observe time (BENCHMARKS.md)
+    observe_row_stride: int = 16         # estimate the sparsity map from every n-th query row (1 = exact);
+                                         # H100: 8 had the fidelity of 1; 16 the error of 8 on CPU (BENCHMARKS.md)
 
     def __post_init__(self):
         _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")

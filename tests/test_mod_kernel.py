@@ -353,8 +353,8 @@ def test_gpu_matches_reference(dtype, bs):
     counts, indices = _random_lists(B, H, m, m, 3)
     got = block_sparsity(q, k, lse.float(), block_size=bs, kv_counts=counts.cuda(), kv_indices=indices.cuda())
     assert torch.equal(~got.isnan(), block_mask_from_lists(counts, indices, m).cuda())
-    # Row sampling at the real block sizes (GROUP = 16 query blocks of 8 rows per program at 128 /
-    # stride 16, 8 of 16 at stride 8), the key loop split as on the GPU, also restricted.
+    # Row sampling at the real block sizes (per program 16 query blocks of 8 rows at block 128 and
+    # stride 16, 8 blocks of 16 rows at stride 8), the key loop split as on the GPU, also restricted.
     for stride, phase in ((16, 5), (8, 3), (2, 1)):
         got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase)
         kw = dict(block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase, compute_dtype=torch.float64)
