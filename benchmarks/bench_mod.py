@@ -156,7 +156,7 @@ class Site:
 
         def map_only():
             observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, **lists)
+                        row_stride=cfg.observe_stride(), **lists)
 
         state.dense_now, state.observe_now = plan.dense, plan.observe
         out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
@@ -238,7 +238,7 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
     total_attn = sum(r["attn_ms"] + r["plan_ms"] + r["observe_ms"] for r in rows)
     sparse_rows = [r for r in rows if r["kind"] == "sparse"]
     summary = {
-        "variant": name, "observe_row_stride": config.observe_row_stride, "warmup": warmup,
+        "variant": name, "observe_row_stride": config.observe_stride(), "warmup": warmup,
         "full_refresh_every": config.full_refresh_every if config.cheap_refresh else None,
         "full_refresh": config.full_refresh if config.cheap_refresh else "dense",
         "dense_steps": sum(r["kind"] == "dense" for r in rows),
@@ -285,8 +285,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--refresh-interval", type=int, default=10)
     p.add_argument("--coverage", type=float, default=0.9)
-    p.add_argument("--observe-row-stride", type=int, default=SparsityConfig().observe_row_stride,
-                   help="estimate the sparsity map from every n-th query row (1 = exact)")
+    p.add_argument("--observe-row-stride", type=int, default=None,
+                   help="estimate the sparsity map from every n-th query row (1 = exact; default: the "
+                        "config's, block // 8)")
     p.add_argument("--full-refresh-every", type=int, default=SparsityConfig().full_refresh_every,
                    help="the cheap variants' full refresh period (in refreshes)")
     p.add_argument("--min-observed-coverage", type=float, default=SparsityConfig().min_observed_coverage,
@@ -352,8 +353,8 @@ def main(argv=None):
                "mean_sparse_rel_l2", "max_sparse_rel_l2", "mean_oracle_rel_l2", "mod_over_oracle_error"]
     settings = {**vars(args), "dtype": str(dtype), "device": device, "dense_sdpa_ms": dense_ms}
     notes = [f"dense SDPA {dense_ms:.3f} ms per call (median of repeats); goal: overhead_fraction < 0.03",
-             f"observe_row_stride {args.observe_row_stride}: the policy's sparsity map is estimated from every "
-             f"{args.observe_row_stride}-th query row of each block (1 = exact)",
+             f"observe_row_stride (column; {args.observe_row_stride or 'block // 8'} unless the variant sets it): the policy's "
+             f"sparsity map is estimated from every n-th query row of each block (1 = exact)",
              "overhead_fraction = (observe calls + max(0, extra attention time of observed steps)) / (steps x dense "
              "SDPA), from medians of repeated calls of each observed step on the same inputs (observe on a copy of "
              "the state as it was); extra = the step's attention minus what it would cost unobserved (dense SDPA "

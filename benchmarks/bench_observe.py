@@ -34,7 +34,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", type=int, nargs=4, default=[1, 12, 32760, 128])
-    ap.add_argument("--row-stride", type=int, default=SparsityConfig().observe_row_stride)
+    ap.add_argument("--row-stride", type=int, default=None, help="default: the MOD policy's at --block")
     ap.add_argument("--density", type=float, default=0.5, help="of the restricted mode's random lists")
     ap.add_argument("--block", type=int, default=128)
     # The sweep: every combination of these launch parameters (the key loop in parts of 32 key
@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--key-blocks", type=int, nargs="+", default=[32],
                     help="key blocks per program (the key loop split; >= Mk: one part)")
     args = ap.parse_args(argv)
+    if args.row_stride is None:
+        args.row_stride = SparsityConfig(block_size=args.block).observe_stride()
     candidates = [bs.SparsityKernelConfig(n, w, s, kb) for n in args.block_n for w in args.warps
                   for s in args.stages for kb in args.key_blocks]
     if not torch.cuda.is_available():

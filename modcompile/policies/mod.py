@@ -34,10 +34,11 @@ batch, heads, kind), shared by all sites and CFG passes of that shape (first cal
 captures; ``MODCOMPILE_CUDA_GRAPHS=0`` keeps it eager); its inputs and outputs are copied in and out,
 so the state holds ordinary tensors. No observation waits for the host.
 
-Observation estimates ``S`` from every ``observe_row_stride``-th query row of each block (1 =
-exact), always the same rows (phase 0, :func:`..kernels.block_sparsity.sampled_rows`): the mask
-extrapolates the difference of the last two fits, and rotating rows would put sampling noise
-into that difference (the warm-up pair is one step apart, so the true drift is small).
+Observation estimates ``S`` from every ``config.observe_stride()``-th query row of each block (1 =
+exact; by default ``block_size // 8``: 8 rows per block), always the same rows (phase 0,
+:func:`..kernels.block_sparsity.sampled_rows`): the mask extrapolates the difference of the last
+two fits, and rotating rows would put sampling noise into that difference (the warm-up pair is
+one step apart, so the true drift is small).
 
 Mask (built once per fit, on device): coefficients extrapolated linearly from the last two fits to
 the middle of the coming interval; predicted map ``S^ = M x`` clipped to [0, 1]; mass proxy
@@ -236,7 +237,7 @@ class ModPolicy(Policy):
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, row_phase=0)
+                        row_stride=cfg.observe_stride(), row_phase=0)
         cheap = kind == "cheap" and st.smap is not None
         if cheap:
             raw = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
@@ -246,7 +247,7 @@ class ModPolicy(Policy):
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
             st.coverage_flag = DeferredScalar(observed_coverage(
-                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_row_stride).mean())
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride()).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw]
         if cheap:
