@@ -308,7 +308,7 @@ def main(argv=None):
         dtype = torch.float32
     timer = Timer(device)
     log(f"bench_mod: grid {args.grid}, heads {args.heads}, D {args.head_dim}, {dtype}, block {args.block}, "
-        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride}")
+        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride or 'block // 8'}")
     inputs = make_inputs(args, device, dtype)
 
     def repeat(fn):
