@@ -8,9 +8,14 @@ The policy is driven directly, one attention site, the way the custom ops call i
 attention -> observe), on structured synthetic q/k/v (benchmarks/synthetic.py) that drift over the
 steps: step t uses ``(1 - a) * X_A + a * X_B`` with a = t / (steps - 1), two heads sets of different
 seeds and sharpness. Variants: paper (the published method: dense refresh steps, whole-line masks);
-paper-blocks (dense refreshes, ``mask_rule="blocks"``); cheap (the default: sparse refresh, a dense
-one every ``dense_refresh_every``, blocks); cheap-lines (cheap with whole lines); cheap-guarded
-(sparse refreshes, dense only when the observed coverage falls under ``min_observed_coverage``).
+paper-blocks (dense refreshes, ``mask_rule="blocks"``); cheap (the default: refreshes on the sparse
+step, restricted to its blocks, every ``full_refresh_every``-th one observing every block from the
+sparse call's lse; blocks); cheap-s8 (the same at observe_row_stride 8); cheap-dense (the full
+refresh is a dense step) and cheap-dense-s8 (that at stride 8: the previous default); cheap-lines
+(cheap with whole lines); all-full (every refresh a full one on the sparse step); cheap-guarded
+(no scheduled full refresh; a dense one only when the observed coverage falls under
+``min_observed_coverage``). ``--quality-only`` (CPU studies) runs each variant once for the
+errors, without warm-up runs or timings.
 
 Each variant's policy object lives across its runs (two warm-up runs, timing, quality), as
 ``modcompile.ops.policy_for`` keeps one policy per config in a compiled model: the observation
@@ -22,9 +27,11 @@ a copy of the policy state as it was before the real call, so the sequence is un
 
 * ``observe_rep_ms``: the observe call (map kernel, coverage estimate, fit, mask build);
 * ``attn_rep_ms``: the step's attention as run (dense observed steps: cuDNN with lse);
+* ``map_rep_ms``: the map kernel alone, as that observation calls it (the rest of observe_rep_ms is
+  the coverage estimate and the graphed tail);
 * ``baseline_ms``: what the step would have cost without the observation: dense SDPA in the
-  warm-up, the sparse attention with the lists in force after it (cheap refreshes run exactly that
-  call, so their baseline is their own attention).
+  warm-up, the sparse attention with the lists in force after it (refreshes on the sparse step,
+  cheap or full, run exactly that call, so their baseline is their own attention).
 
 overhead = (sum of observe_rep_ms + max(0, sum of attn_rep_ms - baseline_ms)) over the observed
 steps / (steps x dense SDPA), dense SDPA timed with ``do_bench`` too. ``overhead_sequence`` is the
@@ -141,8 +148,18 @@ class Site:
             restore()
             self.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
 
+        # The map kernel alone, as this observation calls it (restricted on cheap refreshes): the
+        # rest of observe_rep is the coverage estimate and the tail.
+        cfg = self.policy.config
+        restricted = before["fields"]["observing"] == "cheap" and before["fields"]["smap"] is not None
+        lists = dict(kv_counts=plan.kv_counts, kv_indices=plan.kv_indices) if restricted else {}
+
+        def map_only():
+            observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
+                        row_stride=cfg.observe_stride(), **lists)
+
         state.dense_now, state.observe_now = plan.dense, plan.observe
-        out = {"observe_rep": repeat(observe),
+        out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
                "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan.kv_counts,
                                                          plan.kv_indices, scale))}
         in_force = before["in_force"]
@@ -221,8 +238,9 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
     total_attn = sum(r["attn_ms"] + r["plan_ms"] + r["observe_ms"] for r in rows)
     sparse_rows = [r for r in rows if r["kind"] == "sparse"]
     summary = {
-        "variant": name, "observe_row_stride": config.observe_row_stride, "warmup": warmup,
-        "dense_refresh_every": config.dense_refresh_every if config.cheap_refresh else None,
+        "variant": name, "observe_row_stride": config.observe_stride(), "warmup": warmup,
+        "full_refresh_every": config.full_refresh_every if config.cheap_refresh else None,
+        "full_refresh": config.full_refresh if config.cheap_refresh else "dense",
         "dense_steps": sum(r["kind"] == "dense" for r in rows),
         "observed_steps": len(observed),
         "plan_ms_total": sum(r["plan_ms"] for r in rows),
@@ -237,6 +255,7 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
         extra_ms = sum(r["attn_rep_ms"] - r["baseline_ms"] for r in observed)
         summary.update({
             "observe_ms_total": observe_ms,
+            "map_ms_total": sum(r["map_rep_ms"] for r in observed),
             "observe_ms_per_step": [round(r["observe_rep_ms"], 3) for r in observed],
             "observed_attention_extra_ms": extra_ms,
             "overhead_fraction": (observe_ms + max(extra_ms, 0.0)) / (args.steps * dense_ms),
@@ -266,16 +285,19 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--refresh-interval", type=int, default=10)
     p.add_argument("--coverage", type=float, default=0.9)
-    p.add_argument("--observe-row-stride", type=int, default=SparsityConfig().observe_row_stride,
-                   help="estimate the sparsity map from every n-th query row (1 = exact)")
-    p.add_argument("--dense-refresh-every", type=int, default=SparsityConfig().dense_refresh_every,
-                   help="the cheap variant's dense refresh period (in refreshes)")
+    p.add_argument("--observe-row-stride", type=int, default=None,
+                   help="estimate the sparsity map from every n-th query row (1 = exact; default: the "
+                        "config's, block // 8)")
+    p.add_argument("--full-refresh-every", type=int, default=SparsityConfig().full_refresh_every,
+                   help="the cheap variants' full refresh period (in refreshes)")
     p.add_argument("--min-observed-coverage", type=float, default=SparsityConfig().min_observed_coverage,
                    help="the cheap variants' coverage guard")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-repeat", action="store_true",
                    help="skip the repeated timings of observed steps (report only the single timings)")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    p.add_argument("--quality-only", action="store_true",
+                   help="one run per variant for the errors, no warm-up runs or repeated timings (CPU studies)")
     args = p.parse_args(argv)
     if args.quick:
         args.grid, args.heads, args.head_dim, args.block, args.steps = [4, 8, 16], 2, 32, 32, 12
@@ -286,14 +308,15 @@ def main(argv=None):
         dtype = torch.float32
     timer = Timer(device)
     log(f"bench_mod: grid {args.grid}, heads {args.heads}, D {args.head_dim}, {dtype}, block {args.block}, "
-        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride}")
+        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride or 'block // 8'}")
     inputs = make_inputs(args, device, dtype)
 
     def repeat(fn):
         return bench(fn, warmup=3, reps=10, device=device)["ms"]
 
     q, k, v = inputs(0)
-    dense_ms = repeat(lambda: F.scaled_dot_product_attention(q, k, v))
+    dense_ms = (timer(lambda: F.scaled_dot_product_attention(q, k, v))[1] if args.quality_only
+                else repeat(lambda: F.scaled_dot_product_attention(q, k, v)))
     log(f"dense SDPA: {dense_ms:.3f} ms per call")
 
     base = dict(block_size=args.block, refresh_interval=args.refresh_interval, coverage=args.coverage,
@@ -301,13 +324,17 @@ def main(argv=None):
                 min_observed_coverage=args.min_observed_coverage)
     summaries, all_rows = [], []
     for name in args.variants:
-        cfg = SparsityConfig(**base, **VARIANTS[name](args))
+        cfg = SparsityConfig(**{**base, **VARIANTS[name](args)})
         policy = ModPolicy(cfg)  # one per variant, across its runs: graphs captured once (see the notes)
-        for _ in range(2):  # compile, tune; every tail kind runs twice: its CUDA graph is captured
-            run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=False)
-        timing, timed_rows = run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=False,
-                                         repeat=None if args.no_repeat else repeat)
-        quality, rows = run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=True)
+        if args.quality_only:  # CPU: the timings mean nothing there; one run gives the errors
+            quality, rows = run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=True)
+            timing, timed_rows = dict(quality), rows
+        else:
+            for _ in range(2):  # compile, tune; every tail kind runs twice: its CUDA graph is captured
+                run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=False)
+            timing, timed_rows = run_variant(name, policy, inputs, args, device, timer, dense_ms,
+                                             with_quality=False, repeat=None if args.no_repeat else repeat)
+            quality, rows = run_variant(name, policy, inputs, args, device, timer, dense_ms, with_quality=True)
         for row, timed in zip(rows, timed_rows):  # same schedule; the timings of the timed run
             row.update({key: value for key, value in timed.items() if key.endswith("_ms")})
         for key in ("mean_rel_l2", "mean_sparse_rel_l2", "max_sparse_rel_l2", "mean_oracle_rel_l2",
@@ -320,18 +347,19 @@ def main(argv=None):
             f"density {timing['mean_sparse_density']:.3f}, err {timing.get('mean_sparse_rel_l2')}, "
             f"oracle {timing.get('mean_oracle_rel_l2')}")
 
-    columns = ["variant", "observe_row_stride", "dense_refresh_every", "warmup", "dense_steps", "observed_steps",
-               "observe_ms_total", "observed_attention_extra_ms", "overhead_fraction", "overhead_sequence",
+    columns = ["variant", "observe_row_stride", "full_refresh_every", "full_refresh", "warmup", "dense_steps", "observed_steps",
+               "observe_ms_total", "map_ms_total", "observed_attention_extra_ms", "overhead_fraction", "overhead_sequence",
                "schedule_vs_dense_time", "mean_sparse_density", "sparse_step_attn_ms",
                "mean_sparse_rel_l2", "max_sparse_rel_l2", "mean_oracle_rel_l2", "mod_over_oracle_error"]
     settings = {**vars(args), "dtype": str(dtype), "device": device, "dense_sdpa_ms": dense_ms}
     notes = [f"dense SDPA {dense_ms:.3f} ms per call (median of repeats); goal: overhead_fraction < 0.03",
-             f"observe_row_stride {args.observe_row_stride}: the policy's sparsity map is estimated from every "
-             f"{args.observe_row_stride}-th query row of each block (1 = exact)",
+             f"observe_row_stride (column; {args.observe_row_stride or 'block // 8'} unless the variant sets it): the policy's "
+             f"sparsity map is estimated from every n-th query row of each block (1 = exact)",
              "overhead_fraction = (observe calls + max(0, extra attention time of observed steps)) / (steps x dense "
              "SDPA), from medians of repeated calls of each observed step on the same inputs (observe on a copy of "
              "the state as it was); extra = the step's attention minus what it would cost unobserved (dense SDPA "
-             "in the warm-up, the sparse attention with the lists in force after it; 0 for cheap refreshes)",
+             "in the warm-up, the sparse attention with the lists in force after it; 0 for refreshes on the sparse step: "
+             "cheap ones and full_refresh='sparse')",
              "overhead_sequence: the same formula from the single CUDA-event timings of the stateful run "
              "(baseline after the warm-up: the median sparse step); schedule_vs_dense_time from those too",
              "each variant's policy lives across its runs (one policy per config, as in a compiled model): the "
@@ -341,7 +369,7 @@ def main(argv=None):
     write_results(args.out, "bench_mod", "MOD-DiT policy: overhead and fidelity", summaries, settings=settings,
                   columns=columns, notes=notes, extra={"per_step": all_rows})
     step_cols = ["variant", "step", "kind", "observe", "density", "rel_l2", "oracle_rel_l2", "attn_ms", "observe_ms",
-                 "attn_rep_ms", "observe_rep_ms", "baseline_ms"]
+                 "attn_rep_ms", "observe_rep_ms", "map_rep_ms", "baseline_ms"]
     write_results(args.out, "bench_mod_steps", "MOD-DiT policy: per step (quality run; timings: timed run)",
                   all_rows, settings=settings, columns=step_cols, quiet=True)
     return summaries
@@ -352,11 +380,21 @@ def main(argv=None):
 VARIANTS = {
     "paper": lambda args: dict(cheap_refresh=False, mask_rule="lines"),
     "paper-blocks": lambda args: dict(cheap_refresh=False, mask_rule="blocks"),
-    "cheap": lambda args: dict(cheap_refresh=True, dense_refresh_every=args.dense_refresh_every),
-    "cheap-lines": lambda args: dict(cheap_refresh=True, dense_refresh_every=args.dense_refresh_every,
+    "cheap": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every),
+    # the full refresh on a dense step; with rows sampled at stride 8 that is the previous default
+    "cheap-dense": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
+                                     full_refresh="dense"),
+    "cheap-dense-s8": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
+                                        full_refresh="dense", observe_row_stride=8),
+    # the default schedule at the previous stride
+    "cheap-s8": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
+                                  observe_row_stride=8),
+    "cheap-lines": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
                                      mask_rule="lines"),
-    # no scheduled dense refresh: only the coverage guard triggers one
-    "cheap-guarded": lambda args: dict(cheap_refresh=True, dense_refresh_every=10 ** 6),
+    # every refresh full (on the sparse step): no restricted maps, no history
+    "all-full": lambda args: dict(cheap_refresh=True, full_refresh_every=1),
+    # no scheduled full refresh: only the coverage guard triggers a (dense) one
+    "cheap-guarded": lambda args: dict(cheap_refresh=True, full_refresh_every=10 ** 6),
 }
 
 

@@ -1,6 +1,7 @@
 """MOD observation kernel (kernels/block_sparsity.py): launch-config sweep on the GPU.
 
     PYTHONPATH=. python benchmarks/bench_observe.py --out DIR [--row-stride 8] [--density 0.5]
+        [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
 Times the sparsity-map kernel at (1, 12, 32760, 128) bf16, block 128, on random q/k with the lse of
 the dense attention (our kernel on full lists), in both modes the MOD policy uses: the full map
@@ -22,21 +23,32 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
 from benchmarks.common import (bnhd_randn, environment, log, markdown_table,  # noqa: E402
                                random_block_lists, write_json)
+from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels import block_sparsity as bs  # noqa: E402
 from modcompile.kernels.reference import full_block_lists, num_blocks  # noqa: E402
 from modcompile.ops import attention_forward  # noqa: E402
 
-CANDIDATES = [bs.SparsityKernelConfig(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", type=int, nargs=4, default=[1, 12, 32760, 128])
-    ap.add_argument("--row-stride", type=int, default=8)
+    ap.add_argument("--row-stride", type=int, default=None, help="default: the MOD policy's at --block")
     ap.add_argument("--density", type=float, default=0.5, help="of the restricted mode's random lists")
     ap.add_argument("--block", type=int, default=128)
+    # The sweep: every combination of these launch parameters (the key loop in parts of 32 key
+    # blocks by default, as in the kernel's default configuration).
+    ap.add_argument("--block-n", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--key-blocks", type=int, nargs="+", default=[32],
+                    help="key blocks per program (the key loop split; >= Mk: one part)")
     args = ap.parse_args(argv)
+    if args.row_stride is None:
+        args.row_stride = SparsityConfig(block_size=args.block).observe_stride()
+    candidates = [bs.SparsityKernelConfig(n, w, s, kb) for n in args.block_n for w in args.warps
+                  for s in args.stages for kb in args.key_blocks]
     if not torch.cuda.is_available():
         sys.exit("bench_observe.py needs a CUDA GPU")
     from triton.testing import do_bench
@@ -51,11 +63,11 @@ def main(argv=None):
     rows = []
     for mode, extra in modes.items():
         ref = bs.block_sparsity(q, k, lse, **common, **extra)
-        for cfg in CANDIDATES:
+        for cfg in candidates:
             if args.block % cfg.block_n:
                 continue
             row = dict(mode=mode, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
-                       default=cfg == bs._config(args.block))
+                       key_blocks=cfg.key_blocks, default=cfg == bs._config(args.block))
             try:
                 got = bs.block_sparsity(q, k, lse, **common, **extra, config=cfg)
                 diff = (got - ref).nan_to_num(0.0).abs().max().item()
@@ -70,7 +82,8 @@ def main(argv=None):
             log(f"{mode} {cfg}: {row.get('ms', float('nan')):.3f} ms ok={row.get('ok')} {row.get('error', '')}")
     dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100, return_mode="median")
     env = environment()
-    table = markdown_table(rows, ["mode", "block_n", "warps", "stages", "default", "ms", "max_diff", "ok", "error"])
+    table = markdown_table(rows, ["mode", "block_n", "warps", "stages", "key_blocks", "default", "ms", "max_diff",
+                                  "ok", "error"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = (f"device {env.get('device')}; torch {env.get('torch')}; triton {env.get('triton')}; shape {tuple(args.shape)} "

@@ -5,7 +5,8 @@
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
 #   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit e2e
 #   bench_observe);
-#   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests.
+#   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
+#   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to bench_mod.py / bench_observe.py.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
 # .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
 #   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl/e2e diffusers`.
@@ -51,8 +52,8 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # the small DiT for the fidelity level: trained here when /tmp/dit_small.pt is missing
     fidelity_dit) part fidelity_dit 220 $PY -m benchmarks run fidelity --checkpoint /tmp/dit_small.pt \
              --train-minutes 1.2 --out "$R/fidelity_dit" --no-progress ;;
-    bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ;;
-    bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ;;
+    bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
+    bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \

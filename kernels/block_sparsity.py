@@ -20,8 +20,11 @@ full one, instead of one 16-row tile per query block re-loading all of its key b
 Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows at local offsets
 ``phase, phase + s, ...`` of each query block (``phase = (row_phase % s) % min(s, valid rows)``; see
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
-The kernel loads and multiplies only the sampled rows (grouping several query blocks per program),
-so its work drops by about s for power-of-two strides up to ``block_size / 16``.
+The kernel loads and multiplies only the sampled rows (grouping ``s`` query blocks per program into
+one tile of ``block_size`` rows), so its work drops by about s for power-of-two strides. The key
+loop of every program is split into parts of about ``SparsityKernelConfig.key_blocks`` key blocks
+(separate programs; the entries of different key blocks are independent), so that a short
+sampled pass still has enough programs for the GPU.
 ``row_stride=1`` is the exact map. A caller that observes repeatedly can rotate ``row_phase``
 so that successive observations see different rows.
 """
@@ -44,7 +47,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit(do_not_specialize=["row_phase"])
 def _block_sparsity_kernel(
     Q, K, Lse, Out, Counts, Indices, Listed,
-    scale, log_threshold, row_phase,
+    inv_scale, log_threshold, row_phase,
     N_Q, N_K, H, MQ, MK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -60,18 +63,22 @@ def _block_sparsity_kernel(
     ROW_STRIDE: tl.constexpr,
     SAMPLE_ROWS: tl.constexpr,
     GROUP: tl.constexpr,
+    SPLITS: tl.constexpr,
     RESTRICTED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program per GROUP consecutive query blocks and one (batch, head). Each block contributes
-    # SAMPLE_ROWS row slots (its sampled rows: phase, phase + stride, ...; slots past the block or
-    # past N are masked), so one tile of GROUP * SAMPLE_ROWS rows meets every key tile: sampling
-    # cuts both the products and the key loads by about the stride. GROUP is 1 with stride 1.
-    # Restricted: Counts/Indices list the key blocks of the program's group (the union of its
-    # query blocks' lists; with GROUP 1 the caller's own lists), and Listed (B, H, MQ, MK) int8
-    # says which query block of the group listed each one: only those entries are stored.
+    # One program per GROUP consecutive query blocks, one (batch, head) and one of SPLITS parts of
+    # the key blocks (the map's entries are independent per key block, so splitting the key loop
+    # needs no reduction; it only gives the GPU enough programs to fill its waves). Each query
+    # block contributes SAMPLE_ROWS row slots (its sampled rows: phase, phase + stride, ...; slots
+    # past the block or past N are masked), so one tile of GROUP * SAMPLE_ROWS rows (the block
+    # size: full MMA tiles at any stride) meets every key tile: sampling cuts both the products and
+    # the key loads by the stride. Restricted: Counts/Indices list the key blocks of the program's
+    # group (the union of its query blocks' lists; with GROUP 1 the caller's own lists), and Listed
+    # (B, H, MQ, MK) int8 says which query block of the group listed each one: only those are stored.
     pid_group = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_split = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     CHUNKS: tl.constexpr = BLOCK_SIZE // BLOCK_N
@@ -95,13 +102,17 @@ def _block_sparsity_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_m, mask=row_ok, other=float("-inf"))
-    # Unsampled / invalid slots get bound -inf: no score is below it, so they never count.
-    bound = tl.where(row_ok, lse + log_threshold, float("-inf"))
-    # Per query block of the group: its slots (one-hot) and its number of sampled valid rows.
-    groups = tl.arange(0, GROUP)
-    member = slot_group[:, None] == groups[None, :]
-    rows_sampled = tl.sum((member & row_ok[:, None]).to(tl.int32), 0)
-    out_blocks = pid_group * GROUP + groups
+    # Entry (i, j) is sparse when s_ij * scale < lse_i + ln(threshold): compared on the raw
+    # product, s_ij < (lse_i + ln(threshold)) / scale, which saves a multiply per entry (the
+    # rounding differs only for scores on the bound). Unsampled / invalid slots get bound -inf:
+    # no score is below it, so they never count.
+    bound = tl.where(row_ok, (lse + log_threshold) * inv_scale, float("-inf"))
+    # Key columns past N_K were loaded as zeros: their product is exactly 0, counted iff the
+    # row's bound is above 0. Subtracting those after the key block's loop (only the last block
+    # is ragged) keeps the per-entry work to one comparison and one add.
+    zero_hit = (bound > 0).to(tl.int32)
+    rows_sampled = tl.sum(tl.reshape(row_ok.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
+    out_blocks = pid_group * GROUP + tl.arange(0, GROUP)
     block_ok = out_blocks < MQ
 
     k_base = K + b * stride_kb + h * stride_kh
@@ -112,8 +123,10 @@ def _block_sparsity_kernel(
         idx_base = Indices + b * stride_ib + h * stride_ih + pid_group * stride_im
     else:
         n_entries = MK
+    e_start = (pid_split * n_entries) // SPLITS
+    e_end = ((pid_split + 1) * n_entries) // SPLITS
 
-    for e in range(0, n_entries):
+    for e in range(e_start, e_end):
         if RESTRICTED:
             key_block = tl.load(idx_base + e * stride_ij)
         else:
@@ -121,14 +134,13 @@ def _block_sparsity_kernel(
         below = tl.zeros([TILE_M], dtype=tl.int32)
         for c in tl.static_range(CHUNKS):
             cols = key_block * BLOCK_SIZE + c * BLOCK_N + offs_n
-            col_ok = cols < N_K
             k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                        mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
-            hit = (s < bound[:, None]) & col_ok[None, :]
-            below += tl.sum(hit.to(tl.int32), 1)
+                        mask=(cols < N_K)[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
+            below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
-        below_per_block = tl.sum(tl.where(member, below[:, None], 0), 0)
+        below -= (BLOCK_SIZE - cols_valid) * zero_hit
+        below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
         frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
         store_ok = block_ok
         if RESTRICTED and GROUP > 1:
@@ -137,11 +149,12 @@ def _block_sparsity_kernel(
 
 
 def sample_layout(block_size: int, row_stride: int, restricted: bool = False) -> tuple[int, int]:
-    """(SAMPLE_ROWS, GROUP): row slots per query block (a power of two >= the block's sampled rows,
-    at least 16 for tl.dot) and query blocks per program (a tile of about block_size rows). The
-    same in restricted mode (``restricted`` is kept for callers; it no longer changes the layout)."""
+    """(SAMPLE_ROWS, GROUP): row slots per query block (a power of two >= the block's sampled rows)
+    and query blocks per program, so that a program's tile holds ``block_size`` rows (>= 16, as
+    tl.dot needs) at every stride: stride 16 at block 128 is 16 blocks of 8 rows. The same in
+    restricted mode (``restricted`` is kept for callers; it no longer changes the layout)."""
     needed = -(-block_size // row_stride)
-    sample_rows = max(16, triton.next_power_of_2(needed))
+    sample_rows = triton.next_power_of_2(needed)
     group = max(1, block_size // sample_rows)
     return sample_rows, group
 
@@ -181,15 +194,24 @@ class SparsityKernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Key blocks per program at most (the key loop is split into parts of about this many):
+    # enough programs to fill the GPU's waves once sampling has made each one short.
+    key_blocks: int = 32
 
 
 def _config(block_size: int) -> SparsityKernelConfig:
     if interpreting():
-        # Two chunks per key block so that the chunk loop is exercised under the interpreter.
-        return SparsityKernelConfig(max(16, block_size // 2), 4, 1)
+        # Two chunks per key block and small key parts, so that the chunk loop and the key split
+        # are exercised under the interpreter.
+        return SparsityKernelConfig(max(16, block_size // 2), 4, 1, key_blocks=3)
     if block_size >= 128:
         return SparsityKernelConfig(64, 8, 3)
     return SparsityKernelConfig(min(64, block_size), 4, 3)
+
+
+def key_splits(mk: int, key_blocks: int) -> int:
+    """Parts the key loop of every program is split into: about ``key_blocks`` key blocks each."""
+    return max(1, -(-mk // max(1, key_blocks)))
 
 
 def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase):
@@ -243,6 +265,8 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                          "use block_sparsity_ref on CPU")
     if threshold <= 0:
         raise ValueError("block_sparsity: threshold must be > 0")
+    if scale is not None and scale <= 0:  # the kernel compares raw scores with bound / scale
+        raise ValueError("block_sparsity: scale must be > 0")
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
@@ -266,9 +290,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     elif group > 1:
         listed, kv_counts, kv_indices = group_lists(kv_counts, kv_indices, mk, group)
         listed = listed.view(torch.int8)
-    _block_sparsity_kernel[(triton.cdiv(mq, group), B * H)](
+    splits = key_splits(mk, cfg.key_blocks)
+    _block_sparsity_kernel[(triton.cdiv(mq, group), B * H, splits)](
         q, k, lse, out, kv_counts, kv_indices, listed,
-        scale, math.log(threshold), row_phase % row_stride,
+        1.0 / scale, math.log(threshold), row_phase % row_stride,
         N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -278,7 +303,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
-        ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, RESTRICTED=restricted,
+        ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

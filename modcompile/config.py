@@ -41,10 +41,12 @@ class SparsityConfig:
                                          # the last observed map fill it; lines: whole lines (the paper)
     coverage: float = 0.9                # predicted kept mass that the chosen lines must reach
     cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
-    dense_refresh_every: int = 3         # with cheap_refresh, every n-th refresh is dense
+    full_refresh_every: int = 3          # with cheap_refresh, every n-th refresh observes every block
+    full_refresh: str = "sparse"         # how: sparse (the sparse step's lse) | dense (a dense step)
     min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
-    observe_row_stride: int = 8          # estimate the sparsity map from every n-th query row (1 = exact);
-                                         # H100: same fidelity as 1, a quarter of the observe time (BENCHMARKS.md)
+    observe_row_stride: int | None = None  # estimate the sparsity map from every n-th query row (1 = exact);
+                                         # None: block_size // 8, 8 rows per block (16 at block 128; H100: 8
+                                         # had the fidelity of 1, CPU: 16 the error of 8; BENCHMARKS.md)
 
     def __post_init__(self):
         _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
@@ -72,13 +74,24 @@ class SparsityConfig:
         _check(self.mask_rule in ("blocks", "lines"),
                f"mask_rule must be 'blocks' or 'lines', got {self.mask_rule!r}")
         _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
-        _check(self.dense_refresh_every >= 1, "dense_refresh_every must be >= 1")
-        _check(isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)
-               and self.observe_row_stride >= 1,
-               f"observe_row_stride must be an int >= 1, got {self.observe_row_stride!r}")
+        _check(self.full_refresh_every >= 1, "full_refresh_every must be >= 1")
+        _check(self.full_refresh in ("sparse", "dense"),
+               f"full_refresh must be 'sparse' or 'dense', got {self.full_refresh!r}")
+        _check(self.observe_row_stride is None or (
+               isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)
+               and self.observe_row_stride >= 1),
+               f"observe_row_stride must be None or an int >= 1, got {self.observe_row_stride!r}")
         _check(self.num_steps is None or self.num_steps >= 1, "num_steps must be >= 1")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
         _check(self.threshold > 0, "threshold must be > 0")
+
+    def observe_stride(self) -> int:
+        """The row stride MOD observes with: ``observe_row_stride``, by default ``block_size // 8``
+        (8 sampled rows per query block: the estimate's quality depends on the rows per block, the
+        CPU study in BENCHMARKS.md measured 8 rows of 128 as good as 16)."""
+        if self.observe_row_stride is not None:
+            return self.observe_row_stride
+        return max(1, self.block_size // 8)
 
     def replace(self, **changes) -> "SparsityConfig":
         return dataclasses.replace(self, **changes)

@@ -232,12 +232,12 @@ class _sync_mode:
 @pytest.mark.gpu
 @needs_cuda
 def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
-    """A 20-step MOD schedule (warm-up pair, cheap refreshes, a dense refresh) on the GPU: with the
+    """A 20-step MOD schedule (warm-up pair, cheap refreshes, a full refresh) on the GPU: with the
     tail graphed the lists of every step equal the eager run's, and from the third generation on
     (every tail kind captured) plan and observe never synchronize with the device."""
     monkeypatch.setenv("MODCOMPILE_BSA_NO_TUNE", "1")
     from modcompile.policies.mod import ModPolicy
-    cfg = SparsityConfig(block_size=64, refresh_interval=3, dense_refresh_every=3, min_observed_coverage=0.0,
+    cfg = SparsityConfig(block_size=64, refresh_interval=3, full_refresh_every=3, min_observed_coverage=0.0,
                          num_steps=20)
     grid = (4, 16, 16)
     n = math.prod(grid)
@@ -263,8 +263,9 @@ def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
                 for gen in range(3)]
         runs[graphs] = gens
         events = [e for e in state.policy_state.events if e[1].startswith("refresh")]
-        # warm-up 5 (observed 3, 4); refreshes every 3 steps from 8, every third one dense
-        assert events == [(8, "refresh-cheap"), (11, "refresh-cheap"), (14, "refresh-dense"),
+        # warm-up 5 (observed 3, 4); refreshes every 3 steps from 8, every third one full (on the
+        # sparse step: the dense kind's tail, so still three tails)
+        assert events == [(8, "refresh-cheap"), (11, "refresh-cheap"), (14, "refresh-full"),
                           (17, "refresh-cheap")], events
         if graphs == "1":
             calls = list(policy._tails.values())

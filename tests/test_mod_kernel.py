@@ -74,7 +74,7 @@ def test_restricted_map_writes_listed_blocks_only(n, bs, dtype, seed):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(40, 200), bs=st.sampled_from([32, 64]), stride=st.sampled_from([2, 4, 8]),
+@given(n=st.integers(40, 200), bs=st.sampled_from([32, 64]), stride=st.sampled_from([2, 4, 8, 16]),
        dtype=st.sampled_from([torch.float16, torch.float32]), density=st.sampled_from([0.1, 0.4, 0.9]),
        seed=st.integers(0, 10_000))
 def test_grouped_restricted_map_equals_full_map_on_listed_blocks(n, bs, stride, dtype, density, seed):
@@ -137,6 +137,39 @@ def test_ragged_tail_counts_only_valid_entries():
     got = block_sparsity(q, k, lse, block_size=bs, threshold=1e-4)
     assert torch.allclose(got[0, 0, :, 0], torch.tensor([28 / 32, 28 / 32]))
     assert torch.allclose(got[0, 0, :, 1], torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("n,bs,stride", [(40, 32, 1), (40, 32, 8), (50, 16, 16), (130, 64, 4)])
+def test_ragged_keys_with_a_positive_bound_are_not_counted(n, bs, stride):
+    # Uniform scores, threshold 0.5: every entry is sparse (p = 1/n) and the bound ln(n) + ln(0.5)
+    # is above 0, the product of the zero-padded keys past N: the kernel must not count those.
+    q, k, lse = _inputs(1, 2, n, 16, torch.float32, 0, sharp=0.0)
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=0.5, row_stride=stride)
+    assert torch.equal(got, torch.ones_like(got))
+    got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=0.5 / n, row_stride=stride)  # none
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_key_split_does_not_change_the_map(restricted):
+    """The key loop split into parts of 1, 2, ... key blocks (separate programs) gives the same
+    map, bit for bit, as one part per program."""
+    from modcompile.kernels.block_sparsity import SparsityKernelConfig
+    B, H, n, bs = 1, 2, 150, 16
+    q, k, lse = _inputs(B, H, n, 16, torch.float32, 3)
+    m = num_blocks(n, bs)
+    lists = {}
+    if restricted:
+        counts, indices = _random_lists(B, H, m, m, 5)
+        lists = dict(kv_counts=counts, kv_indices=indices)
+    maps = [block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=4, **lists,
+                           config=SparsityKernelConfig(16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
+    assert torch.equal(maps[0].isnan(), maps[1].isnan()) and torch.equal(maps[0].isnan(), maps[2].isnan())
+    assert torch.equal(maps[0].nan_to_num(-1), maps[1].nan_to_num(-1))
+    assert torch.equal(maps[0].nan_to_num(-1), maps[2].nan_to_num(-1))
+    lo, hi = _bracket(q, k, lse, bs, 1e-2, row_stride=4, **lists)
+    written = ~lo.isnan()
+    assert (maps[2][written] >= lo[written] - 1e-6).all() and (maps[2][written] <= hi[written] + 1e-6).all()
 
 
 def test_sharp_attention_is_sparse_and_flat_is_dense():
@@ -202,7 +235,7 @@ def test_sampled_rows_rule(n, bs, stride, phase):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(20, 150), bs=st.sampled_from([16, 32]), d=st.sampled_from([16, 32]),
-       stride=st.sampled_from([1, 2, 4]), phase=st.integers(0, 7),
+       stride=st.sampled_from([1, 2, 4, 8, 16]), phase=st.integers(0, 15),
        dtype=st.sampled_from([torch.float16, torch.float32]), thr=st.sampled_from([1e-4, 1e-2]),
        restricted=st.booleans(), seed=st.integers(0, 10_000))
 def test_strided_map_matches_reference(n, bs, d, stride, phase, dtype, thr, restricted, seed):
@@ -320,10 +353,16 @@ def test_gpu_matches_reference(dtype, bs):
     counts, indices = _random_lists(B, H, m, m, 3)
     got = block_sparsity(q, k, lse.float(), block_size=bs, kv_counts=counts.cuda(), kv_indices=indices.cuda())
     assert torch.equal(~got.isnan(), block_mask_from_lists(counts, indices, m).cuda())
-    # Row sampling at the real block sizes (GROUP = 8 query blocks per program at 128 / stride 8).
-    for stride, phase in ((8, 3), (2, 1)):
+    # Row sampling at the real block sizes (per program 16 query blocks of 8 rows at block 128 and
+    # stride 16, 8 blocks of 16 rows at stride 8), the key loop split as on the GPU, also restricted.
+    for stride, phase in ((16, 5), (8, 3), (2, 1)):
         got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase)
         kw = dict(block_size=bs, threshold=1e-4, row_stride=stride, row_phase=phase, compute_dtype=torch.float64)
         lo = block_sparsity_ref(q, k, lse, margin=-1e-2, **kw)
         hi = block_sparsity_ref(q, k, lse, margin=1e-2, **kw)
         assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all(), (stride, phase)
+        part = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride,
+                              row_phase=phase, kv_counts=counts.cuda(), kv_indices=indices.cuda())
+        listed = ~part.isnan()
+        assert torch.equal(listed, block_mask_from_lists(counts, indices, m).cuda())
+        assert torch.equal(part[listed], got[listed]), (stride, phase)

@@ -12,8 +12,14 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
 * steps W + m*T (m >= 1): refresh. ``cheap_refresh=False`` (the paper): a dense observed step.
   ``cheap_refresh=True``: the sparse kernel runs with the current lists and observes only the
   computed blocks; skipped blocks keep their older values (the paper's history rule). Every
-  ``dense_refresh_every``-th refresh is dense anyway.
-* the observed coverage of a cheap refresh (:func:`observed_coverage`: the kept share of the
+  ``full_refresh_every``-th refresh observes every block instead, so that no value grows stale:
+  ``full_refresh="sparse"`` (default) on the same sparse step, the map of all blocks from the
+  sparse call's lse; ``"dense"`` on a dense step (exact lse, at the price of a dense attention).
+  The sparse call's lse misses the skipped blocks' mass, so a row's probabilities come out too
+  large by 1 / (its kept share): at a kept share of 0.8 the threshold moves by ln(1.25) = 0.22 in
+  log space, small against the orders of magnitude a threshold of 1e-4 separates (the coverage
+  guard bounds the mean share; BENCHMARKS.md has the measured errors).
+* the observed coverage of a sparse refresh (:func:`observed_coverage`: the kept share of the
   attention mass estimated from the sparse call's lse and mean-pooled keys of the skipped blocks;
   mean over the observation's sampled rows, heads and batch) is computed on device and copied to
   pinned host memory without waiting. Later plans poll the copy's CUDA event (never wait); once it
@@ -21,17 +27,18 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   value is ready at once, so the dense refresh is the step after.
 
 Cost of an observation: the map kernel (a cheap refresh's restricted map visits, per group of query
-blocks, the union of their lists: at most the full map's work), the coverage estimate (cheap
+blocks, the union of their lists: at most the full map's work), the coverage estimate (sparse
 refreshes), then :func:`observe_tail`: merge, fit, extrapolation, mask and block lists, dozens of
 small kernels on (H, nb, nb) maps. On CUDA the tail is replayed from a CUDA graph per (geometry,
 batch, heads, kind), shared by all sites and CFG passes of that shape (first call eager, second
 captures; ``MODCOMPILE_CUDA_GRAPHS=0`` keeps it eager); its inputs and outputs are copied in and out,
 so the state holds ordinary tensors. No observation waits for the host.
 
-Observation estimates ``S`` from every ``observe_row_stride``-th query row of each block (1 =
-exact), always the same rows (phase 0, :func:`..kernels.block_sparsity.sampled_rows`): the mask
-extrapolates the difference of the last two fits, and rotating rows would put sampling noise
-into that difference (the warm-up pair is one step apart, so the true drift is small).
+Observation estimates ``S`` from every ``config.observe_stride()``-th query row of each block (1 =
+exact; by default ``block_size // 8``: 8 rows per block), always the same rows (phase 0,
+:func:`..kernels.block_sparsity.sampled_rows`): the mask extrapolates the difference of the last
+two fits, and rotating rows would put sampling noise into that difference (the warm-up pair is
+one step apart, so the true drift is small).
 
 Mask (built once per fit, on device): coefficients extrapolated linearly from the last two fits to
 the middle of the coming interval; predicted map ``S^ = M x`` clipped to [0, 1]; mass proxy
@@ -180,14 +187,16 @@ class ModPolicy(Policy):
         low = self._poll_coverage(st)
         due = step > warmup and (step - warmup) % cfg.refresh_interval == 0
         if due or low:
-            dense = (not cfg.cheap_refresh or low or st.cheap_since_dense + 1 >= cfg.dense_refresh_every)
-            if dense:
+            full = not cfg.cheap_refresh or low or st.cheap_since_dense + 1 >= cfg.full_refresh_every
+            # A low coverage means the sparse call's lse misses much of the mass: only a dense
+            # step gives a map worth refitting on.
+            if full and (low or not cfg.cheap_refresh or cfg.full_refresh == "dense"):
                 st.cheap_since_dense = 0
                 return self._observed(ctx, st, q, k, "dense", "refresh-dense" if due else "refresh-dense-low")
-            st.cheap_since_dense += 1
+            st.cheap_since_dense = 0 if full else st.cheap_since_dense + 1
             counts, indices = self._batch_lists(st, q.shape[0])
-            st.observing = "cheap"
-            st.events.append((step, "refresh-cheap"))
+            st.observing = "full" if full else "cheap"
+            st.events.append((step, "refresh-full" if full else "refresh-cheap"))
             return Plan(counts, indices, dense=False, observe=True)
         counts, indices = self._batch_lists(st, q.shape[0])
         return Plan(counts, indices, dense=False, observe=False)
@@ -228,15 +237,17 @@ class ModPolicy(Policy):
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, row_phase=0)
-        cheap = kind != "dense" and st.smap is not None
+                        row_stride=cfg.observe_stride(), row_phase=0)
+        cheap = kind == "cheap" and st.smap is not None
         if cheap:
             raw = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
-            # The cheap refresh ran the policy's own lists: the kept blocks are st.mask.
-            st.coverage_flag = DeferredScalar(observed_coverage(
-                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_row_stride).mean())
         else:
+            # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw = observe_map(q, k, lse, **sampling)
+        if kind != "dense":
+            # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
+            st.coverage_flag = DeferredScalar(observed_coverage(
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride()).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw]
         if cheap:
