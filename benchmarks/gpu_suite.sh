@@ -9,7 +9,8 @@
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to bench_mod.py / bench_observe.py.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
 # .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
-#   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl/e2e diffusers`.
+#   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --no-deps -d .whl/e2e diffusers==0.42.1
+#   importlib_metadata==8.7.0 zipp` (the H200 image has the rest; importlib_metadata 10 needs lazy-importer).
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
