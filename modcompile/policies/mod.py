@@ -107,7 +107,7 @@ class ModState:
     keep_frame: torch.Tensor | None = None         # (H,) bool
     predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
     observing: str | None = None                   # "dense" / "cheap" while an observed call runs
-    cheap_since_dense: int = 0
+    cheap_since_full: int = 0                      # cheap refreshes since the last full or dense one
     coverage_flag: DeferredScalar | None = None
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
     events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...)
@@ -187,13 +187,13 @@ class ModPolicy(Policy):
         low = self._poll_coverage(st)
         due = step > warmup and (step - warmup) % cfg.refresh_interval == 0
         if due or low:
-            full = not cfg.cheap_refresh or low or st.cheap_since_dense + 1 >= cfg.full_refresh_every
+            full = st.cheap_since_full + 1 >= cfg.full_refresh_every
             # A low coverage means the sparse call's lse misses much of the mass: only a dense
             # step gives a map worth refitting on.
-            if full and (low or not cfg.cheap_refresh or cfg.full_refresh == "dense"):
-                st.cheap_since_dense = 0
+            if low or not cfg.cheap_refresh or (full and cfg.full_refresh == "dense"):
+                st.cheap_since_full = 0
                 return self._observed(ctx, st, q, k, "dense", "refresh-dense" if due else "refresh-dense-low")
-            st.cheap_since_dense = 0 if full else st.cheap_since_dense + 1
+            st.cheap_since_full = 0 if full else st.cheap_since_full + 1
             counts, indices = self._batch_lists(st, q.shape[0])
             st.observing = "full" if full else "cheap"
             st.events.append((step, "refresh-full" if full else "refresh-cheap"))
