@@ -196,11 +196,16 @@ def env_header(env: dict, extra: dict | None = None) -> str:
 
 def write_results(out_dir: str | Path, name: str, title: str, rows: list[dict], *, settings: dict,
                   columns: Sequence[str] | None = None, notes: Sequence[str] = (), extra: dict | None = None,
-                  quiet: bool = False) -> dict:
-    """Print and write ``name.md`` (table) and ``name.json`` (raw numbers + environment + settings)."""
+                  quiet: bool = False, timing: str | None = None) -> dict:
+    """Print and write ``name.md`` (table) and ``name.json`` (raw numbers + environment + settings).
+
+    ``timing`` names the timing method when it is not ``bench()``'s (e.g. synchronised wall time
+    per denoising step)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
+    if timing and torch.cuda.is_available():
+        env["timing"] = timing
     md = f"## {title}\n\n" + env_header(env) + "\n" + markdown_table(rows, columns)
     for note in notes:
         md += f"\n- {note}"

@@ -169,7 +169,8 @@ def run(args) -> dict:
         return write_results(Path(args.out), "e2e", f"End to end: Wan2.1-1.3B-shaped transformer, {tokens} "
                              f"tokens, {layers} layers", rows, settings=settings, notes=notes, quiet=not final,
                              columns=["backend", "policy", "phase", "steps_timed", "density", "step_ms", "vs_dense",
-                                      "full_run_s", "full_vs_dense", "full_run"])
+                                      "full_run_s", "full_vs_dense", "full_run"],
+                             timing="CUDA-synchronised wall time per step, median of the timed steps")
 
     write(final=False)
     why_backend = mb.backend_missing()

@@ -97,7 +97,8 @@ def run(args) -> dict:
              "schedule_vs_dense: the whole schedule (incl. dense warm-up) vs steps x dense SDPA"]
     notes.extend(f"skipped {k2}: {v2}" for k2, v2 in skipped.items())
     return write_results(Path(args.out), "policy", f"Attention layer with policy vs dense SDPA {shape}", rows,
-                         settings=settings, notes=notes,
+                         settings=settings, notes=notes, timing="per step: CUDA-synchronised wall time; dense "
+                         "SDPA and kernel_ms: triton.testing.do_bench median",
                          columns=["policy", "phase", "steps", "density", "median_ms", "vs_dense", "kernel_ms",
                                   "overhead_ms", "schedule_ms", "schedule_vs_dense"])
 

@@ -220,6 +220,19 @@ def test_markdown_and_json_writers(tmp_path):
     assert payload["title"] == "Title"
 
 
+def test_writer_records_the_timing_method_of_the_level(tmp_path, monkeypatch):
+    # on a GPU the header names the level's own timing method; on CPU it stays "not a performance claim"
+    monkeypatch.setattr(common, "environment", lambda: {"device": "gpu", "timing": "triton.testing.do_bench median"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    common.write_results(tmp_path, "t", "T", [{"a": 1}], settings={}, quiet=True, timing="wall time per step")
+    assert "timing: wall time per step" in (tmp_path / "t.md").read_text()
+    assert json.loads((tmp_path / "t.json").read_text())["environment"]["timing"] == "wall time per step"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "environment", lambda: {"device": "cpu", "timing": common.CPU_LABEL})
+    common.write_results(tmp_path, "c", "C", [{"a": 1}], settings={}, quiet=True, timing="wall time per step")
+    assert common.CPU_LABEL in (tmp_path / "c.md").read_text()
+
+
 def test_bench_cpu_timer_labelled():
     res = common.bench(lambda: torch.ones(4).sum(), warmup=1, reps=3, device="cpu")
     assert res["ms"] >= 0 and res["method"] == common.CPU_LABEL
