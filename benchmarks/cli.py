@@ -93,15 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--synthetic", action="store_true", help="structured synthetic q/k/v instead of the DiT")
     f.add_argument("--policies", type=_csv, default=["dense", "vmoba", "mod"])
     f.add_argument("--sweep", action="store_true", help="also sweep each policy's knob (vmoba tau, mod coverage)")
+    f.add_argument("--knob-values", type=json.loads, default=None, help='--sweep values per policy as JSON, e.g. '
+                   '\'{"vmoba": [0.5, 0.75], "mod": [0.8, 0.95]}\' (default: benchmarks/fidelity.KNOBS)')
     f.add_argument("--steps", type=int, default=None, help="denoising steps (default 30 DiT, 20 synthetic)")
-    f.add_argument("--block-size", type=int, default=None, help="kernel block (default 64 DiT / 128 synthetic "
-                   "on CUDA, 16 on CPU)")
+    f.add_argument("--block-size", type=int, default=None, help="kernel block (CUDA: 128 synthetic and DiTs "
+                   "of 8192+ tokens, else 64; CPU 16)")
     f.add_argument("--metric-every", type=int, default=1, help="per-layer metrics every n steps")
     f.add_argument("--heatmap-layers", type=int, default=3)
     f.add_argument("--heatmap-heads", type=int, default=4)
     # DiT mode
-    f.add_argument("--config", default="small", help="DiT config: small | tiny | tiny-text")
-    f.add_argument("--checkpoint", default=None, help="checkpoint path (default OUT/dit_small.pt)")
+    f.add_argument("--config", default="small", help="DiT config: small (2048 tokens) | long (16384 tokens, "
+                   "head_dim 128) | tiny | tiny-text")
+    f.add_argument("--checkpoint", default=None, help="checkpoint path (default OUT/dit_CONFIG.pt)")
+    f.add_argument("--no-inductor-baseline", action="store_true", help="time against eager dense SDPA instead "
+                   "of the Inductor-compiled dense model (one compile fewer)")
     f.add_argument("--train-minutes", type=float, default=0.0, help="train this long when the checkpoint is missing")
     f.add_argument("--batch-size", type=int, default=16, help="training batch when training here")
     f.add_argument("--seeds", type=int, default=2, help="number of sampling seeds")
@@ -133,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dit_block_size(config: str, cuda: bool) -> int:
+    """128-token blocks from 8192 tokens on (the kernels' efficient regime), else 64; 16 on the CPU."""
+    from .video_dit import get_config
+    return (128 if get_config(config).seq_len >= 8192 else 64) if cuda else 16
+
+
 def _fill_defaults(args):
     import torch
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -148,15 +159,13 @@ def _fill_defaults(args):
             args.head_dim = args.head_dim or (128 if cuda else 32)
             args.block_size = args.block_size or (128 if cuda else 16)
             args.steps = args.steps or 20
-        else:
-            args.block_size = args.block_size or (64 if cuda else 16)
+        else:  # the block size follows the loaded checkpoint's length (fidelity.run_dit)
             args.steps = args.steps or 30
     if args.level == "train-dit":
         if args.steps is None and args.minutes is None:
             args.minutes = 3.0
         if args.block_size is None:
-            from .video_dit import get_config
-            args.block_size = (128 if get_config(args.config).seq_len >= 8192 else 64) if cuda else 16
+            args.block_size = _dit_block_size(args.config, cuda)
     return args
 
 

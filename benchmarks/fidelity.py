@@ -29,18 +29,31 @@ from .common import (Stopwatch, default_device, log, parse_dtype, progress, pypl
 from .metrics import dense_lse, psnr, recall_from_lse, relative_l2, ssim
 
 # Knob swept per policy for the speed-vs-fidelity curve (names are modcompile.config fields).
-KNOBS = {"vmoba": ("tau", [0.15, 0.25, 0.35, 0.5]), "mod": ("coverage", [0.8, 0.9, 0.95])}
+KNOBS = {"vmoba": ("tau", [0.15, 0.25, 0.35, 0.5, 0.75]), "mod": ("coverage", [0.8, 0.9, 0.95])}
 
 
-def build_variants(policies, sweep: bool, base: dict, extra: dict | None = None) -> dict:
-    """Name -> options dict. ``base`` options go into every variant."""
-    variants = {}
+def _config_default(knob: str):
+    try:
+        from modcompile.config import SparsityConfig
+        return getattr(SparsityConfig(), knob)
+    except Exception:
+        return None
+
+
+def build_variants(policies, sweep: bool, base: dict, extra: dict | None = None,
+                   knob_values: dict | None = None) -> dict:
+    """Name -> options dict. ``base`` options go into every variant. With ``sweep``, each policy's knob
+    takes ``knob_values[policy]`` (default: KNOBS); the value the plain variant already runs (the
+    config default) is not run twice."""
+    # every policy's default first, then the sweeps: a run cut short by a time limit keeps the defaults
+    variants = {name: {"policy": name, **base} for name in policies}
     for name in policies:
-        variants[name] = {"policy": name, **base}
         if sweep and name in KNOBS:
             knob, values = KNOBS[name]
-            for value in values:
-                variants[f"{name}[{knob}={value}]"] = {"policy": name, **base, knob: value}
+            default = base.get(knob, _config_default(knob))
+            for value in (knob_values or {}).get(name, values):
+                if value != default:
+                    variants[f"{name}[{knob}={value}]"] = {"policy": name, **base, knob: value}
     for name, opts in (extra or {}).items():
         variants[name] = {**base, **opts}
     return variants
@@ -51,20 +64,14 @@ def _knob_value(opts: dict):
     if not knob:
         return None, None
     value = opts.get(knob)
-    if value is None:  # the policy's default from the config
-        try:
-            from modcompile.config import SparsityConfig
-            value = getattr(SparsityConfig(), knob)
-        except Exception:
-            pass
-    return knob, value
+    return knob, _config_default(knob) if value is None else value
 
 
 # ============================================================== DiT mode
 def _load_or_train(args, device):
     from .train_dit import load_checkpoint, train
     from .video_dit import VideoDiT
-    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out) / "dit_small.pt"
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.out) / f"dit_{args.config}.pt"
     if ckpt.exists():
         log(f"loading checkpoint {ckpt}")
         return load_checkpoint(ckpt, device), str(ckpt), True
@@ -87,11 +94,10 @@ class _StepMetrics:
         self.record_masks_at = record_masks_at
         self.rows: list[dict] = []
         self.masks: dict = {}
-        self.enabled = True
 
     def __call__(self, step: int):
         caps, self.captures[:] = list(self.captures), []
-        if not self.enabled or step % self.every:
+        if step % self.every:
             return
         plans = mb.current_site_plans(self.policy) if self.policy else {}
         for layer, q, k, v, out in caps:
@@ -125,32 +131,110 @@ def run_dit(args) -> dict:
     out_dir = Path(args.out)
     model, ckpt, trained = _load_or_train(args, device)
     model = model.to(dtype)
-    cfg = model.cfg
+    cfg = model.cfg  # the checkpoint's, which may differ from --config
+    if args.block_size is None:  # 128-token blocks from 8192 tokens on (the kernels' efficient regime)
+        args.block_size = (128 if cfg.seq_len >= 8192 else 64) if device.startswith("cuda") else 16
     shape = (1, cfg.in_channels, *cfg.latent)
     seeds = list(range(args.seed, args.seed + args.seeds))
     steps = args.steps
     base = {"block_size": args.block_size, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps}
-    variants = build_variants(args.policies, args.sweep, base)
+    variants = build_variants(args.policies, args.sweep, base, knob_values=getattr(args, "knob_values", None))
     noises = {s: make_noise(shape, s, device, dtype) for s in seeds}
     text = None
     if cfg.text_len:
         text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
-    # ---- dense reference: eager SDPA
+    def timed_mean(times):  # the first seed of a compiled model includes compilation
+        return _mean(times[1:] or times)
+
+    # ---- fidelity reference: eager dense SDPA
     log(f"dense reference: {len(seeds)} seeds x {steps} steps, {cfg.seq_len} tokens, {dtype}")
-    reference, dense_ms = {}, []
+    reference, eager_ms = {}, []
     for s in seeds:
         with Stopwatch(device) as sw:
             reference[s] = sample(model, noises[s], steps, text=text)
-        dense_ms.append(sw.ms)
-    dense_time = _mean(dense_ms[1:] or dense_ms)
+        eager_ms.append(sw.ms)
+    eager_time = timed_mean(eager_ms)
 
     missing_backend = mb.backend_missing()
     summary, layer_rows, skipped, step_rows, all_masks = [], [], {}, [], {}
     summary.append({"variant": "dense (eager SDPA)", "policy": "dense", "knob": None, "psnr_db": float("inf"),
                     "ssim": 1.0, "rel_err": 0.0, "recall": 1.0, "density": 1.0, "rel_err_all": 0.0,
-                    "density_all": 1.0, "sample_ms": dense_time,
-                    "time_vs_dense": 1.0})
+                    "density_all": 1.0, "sample_ms": eager_time})
+
+    def sample_all(compiled, metrics: _StepMetrics | None = None):
+        """Every seed through ``compiled`` with the capture hook on (in every compiled row, the baseline
+        too, so all compiled timings carry it); ``metrics`` sees the steps of the first seed."""
+        samples, times = {}, []
+        captures = metrics.captures if metrics is not None else []
+        model.set_capture(captures)
+        try:
+            for j, s in enumerate(seeds):
+                on_step = metrics if j == 0 and metrics is not None else (lambda i: captures.clear())
+                with Stopwatch(device) as sw:
+                    samples[s] = sample(compiled, noises[s], steps, text=text, step_context=mb.step_context(),
+                                        on_step=on_step)
+                times.append(sw.ms)
+        finally:
+            model.set_capture(None)
+        return samples, times
+
+    # ---- speed baseline: the same model compiled with Inductor (what a user runs without modsparse)
+    speed_base = None
+    if not getattr(args, "no_inductor_baseline", False):
+        log("dense (inductor): speed baseline")
+        torch._dynamo.reset()
+        try:
+            _, times = sample_all(mb.compile_model(model, "inductor"))
+            speed_base = timed_mean(times)
+            summary.append({"variant": "dense (inductor)", "policy": "dense", "knob": None, "density": 1.0,
+                            "density_all": 1.0, "sample_ms": speed_base})
+        except Exception as exc:
+            log(f"dense (inductor) FAILED: {type(exc).__name__}: {exc}")
+            skipped["dense (inductor)"] = f"failed: {type(exc).__name__}: {exc}"
+    base_ms, base_name = (speed_base, "dense (inductor)") if speed_base else (eager_time, "dense (eager SDPA)")
+    timing_note = (f"speed baseline: {base_name}, {base_ms:.1f} ms per {steps}-step sample in the same run; "
+                   "time_vs_dense = sample_ms / baseline, speedup = its inverse; compiled rows run with the "
+                   "per-layer capture hook on (the baseline too), timed on the seeds after the first")
+
+    settings = {"mode": "dit", "config": cfg.to_dict(), "checkpoint": ckpt, "trained": trained, "seeds": seeds,
+                "steps": steps, "dtype": str(dtype), "block_size": args.block_size, "variants": variants,
+                "skipped": skipped, "shape": list(shape), "tokens": cfg.seq_len, "speed_baseline": base_name}
+
+    def write(final: bool) -> dict:
+        for r in summary:
+            t = r.get("sample_ms")
+            r["time_vs_dense"] = t / base_ms if t and base_ms else None
+            r["speedup"] = base_ms / t if t and base_ms else None
+        notes = [timing_note,
+                 "rel_err / recall / density: mean over sparse (non-dense) steps and layers of seed "
+                 f"{seeds[0]}; *_all: over all steps incl. dense warm-up/refresh; PSNR/SSIM: mean over "
+                 f"{len(seeds)} seeds, latents vs the eager dense samples"]
+        if cfg.seq_len < 8192:
+            notes.append(f"at {cfg.seq_len} tokens time ratios are not a speed claim (attention is a small share "
+                         "and the kernels are outside their efficient regime); use the density (ideal speedup "
+                         "1/density) and the e2e level for speed")
+        if not trained:
+            notes.append("RANDOM weights (no checkpoint): attention near-uniform, fidelity numbers not meaningful")
+        if not final:
+            notes.append("partial: written after each variant; the run has not finished")
+        notes.extend(f"skipped {k}: {v}" for k, v in skipped.items())
+        title = (f"Fidelity vs dense: video DiT ({cfg.seq_len} tokens, {cfg.depth} layers, "
+                 f"{cfg.heads} heads x {cfg.dim // cfg.heads})")
+        payload = write_results(out_dir, "fidelity", title, summary, settings=settings, notes=notes, quiet=not final,
+                                columns=["variant", "knob", "psnr_db", "ssim", "rel_err", "recall", "density",
+                                         "sparse_steps", "rel_err_all", "density_all", "sample_ms", "time_vs_dense",
+                                         "speedup"],
+                                extra={"per_layer": layer_rows, "per_step": step_rows},
+                                timing="CUDA-synchronised wall time per sample, mean over the seeds after the first")
+        if layer_rows:
+            write_results(out_dir, "fidelity_layers", "Per-layer attention fidelity (sparse steps)", layer_rows,
+                          settings=settings, columns=["variant", "layer", "rel_err", "recall", "density"],
+                          quiet=not final)
+        _plots(out_dir, summary, layer_rows, all_masks, args, measured_speed=bool(speed_base) and
+               device.startswith("cuda"))
+        return payload
+
     for name, opts in progress(list(variants.items()), desc="policies", enabled=not args.no_progress):
         why = missing_backend or mb.policy_missing(opts["policy"])
         if why:
@@ -160,28 +244,16 @@ def run_dit(args) -> dict:
         log(f"variant {name}: options {opts}")
         torch._dynamo.reset()
         mb.reset()
-        captures: list = []
-        model.set_capture(captures)
-        metrics = _StepMetrics(captures, opts["policy"], args.metric_every,
-                               record_masks_at=max(steps // 2, 0))
+        metrics = _StepMetrics([], opts["policy"], args.metric_every, record_masks_at=max(steps // 2, 0))
         try:
-            compiled = mb.compile_model(model, "modsparse", opts)
-            samples, times = {}, []
-            for j, s in enumerate(seeds):
-                metrics.enabled = j == 0  # per-layer metrics on the first seed only
-                with Stopwatch(device) as sw:
-                    samples[s] = sample(compiled, noises[s], steps, text=text, step_context=mb.step_context(),
-                                        on_step=metrics)
-                times.append(sw.ms)
+            with Stopwatch(device) as total:
+                samples, times = sample_all(mb.compile_model(model, "modsparse", opts), metrics)
         except Exception as exc:  # a policy that fails is reported, the others still run
             log(f"variant {name} FAILED: {type(exc).__name__}: {exc}")
             skipped[name] = f"failed: {type(exc).__name__}: {exc}"
             continue
-        finally:
-            model.set_capture(None)
         sparse_rows = [r for r in metrics.rows if r.get("dense_step") is False]
         knob, value = _knob_value(opts)
-        t = _mean(times[1:] or times)  # the first seed includes compilation
         summary.append({
             "variant": name, "policy": opts["policy"], "knob": f"{knob}={value}" if knob else None,
             "psnr_db": _mean([psnr(samples[s].float(), reference[s].float()) for s in seeds]),
@@ -192,7 +264,7 @@ def run_dit(args) -> dict:
             "rel_err_all": _mean([r["rel_err"] for r in metrics.rows]),
             "density_all": _mean([r["density"] for r in metrics.rows]),
             "sparse_steps": len({r["step"] for r in sparse_rows}),
-            "sample_ms": t, "time_vs_dense": t / dense_time if t and dense_time else None,
+            "sample_ms": timed_mean(times),
         })
         step_rows.extend({"variant": name, **r} for r in metrics.rows)
         for layer in sorted({r["layer"] for r in metrics.rows}):
@@ -203,30 +275,9 @@ def run_dit(args) -> dict:
         rep = mb.report_rows()
         if rep:
             write_json(out_dir / f"report_{_slug(name)}.json", {"rows": rep})
-
-    settings = {"mode": "dit", "config": cfg.to_dict(), "checkpoint": ckpt, "trained": trained, "seeds": seeds,
-                "steps": steps, "dtype": str(dtype), "block_size": args.block_size, "variants": variants,
-                "skipped": skipped, "shape": list(shape), "tokens": cfg.seq_len}
-    notes = [f"dense baseline measured in the same run: eager SDPA, {dense_time:.1f} ms per {steps}-step sample"
-             if dense_time else "dense baseline: n/a",
-             "rel_err / recall / density: mean over sparse (non-dense) steps and layers of seed "
-             f"{seeds[0]}; *_all: over all steps incl. dense warm-up/refresh; PSNR/SSIM: mean over {len(seeds)} seeds, latents vs dense samples",
-             f"at {cfg.seq_len} tokens time ratios are not a speed claim (attention is a small share); "
-             "use the density (ideal speedup 1/density) and the e2e level for speed"]
-    if not trained:
-        notes.append("RANDOM weights (no checkpoint): attention near-uniform, fidelity numbers not meaningful")
-    notes.extend(f"skipped {k}: {v}" for k, v in skipped.items())
-    payload = write_results(out_dir, "fidelity", f"Fidelity vs dense: small video DiT ({cfg.seq_len} tokens)",
-                            summary, settings=settings, notes=notes,
-                            columns=["variant", "knob", "psnr_db", "ssim", "rel_err", "recall", "density",
-                                     "sparse_steps", "rel_err_all", "density_all", "sample_ms", "time_vs_dense"],
-                            extra={"per_layer": layer_rows, "per_step": step_rows},
-                            timing="CUDA-synchronised wall time per sample, mean over the seeds after the first")
-    if layer_rows:
-        write_results(out_dir, "fidelity_layers", "Per-layer attention fidelity (sparse steps)", layer_rows,
-                      settings=settings, columns=["variant", "layer", "rel_err", "recall", "density"])
-    _plots(out_dir, summary, layer_rows, all_masks, args)
-    return payload
+        log(f"variant {name} done in {total.ms / 1e3:.0f} s (compile, metrics and {len(seeds)} samples)")
+        write(final=False)
+    return write(final=True)
 
 
 def _slug(name: str) -> str:
@@ -234,7 +285,8 @@ def _slug(name: str) -> str:
 
 
 # ============================================================== plots
-def _plots(out_dir: Path, summary, layer_rows, masks, args, synthetic: bool = False):
+def _plots(out_dir: Path, summary, layer_rows, masks, args, synthetic: bool = False,
+           measured_speed: bool = False):
     plt = pyplot()
     if plt is None:
         return
@@ -249,22 +301,28 @@ def _plots(out_dir: Path, summary, layer_rows, masks, args, synthetic: bool = Fa
         ax.set_xlabel("layer"), ax.set_ylabel("achieved block density (sparse steps)")
         ax.set_title("Per-layer density"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
         fig.tight_layout(), fig.savefig(out_dir / f"{tag}density_per_layer.png", dpi=120), plt.close(fig)
-    # speed-vs-fidelity curve over the knob (x: density, ideal speedup = 1/density)
+    # speed-vs-fidelity curve over the knob: x = measured speedup vs the dense baseline (GPU runs with a
+    # compiled dense baseline) and the ideal 1/density
     pts = [r for r in summary if r.get("density") is not None and r["density"] < 1.0]
+    ycol = "rel_err" if synthetic else "psnr_db"
+    axes_x = [("ideal speedup 1/density (not measured time)", lambda r: 1 / r["density"])]
+    if measured_speed:
+        axes_x.insert(0, ("measured speedup vs dense (whole sample)", lambda r: r.get("speedup")))
     if pts:
-        ycol = "rel_err" if synthetic else "psnr_db"
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in sorted({r["policy"] for r in pts}):
-            rows = sorted((r for r in pts if r["policy"] == policy and r.get(ycol) is not None),
-                          key=lambda r: r["density"])
-            if rows:
-                ax.plot([1 / r["density"] for r in rows], [r[ycol] for r in rows], marker="o", label=policy)
-                for r in rows:
-                    if r.get("knob"):
-                        ax.annotate(r["knob"], (1 / r["density"], r[ycol]), fontsize=6)
-        ax.set_xlabel("ideal speedup 1/density (not measured time)")
-        ax.set_ylabel("attention-output relative error" if synthetic else "PSNR vs dense (dB)")
-        ax.set_title("Speed vs fidelity over the policy knob"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4), squeeze=False)
+        for ax, (xlabel, xof) in zip(axes[0], axes_x):
+            for policy in sorted({r["policy"] for r in pts}):
+                rows = sorted((r for r in pts if r["policy"] == policy and r.get(ycol) is not None
+                               and xof(r) is not None), key=xof)
+                if rows:
+                    ax.plot([xof(r) for r in rows], [r[ycol] for r in rows], marker="o", label=policy)
+                    for r in rows:
+                        if r.get("knob"):
+                            ax.annotate(r["knob"], (xof(r), r[ycol]), fontsize=6)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("attention-output relative error" if synthetic else "PSNR vs dense (dB)")
+            ax.legend(fontsize=7), ax.grid(alpha=0.3)
+        fig.suptitle("Speed vs fidelity over the policy knob")
         fig.tight_layout(), fig.savefig(out_dir / f"{tag}speed_vs_fidelity.png", dpi=120), plt.close(fig)
     # mask heatmaps: a few heads of a few layers per variant
     for variant, per_layer in masks.items():
@@ -279,7 +337,7 @@ def _plots(out_dir: Path, summary, layer_rows, masks, args, synthetic: bool = Fa
                 ax.imshow(per_layer[layer][h].float().numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
                 ax.set_xticks([]), ax.set_yticks([])
                 ax.set_title(f"L{layer} h{h}", fontsize=7)
-        fig.suptitle(f"{variant}: block masks (policy's block order)", fontsize=8)
+        fig.suptitle(f"{variant}: block masks, black = computed block (policy's block order)", fontsize=8)
         fig.tight_layout(), fig.savefig(out_dir / f"{tag}masks_{_slug(variant)}.png", dpi=120), plt.close(fig)
 
 

@@ -3,7 +3,8 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit e2e
+#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
+#   fidelity_long e2e
 #   bench_observe);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to bench_mod.py / bench_observe.py.
@@ -15,6 +16,8 @@ set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
 PY=python3
+# knob values of the fidelity_long part's sweep (JSON per policy)
+KNOB_VALUES=${KNOB_VALUES:-'{"vmoba": [0.5, 0.75], "mod": [0.8, 0.95]}'}
 # passes/ and kernels/ install as modcompile.passes / modcompile.kernels: an editable install maps them
 $PY -c "import modcompile.kernels" 2>/dev/null ||
   $PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
@@ -53,6 +56,13 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # the small DiT for the fidelity level: trained here when /tmp/dit_small.pt is missing
     fidelity_dit) part fidelity_dit 220 $PY -m benchmarks run fidelity --checkpoint /tmp/dit_small.pt \
              --train-minutes 1.2 --out "$R/fidelity_dit" --no-progress ;;
+    # issue 6: the fidelity level where speed is real: the long DiT (16384 tokens, head_dim 128) trained here,
+    # then sampled dense and with each policy and knob value, timed against the Inductor-compiled dense model
+    fidelity_long) part train_long 170 $PY -m benchmarks run train-dit --config long --minutes "${TRAIN_MINUTES:-1.5}" \
+             --batch-size 2 --compile --checkpoint /tmp/dit_long.pt --out "$R/train_long" --no-progress
+         part fidelity_long 380 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run fidelity \
+             --checkpoint /tmp/dit_long.pt --policies vmoba,mod --sweep --knob-values "$KNOB_VALUES" --seeds 3 \
+             --out "$R/fidelity_long" --no-progress ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
     bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;

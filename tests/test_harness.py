@@ -247,6 +247,37 @@ def test_cli_help_lists_levels(capsys):
         assert level in text
 
 
+def test_fidelity_dit_level_end_to_end(tmp_path, fresh_modcompile):
+    """The DiT fidelity level on a tiny checkpoint whose attention matters (random non-zero gates):
+    the Inductor speed baseline and the speedup column exist, the sweep does not run the default
+    knob twice, the dense policy reproduces eager dense, and a sparse policy changes the sample."""
+    pytest.importorskip("modcompile.backend")
+    from benchmarks.cli import main
+    from benchmarks.train_dit import save_checkpoint
+    torch.manual_seed(0)
+    model = VideoDiT("tiny")
+    with torch.no_grad():  # adaLN-zero init makes every block the identity: give the gates weight
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    ckpt = save_checkpoint(tmp_path / "tiny.pt", model)
+    main(["run", "fidelity", "--checkpoint", str(ckpt), "--policies", "dense,vmoba", "--sweep",
+          "--knob-values", '{"vmoba": [0.25, 0.6]}', "--steps", "3", "--device", "cpu", "--no-progress",
+          "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "fidelity.json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"dense (eager SDPA)", "dense (inductor)", "dense", "vmoba", "vmoba[tau=0.6]"}
+    assert rows["dense (inductor)"]["speedup"] == 1 and all(r["speedup"] > 0 for r in rows.values())
+    assert payload["settings"]["speed_baseline"] == "dense (inductor)" and payload["settings"]["trained"]
+    assert rows["dense"]["psnr_db"] > 80  # fp32: the dense policy is the eager model up to rounding
+    for name in ("vmoba", "vmoba[tau=0.6]"):
+        assert rows[name]["density"] < 1 and rows[name]["sparse_steps"] >= 1
+        assert math.isfinite(rows[name]["psnr_db"]) and 0 < rows[name]["rel_err"] < 1
+    assert rows["vmoba[tau=0.6]"]["density"] >= rows["vmoba"]["density"]  # more mass kept at a higher tau
+    assert "partial" not in (tmp_path / "fidelity.md").read_text()
+    for png in ("speed_vs_fidelity.png", "density_per_layer.png", "masks_vmoba.png"):
+        assert (tmp_path / png).exists(), png
+
+
 def test_fidelity_synthetic_with_a_sparse_policy(tmp_path, monkeypatch):
     """The synthetic fidelity level end to end through backend="modsparse", with a band policy
     standing in for a real one: the harness's recall must equal the brute-force recall."""
