@@ -4,7 +4,7 @@
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
 #   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
-#   fidelity_long e2e
+#   fidelity_long policy policy_long e2e
 #   bench_observe);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to bench_mod.py / bench_observe.py.
@@ -63,6 +63,10 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
          part fidelity_long 380 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run fidelity \
              --checkpoint /tmp/dit_long.pt --policies vmoba,mod --sweep --knob-values "$KNOB_VALUES" --seeds 3 \
              --out "$R/fidelity_long" --no-progress ;;
+    # issue 6 level 2: one attention layer per policy over a 50-step schedule, Wan 480p shape and the long DiT's
+    policy) part policy 150 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
+    policy_long) part policy_long 120 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run policy --grid 16,32,32 \
+             --heads 6 --out "$R/policy_long" --no-progress ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
     bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
