@@ -45,7 +45,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     kernel_quick) part kernel_quick 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --quick --no-flex ;;
     backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
     backward_sweep) part backward_sweep 280 $PY benchmarks/bench_backward.py --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
-    host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ;;
+    host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ${HOST_ARGS:-} ;;
     # issue 7 (B): the long DiT (16384 tokens, head_dim 128), dense (Inductor) vs vmoba from step 0 and after a
     # 25% dense warm-up; kernel configs pinned to the H100 tuner's picks so the run does not compile ~25 candidates
     train_compare) part train_compare 570 env MODCOMPILE_BSA_NO_TUNE=1 \

@@ -13,8 +13,9 @@ issued: on CUDA the kernel launches, host->device/device->host copies and synchr
 CPU the top-level aten ops.
 
 CPU sizes are tiny so that the numbers reflect Python and dispatch overhead: host time on CPU is
-no GPU performance claim. On CUDA the model is the demo's (16x32x32 = 16384 tokens, 6 heads x 64,
-bf16, 128-token blocks).
+no GPU performance claim. On CUDA the model is the demo's small preset (16x32x32 = 16384 tokens,
+6 heads x 64, bf16, 128-token blocks) or, with ``--preset long``, the long video DiT (same tokens,
+6 heads x 128).
 """
 from __future__ import annotations
 
@@ -88,15 +89,18 @@ def timed_ops(log: CallLog, device_type: str):
             op.set_kernel_enabled(device_type, False)
 
 
-def _model(device: str):
-    """The demo's small preset on CUDA; on CPU its CPU preset cut to 3 layers (4x8x8 = 256 tokens,
-    32-token blocks: CPU compute stays small next to the host overhead)."""
+def _model(device: str, preset: str | None = None):
+    """On CUDA a demo preset (default ``small``) or ``long``, the long video DiT (16384 tokens, 6 heads
+    x 128); on CPU the demo's CPU preset cut to 3 layers (4x8x8 = 256 tokens, 32-token blocks: CPU
+    compute stays small next to the host overhead)."""
     from dataclasses import replace
 
     from benchmarks.demo import PRESETS, randomize_zero_init
-    from benchmarks.video_dit import VideoDiT
+    from benchmarks.video_dit import CONFIGS, VideoDiT
     if device == "cuda":
-        cfg, options = PRESETS["small"]
+        preset = preset or "small"
+        cfg, options = (CONFIGS["long"], {"block_size": 128, "min_seq_len": 1024}) if preset == "long" \
+            else PRESETS[preset]
         dtype = torch.bfloat16
     else:
         cfg, options = PRESETS["cpu"]
@@ -137,8 +141,8 @@ def _count_per_call(prof, op_name: str, device: str) -> list[dict]:
     return out
 
 
-def measure(policy: str, device: str, steps: int, profile: bool = True) -> dict:
-    model, cfg, options, dtype = _model(device)
+def measure(policy: str, device: str, steps: int, profile: bool = True, preset: str | None = None) -> dict:
+    model, cfg, options, dtype = _model(device, preset)
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
     compiled = torch.compile(model, backend="modsparse", options={"policy": policy, "num_steps": steps, **options})
@@ -220,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--policies", default="vmoba,mod,dense")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--preset", choices=["small", "wan", "long"], default=None,
+                        help="CUDA model: a demo preset (default small) or long (the long video DiT)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled schedule (op counts)")
     parser.add_argument("--tune", action="store_true",
                         help="CUDA: time kernel configurations (host time does not depend on the choice)")
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise (and suffer from a busy host)
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
-        results.append(measure(policy, args.device, args.steps, profile=not args.no_profile))
+        results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset))
     table = markdown(results)
     if args.out:
         out = Path(args.out)
