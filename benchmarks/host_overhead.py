@@ -141,7 +141,8 @@ def _count_per_call(prof, op_name: str, device: str) -> list[dict]:
     return out
 
 
-def measure(policy: str, device: str, steps: int, profile: bool = True, preset: str | None = None) -> dict:
+def measure(policy: str, device: str, steps: int, profile: bool = True, preset: str | None = None,
+            cprofile: str | None = None) -> dict:
     model, cfg, options, dtype = _model(device, preset)
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
@@ -157,6 +158,16 @@ def measure(policy: str, device: str, steps: int, profile: bool = True, preset: 
         _run(compiled, noise, steps)
         total = time.perf_counter() - t0
         timed = log.calls
+        if cprofile:  # where the host time of one more schedule goes, by Python function
+            import cProfile
+            import pstats
+            modcompile.reset()
+            with cProfile.Profile() as prof_py:
+                _run(compiled, noise, steps)
+            pstats.Stats(prof_py).sort_stats("tottime").dump_stats(f"{cprofile}.{policy}.pstats")
+            print(f"== cProfile, {policy}: top functions by own time, then our functions by cumulative time")
+            pstats.Stats(prof_py).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof_py).sort_stats("cumulative").print_stats(r"modcompile|kernels|policies", 30)
         counts = {}
         if profile:
             from torch.profiler import ProfilerActivity
@@ -230,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="CUDA: time kernel configurations (host time does not depend on the choice)")
     parser.add_argument("--out", default=None, help="directory for host_overhead.json / .md")
+    parser.add_argument("--cprofile", default=None, metavar="PREFIX",
+                        help="also cProfile one schedule per policy: top functions printed, stats in PREFIX.POLICY.pstats")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not args.tune:
         os.environ.setdefault("MODCOMPILE_BSA_NO_TUNE", "1")
@@ -237,7 +250,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise (and suffer from a busy host)
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
-        results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset))
+        results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset,
+                               cprofile=args.cprofile))
     table = markdown(results)
     if args.out:
         out = Path(args.out)
