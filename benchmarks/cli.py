@@ -138,12 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dit_block_size(config: str, cuda: bool) -> int:
-    """128-token blocks from 8192 tokens on (the kernels' efficient regime), else 64; 16 on the CPU."""
-    from .video_dit import get_config
-    return (128 if get_config(config).seq_len >= 8192 else 64) if cuda else 16
-
-
 def _fill_defaults(args):
     import torch
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -165,7 +159,8 @@ def _fill_defaults(args):
         if args.steps is None and args.minutes is None:
             args.minutes = 3.0
         if args.block_size is None:
-            args.block_size = _dit_block_size(args.config, cuda)
+            from .video_dit import get_config, kernel_block_size
+            args.block_size = kernel_block_size(get_config(args.config).seq_len, cuda)
     return args
 
 

@@ -125,20 +125,20 @@ def _mean(xs):
 
 
 def run_dit(args) -> dict:
-    from .video_dit import make_noise, sample
+    from .video_dit import LONG_SEQ_LEN, kernel_block_size, make_noise, sample
     device = args.device or default_device()
     dtype = parse_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     out_dir = Path(args.out)
     model, ckpt, trained = _load_or_train(args, device)
     model = model.to(dtype)
     cfg = model.cfg  # the checkpoint's, which may differ from --config
-    if args.block_size is None:  # 128-token blocks from 8192 tokens on (the kernels' efficient regime)
-        args.block_size = (128 if cfg.seq_len >= 8192 else 64) if device.startswith("cuda") else 16
+    if args.block_size is None:
+        args.block_size = kernel_block_size(cfg.seq_len, device.startswith("cuda"))
     shape = (1, cfg.in_channels, *cfg.latent)
     seeds = list(range(args.seed, args.seed + args.seeds))
     steps = args.steps
     base = {"block_size": args.block_size, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps}
-    variants = build_variants(args.policies, args.sweep, base, knob_values=getattr(args, "knob_values", None))
+    variants = build_variants(args.policies, args.sweep, base, knob_values=args.knob_values)
     noises = {s: make_noise(shape, s, device, dtype) for s in seeds}
     text = None
     if cfg.text_len:
@@ -181,7 +181,7 @@ def run_dit(args) -> dict:
 
     # ---- speed baseline: the same model compiled with Inductor (what a user runs without modsparse)
     speed_base = None
-    if not getattr(args, "no_inductor_baseline", False):
+    if not args.no_inductor_baseline:
         log("dense (inductor): speed baseline")
         torch._dynamo.reset()
         try:
@@ -210,7 +210,7 @@ def run_dit(args) -> dict:
                  "rel_err / recall / density: mean over sparse (non-dense) steps and layers of seed "
                  f"{seeds[0]}; *_all: over all steps incl. dense warm-up/refresh; PSNR/SSIM: mean over "
                  f"{len(seeds)} seeds, latents vs the eager dense samples"]
-        if cfg.seq_len < 8192:
+        if cfg.seq_len < LONG_SEQ_LEN:
             notes.append(f"at {cfg.seq_len} tokens time ratios are not a speed claim (attention is a small share "
                          "and the kernels are outside their efficient regime); use the density (ideal speedup "
                          "1/density) and the e2e level for speed")
@@ -425,7 +425,7 @@ def run_synthetic(args) -> dict:
     rows, step_rows, skipped, masks, partitions = [], [], {}, {}, {}
     base = {"block_size": bs, "video_grid": grid, "min_seq_len": 0, "num_steps": args.steps,
             "text_position": sa.text_position}
-    variants = build_variants(args.policies, args.sweep, base)
+    variants = build_variants(args.policies, args.sweep, base, knob_values=args.knob_values)
     timestep = torch.ones(q.shape[0], device=device)
     why_backend = mb.backend_missing()
 

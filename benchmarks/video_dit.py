@@ -58,6 +58,16 @@ CONFIGS = {
 }
 
 
+# From this many tokens on the kernels run in their efficient regime (128-token blocks pay off).
+LONG_SEQ_LEN = 8192
+
+
+def kernel_block_size(seq_len: int, cuda: bool) -> int:
+    """The benchmarks' default kernel block for a DiT of ``seq_len`` tokens: 128 from LONG_SEQ_LEN on,
+    else 64; 16 on the CPU (interpreter-sized runs)."""
+    return (128 if seq_len >= LONG_SEQ_LEN else 64) if cuda else 16
+
+
 def get_config(name_or_cfg) -> DiTConfig:
     if isinstance(name_or_cfg, DiTConfig):
         return name_or_cfg
@@ -271,5 +281,5 @@ def sample(model, noise: torch.Tensor, steps: int, *, text=None, shift: float = 
     return x
 
 
-__all__ = ["DiTConfig", "CONFIGS", "get_config", "VideoDiT", "flow_matching_loss", "sample", "make_noise",
+__all__ = ["DiTConfig", "CONFIGS", "LONG_SEQ_LEN", "kernel_block_size", "get_config", "VideoDiT", "flow_matching_loss", "sample", "make_noise",
            "timestep_schedule", "rope_3d_tables", "apply_rope", "timestep_embedding"]
