@@ -1,10 +1,149 @@
-"""The sparsity configuration that ``torch.compile(..., options={...})`` carries to the backend."""
+"""The sparsity configuration that ``torch.compile(..., options={...})`` carries to the backend.
+
+One schema: every option is a field of ``SparsityConfig`` whose metadata holds its ``Spec`` (type,
+range or allowed values, whether None is allowed), and ``CONSTRAINTS`` holds the rules between
+keys. Both are checked when a config is built, so ``split_options`` (the backend's entry) rejects
+a bad value with a ValueError that names the key, the value and what is allowed.
+
+Types are strict: an int option takes an int (not a bool, not 2.5 or 2.0), a float option an int
+or a float (finite; not a str or bool), a flag only True or False (not "no", not 0/1: a string is
+truthy, and an int where a flag belongs is more likely a misplaced value than a choice).
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+
+from .kernels.block_sparse_attention import SUPPORTED_BLOCK_SIZES
+from .kernels.partition import KINDS as PARTITION_KINDS
+from .kernels.partition import check_block_shape
 
 POLICIES = ("mod", "vmoba", "dense")
+
+
+class _Rejected(Exception):
+    """A value does not fit its spec; the argument says why, when more than the spec can say."""
+
+
+def _as_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _Rejected()
+    return int(value)
+
+
+def _as_float(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise _Rejected()
+    return float(value)
+
+
+def _as_bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise _Rejected()
+    return value
+
+
+def _as_str(value) -> str:
+    if not isinstance(value, str):
+        raise _Rejected()
+    return value
+
+
+def _as_grid(value) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise _Rejected()
+    grid = tuple(_as_int(g) for g in value)
+    if min(grid) < 1:
+        raise _Rejected()
+    return grid
+
+
+def _as_partition_blocks(value) -> tuple:
+    """A dict {kind: shape}, or the stored form (sorted (kind, shape) items: the config stays
+    hashable) -> the stored form."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (tuple, list)) and all(isinstance(i, (tuple, list)) and len(i) == 2 for i in value):
+        items = [tuple(i) for i in value]
+    else:
+        raise _Rejected()
+    out = []
+    for kind, shape in items:
+        if kind not in PARTITION_KINDS:
+            raise _Rejected(f"partition_blocks keys must be in {PARTITION_KINDS}, got {kind!r}")
+        try:
+            out.append((kind, check_block_shape(kind, shape)))
+        except ValueError as e:
+            raise _Rejected(str(e)) from None
+    if len({kind for kind, _ in out}) != len(out):
+        raise _Rejected("a partition kind appears twice")
+    return tuple(sorted(out))
+
+
+_PARSERS = {  # kind -> (parser, how it reads in an error message)
+    "int": (_as_int, "an int"),
+    "float": (_as_float, "a float"),
+    "bool": (_as_bool, "True or False"),
+    "str": (_as_str, "a str"),
+    "grid": (_as_grid, "three positive ints (T, H, W)"),
+    "partition_blocks": (_as_partition_blocks,
+                         "a dict {'1d': (t,), '2d': (h, w), '3d': (t, h, w)} of positive ints"),
+}
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one option accepts: a kind of value (a key of ``_PARSERS``), then allowed values or a range."""
+
+    kind: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False          # the low end itself is not allowed
+    optional: bool = False          # None is allowed (and means: the policy's default rule)
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(map(repr, self.choices))
+        else:
+            text = _PARSERS[self.kind][1]
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}]"
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"None or {text}" if self.optional else text
+
+    def parse(self, key: str, value):
+        """``value`` in its stored form, or a ValueError naming the key, the value and what is allowed."""
+        if value is None and self.optional:
+            return None
+        try:
+            parsed = _PARSERS[self.kind][0](value)
+            if self.choices and parsed not in self.choices:
+                raise _Rejected()
+            if self.low is not None and (parsed < self.low or (self.low_open and parsed == self.low)):
+                raise _Rejected()
+            if self.high is not None and parsed > self.high:
+                raise _Rejected()
+        except _Rejected as e:
+            why = f" ({e.args[0]})" if e.args else ""
+            raise ValueError(f"modsparse: option {key}={value!r} is invalid{why}; allowed: {self.allowed()}") from None
+        return parsed
+
+
+def option(default, kind: str, **spec):
+    """A config field with its spec in the field's metadata."""
+    return field(default=default, metadata={"spec": Spec(kind, **spec)})
+
+
+def _fraction(default, optional=False):
+    return option(default, "float", low=0.0, high=1.0, optional=optional)
 
 
 @dataclass(frozen=True)
@@ -16,74 +155,50 @@ class SparsityConfig:
     """
 
     # --- common ---
-    policy: str = "mod"                  # mod | vmoba | dense
-    block_size: int = 128                # kernel block (64 or 128; smaller only for tests)
-    min_seq_len: int = 1024              # shorter self-attention stays dense (too small to pay off)
-    video_grid: tuple | None = None      # latent token grid (T, H, W); None = infer from the graph
-    text_position: str = "last"          # where joint-attention text tokens sit: first | last
-    num_steps: int | None = None         # denoising steps of a run; None = from denoising_step(), else 50
-    warmup_steps: int | None = None      # dense steps at the start; None = the policy's default
-    density: float | None = None         # target density (vmoba topk / mod lines per head); None = policy rule
-    min_density: float = 0.0             # per-row floor of the kept fraction of key blocks
-    max_density: float = 1.0             # per-row ceiling of the kept fraction of key blocks
+    policy: str = option("mod", "str", choices=POLICIES)
+    block_size: int = option(128, "int", choices=SUPPORTED_BLOCK_SIZES)  # the kernel's (GPU: 64 or 128)
+    min_seq_len: int = option(1024, "int", low=0)      # shorter self-attention stays dense (too small to pay off)
+    video_grid: tuple | None = option(None, "grid", optional=True)  # latent (T, H, W); None = inferred
+    text_position: str = option("last", "str", choices=("first", "last"))  # where joint-attention text sits
+    num_steps: int | None = option(None, "int", low=1, optional=True)  # None = from denoising_step(), else 50
+    warmup_steps: int | None = option(None, "int", low=0, optional=True)  # dense steps first; None = the policy's
+    density: float | None = _fraction(None, optional=True)  # vmoba topk / mod lines per head; None = policy rule
+    min_density: float = _fraction(0.0)   # per-row floor of the kept fraction of key blocks
+    max_density: float = _fraction(1.0)   # per-row ceiling of the kept fraction of key blocks
     # --- vmoba ---
-    tau: float = 0.25                    # cumulative-score threshold of the selection
-    selection: str = "global"            # global | row | topk
-    topk: int | None = None              # key blocks per query block in topk mode
-    normalization: str = "minmax"        # minmax | softmax (how scores become mass for tau)
-    partition_blocks: dict | tuple | None = None  # {"1d": (t,), "2d": (h, w), "3d": (t, h, w)} partition block shapes
+    tau: float = _fraction(0.25)          # cumulative-score threshold of the selection
+    selection: str = option("global", "str", choices=("global", "row", "topk"))
+    topk: int | None = option(None, "int", low=1, optional=True)  # key blocks per query block in topk mode
+    normalization: str = option("minmax", "str", choices=("minmax", "softmax"))  # how scores become mass for tau
+    # {"1d": (t,), "2d": (h, w), "3d": (t, h, w)}, stored as sorted items (the config stays hashable)
+    partition_blocks: tuple | None = option(None, "partition_blocks", optional=True)
     # --- mod ---
-    threshold: float = 1e-4              # probability under which an entry counts as sparse
-    ridge_lambda: float = 1.0            # ridge regularisation of the fit
-    refresh_interval: int = 10           # steps between mask refreshes
-    lines_per_head: int | None = None    # k lines per head; None = chosen by coverage
-    mask_rule: str = "blocks"            # blocks: the lines set each head's budget, the densest blocks of
-                                         # the last observed map fill it; lines: whole lines (the paper)
-    coverage: float = 0.9                # predicted kept mass that the chosen lines must reach
-    cheap_refresh: bool = True           # refresh on the sparse kernel's blocks (False: paper, dense refresh)
-    full_refresh_every: int = 3          # with cheap_refresh, every n-th refresh observes every block
-    full_refresh: str = "sparse"         # how: sparse (the sparse step's lse) | dense (a dense step)
-    min_observed_coverage: float = 0.8   # a cheap refresh that sees less kept mass triggers a dense one
-    observe_row_stride: int | None = None  # estimate the sparsity map from every n-th query row (1 = exact);
-                                         # None: block_size // 8, 8 rows per block (16 at block 128; H100: 8
-                                         # had the fidelity of 1, CPU: 16 the error of 8; BENCHMARKS.md)
+    # probability under which an attention entry counts as sparse
+    threshold: float = option(1e-4, "float", low=0.0, high=1.0, low_open=True)
+    # ridge regularisation of the fit (> 0: the fit inverts the regularised Gram matrix)
+    ridge_lambda: float = option(1.0, "float", low=0.0, low_open=True)
+    refresh_interval: int = option(10, "int", low=1)  # steps between mask refreshes
+    lines_per_head: int | None = option(None, "int", low=0, optional=True)  # None = chosen by coverage
+    # blocks: the lines set each head's budget, the densest blocks of the last observed map fill
+    # it; lines: whole lines (the paper)
+    mask_rule: str = option("blocks", "str", choices=("blocks", "lines"))
+    coverage: float = _fraction(0.9)      # predicted kept mass that the chosen lines must reach
+    cheap_refresh: bool = option(True, "bool")  # refresh on the sparse kernel's blocks (False: the paper's dense)
+    full_refresh_every: int = option(3, "int", low=1)  # with cheap_refresh, every n-th refresh sees every block
+    # how a full refresh observes: sparse (the sparse step's lse) | dense (a dense step)
+    full_refresh: str = option("sparse", "str", choices=("sparse", "dense"))
+    min_observed_coverage: float = _fraction(0.8)  # a cheap refresh seeing less kept mass triggers a dense one
+    # estimate the sparsity map from every n-th query row (1 = exact); None: block_size // 8, 8 rows
+    # per block (16 at block 128; H100: 8 had the fidelity of 1, CPU: 16 the error of 8; BENCHMARKS.md)
+    observe_row_stride: int | None = option(None, "int", low=1, optional=True)
 
     def __post_init__(self):
-        _check(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
-        _check(isinstance(self.block_size, int) and self.block_size >= 16
-               and self.block_size & (self.block_size - 1) == 0,
-               f"block_size must be a power of two >= 16, got {self.block_size!r}")
-        _check(self.text_position in ("first", "last"),
-               f"text_position must be 'first' or 'last', got {self.text_position!r}")
-        if self.video_grid is not None:
-            grid = tuple(self.video_grid)
-            _check(len(grid) == 3 and all(isinstance(g, int) and g > 0 for g in grid),
-                   f"video_grid must be three positive ints (T, H, W), got {self.video_grid!r}")
-            object.__setattr__(self, "video_grid", grid)
-        if isinstance(self.partition_blocks, dict):  # stored as sorted items: the config stays hashable
-            items = tuple(sorted((str(k), tuple(v)) for k, v in self.partition_blocks.items()))
-            object.__setattr__(self, "partition_blocks", items)
-        for name in ("density", "tau", "coverage", "min_observed_coverage", "min_density", "max_density"):
-            value = getattr(self, name)
-            _check(value is None or 0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value!r}")
-        _check(self.min_density <= self.max_density, "min_density must be <= max_density")
-        _check(self.selection in ("global", "row", "topk"),
-               f"selection must be global, row or topk, got {self.selection!r}")
-        _check(self.normalization in ("minmax", "softmax"),
-               f"normalization must be minmax or softmax, got {self.normalization!r}")
-        _check(self.mask_rule in ("blocks", "lines"),
-               f"mask_rule must be 'blocks' or 'lines', got {self.mask_rule!r}")
-        _check(self.refresh_interval >= 1, "refresh_interval must be >= 1")
-        _check(self.full_refresh_every >= 1, "full_refresh_every must be >= 1")
-        _check(self.full_refresh in ("sparse", "dense"),
-               f"full_refresh must be 'sparse' or 'dense', got {self.full_refresh!r}")
-        _check(self.observe_row_stride is None or (
-               isinstance(self.observe_row_stride, int) and not isinstance(self.observe_row_stride, bool)
-               and self.observe_row_stride >= 1),
-               f"observe_row_stride must be None or an int >= 1, got {self.observe_row_stride!r}")
-        _check(self.num_steps is None or self.num_steps >= 1, "num_steps must be >= 1")
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        _check(self.threshold > 0, "threshold must be > 0")
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["spec"].parse(f.name, getattr(self, f.name)))
+        for keys, holds, rule in CONSTRAINTS:
+            if not holds(self):
+                values = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
+                raise ValueError(f"modsparse: options {values} conflict: {rule}")
 
     def observe_stride(self) -> int:
         """The row stride MOD observes with: ``observe_row_stride``, by default ``block_size // 8``
@@ -97,13 +212,23 @@ class SparsityConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(f"modsparse: {message}")
+# Rules between keys: (the keys, a predicate on the config, the rule in words).
+CONSTRAINTS = (
+    (("min_density", "max_density"), lambda c: c.min_density <= c.max_density,
+     "min_density must be <= max_density"),
+    (("selection", "topk", "density"),
+     lambda c: c.selection != "topk" or c.topk is not None or (c.density or 0.0) > 0.0,
+     "selection='topk' needs topk or a density > 0 (the blocks kept per row)"),
+)
 
 
 def config_keys() -> list[str]:
     return [f.name for f in fields(SparsityConfig)]
+
+
+def option_specs() -> dict[str, Spec]:
+    """Each option's spec, by key."""
+    return {f.name: f.metadata["spec"] for f in fields(SparsityConfig)}
 
 
 def split_options(options: dict | None) -> tuple[SparsityConfig, dict, str | None]:
@@ -139,4 +264,4 @@ def _is_inductor_key(inductor_config, key: str) -> bool:
     return True
 
 
-__all__ = ["SparsityConfig", "split_options", "config_keys", "POLICIES"]
+__all__ = ["SparsityConfig", "Spec", "CONSTRAINTS", "split_options", "config_keys", "option_specs", "POLICIES"]

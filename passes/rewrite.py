@@ -44,10 +44,13 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         with graph.inserting_after(timestep):
             token = graph.call_function(torch.ops.modcompile.step.default, (timestep,))
 
-    infos = []
+    infos, misfits = [], {}
     for site in sites:
         check_eligibility(site, config.min_seq_len, _head_dim_check)
         text = text_tokens_for(site.seq_len, grid) if site.seq_len else None
+        if site.eligible and config.video_grid is not None and text is None:
+            site.eligible, site.reason = False, _grid_misfit(site.seq_len, config.video_grid)
+            misfits.setdefault(site.reason, []).append(site.local_key)
         info = REGISTRY.register_site(SiteInfo(
             key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
@@ -60,9 +63,20 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         _replace_with_sparse(graph, site, info.key, token, grid_args)
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
                  site.seq_len, site.heads, site.head_dim)
+    for reason, keys in misfits.items():
+        log.warning("modsparse: %d attention site(s) stay dense (%s): %s", len(keys), ", ".join(keys), reason)
     graph.lint()
     gm.recompile()
     return infos
+
+
+def _grid_misfit(seq_len: int, grid: tuple) -> str:
+    """Why the configured ``video_grid`` does not fit a sequence (``text_tokens_for`` is the rule)."""
+    video, shown = math.prod(grid), "x".join(map(str, grid))
+    if video > seq_len:
+        return f"video_grid {shown} has {video} tokens, more than the sequence ({seq_len})"
+    return (f"video_grid {shown} covers {video} of {seq_len} tokens; the other {seq_len - video} "
+            f"would be joint-attention text, as many as the video tokens or more")
 
 
 def _grid_args(graph: fx.Graph, config, embedding: fx.Node | None) -> tuple:

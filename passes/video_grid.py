@@ -35,9 +35,11 @@ def infer_video_grid(gm: fx.GraphModule) -> tuple[int, int, int] | None:
 
 def text_tokens_for(seq_len: int, grid: tuple[int, int, int] | None) -> int | None:
     """Tokens of a joint-attention sequence that are not video tokens, or None if the grid does
-    not fit the sequence."""
+    not fit the sequence: it has more tokens than the sequence, or it leaves as many tokens as it
+    covers or more (a grid that does not fill the sequence is more likely wrong, e.g. another
+    resolution's, than the rest a text prompt: joint-attention text is shorter than the video)."""
     if grid is None:
         return None
     video = grid[0] * grid[1] * grid[2]
-    extra = seq_len - video
-    return extra if 0 <= extra < seq_len else None
+    text = seq_len - video
+    return text if 0 <= text < video else None

@@ -131,10 +131,7 @@ class VmobaPolicy(Policy):
         super().__init__(config)
         self.blocks = parse_partition_blocks(config.partition_blocks)
         self._graphs: dict = {}  # (id(layout), pooled shape, dtype, device) -> (layout, GraphedCall)
-        if config.selection == "topk" and config.topk is None and config.density is None:
-            raise ValueError("vmoba: selection='topk' needs topk or density")
-        if config.topk is not None and config.topk < 1:
-            raise ValueError(f"vmoba: topk must be >= 1, got {config.topk}")
+        # topk / density / partition_blocks are validated by the config schema (modcompile/config.py)
 
     def default_warmup(self, num_steps: int) -> int:
         return int(WARMUP_FRACTION * num_steps)
