@@ -26,7 +26,7 @@ from .autograd import attach_autograd
 from .kernels._common import check_block_list_values, empty_heads_last, interpreting
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
-from .runtime import REGISTRY
+from .runtime import REGISTRY, timestep_value
 
 log = logging.getLogger("modcompile")
 
@@ -178,8 +178,8 @@ def policy_for(config):
 def step(timestep: Tensor) -> Tensor:
     """Advance the step tracker from a timestep graph input (one host read per forward; none
     inside ``denoising_step()``). Returns a token that orders the plan nodes after it."""
-    if not REGISTRY.tracker.explicit:
-        REGISTRY.on_timestep(float(timestep.detach().reshape(-1)[0]))
+    if REGISTRY.explicit is None:
+        REGISTRY.on_timestep(timestep_value(timestep))
     return torch.empty(0)
 
 
@@ -189,15 +189,16 @@ def _(timestep):
 
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
-def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, grid_h: int,
-         grid_w: int) -> tuple[Tensor, Tensor]:
-    """Ask the site's policy for this call's block lists.
+def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
+         grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
+    """Ask the site's policy for this call's block lists. ``anchor``: a parameter of the site's
+    module, whose address names the module instance that runs (modcompile/owners.py).
     ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
-    state = REGISTRY.enter_site(site)
+    state = REGISTRY.enter_site(site, anchor)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
-                      num_steps=REGISTRY.num_steps(config), config=config)
+                      num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
     result: Plan = policy_for(config).plan(ctx, q, k)
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
@@ -209,8 +210,8 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, 
 
 
 @plan.register_fake
-def _(q, k, token, site, grid_t, grid_h, grid_w):
-    block = REGISTRY.sites[site].config.block_size
+def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
+    block = REGISTRY.specs[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
     return q.new_empty(B, H, mq, dtype=torch.int32), q.new_empty(B, H, mq, mk, dtype=torch.int32)
