@@ -9,7 +9,9 @@ flattened into one loop so that Triton software-pipelines the K/V loads across b
 Numerics: scores are scaled by ``scale * log2(e)`` and exponentiated with ``exp2``; the running
 maximum starts at a large finite negative number instead of -inf, so a chunk that is entirely past
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
-is empty end with l = 0 and are written as out = 0, lse = -inf.
+is empty end with l = 0 and are written as out = 0, lse = -inf. NaN / Inf in q, k, v propagate as in
+the reference (a NaN score makes l NaN, so the row's out and lse are NaN); unlisted blocks are never
+loaded, so they cannot reach a row.
 
 Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
 TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
@@ -205,7 +207,7 @@ def _block_sparse_attention_fwd_kernel(
         m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
                                       BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0  # a NaN sum (NaN scores) must give NaN out and lse, not an empty row
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
