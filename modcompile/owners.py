@@ -21,12 +21,14 @@ import torch
 
 # Dynamo's source of a graph input: L['self']._modules['attn1']._parameters['weight'], L['attn'].to_q.weight
 _ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
-_PART = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+_PART = re.compile(r"\.([A-Za-z_]\w*)|\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]")
+_CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers", "_orig_mod"}
 
 
 def source_path(source_name: str) -> str | None:
     """The dotted attribute path below the frame local of a Dynamo source name, e.g.
-    ``L['self']._modules['attn1']._parameters['weight']`` -> ``attn1.weight``; None if not of that form."""
+    ``L['self'].__dict__['_modules']['attn1']._parameters['weight']`` -> ``attn1.weight``; None if not
+    of that form."""
     root = _ROOT.match(source_name)
     if root is None:
         return None
@@ -37,7 +39,7 @@ def source_path(source_name: str) -> str | None:
             return None
         parts.append(next(g for g in m.groups() if g is not None))
         pos = m.end()
-    return ".".join(p for p in parts if p not in ("_orig_mod",))
+    return ".".join(p for p in parts if p not in _CONTAINERS)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -98,7 +98,7 @@ def _anchor(site: AttentionSite) -> tuple:
                 grapharg = node.meta.get("grapharg")
                 source = getattr(getattr(grapharg, "source", None), "name", None)
                 path = source_path(source() if callable(source) else source) if source else None
-                if path is not None and "_parameters[" in str(source() if callable(source) else source):
+                if path is not None and "_parameters" in str(source() if callable(source) else source):
                     return node, path
             nxt.extend(node.all_input_nodes)
         frontier = nxt
