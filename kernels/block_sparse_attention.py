@@ -17,7 +17,8 @@ candidates (tens of seconds once; later keys reuse the compiled binaries) and ca
 later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
-block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
+block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
+tests this on request (``validate=True``; it synchronizes).
 
 Gathered queries (``q_rows``): policies whose blocks are contiguous only after a token permutation
 (VMoBA's 2D/3D partitions) pass k and v already permuted and q in the original order, with
@@ -37,9 +38,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
-                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, tma_usable,
-                      unit_last_stride)
+from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
+                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
+                      validate_block_lists)
+from ._launcher import CachedLauncher, alignment, tensor_key
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -329,13 +331,6 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int) -> None:
-    """Raise ValueError unless every listed entry is in range and no row lists a block twice.
-
-    Synchronizes with the device: use in tests and debugging, not in the hot path."""
-    check_block_list_values(kv_counts, kv_indices, num_key_blocks)
-
-
 def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -382,13 +377,6 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
             raise ValueError(f"q_rows must be int32 on {q.device}, got {q_rows.dtype} on {q_rows.device}")
 
 
-def validate_q_rows(q_rows: torch.Tensor) -> None:
-    """Raise ValueError unless ``q_rows`` is a permutation of ``range(len(q_rows))``. Synchronizes."""
-    expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=q_rows.dtype)
-    if not torch.equal(q_rows.sort().values, expected):
-        raise ValueError("q_rows must be a permutation of range(N) (every row written exactly once)")
-
-
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):
     if cfg.tma and not cfg.host_tma and not interpreting():
         ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
@@ -407,17 +395,18 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
     if qo_tma:  # loads past N read 0, stores past N are dropped by the copy engine
         q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, block_d])
                           for t in (q, out))
-    _block_sparse_attention_fwd_kernel[grid](
-        q_arg, k_arg, v_arg, out_arg, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
-        scale * LOG2E,
-        N, n_k, H,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        counts.stride(0), counts.stride(1), counts.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
+    rows = q_rows if q_rows is not None else counts  # unread when None
+    args = (q_arg, k_arg, v_arg, out_arg, lse, counts, indices, rows,
+            scale * LOG2E,
+            N, n_k, H,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            counts.stride(0), counts.stride(1), counts.stride(2),
+            indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3))
+    constexprs = dict(
         HEAD_DIM=D,
         BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
@@ -432,9 +421,15 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         WARP_SPEC=cfg.warp_spec,
         GATHER_Q=q_rows is not None,
         QO_TMA=qo_tma,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
+    # Every tensor's dtype, shape and strides plus the pointers' alignment fix the specialisation
+    # (the integer arguments derive from them); the constexprs follow from cfg, block_size and these.
+    tensors = (q, k, v, out, lse, counts, indices, rows)
+    key = (cfg, block_size, q_rows is not None, *(tensor_key(t) for t in tensors), alignment(*tensors))
+    _FORWARD(key, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+
+
+_FORWARD = CachedLauncher(_block_sparse_attention_fwd_kernel)
 
 
 def _tuning_key(q, k, block_size: int, tma: bool) -> tuple:
@@ -513,9 +508,7 @@ def block_sparse_attention_fwd(
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     scale = default_scale(D, scale)
     if validate:
-        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
-        if q_rows is not None:
-            validate_q_rows(q_rows)
+        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
     counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
     indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
     if out is None:
