@@ -41,7 +41,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
                       ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
                       validate_block_lists)
-from ._launcher import CachedLauncher, alignment, tensor_key
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -395,18 +394,17 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
     if qo_tma:  # loads past N read 0, stores past N are dropped by the copy engine
         q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, block_d])
                           for t in (q, out))
-    rows = q_rows if q_rows is not None else counts  # unread when None
-    args = (q_arg, k_arg, v_arg, out_arg, lse, counts, indices, rows,
-            scale * LOG2E,
-            N, n_k, H,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
-            counts.stride(0), counts.stride(1), counts.stride(2),
-            indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3))
-    constexprs = dict(
+    _block_sparse_attention_fwd_kernel[grid](
+        q_arg, k_arg, v_arg, out_arg, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
+        scale * LOG2E,
+        N, n_k, H,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         HEAD_DIM=D,
         BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
@@ -421,15 +419,9 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         WARP_SPEC=cfg.warp_spec,
         GATHER_Q=q_rows is not None,
         QO_TMA=qo_tma,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    # Every tensor's dtype, shape and strides plus the pointers' alignment fix the specialisation
-    # (the integer arguments derive from them); the constexprs follow from cfg, block_size and these.
-    tensors = (q, k, v, out, lse, counts, indices, rows)
-    key = (cfg, block_size, q_rows is not None, *(tensor_key(t) for t in tensors), alignment(*tensors))
-    _FORWARD(key, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
-
-
-_FORWARD = CachedLauncher(_block_sparse_attention_fwd_kernel)
 
 
 def _tuning_key(q, k, block_size: int, tma: bool) -> tuple:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ._common import empty_heads_last, interpreting, padded_head_dim, unit_last_stride
-from ._launcher import CachedLauncher, alignment, tensor_key
 
 try:
     import triton
@@ -200,11 +199,6 @@ if triton is not None:
                  x, mask=mask)
 
 
-if triton is not None:
-    _PERMUTE_POOL = CachedLauncher(_permute_pool_kernel)
-    _GATHER_ROWS = CachedLauncher(_gather_rows_kernel)
-
-
 def triton_available(x: torch.Tensor) -> bool:
     """The Triton kernels can run on ``x``: CUDA, or CPU under TRITON_INTERPRET=1 (not bf16 there)."""
     if triton is None:
@@ -234,17 +228,17 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
         return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
     if block_t is None:
         block_t = 32 if interpreting() else 64
-    args = (q, k, qp, kp, pool_q, pool_k, segments.perm, segments.part, segments.start, segments.length,
-            segments.inv_count, H,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            qp.stride(0), qp.stride(1), qp.stride(2),
-            kp.stride(0), kp.stride(1), kp.stride(2),
-            pool_q.stride(0), pool_q.stride(1), pool_q.stride(2))
-    constexprs = dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE_Q=write_q, WRITE_K=write_k)
-    tensors = args[:11]
-    key = (block_t, write_q, write_k, *(tensor_key(t) for t in tensors), alignment(*tensors))
-    _PERMUTE_POOL(key, (n_seg, B * H), args, constexprs, num_warps=4, num_stages=3)
+    _permute_pool_kernel[(n_seg, B * H)](
+        q, k, qp, kp, pool_q, pool_k, segments.perm, segments.part, segments.start, segments.length,
+        segments.inv_count, H,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        qp.stride(0), qp.stride(1), qp.stride(2),
+        kp.stride(0), kp.stride(1), kp.stride(2),
+        pool_q.stride(0), pool_q.stride(1), pool_q.stride(2),
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE_Q=write_q, WRITE_K=write_k,
+        num_warps=4,
+    )
     return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
 
 
@@ -268,12 +262,12 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None =
         return out
     if block_t is None:
         block_t = 32 if interpreting() else 64
-    args = (x, out, index, N, H,
-            x.stride(0), x.stride(1), x.stride(2),
-            out.stride(0), out.stride(1), out.stride(2))
-    constexprs = dict(HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t)
-    key = (block_t, tensor_key(x), tensor_key(out), tensor_key(index), alignment(x, out, index))
-    _GATHER_ROWS(key, (triton.cdiv(N, block_t), B * H), args, constexprs, num_warps=4, num_stages=3)
+    _gather_rows_kernel[(triton.cdiv(N, block_t), B * H)](
+        x, out, index, N, H,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, num_warps=4,
+    )
     return out
 
 
