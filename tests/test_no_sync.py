@@ -67,6 +67,7 @@ def test_compiled_sparse_step_does_not_sync(policy, fresh_modcompile, monkeypatc
                              options={"policy": policy, "block_size": 64, "min_seq_len": 256, "num_steps": steps})
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 4, 4, 32, 32, generator=gen).cuda().to(torch.bfloat16)
+    timesteps = [torch.tensor([1000.0 - i], device="cuda") for i in range(steps)]  # made outside the check
     sparse_calls = []
     forward = ops.attention_forward
     monkeypatch.setattr(ops, "attention_forward", lambda *a, **kw: (sparse_calls.append(1), forward(*a, **kw))[1])
@@ -77,7 +78,7 @@ def test_compiled_sparse_step_does_not_sync(policy, fresh_modcompile, monkeypatc
                 checked = schedule == 2 and i >= steps // 2
                 with no_sync() if checked else contextlib.nullcontext():
                     with modcompile.denoising_step(i, steps):
-                        compiled(x, torch.tensor([1000.0 - i], device="cuda"))
+                        compiled(x, timesteps[i])
                 if checked and i == steps // 2:
                     sparse_calls.clear()
     torch.cuda.synchronize()
