@@ -19,7 +19,8 @@ candidates (tens of seconds once; later keys reuse the compiled binaries) and ca
 later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
-block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
+block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
+tests this on request (``validate=True``; it synchronizes).
 
 Gathered queries (``q_rows``): policies whose blocks are contiguous only after a token permutation
 (VMoBA's 2D/3D partitions) pass k and v already permuted and q in the original order, with
@@ -39,9 +40,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
-                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, tma_usable,
-                      unit_last_stride)
+from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
+                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
+                      validate_block_lists)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -331,13 +332,6 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int) -> None:
-    """Raise ValueError unless every listed entry is in range and no row lists a block twice.
-
-    Synchronizes with the device: use in tests and debugging, not in the hot path."""
-    check_block_list_values(kv_counts, kv_indices, num_key_blocks)
-
-
 def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -382,13 +376,6 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
                              f"{tuple(q_rows.shape) if isinstance(q_rows, torch.Tensor) else type(q_rows)}")
         if q_rows.dtype != torch.int32 or q_rows.device != q.device:
             raise ValueError(f"q_rows must be int32 on {q.device}, got {q_rows.dtype} on {q_rows.device}")
-
-
-def validate_q_rows(q_rows: torch.Tensor) -> None:
-    """Raise ValueError unless ``q_rows`` is a permutation of ``range(len(q_rows))``. Synchronizes."""
-    expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=q_rows.dtype)
-    if not torch.equal(q_rows.sort().values, expected):
-        raise ValueError("q_rows must be a permutation of range(N) (every row written exactly once)")
 
 
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):
@@ -515,9 +502,7 @@ def block_sparse_attention_fwd(
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     scale = default_scale(D, scale)
     if validate:
-        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
-        if q_rows is not None:
-            validate_q_rows(q_rows)
+        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
     counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
     indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
     if out is None:

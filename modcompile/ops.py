@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .kernels._common import check_block_list_values, empty_heads_last, interpreting
+from .kernels._common import empty_heads_last, interpreting, validate_block_lists, validation_requested
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY, timestep_value
@@ -123,10 +123,10 @@ def _(q, k, v, kv_counts, kv_indices, block_size, scale):
 attach_autograd(_block_sparse_attention_op)
 
 
-def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                         block_size: int, check_values: bool = True) -> None:
-    """Clear errors for inputs the kernel cannot take. ``check_values`` reads the lists back to the
-    host (a sync): the public function does it, the compiled path trusts its own plans."""
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                           block_size: int) -> None:
+    """Clear errors for shapes, dtypes and devices the kernel cannot take. Reads only tensor
+    metadata: no host sync (the list values are :func:`validate_block_lists`'s job)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
@@ -142,26 +142,29 @@ def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_
         raise ValueError("q, k, v and the block lists must be on one device")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
+    mq = num_blocks(N, block_size)
     if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
         raise TypeError(f"kv_counts and kv_indices must be int32; got {kv_counts.dtype}, {kv_indices.dtype}")
     if tuple(kv_counts.shape) != (B, H, mq):
         raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)} for block_size {block_size}; got {tuple(kv_counts.shape)}")
     if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq) or kv_indices.shape[3] < 1:
         raise ValueError(f"kv_indices must be (B, H, Mq, Mk_max) with Mq = {mq}; got {tuple(kv_indices.shape)}")
-    if check_values:
-        check_block_list_values(kv_counts, kv_indices, mk, max_count=min(kv_indices.shape[3], mk))
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, *,
                            block_size: int = 128, scale: float | None = None, return_lse: bool = False,
-                           validate: bool = True):
+                           validate: bool | None = None):
     """Attention of every query block to its listed key blocks only.
 
     q, k, v: (B, H, N, D); kv_counts (B, H, Mq) int32; kv_indices (B, H, Mq, Mk_max) int32, entries
     past the count ignored. Runs the Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1),
-    the torch reference otherwise. ``validate`` checks the list values (one host sync)."""
-    validate_block_lists(q, k, v, kv_counts, kv_indices, block_size, check_values=validate)
+    the torch reference otherwise. Shapes, dtypes and devices are always checked (no host sync).
+    The list values (counts in range, entries in range and distinct per row) are trusted unless
+    ``validate=True``, or ``validate=None`` with ``MODCOMPILE_VALIDATE=1``: then
+    :func:`validate_block_lists` raises a ValueError naming the fault, at the cost of one host sync."""
+    check_attention_inputs(q, k, v, kv_counts, kv_indices, block_size)
+    if validation_requested(validate):
+        validate_block_lists(kv_counts, kv_indices, num_blocks(k.shape[2], block_size))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = torch.ops.modcompile.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
     return (out, lse) if return_lse else out
