@@ -9,7 +9,9 @@ flattened into one loop so that Triton software-pipelines the K/V loads across b
 Numerics: scores are scaled by ``scale * log2(e)`` and exponentiated with ``exp2``; the running
 maximum starts at a large finite negative number instead of -inf, so a chunk that is entirely past
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
-is empty end with l = 0 and are written as out = 0, lse = -inf.
+is empty end with l = 0 and are written as out = 0, lse = -inf. NaN / Inf in q, k, v propagate as in
+the reference (a NaN score makes l NaN, so the row's out and lse are NaN); unlisted blocks are never
+loaded, so they cannot reach a row.
 
 Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
 TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
@@ -17,7 +19,8 @@ candidates (tens of seconds once; later keys reuse the compiled binaries) and ca
 later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
-block is counted twice). :func:`validate_block_lists` checks this on request (it synchronizes).
+block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
+tests this on request (``validate=True``; it synchronizes).
 
 Gathered queries (``q_rows``): policies whose blocks are contiguous only after a token permutation
 (VMoBA's 2D/3D partitions) pass k and v already permuted and q in the original order, with
@@ -37,9 +40,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import (LOG2E, check_block_list_values, default_scale, device_capability, dot_precision,
-                      empty_heads_last, ensure_tma_allocator, interpreting, padded_head_dim, tma_usable,
-                      unit_last_stride)
+from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
+                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
+                      validate_block_lists)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -205,7 +208,7 @@ def _block_sparse_attention_fwd_kernel(
         m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
                                       BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
-    has_keys = l_i > 0.0
+    has_keys = l_i != 0.0  # a NaN sum (NaN scores) must give NaN out and lse, not an empty row
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -329,13 +332,6 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int) -> None:
-    """Raise ValueError unless every listed entry is in range and no row lists a block twice.
-
-    Synchronizes with the device: use in tests and debugging, not in the hot path."""
-    check_block_list_values(kv_counts, kv_indices, num_key_blocks)
-
-
 def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -380,13 +376,6 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
                              f"{tuple(q_rows.shape) if isinstance(q_rows, torch.Tensor) else type(q_rows)}")
         if q_rows.dtype != torch.int32 or q_rows.device != q.device:
             raise ValueError(f"q_rows must be int32 on {q.device}, got {q_rows.dtype} on {q_rows.device}")
-
-
-def validate_q_rows(q_rows: torch.Tensor) -> None:
-    """Raise ValueError unless ``q_rows`` is a permutation of ``range(len(q_rows))``. Synchronizes."""
-    expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=q_rows.dtype)
-    if not torch.equal(q_rows.sort().values, expected):
-        raise ValueError("q_rows must be a permutation of range(N) (every row written exactly once)")
 
 
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):
@@ -513,9 +502,7 @@ def block_sparse_attention_fwd(
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     scale = default_scale(D, scale)
     if validate:
-        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size))
-        if q_rows is not None:
-            validate_q_rows(q_rows)
+        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
     counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
     indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
     if out is None:

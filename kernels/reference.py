@@ -6,6 +6,12 @@ key blocks, ``kv_counts[B, H, Mq]`` and ``kv_indices[B, H, Mq, Mk_max]`` (int32)
 sequence whose length is not a multiple of the block size is ragged. A query row whose list is
 empty attends nothing: its output is 0 and its log-sum-exp is -inf (never NaN).
 
+Non-finite inputs propagate as in dense SDPA restricted to the listed blocks: a NaN score of a row
+(NaN in its q, or in a k of a block it lists) makes the whole row NaN; a NaN in v makes that column
+NaN in the rows that list its block; +Inf scores give NaN rows and Inf in v gives Inf, as softmax
+does. Blocks a row does not list never reach it: every product below contracts over listed blocks
+only (``masked_block_matmul``), so a 0 weight never meets a NaN outside them.
+
 These functions are the CPU execution path of the ops and the ground truth of the kernel tests, so
 they favour clarity over speed, but bound their memory by working on chunks of query blocks.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def num_blocks(n: int, block_size: int) -> int:
@@ -75,6 +82,18 @@ def query_chunks(kv_counts, kv_indices, n_q: int, n_k: int, block_size: int, chu
         yield r0, r1, bmask[:, :, row_block][..., key_block]
 
 
+def masked_block_matmul(a: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``a @ x`` where the rows of ``a``'s row block ``i`` read only the rows of ``x`` that
+    ``mask[..., i, :]`` allows (``a`` [.., R, C], ``x`` [.., C, D], ``mask`` [.., ceil(R / block), C]).
+
+    ``a`` is already 0 outside the mask; masking ``x`` too keeps a NaN / Inf of an unlisted block
+    out (0 * NaN is NaN), like the kernels, which never load those blocks."""
+    rows, nb = a.shape[-2], mask.shape[-2]
+    a_blocks = F.pad(a, (0, 0, 0, nb * block_size - rows)).unflatten(-2, (nb, block_size))
+    x_blocks = torch.where(mask.unsqueeze(-1), x.unsqueeze(-3), 0)
+    return (a_blocks @ x_blocks).flatten(-3, -2)[..., :rows, :]
+
+
 def block_sparse_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -107,8 +126,8 @@ def block_sparse_attention_ref(
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)) * scale  # [B, H, rows, Nk]
         s = s.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - row_lse.unsqueeze(-1))
-        p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key: exp(-inf - -inf)
-        out[:, :, r0:r1] = torch.matmul(p, vc).to(out_dtype)
+        # where(): rows with no allowed key stay 0 (exp(-inf - -inf) is NaN); NaN scores stay NaN.
+        p = torch.where(allowed, torch.exp(s - row_lse.unsqueeze(-1)), 0.0)
+        out[:, :, r0:r1] = masked_block_matmul(p, vc, allowed[:, :, ::block_size], block_size).to(out_dtype)
         lse[:, :, r0:r1] = row_lse.to(lse.dtype)
     return out, lse

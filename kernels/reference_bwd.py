@@ -7,14 +7,16 @@ forward's ``out`` and ``lse``, the gradients are the FlashAttention identities
     dP = dO V^T        dS = P * (dP - rowsum(dO * O))      dQ = scale dS K     dK = scale dS^T Q
 
 The gradient that may flow into ``lse`` is not taken: lse is an auxiliary output. Works on chunks
-of query blocks to bound memory, like the forward reference.
+of query blocks to bound memory, like the forward reference. Every product contracts over listed
+(query block, key block) pairs only, so NaN / Inf propagate as in dense SDPA's backward restricted
+to those blocks (a NaN row of q or dO reaches dk / dv of the blocks it lists, no others).
 """
 from __future__ import annotations
 
 import torch
 
 from ._common import default_scale
-from .reference import default_compute_dtype, query_chunks
+from .reference import default_compute_dtype, masked_block_matmul, query_chunks
 
 
 def block_sparse_attention_bwd_ref(
@@ -53,12 +55,12 @@ def block_sparse_attention_bwd_ref(
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)).to(lse_c.dtype) * scale
         # where() keeps empty rows (lse = -inf) at exactly 0 instead of exp(-inf + inf) = NaN.
         p = torch.where(allowed, torch.exp(s - lse_c[:, :, r0:r1, None]), 0.0)
-        p = torch.nan_to_num(p, nan=0.0)
-        pc = p.to(compute_dtype)
         g = gc[:, :, r0:r1]
-        dv += torch.matmul(pc.transpose(-1, -2), g)
         dp = torch.matmul(g, vc.transpose(-1, -2)).to(lse_c.dtype)
-        ds = (p * (dp - delta[:, :, r0:r1, None])).to(compute_dtype)
-        dq[:, :, r0:r1] = torch.matmul(ds, kc) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, r0:r1]) * scale
+        ds = torch.where(allowed, p * (dp - delta[:, :, r0:r1, None]), 0.0).to(compute_dtype)
+        keys_of_row_block = allowed[:, :, ::block_size]  # [B, H, chunk blocks, Nk]
+        rows_of_key_block = allowed[..., ::block_size].transpose(-1, -2)  # [B, H, Mk, rows]
+        dq[:, :, r0:r1] = masked_block_matmul(ds, kc, keys_of_row_block, block_size) * scale
+        dk += masked_block_matmul(ds.transpose(-1, -2), qc[:, :, r0:r1], rows_of_key_block, block_size) * scale
+        dv += masked_block_matmul(p.to(compute_dtype).transpose(-1, -2), g, rows_of_key_block, block_size)
     return dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype)

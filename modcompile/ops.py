@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .kernels._common import check_block_list_values, empty_heads_last, interpreting
+from .kernels._common import empty_heads_last, interpreting, validate_block_lists, validation_requested
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
-from .runtime import REGISTRY
+from .runtime import REGISTRY, timestep_value
 
 log = logging.getLogger("modcompile")
 
@@ -123,10 +123,10 @@ def _(q, k, v, kv_counts, kv_indices, block_size, scale):
 attach_autograd(_block_sparse_attention_op)
 
 
-def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                         block_size: int, check_values: bool = True) -> None:
-    """Clear errors for inputs the kernel cannot take. ``check_values`` reads the lists back to the
-    host (a sync): the public function does it, the compiled path trusts its own plans."""
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                           block_size: int) -> None:
+    """Clear errors for shapes, dtypes and devices the kernel cannot take. Reads only tensor
+    metadata: no host sync (the list values are :func:`validate_block_lists`'s job)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
@@ -142,26 +142,29 @@ def validate_block_lists(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_
         raise ValueError("q, k, v and the block lists must be on one device")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
+    mq = num_blocks(N, block_size)
     if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
         raise TypeError(f"kv_counts and kv_indices must be int32; got {kv_counts.dtype}, {kv_indices.dtype}")
     if tuple(kv_counts.shape) != (B, H, mq):
         raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)} for block_size {block_size}; got {tuple(kv_counts.shape)}")
     if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq) or kv_indices.shape[3] < 1:
         raise ValueError(f"kv_indices must be (B, H, Mq, Mk_max) with Mq = {mq}; got {tuple(kv_indices.shape)}")
-    if check_values:
-        check_block_list_values(kv_counts, kv_indices, mk, max_count=min(kv_indices.shape[3], mk))
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, *,
                            block_size: int = 128, scale: float | None = None, return_lse: bool = False,
-                           validate: bool = True):
+                           validate: bool | None = None):
     """Attention of every query block to its listed key blocks only.
 
     q, k, v: (B, H, N, D); kv_counts (B, H, Mq) int32; kv_indices (B, H, Mq, Mk_max) int32, entries
     past the count ignored. Runs the Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1),
-    the torch reference otherwise. ``validate`` checks the list values (one host sync)."""
-    validate_block_lists(q, k, v, kv_counts, kv_indices, block_size, check_values=validate)
+    the torch reference otherwise. Shapes, dtypes and devices are always checked (no host sync).
+    The list values (counts in range, entries in range and distinct per row) are trusted unless
+    ``validate=True``, or ``validate=None`` with ``MODCOMPILE_VALIDATE=1``: then
+    :func:`validate_block_lists` raises a ValueError naming the fault, at the cost of one host sync."""
+    check_attention_inputs(q, k, v, kv_counts, kv_indices, block_size)
+    if validation_requested(validate):
+        validate_block_lists(kv_counts, kv_indices, num_blocks(k.shape[2], block_size))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = torch.ops.modcompile.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
     return (out, lse) if return_lse else out
@@ -178,8 +181,8 @@ def policy_for(config):
 def step(timestep: Tensor) -> Tensor:
     """Advance the step tracker from a timestep graph input (one host read per forward; none
     inside ``denoising_step()``). Returns a token that orders the plan nodes after it."""
-    if not REGISTRY.tracker.explicit:
-        REGISTRY.on_timestep(float(timestep.detach().reshape(-1)[0]))
+    if REGISTRY.explicit is None:
+        REGISTRY.on_timestep(timestep_value(timestep))
     return torch.empty(0)
 
 
@@ -189,15 +192,16 @@ def _(timestep):
 
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
-def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, grid_h: int,
-         grid_w: int) -> tuple[Tensor, Tensor]:
-    """Ask the site's policy for this call's block lists.
+def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
+         grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
+    """Ask the site's policy for this call's block lists. ``anchor``: a parameter of the site's
+    module, whose address names the module instance that runs (modcompile/owners.py).
     ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
-    state = REGISTRY.enter_site(site)
+    state = REGISTRY.enter_site(site, anchor)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
-                      num_steps=REGISTRY.num_steps(config), config=config)
+                      num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
     result: Plan = policy_for(config).plan(ctx, q, k)
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
@@ -209,8 +213,8 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], site: str, grid_t: int, 
 
 
 @plan.register_fake
-def _(q, k, token, site, grid_t, grid_h, grid_w):
-    block = REGISTRY.sites[site].config.block_size
+def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
+    block = REGISTRY.specs[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
     return q.new_empty(B, H, mq, dtype=torch.int32), q.new_empty(B, H, mq, mk, dtype=torch.int32)

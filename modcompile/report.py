@@ -29,8 +29,9 @@ def _value(x):
 
 def collect() -> list[SiteRow]:
     rows = []
-    for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.key.split("/")[0], i.layer)):
-        states = [s for (key, _), s in REGISTRY.states.items() if key == info.key]
+    all_states = REGISTRY.states
+    for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.model or i.key.split("/")[0], i.layer, i.key)):
+        states = [s for (key, _), s in all_states.items() if key == info.key]
         densities = [_value(s.density) for s in states if s.density is not None]
         # the geometry of the last call, when the site ran (compile-time values otherwise)
         info = next((s.context.info for s in states if s.context is not None), info)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .config import SparsityConfig
+from .passes.video_grid import text_tokens_for
+from .owners import find_owner, layer_index, pipeline_schedule, site_path
 
 log = logging.getLogger("modcompile")
 
@@ -39,6 +42,11 @@ class SiteInfo:
     grid: tuple | None = None       # latent (T, H, W) of the video tokens, when known
     text_tokens: int = 0            # joint-attention text tokens (the rest of the sequence)
     training: bool = False          # q/k/v require grad: every call keeps a valid lse for backward
+    ordinal: int = 0                # index among the sites of one module
+    module_rel: str = ""            # the site's module path below the compiled frame's module
+    anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)
+    model: str = ""                 # the model instance a site instance belongs to (report)
+    spec_key: str = ""              # a site instance's compiled site (its key before it ran)
 
 
 @dataclass
@@ -71,27 +79,46 @@ class SiteState:
 
 
 class StepTracker:
-    """The current denoising step, from timestep graph inputs or the explicit context manager."""
+    """The current denoising step of one model, from its timestep inputs or the explicit context
+    manager. A timestep is read as (max, mean) over its entries, so per-token (Wan2.2 TI2V) and
+    per-frame (diffusion forcing) timesteps advance the step when any entry moves."""
 
     def __init__(self):
         self.step = -1                  # -1: no step metadata seen in this generation
         self.num_steps: int | None = None
-        self.last_timestep: float | None = None
+        self.last_timestep: tuple | None = None
+        self.schedule: list | None = None  # the pipeline's timesteps, when one is on the stack
         self.generation = 0
         self.explicit = False           # inside denoising_step(): timestep inputs are ignored
 
-    def on_timestep(self, t: float) -> bool:
-        """Advance from a timestep value; returns True when a new generation starts."""
+    def on_timestep(self, t, schedule_fn=None) -> bool:
+        """Advance from a timestep value (a float or (max, mean)); True when a new generation starts.
+        ``schedule_fn`` returns the pipeline's schedule (called once per generation)."""
         if self.explicit:
             return False
+        t = (float(t), float(t)) if not isinstance(t, tuple) else t
         last = self.last_timestep
         self.last_timestep = t
-        if last is None or t > last:
-            self.step = 0
+        new = last is None or t[0] > last[0] or (t[0] == last[0] and t[1] > last[1])
+        if new:
+            self.schedule = schedule_fn() if schedule_fn is not None else None
+            self.num_steps = len(self.schedule) if self.schedule else None
+            self.step = self._index(t[0], -1)
             return True
-        if t < last:
-            self.step += 1
+        if t != last:
+            self.step = self._index(t[0], self.step)
         return False                    # equal: another pass (e.g. CFG) of the same step
+
+    def _index(self, t: float, previous: int) -> int:
+        """The step of timestep ``t``: its position in the pipeline's schedule when it is one of its
+        values (a step-caching hook or a second expert then keeps the pipeline's numbering), else
+        the next step after ``previous``."""
+        if self.schedule:
+            tol = 1e-3 * max(1.0, abs(self.schedule[0]))
+            best = min(range(len(self.schedule)), key=lambda i: abs(self.schedule[i] - t))
+            if abs(self.schedule[best] - t) <= tol and best > previous:
+                return best
+        return previous + 1
 
     def set_explicit(self, step: int, num_steps: int | None) -> bool:
         new_generation = step < self.step or (step == 0 and self.step != 0)
@@ -99,78 +126,148 @@ class StepTracker:
         return new_generation
 
 
-class Registry:
-    def __init__(self):
-        self.sites: dict[str, SiteInfo] = {}
-        self.states: dict[tuple[str, int], SiteState] = {}
+class ModelRun:
+    """Run-time state of one model instance: its step tracker, last video grid and the state of
+    every site instance (layer) in it."""
+
+    def __init__(self, name: str, model=None):
+        self.name = name
+        self.model_ref = None if model is None else weakref.ref(model)
         self.tracker = StepTracker()
-        self._visits: dict[str, tuple[int, int]] = {}  # site -> (step, calls in that step)
-        self._last_grid: dict[str, tuple] = {}  # scope -> grid of the last call that knew it
+        self.states: dict[tuple[str, int], SiteState] = {}
+        self.visits: dict[str, tuple[int, int]] = {}  # instance key -> (step, calls in that step)
+        self.last_grid: tuple | None = None
+        self.graph_steps = False        # a compiled graph reads this model's timestep
+        self.hooked = False             # a forward pre-hook reads its inputs (regional compilation)
 
-    # --- sites ---
-    def register_site(self, info: SiteInfo) -> SiteInfo:
-        """Add a site, keeping the layer index of an earlier registration (recompiles)."""
-        old = self.sites.get(info.key)
-        if old is not None:
-            info.layer = old.layer
-        else:
-            info.layer = sum(1 for s in self.sites.values() if scope_of(s.key) == scope_of(info.key))
-        self.sites[info.key] = info
-        return info
-
-    # --- steps ---
-    def on_timestep(self, t: float) -> None:
-        if self.tracker.on_timestep(t):
-            self._new_generation()
-
-    def set_step(self, step: int, num_steps: int | None) -> None:
-        if self.tracker.set_explicit(step, num_steps):
-            self._new_generation()
-
-    def _new_generation(self) -> None:
+    def new_generation(self) -> None:
         self.tracker.generation += 1
         self.states.clear()
-        self._visits.clear()
-        log.debug("modcompile: new generation %d, per-site state reset", self.tracker.generation)
+        self.visits.clear()
+        log.debug("modcompile: %s: new generation %d, per-site state reset", self.name, self.tracker.generation)
 
-    def enter_site(self, key: str) -> SiteState:
-        """Called by the plan node: the state of this site for the current call.
+    def on_timestep(self, t) -> None:
+        if self.tracker.on_timestep(t, pipeline_schedule):
+            self.new_generation()
+
+
+class Registry:
+    """All run-time state: the sites the compiler found (``specs``, static, kept as long as their
+    compiled graphs may run), the site instances that ran (``sites``, for report()) and one
+    :class:`ModelRun` per model instance."""
+
+    def __init__(self):
+        self.specs: dict[str, SiteInfo] = {}
+        self.sites: dict[str, SiteInfo] = {}        # instance key -> info (true module path, layer)
+        self.runs: dict[int, ModelRun] = {}         # id(model) -> its run
+        self.free_run = ModelRun("<no model>")      # calls outside any nn.Module
+        self._instances: dict[tuple[str, int], tuple] = {}  # (spec, anchor address) -> (run, info)
+        self._current: dict[str, tuple] = {}        # spec -> (run, state) of its last plan
+        self.explicit: tuple | None = None          # (step, num_steps) inside denoising_step()
+
+    # --- compile time ---
+    def register_site(self, info: SiteInfo) -> SiteInfo:
+        """Add a site the compiler found (again on recompiles: the layer index is kept)."""
+        old = self.specs.get(info.key)
+        info.layer = old.layer if old is not None else sum(
+            1 for s in self.specs.values() if scope_of(s.key) == scope_of(info.key))
+        self.specs[info.key] = info
+        if not any(i.spec_key == info.key for i in self.sites.values() if i is not info):
+            self.sites[info.key] = info                   # listed until an instance of it runs
+        return info
+
+    # --- models ---
+    def run_of(self, owner) -> ModelRun:
+        model = owner.model
+        if model is None:
+            return self.free_run
+        run = self.runs.get(id(model))
+        if run is None or run.model_ref() is not model:
+            same = sum(1 for r in self.runs.values() if r.name.split("#")[0] == type(model).__name__)
+            run = self.runs[id(model)] = ModelRun(f"{type(model).__name__}#{same}", model)
+        return run
+
+    def on_timestep(self, t, run: ModelRun | None = None) -> None:
+        """A compiled graph read a timestep input; ``run`` None: find the model on the stack."""
+        if self.explicit is not None:
+            return
+        run = run or self.run_of(find_owner(None))
+        run.graph_steps = True
+        run.on_timestep(t)
+
+    # --- calls ---
+    def enter_site(self, key: str, anchor: torch.Tensor | None = None) -> SiteState:
+        """Called by the plan node: the state of this site instance for the current call.
 
         Without step metadata every call of a site counts as a new step. With it, repeated calls
         in one step are passes (CFG) with separate state."""
-        info = self.sites[key]
-        tracked = self.tracker.step >= 0
-        step, calls = self._visits.get(key, (-1, 0))
+        run, info = self._instance(key, anchor)
+        tracker = run.tracker
+        if self.explicit is not None:
+            step, num_steps = self.explicit
+            if tracker.set_explicit(step, num_steps):
+                run.new_generation()
+        tracked = tracker.step >= 0
+        step, calls = run.visits.get(info.key, (-1, 0))
         if tracked:
-            if step != self.tracker.step:
-                step, calls = self.tracker.step, 0
+            if step != tracker.step:
+                step, calls = tracker.step, 0
             pass_index = calls
             calls += 1
         else:
             step, calls, pass_index = step + 1, 0, 0
-        self._visits[key] = (step, calls)
-        state = self.states.get((key, pass_index))
+        run.visits[info.key] = (step, calls)
+        state = run.states.get((info.key, pass_index))
         if state is None:
-            state = self.states[(key, pass_index)] = SiteState(info=info, pass_index=pass_index)
+            state = run.states[(info.key, pass_index)] = SiteState(info=info, pass_index=pass_index)
         if state.last_step != step:
             state.steps_seen += 1
         state.last_step = step
+        self._current[key] = (run, state)
         return state
+
+    def _instance(self, key: str, anchor: torch.Tensor | None) -> tuple:
+        ptr = None if anchor is None else anchor.data_ptr()
+        found = self._instances.get((key, ptr))
+        if found is not None and found[0].model_ref is not None and found[0].model_ref() is None:
+            found = None                                  # that model is gone: resolve again
+        if found is None:
+            found = self._instances[(key, ptr)] = self._resolve(self.specs[key], ptr)
+        return found
+
+    def _resolve(self, spec: SiteInfo, ptr: int | None) -> tuple:
+        """Find the model and module path of a new site instance (one stack walk)."""
+        owner = find_owner(ptr)
+        run = self.run_of(owner)
+        path = site_path(owner.anchor_name, spec.anchor_path, spec.module_rel) if owner.model is not None else None
+        if path is None:
+            path = spec.module_path if spec.module_path != "<root>" else spec.key
+        layer = layer_index(path)
+        if layer is None:
+            layer = sum(1 for i in self.sites.values() if i.model == run.name)
+        info = dataclasses.replace(spec, key=f"{run.name}/{path}#{spec.ordinal}", module_path=path,
+                                   layer=layer, model=run.name, spec_key=spec.key)
+        self.sites.pop(spec.key, None)
+        self.sites[info.key] = info
+        if owner.model is not None and not run.graph_steps and not run.hooked and not owner.compiled:
+            install_input_hook(owner.model, run, owner.frame_locals)
+        return run, info
 
     def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
         """The site's info for this call's geometry. A site's graphs can differ in shape (one
         compiled graph per resolution, or one dynamic graph): the plan node passes the grid of its
-        own input, and -1s where its graph cannot see the patch embedding (after a graph break),
-        which then takes the grid of the scope's last call. Policy state from another geometry is
-        dropped."""
-        info, scope = state.info, scope_of(state.info.key)
+        own input, and -1s where its graph cannot see the patch embedding (a graph break, a
+        compiled block), which then takes the model's last grid. Policy state from another
+        geometry is dropped."""
+        info = state.info
+        run = self._current_run(info)
         grid = tuple(int(g) for g in grid)
         if min(grid) > 0:
-            self._last_grid[scope] = grid
+            run.last_grid = grid
         else:
-            grid = self._last_grid.get(scope)
-        text = None if grid is None else seq_len - grid[0] * grid[1] * grid[2]
-        if text is None or not 0 <= text < seq_len:
+            grid = run.last_grid
+        text = text_tokens_for(seq_len, grid)
+        if text is None:
             grid, text = None, 0
         if (info.seq_len, info.grid, info.text_tokens) != (seq_len, grid, text):
             info = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text)
@@ -180,22 +277,113 @@ class Registry:
             state.geometry = (seq_len, grid)
         return info
 
+    def _current_run(self, info: SiteInfo) -> ModelRun:
+        for run in (*self.runs.values(), self.free_run):
+            if run.name == info.model:
+                return run
+        return self.free_run
+
     def current(self, key: str) -> SiteState:
         """The state that the last plan node of this site selected (for attention/observe nodes)."""
-        step, calls = self._visits[key]
-        pass_index = max(calls - 1, 0) if self.tracker.step >= 0 else 0
-        return self.states[(key, pass_index)]
+        return self._current[key][1]
 
-    def num_steps(self, config: SparsityConfig) -> int:
-        return self.tracker.num_steps or config.num_steps or DEFAULT_NUM_STEPS
+    def current_run(self, key: str) -> ModelRun:
+        return self._current[key][0]
+
+    def num_steps(self, config: SparsityConfig, run: ModelRun | None = None) -> int:
+        tracker = (run or self.free_run).tracker
+        return tracker.num_steps or config.num_steps or DEFAULT_NUM_STEPS
+
+    @property
+    def states(self) -> dict:
+        """Every (instance key, pass) -> SiteState, over all models."""
+        out = {}
+        for run in (*self.runs.values(), self.free_run):
+            out.update(run.states)
+        return out
+
+    @property
+    def tracker(self) -> StepTracker:
+        """The step tracker of the model that ran last (tests and single-model scripts)."""
+        if self._current:
+            return next(reversed(self._current.values()))[0].tracker
+        runs = list(self.runs.values())
+        return runs[-1].tracker if runs else self.free_run.tracker
 
     def reset(self, forget_sites: bool = False) -> None:
-        self.states.clear()
-        self._visits.clear()
-        self.tracker = StepTracker()
+        """Forget the state of every model (a new generation everywhere). ``forget_sites`` also
+        forgets the site instances report() lists; compiled graphs keep working (their sites are
+        registered again on their next call)."""
+        for run in (*self.runs.values(), self.free_run):
+            run.new_generation()
+            run.tracker = StepTracker()
+            run.last_grid = None if forget_sites else run.last_grid
+        self._current.clear()
         if forget_sites:
-            self.sites.clear()
-            self._last_grid.clear()
+            self.sites = {}
+            self._instances.clear()
+            self.runs.clear()
+            self.free_run = ModelRun("<no model>")
+
+
+def install_input_hook(model, run: ModelRun, frame_locals: dict | None) -> None:
+    """Steps and grid for a model whose own forward is not compiled (regional compilation: only
+    its blocks are): a forward pre-hook reads its ``timestep`` and the latent shape of its
+    ``hidden_states`` (one host read of the timestep per forward, as the graph's step node does).
+    The current call, already inside forward, is read from its frame."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    if "timestep" not in params:
+        return
+
+    def read(values: dict) -> None:
+        t = values.get("timestep")
+        if isinstance(t, torch.Tensor) and t.numel() and REGISTRY.explicit is None:
+            run.on_timestep(timestep_value(t))
+        elif isinstance(t, (int, float)) and REGISTRY.explicit is None:
+            run.on_timestep(float(t))
+        grid = latent_grid(model, values)
+        if grid is not None:
+            run.last_grid = grid
+
+    def hook(module, args, kwargs):
+        read({**dict(zip(params, args)), **kwargs})
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    run.hooked = True
+    if frame_locals is not None:
+        read(frame_locals)
+
+
+def timestep_value(t: torch.Tensor) -> tuple:
+    """(max, mean) of a timestep tensor: one host read."""
+    t = t.detach().float().reshape(-1)
+    return tuple(torch.stack([t.max(), t.mean()]).tolist())
+
+
+def latent_grid(model, values: dict) -> tuple | None:
+    """The token grid of a diffusers video model's input: the 5-D latent ``hidden_states`` divided
+    by the model's patch sizes (``config.patch_size``, ``config.patch_size_t``), or the
+    ``num_frames``/``height``/``width`` arguments of models that take packed tokens."""
+    x = values.get("hidden_states")
+    config = getattr(model, "config", None)
+    if isinstance(x, torch.Tensor) and x.dim() == 5 and config is not None:
+        patch = getattr(config, "patch_size", None)
+        if isinstance(patch, (tuple, list)) and len(patch) == 3:
+            pt, ph, pw = patch
+        elif isinstance(patch, int):
+            pt, ph, pw = getattr(config, "patch_size_t", None) or 1, patch, patch
+        else:
+            return None
+        f, h, w = x.shape[2:]
+        return (f // pt, h // ph, w // pw) if f % pt == h % ph == w % pw == 0 else None
+    dims = [values.get(n) for n in ("num_frames", "height", "width")]
+    if all(isinstance(d, int) and d > 0 for d in dims) and isinstance(x, torch.Tensor) and x.dim() == 3:
+        return tuple(dims)
+    return None
 
 
 def scope_of(key: str) -> str:
@@ -221,10 +409,11 @@ def denoising_step(step: int, num_steps: int | None = None):
     previous one starts a new generation; calls repeated with the same step are passes (CFG)."""
     if step < 0 or (num_steps is not None and not 0 <= step < num_steps):
         raise ValueError(f"denoising_step: need 0 <= step < num_steps, got step={step}, num_steps={num_steps}")
-    tracker = REGISTRY.tracker
-    previous_explicit = tracker.explicit
-    REGISTRY.set_step(step, num_steps)
+    previous = REGISTRY.explicit
+    REGISTRY.explicit = (step, num_steps)
     try:
         yield
     finally:
-        REGISTRY.tracker.explicit = previous_explicit
+        REGISTRY.explicit = previous
+        for run in (*REGISTRY.runs.values(), REGISTRY.free_run):
+            run.tracker.explicit = False

@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..owners import source_path
 from ..runtime import REGISTRY, SiteInfo
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites
 from .step_metadata import find_timestep_input
@@ -38,7 +39,8 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
     sites = find_attention_sites(gm)
     grid = config.video_grid or infer_video_grid(gm)
     grid_args = _grid_args(graph, config, patch_embedding(gm) if sites else None)
-    timestep = find_timestep_input(gm) if sites else None
+    # Also in graphs without a site: after a graph break the timestep may reach another graph.
+    timestep = find_timestep_input(gm)
     token = None
     if timestep is not None:
         with graph.inserting_after(timestep):
@@ -51,8 +53,11 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         if site.eligible and config.video_grid is not None and text is None:
             site.eligible, site.reason = False, _grid_misfit(site.seq_len, config.video_grid)
             misfits.setdefault(site.reason, []).append(site.local_key)
+        anchor, anchor_path = _anchor(site)
         info = REGISTRY.register_site(SiteInfo(
             key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
+            ordinal=site.ordinal, module_rel="" if site.module_path == "<root>" else site.module_path,
+            anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
             grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site)))
@@ -60,7 +65,7 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
             continue
-        _replace_with_sparse(graph, site, info.key, token, grid_args)
+        _replace_with_sparse(graph, site, info.key, token, anchor, grid_args)
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
                  site.seq_len, site.heads, site.head_dim)
     for reason, keys in misfits.items():
@@ -92,12 +97,34 @@ def _grid_args(graph: fx.Graph, config, embedding: fx.Node | None) -> tuple:
     return sizes[::-1]
 
 
-def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, grid_args) -> None:
+def _anchor(site: AttentionSite) -> tuple:
+    """(node, path below the compiled frame) of the parameter closest to the site's query: its
+    address at run time names the module instance that runs (modcompile/owners.py). (None, None)
+    when q depends on no parameter input: the site is then one instance."""
+    seen, frontier = set(), [site.args["query"]]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            if not isinstance(node, fx.Node) or node in seen:
+                continue
+            seen.add(node)
+            if node.op == "placeholder":
+                grapharg = node.meta.get("grapharg")
+                source = getattr(getattr(grapharg, "source", None), "name", None)
+                path = source_path(source() if callable(source) else source) if source else None
+                if path is not None and "_parameters" in str(source() if callable(source) else source):
+                    return node, path
+            nxt.extend(node.all_input_nodes)
+        frontier = nxt
+    return None, None
+
+
+def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, anchor, grid_args) -> None:
     a, node = site.args, site.node
     q, k, v = a["query"], a["key"], a["value"]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
     with graph.inserting_before(node):
-        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, key, *grid_args))
+        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,

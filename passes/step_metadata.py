@@ -15,10 +15,18 @@ _NAME = re.compile(r"(^|_)(timesteps?|t|sigmas?|noise_level)(_|$)", re.IGNORECAS
 _EMBEDDING_OPS = {torch.sin, torch.cos, torch.exp, torch.Tensor.sin, torch.Tensor.cos, torch.Tensor.exp, "sin", "cos", "exp"}
 
 
-def _scalar_like(node: fx.Node) -> bool:
+def _timestep_like(node: fx.Node, small: bool = True) -> bool:
+    """A float or int tensor of at most 2 dims; ``small``: at most 64 entries (a batch of scalars).
+    Inputs named like a timestep may be larger: per-token (Wan2.2 TI2V) or per-frame timesteps."""
     val = example_value(node)
-    return isinstance(val, torch.Tensor) and val.dim() <= 2 and val.numel() <= 64 and (
+    return isinstance(val, torch.Tensor) and val.dim() <= 2 and (not small or val.numel() <= 64) and (
         val.dtype.is_floating_point or val.dtype in (torch.int32, torch.int64))
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A module's parameter or buffer lifted to a graph input (e.g. a RoPE frequency table)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return source is not None and any(s in source.name for s in ("_parameters", "_buffers"))
 
 
 def _is_embedding_op(node: fx.Node) -> bool:
@@ -28,10 +36,13 @@ def _is_embedding_op(node: fx.Node) -> bool:
 def find_timestep_input(gm: fx.GraphModule) -> fx.Node | None:
     """The timestep placeholder: by name first, else the small float input that feeds a
     sinusoidal embedding (sin/cos/exp reachable from it)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and _scalar_like(n)]
-    for node in placeholders:
-        if _NAME.search(node.name):
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and _NAME.search(node.name) and _timestep_like(node, small=False):
             return node
+    # small inputs first (a batch of scalars), then per-token or per-frame ones
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not _is_weight(n)]
+    placeholders = [n for n in inputs if _timestep_like(n)]
+    placeholders += [n for n in inputs if n not in placeholders and _timestep_like(n, small=False)]
     if not placeholders:
         return None
     g = to_digraph(gm.graph)

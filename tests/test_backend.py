@@ -350,9 +350,9 @@ def test_opcheck_graph_ops():
     q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
     token = torch.ops.modcompile.step(torch.tensor([3.0]))
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.modcompile.plan.default, (q, k, token, "t/attn#0", -1, -1, -1),
+    torch.library.opcheck(torch.ops.modcompile.plan.default, (q, k, token, None, "t/attn#0", -1, -1, -1),
                           test_utils=utils)
-    counts, indices = torch.ops.modcompile.plan(q, k, token, "t/attn#0", -1, -1, -1)
+    counts, indices = torch.ops.modcompile.plan(q, k, token, None, "t/attn#0", -1, -1, -1)
     torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
                           (q, k, v, counts, indices, "t/attn#0", 0.25), test_utils=utils)
     out, lse = torch.ops.modcompile.sparse_attention(q, k, v, counts, indices, "t/attn#0", 0.25)
@@ -368,7 +368,7 @@ def test_opcheck_training_site_attention_fully():
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
                                     status="sparse", training=True))
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))
-    counts, indices = torch.ops.modcompile.plan(q.detach(), k.detach(), None, "t/attn#0", -1, -1, -1)
+    counts, indices = torch.ops.modcompile.plan(q.detach(), k.detach(), None, None, "t/attn#0", -1, -1, -1)
     torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
                           (q, k, v, counts, indices, "t/attn#0", 0.25))
 

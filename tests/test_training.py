@@ -57,4 +57,4 @@ def test_forward_state_advances_once_per_training_step():
         compiled(x, torch.tensor([t])).square().mean().backward()
     rows = modcompile.report(print_table=False)
     assert all(r.steps == 3 and r.passes == 1 for r in rows)
-    assert all(calls == 1 for _, calls in REGISTRY._visits.values())
+    assert all(calls == 1 for run in REGISTRY.runs.values() for _, calls in run.visits.values())

@@ -1,0 +1,137 @@
+"""Which model, and which module of it, a call of a compiled attention site belongs to.
+
+A compiled graph may serve many modules: ``compile_repeated_blocks`` compiles one transformer block
+and every layer runs that code, a graph after a break sees only part of a model, and two models of
+one architecture share their compiled code. The graph therefore passes one parameter of the site's
+attention module (its *anchor*) to the plan node; at run time the anchor's address names the
+module instance. The first call of an instance walks the Python stack once to find the model that
+owns the anchor (the outermost ``nn.Module`` frame holding it) and the anchor's name in it; later
+calls hit a cache.
+
+Everything here runs once per new (site, instance), never per call.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+# Dynamo's source of a graph input: L['self']._modules['attn1']._parameters['weight'], L['attn'].to_q.weight
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
+_PART = re.compile(r"\.([A-Za-z_]\w*)|\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]")
+_CONTAINERS = {"__dict__", "_modules", "_parameters", "_buffers", "_orig_mod"}
+
+
+def source_path(source_name: str) -> str | None:
+    """The dotted attribute path below the frame local of a Dynamo source name, e.g.
+    ``L['self'].__dict__['_modules']['attn1']._parameters['weight']`` -> ``attn1.weight``; None if not
+    of that form."""
+    root = _ROOT.match(source_name)
+    if root is None:
+        return None
+    rest, parts, pos = source_name[root.end():], [], 0
+    while pos < len(rest):
+        m = _PART.match(rest, pos)
+        if m is None:
+            return None
+        parts.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return ".".join(p for p in parts if p not in _CONTAINERS)
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a torch.compile wrapper (OptimizedModule)."""
+    return getattr(module, "_orig_mod", module)
+
+
+_NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def tensor_name(root: torch.nn.Module, ptr: int) -> str | None:
+    """The name of the parameter or buffer of ``root`` stored at address ``ptr``. The table is
+    rebuilt when the address is not in it (weights moved or replaced since the last look-up)."""
+    names = _NAMES.get(root)
+    if names is None or ptr not in names:
+        names = {}
+        for name, t in list(root.named_parameters(remove_duplicate=False)) + list(root.named_buffers(remove_duplicate=False)):
+            names.setdefault(t.data_ptr(), name)
+        _NAMES[root] = names
+    return names.get(ptr)
+
+
+@dataclass
+class Owner:
+    model: torch.nn.Module | None     # the outermost module on the stack that holds the anchor
+    anchor_name: str | None           # the anchor's name in that model
+    frame_locals: dict | None         # locals of that model's forward frame (for its timestep input)
+    compiled: bool                    # the model's own forward runs compiled (whole-model compile)
+
+
+def _frames():
+    f = sys._getframe(2)
+    while f is not None:
+        yield f
+        f = f.f_back
+
+
+def find_owner(ptr: int | None) -> Owner:
+    """The model that the current call runs in. With an anchor address, the outermost module frame
+    whose module holds a tensor at that address; without one, the outermost module frame."""
+    found, compiled = None, False
+    for frame in _frames():
+        module = frame.f_locals.get("self")
+        if not isinstance(module, torch.nn.Module):
+            continue
+        if type(module).__name__ == "OptimizedModule":
+            compiled = compiled or found is not None and _unwrap(module) is found[0]
+            module = _unwrap(module)
+        name = None if ptr is None else tensor_name(module, ptr)
+        if ptr is None or name is not None:
+            if found is not None and module is found[0]:
+                found = (module, name, frame.f_locals if "forward" in frame.f_code.co_name else found[2])
+            else:
+                found, compiled = (module, name, frame.f_locals), False
+    if found is None:
+        return Owner(None, None, None, False)
+    module = found[0]
+    compiled = compiled or getattr(module, "_compiled_call_impl", None) is not None
+    return Owner(module, found[1], found[2], compiled)
+
+
+def pipeline_schedule() -> list[float] | None:
+    """The timesteps of the diffusers pipeline call on the stack (its ``timesteps`` local), as host
+    floats, or None. Read once per generation (one device-to-host copy when they live on a GPU)."""
+    for frame in _frames():
+        obj = frame.f_locals.get("self")
+        if obj is None or not any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__):
+            continue
+        ts = frame.f_locals.get("timesteps")
+        if isinstance(ts, torch.Tensor) and ts.dim() == 1 and ts.numel() > 0:
+            return [float(x) for x in ts.detach().float().cpu().tolist()]
+        if isinstance(ts, (list, tuple)) and ts and all(isinstance(x, (int, float)) for x in ts):
+            return [float(x) for x in ts]
+    return None
+
+
+def site_path(anchor_name: str | None, anchor_rel: str | None, module_rel: str) -> str | None:
+    """The site's module path in the model: the anchor's name in the model less its path below the
+    compiled frame (``anchor_rel``) gives where that frame's module sits; the site's module path
+    below the frame (``module_rel``, "" at the frame's module itself) follows it."""
+    if anchor_name is None or anchor_rel is None:
+        return None
+    if anchor_name != anchor_rel and not anchor_name.endswith("." + anchor_rel):
+        return None
+    prefix = anchor_name[: len(anchor_name) - len(anchor_rel)].rstrip(".")
+    return ".".join(p for p in (prefix, module_rel) if p)
+
+
+def layer_index(path: str) -> int | None:
+    """The block index of a module path (``blocks.7.attn1`` -> 7): its last integer component."""
+    numbers = [int(p) for p in path.split(".") if p.isdigit()]
+    return numbers[-1] if numbers else None
+
+
+__all__ = ["Owner", "find_owner", "layer_index", "pipeline_schedule", "site_path", "source_path", "tensor_name"]

@@ -1,0 +1,120 @@
+"""State belongs to the module instance that runs: regional compilation, two models of one
+architecture, per-token timesteps, the pipeline's schedule (real diffusers classes, tiny configs)."""
+import pytest
+import torch
+
+import modcompile
+from modcompile.runtime import REGISTRY
+
+diffusers = pytest.importorskip("diffusers")
+
+pytestmark = pytest.mark.usefixtures("fresh_modcompile")
+
+OPTS = {"min_seq_len": 64, "block_size": 32}
+
+
+def tiny_wan(seed=0, layers=3):
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def counting(compiles):
+    def backend(gm, inputs, **kw):
+        compiles.append(gm)
+        return modcompile.modsparse(gm, inputs, **kw)
+    return backend
+
+
+def denoise(model, eager=None, steps=(999, 749, 499, 249), cfg=False, timestep=None):
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 3, 16, 16, generator=g)
+    text = torch.randn(1, 8, 16, generator=g)
+    with torch.no_grad():
+        for t in steps:
+            ts = timestep(t) if timestep else torch.tensor([t])
+            got = model(latents, ts, text, return_dict=False)[0]
+            if cfg:
+                model(latents, ts, torch.zeros_like(text), return_dict=False)
+            if eager is not None:
+                want = eager(latents, ts, text, return_dict=False)[0]
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            latents = latents - 0.25 * got
+    return latents
+
+
+def self_attention_rows(model_name=None):
+    return [r for r in modcompile.report(print_table=False) if ".attn1" in r.site
+            and (model_name is None or r.site.startswith(model_name))]
+
+
+@pytest.mark.parametrize("style", ["whole", "regional"])
+def test_every_layer_is_its_own_site_in_both_compile_styles(style):
+    eager = tiny_wan()
+    model = tiny_wan()
+    compiles = []
+    if style == "whole":
+        model = torch.compile(model, backend=counting(compiles), options={"policy": "dense", **OPTS})
+    else:
+        model.compile_repeated_blocks(backend=counting(compiles), options={"policy": "dense", **OPTS})
+    denoise(model, eager, cfg=True)
+    assert len(compiles) == 1                                  # one graph, no recompile per step
+    rows = self_attention_rows()
+    assert [r.site for r in rows] == [f"WanTransformer3DModel#0/blocks.{i}.attn1#0" for i in range(3)]
+    assert all(r.status == "sparse" and r.grid == (3, 8, 8) for r in rows)
+    assert all(r.steps == 4 and r.passes == 2 for r in rows)  # 4 steps, cond + uncond passes
+    assert [REGISTRY.sites[r.site].layer for r in rows] == [0, 1, 2]
+
+
+def test_regional_vmoba_gives_each_layer_its_partition():
+    model = tiny_wan()
+    model.compile_repeated_blocks(backend="modsparse", options={"policy": "vmoba", "warmup_steps": 1, **OPTS})
+    denoise(model)
+    rows = self_attention_rows()
+    assert len(rows) == 3 and all(r.density is not None and r.density < 1.0 for r in rows)
+    notes = [REGISTRY.states[(r.site, 0)].info.layer for r in rows]
+    assert notes == [0, 1, 2]
+
+
+def test_two_models_of_one_architecture_keep_separate_state():
+    """Wan2.2's two experts (or two pipelines in one process): one compiled code, two states."""
+    high, low = tiny_wan(0), tiny_wan(1)
+    compiles = []
+    opts = {"policy": "mod", "warmup_steps": 2, "refresh_interval": 2, **OPTS}
+    high_c = torch.compile(high, backend=counting(compiles), options=opts)
+    low_c = torch.compile(low, backend=counting(compiles), options=opts)
+    denoise(high_c, steps=(999, 899, 799))
+    denoise(low_c, steps=(699, 599, 499, 399))
+    rows_high = self_attention_rows("WanTransformer3DModel#0")
+    rows_low = self_attention_rows("WanTransformer3DModel#1")
+    assert len(rows_high) == len(rows_low) == 3
+    assert all(r.steps == 3 for r in rows_high) and all(r.steps == 4 for r in rows_low)
+    states = REGISTRY.states
+    high_maps = [states[(r.site, 0)].policy_state.smap for r in rows_high]
+    low_maps = [states[(r.site, 0)].policy_state.smap for r in rows_low]
+    assert all(h is not None and l is not None and h is not l for h, l in zip(high_maps, low_maps))
+    assert len(compiles) <= 2                                  # no recompile per step
+
+
+def test_per_token_timesteps_are_read_whole():
+    """Wan2.2 TI2V passes a (B, seq_len) timestep: every entry counts, not only the first."""
+    model = torch.compile(tiny_wan(), backend="modsparse", options={"policy": "dense", **OPTS})
+
+    def per_token(t):
+        ts = torch.full((1, 3 * 8 * 8), float(t))
+        ts[:, :64] = 0.0                                   # the conditioning frame stays clean
+        return ts
+    denoise(model, cfg=True, timestep=per_token)
+    rows = self_attention_rows()
+    assert rows and all(r.steps == 4 and r.passes == 2 for r in rows)
+
+
+def test_forgetting_sites_keeps_compiled_graphs_working():
+    model = torch.compile(tiny_wan(), backend="modsparse", options={"policy": "vmoba", **OPTS})
+    denoise(model, steps=(999, 499))
+    modcompile.reset(forget_sites=True)
+    denoise(model, steps=(999, 499))
+    rows = self_attention_rows()
+    assert len(rows) == 3 and all(r.steps == 2 for r in rows)
