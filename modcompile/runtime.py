@@ -260,7 +260,7 @@ class Registry:
         compiled block), which then takes the model's last grid. Policy state from another
         geometry is dropped."""
         info = state.info
-        run = self._current_run(info)
+        run = self._current[info.spec_key][0]             # set by enter_site for this call
         grid = tuple(int(g) for g in grid)
         if min(grid) > 0:
             run.last_grid = grid
@@ -276,12 +276,6 @@ class Registry:
                 state.policy_state, state.kv_counts, state.kv_indices = None, None, None
             state.geometry = (seq_len, grid)
         return info
-
-    def _current_run(self, info: SiteInfo) -> ModelRun:
-        for run in (*self.runs.values(), self.free_run):
-            if run.name == info.model:
-                return run
-        return self.free_run
 
     def current(self, key: str) -> SiteState:
         """The state that the last plan node of this site selected (for attention/observe nodes)."""
