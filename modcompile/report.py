@@ -36,7 +36,7 @@ def collect() -> list[SiteRow]:
         # the geometry of the last call, when the site ran (compile-time values otherwise)
         info = next((s.context.info for s in states if s.context is not None), info)
         rows.append(SiteRow(
-            site=info.key, status=info.status, reason=info.reason, policy=info.config.policy,
+            site=info.key, status=info.status, reason=info.reason or info.mask, policy=info.config.policy,
             seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,
             text_tokens=info.text_tokens,
             density=sum(densities) / len(densities) if densities else None,

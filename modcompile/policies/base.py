@@ -115,12 +115,12 @@ class Policy:
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float):
+                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here."""
+        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike)."""
         from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
