@@ -258,14 +258,14 @@ class KernelConfig:
 
 
 # Candidates tried on CUDA (the tuner times each once per key); the first that fits is the untuned
-# fallback. Measured on H100 (BENCHMARKS.md): the warp-specialized TMA variant with the ragged
-# branch is fastest (538 TFLOP/s at density 1 vs 477 for the best plain loop); autoWS on Hopper
-# needs the TMA loads, and without the scalar ragged branch it loses its gain. Descriptors built on
-# the host tie at density 1 and are 2.4% faster at 0.1 (no descriptor write per program), so they
-# come first. 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB): left out.
+# fallback. The warp-specialized TMA variant with the ragged branch was the fastest on Hopper;
+# autoWS there needs the TMA loads, and without the scalar ragged branch it loses its gain.
+# Descriptors built on the host were as fast at density 1 and faster at low density (no descriptor
+# write per program), so they come first. 128x128 tiles with 4 stages need more shared memory than
+# Hopper has: left out. Timings: benchmarks/measured/HISTORY.md (Kernel).
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
-    # q and out through descriptors too: a tie on H200 (-0.9% at density 1, equal at 0.1).
+    # q and out through descriptors too: timed as a tie with the one above.
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, qo_tma=True),
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),

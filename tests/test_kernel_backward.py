@@ -308,7 +308,7 @@ def test_backward_bf16_gpu(D, bs):
 # autograd registration on a forward custom op
 # ----------------------------------------------------------------------------------------------
 def _forward_impl(q, k, v, kv_counts, kv_indices, block_size, scale):
-    """Triton forward on CUDA (the other engineer's kernel), the torch reference elsewhere."""
+    """Triton forward on CUDA, the torch reference elsewhere."""
     if q.is_cuda:
         from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 
