@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
-                      padded_head_dim, tma_usable)
+                      padded_head_dim, tma_usable, tuning_enabled)
 from .block_lists import block_lists_triton
 from .reference import num_blocks
 
@@ -458,7 +458,7 @@ def _launch_tuned(kind, launch, key, candidates):
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("MODCOMPILE_BWD_AUTOTUNE", "1") != "0"
+    return tuning_enabled("backward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +635,7 @@ def block_sparse_attention_bwd(
     :func:`transpose_block_lists`, if the caller already has them. ``config`` forces the launch
     configuration (a :class:`BackwardConfig` or ``(tile, sub_tile, num_warps, num_stages)``) of both
     passes, ``dkdv_config`` / ``dq_config`` of one pass (benchmarks, tests); a pass not forced is
-    timed once per shape key on GPUs (``MODCOMPILE_BWD_AUTOTUNE=0``: fixed configuration)."""
+    timed once per shape key on GPUs (``MODCOMPILE_TUNE=0``: fixed configuration)."""
     run = prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices, block_size=block_size, scale=scale,
                            q_lists=q_lists)
     if q.numel() == 0 or k.numel() == 0:  # nothing attends anything: all gradients are zero
