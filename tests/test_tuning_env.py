@@ -61,3 +61,24 @@ def test_new_name_wins_over_a_deprecated_one(env):
     env(MODCOMPILE_TUNE="0", MODCOMPILE_BSA_NO_TUNE="0", MODCOMPILE_BWD_AUTOTUNE="1")
     assert _both() == ((False, False), [])
     assert not bwd._autotune_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_forward_times_nothing_with_tuning_off(env, monkeypatch):
+    import torch
+    import triton.testing
+
+    from modcompile.kernels import block_sparse_attention as bsa
+    from modcompile.kernels.reference import full_block_lists, num_blocks
+
+    env(MODCOMPILE_TUNE="0")
+    monkeypatch.setattr(bsa, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed a candidate"))
+    q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    m = num_blocks(300, 128)
+    counts, indices = full_block_lists(1, 2, m, m, device="cuda")
+    out, _ = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=128)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out.float() - ref).abs().max() < 3e-2
+    assert list(bsa._TUNED.values()) == [bsa.candidate_configs(128, 64, tma=bsa.tma_usable(k, v))[0]]
