@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for issue 17: GPU tests, public vs raw kernel, host time per call before/after.
+# One device call: GPU tests, public vs raw kernel, host time per call of two trees (before/ = a base commit, after/ = a branch).
 # Run from build/fastpath (after/ = this branch, before/ = its base commit), OUT set by the tool.
 set -u
 export PYTHONUNBUFFERED=1 MODCOMPILE_TUNE=0
