@@ -16,7 +16,7 @@ loaded, so they cannot reach a row.
 Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
 TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
 candidates (tens of seconds once; later keys reuse the compiled binaries) and caches the fastest;
-later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
+later calls only look it up. ``MODCOMPILE_TUNE=0`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
 block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
@@ -32,7 +32,6 @@ once); ``validate=True`` checks it too.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +40,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
-                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
-                      validate_block_lists)
+                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, tuning_enabled,
+                      unit_last_stride, validate_block_lists)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,14 +264,14 @@ class KernelConfig:
 
 
 # Candidates tried on CUDA (the tuner times each once per key); the first that fits is the untuned
-# fallback. Measured on H100 (BENCHMARKS.md): the warp-specialized TMA variant with the ragged
-# branch is fastest (538 TFLOP/s at density 1 vs 477 for the best plain loop); autoWS on Hopper
-# needs the TMA loads, and without the scalar ragged branch it loses its gain. Descriptors built on
-# the host tie at density 1 and are 2.4% faster at 0.1 (no descriptor write per program), so they
-# come first. 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB): left out.
+# fallback. The warp-specialized TMA variant with the ragged branch was the fastest on Hopper;
+# autoWS there needs the TMA loads, and without the scalar ragged branch it loses its gain.
+# Descriptors built on the host were as fast at density 1 and faster at low density (no descriptor
+# write per program), so they come first. 128x128 tiles with 4 stages need more shared memory than
+# Hopper has: left out. Timings: benchmarks/measured/HISTORY.md (Kernel).
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
-    # q and out through descriptors too: a tie on H200 (-0.9% at density 1, equal at 0.1).
+    # q and out through descriptors too: timed as a tie with the one above.
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, qo_tma=True),
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),
@@ -288,8 +287,7 @@ _CANDIDATES = (
 
 # tuning key (see _tuning_key) -> KernelConfig chosen by timing.
 _TUNED: dict[tuple, KernelConfig] = {}
-# Set MODCOMPILE_BSA_NO_TUNE=1 to skip timing and use the first fitting candidate.
-_NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
+# MODCOMPILE_TUNE=0 skips timing and uses the first fitting candidate (kernels/_common.py).
 
 
 def candidate_configs(block_size: int, head_dim: int, tma: bool = True) -> list[KernelConfig]:
@@ -462,7 +460,7 @@ def _pick_config(q, k, v, block_size, run, biased: bool = False) -> KernelConfig
     if cfg is not None:
         return cfg
     candidates = candidate_configs(block_size, D, tma=tma)
-    if os.environ.get(_NO_TUNE_ENV, "0") not in ("", "0") or len(candidates) == 1:
+    if not tuning_enabled("forward") or len(candidates) == 1:
         cfg = candidates[0]
     else:
         best = None

@@ -1,6 +1,6 @@
 """Pure-torch references of the block-sparse kernels.
 
-Block-sparse representation (DESIGN.md): for every (batch, head, query block) a count and a list of
+Block-sparse representation: for every (batch, head, query block) a count and a list of
 key blocks, ``kv_counts[B, H, Mq]`` and ``kv_indices[B, H, Mq, Mk_max]`` (int32). Entries of
 ``kv_indices`` past ``kv_counts`` are ignored. Blocks are ``block_size`` tokens; the last block of a
 sequence whose length is not a multiple of the block size is ragged. A query row whose list is

@@ -152,15 +152,8 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def make_policy(config: SparsityConfig) -> Policy:
-    from . import dense  # noqa: F401  (registers the built-in policies)
-    try:
-        from . import vmoba  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from . import mod  # noqa: F401
-    except ImportError:
-        pass
+    # Importing the built-in policies registers them; here, not at the top, because they import this module.
+    from . import dense, mod, vmoba  # noqa: F401
     if config.policy not in _POLICIES:
         raise ValueError(f"modsparse: policy {config.policy!r} is not available "
                          f"(have {sorted(_POLICIES)})")
