@@ -226,10 +226,13 @@ def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
 
 @torch.library.custom_op("modcompile::sparse_attention", mutates_args=(), tags=_TAGS)
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                     site: str, scale: float, key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     site: str, scale: float, key_bias: Optional[Tensor] = None,
+                     anchor: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The site's attention: dense SDPA on dense calls that observe nothing and need no backward
     (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise.
-    ``key_bias`` (B, Nk) float32: the site's key-padding mask as an additive bias (passes/masks.py)."""
+    ``key_bias`` (B, Nk) float32: the site's key-padding mask as an additive bias (passes/masks.py).
+    ``anchor``: the plan node's, saved for the backward, which runs after every layer's forward
+    and must find the state of its own instance (one compiled block serves every layer)."""
     state = REGISTRY.current(site)
     return site_attention(policy_for(state.info.config), state.context, q, k, v, kv_counts, kv_indices, scale,
                           key_bias)
@@ -253,43 +256,43 @@ def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float, ke
 
 
 @sparse_attention.register_fake
-def _(q, k, v, kv_counts, kv_indices, site, scale, key_bias=None):
+def _(q, k, v, kv_counts, kv_indices, site, scale, key_bias=None, anchor=None):
     return _fake_outputs(q)
 
 
 @torch.library.custom_op("modcompile::sparse_attention_backward", mutates_args=(), tags=_TAGS)
 def sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                              kv_counts: Tensor, kv_indices: Tensor, site: str,
-                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                              kv_counts: Tensor, kv_indices: Tensor, site: str, scale: float,
+                              anchor: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the site's attention with the lists its forward used (no gradient through
-    the selection)."""
-    state = REGISTRY.current(site)
+    the selection), in the state of the instance that ``anchor`` names."""
+    state = REGISTRY.instance_state(site, anchor)
     grads = policy_for(state.info.config).attention_backward(
         state.context, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
     return tuple(g.contiguous() for g in grads)
 
 
 @sparse_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, kv_counts, kv_indices, site, scale):
+def _(grad_out, q, k, v, out, lse, kv_counts, kv_indices, site, scale, anchor=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _site_setup_context(ctx, inputs, output):
-    q, k, v, kv_counts, kv_indices, site, scale, key_bias = inputs
+    q, k, v, kv_counts, kv_indices, site, scale, key_bias, anchor = inputs
     if key_bias is not None:  # the pass keeps masked sites that need gradients dense
         raise NotImplementedError("modsparse: no backward for a block-sparse site with a key-padding mask")
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_counts, kv_indices)
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_counts, kv_indices, anchor)
     ctx.site, ctx.scale = site, scale
 
 
 def _site_backward(ctx, grad_out, grad_lse):
     # lse is auxiliary (it feeds the observe node only): its gradient is ignored.
-    q, k, v, out, lse, kv_counts, kv_indices = ctx.saved_tensors
+    q, k, v, out, lse, kv_counts, kv_indices, anchor = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.modcompile.sparse_attention_backward(
-        grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.site, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+        grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.site, ctx.scale, anchor)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_context)

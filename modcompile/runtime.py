@@ -278,6 +278,13 @@ class Registry:
             state.geometry = (seq_len, grid)
         return info
 
+    def instance_state(self, key: str, anchor: torch.Tensor | None) -> SiteState:
+        """The state that the last plan of the instance ``anchor`` names selected (the backward
+        runs after every instance's forward, so ``current`` would give the last one's)."""
+        run, info = self._instance(key, anchor)
+        _, calls = run.visits.get(info.key, (-1, 1))
+        return run.states.get((info.key, max(calls - 1, 0))) or self.current(key)
+
     def current(self, key: str) -> SiteState:
         """The state that the last plan node of this site selected (for attention/observe nodes)."""
         return self._current[key][1]
@@ -350,7 +357,10 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None) -> None:
     model.register_forward_pre_hook(hook, with_kwargs=True)
     run.hooked = True
     if frame_locals is not None:
-        read(frame_locals)
+        # Only the forward's arguments: its other locals may share their names (Wan's forward has
+        # num_frames/height/width of the unpatched latent) and the arguments may be rebound by now
+        # (hidden_states is already the token sequence: then the grid is unknown for this call).
+        read({name: value for name, value in frame_locals.items() if name in params})
 
 
 def timestep_value(t: torch.Tensor) -> tuple:

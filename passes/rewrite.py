@@ -131,7 +131,7 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, 
         indices = graph.call_function(operator.getitem, (lists, 1))
         bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,
-                                   (q, k, v, counts, indices, key, float(scale), bias))
+                                   (q, k, v, counts, indices, key, float(scale), bias, anchor))
         out = graph.call_function(operator.getitem, (attn, 0))
         lse = graph.call_function(operator.getitem, (attn, 1))
         graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key))

@@ -118,3 +118,36 @@ def test_forgetting_sites_keeps_compiled_graphs_working():
     denoise(model, steps=(999, 499))
     rows = self_attention_rows()
     assert len(rows) == 3 and all(r.steps == 2 for r in rows)
+
+
+def _vmoba_grads(style):
+    torch.manual_seed(0)
+    model = tiny_wan().train()
+    opts = {"policy": "vmoba", "warmup_steps": 0, "tau": 0.5, **OPTS}
+    if style == "whole":
+        compiled = torch.compile(model, backend="modsparse", options=opts)
+    else:
+        model.compile_repeated_blocks(backend="modsparse", options=opts)
+        compiled = model
+    g = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(1, 4, 3, 16, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    with torch.no_grad(), modcompile.denoising_step(4, 10):  # regional: the first call's grid is unknown
+        compiled(latents, torch.tensor([600]), text, return_dict=False)
+    with modcompile.denoising_step(5, 10):
+        compiled(latents, torch.tensor([500]), text, return_dict=False)[0].square().mean().backward()
+    rows = self_attention_rows()
+    assert len(rows) == 3 and all(r.density is not None and r.density < 1.0 for r in rows)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and ".attn1.to_q" in n}
+
+
+def test_regional_backward_uses_each_layers_own_lists():
+    """One compiled block serves every layer; the backward of each layer must take the lists and
+    partition its own forward used (VMoBA's partition cycles with the layer), as under whole-model
+    compilation, where each layer is its own site."""
+    whole = _vmoba_grads("whole")
+    modcompile.reset(forget_sites=True)
+    torch._dynamo.reset()
+    regional = _vmoba_grads("regional")
+    assert whole.keys() == regional.keys() and len(whole) == 6  # to_q weight and bias of 3 layers
+    for name in whole:
+        torch.testing.assert_close(regional[name], whole[name], rtol=1e-4, atol=1e-5)
