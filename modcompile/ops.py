@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .kernels._common import empty_heads_last, interpreting, validate_block_lists, validation_requested
+from .kernels._common import attention_path, empty_heads_last, validate_block_lists, validation_requested
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY, timestep_value
@@ -45,15 +45,14 @@ def _triton_forward():
 
 
 def use_triton(t: Tensor) -> bool:
-    """Triton on CUDA; on CPU only under TRITON_INTERPRET=1 and not for bf16 (the interpreter's bf16
-    dot is wrong). The one switch between Triton and the torch references: tests that want the
-    reference paths patch this function (toggling TRITON_INTERPRET inside a process confuses
-    Triton's launcher)."""
+    """Whether the Triton kernels run on ``t`` (B, H, N, D): :func:`kernels._common.attention_path`
+    says "triton" for its device, dtype and head_dim (CUDA; CPU only under TRITON_INTERPRET=1 and
+    not for bf16). Anything else takes the torch references. The one switch between Triton and
+    the references: tests that want the reference paths patch this function (toggling
+    TRITON_INTERPRET inside a process confuses Triton's launcher)."""
     if _triton_forward() is None:
         return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
+    return attention_path(t.device, t.dtype, t.shape[-1])[0] == "triton"
 
 
 # (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends (policies import it).
@@ -206,6 +205,10 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
     state.dense_now, state.observe_now = result.dense, result.observe
+    if result.dense:
+        state.dense_why = result.why or "dense plan"
+    else:
+        state.sparse_calls += 1
     # Policies keep their lists across calls (cached full lists, MOD's interval masks), but the
     # compiled graph owns an op's outputs and may reuse their memory once they are dead: hand it
     # copies (two small device copies per call).

@@ -420,11 +420,11 @@ def test_graph_after_a_break_takes_the_grid_of_the_call(compiles):
 
 
 def test_head_dim_the_gpu_kernel_lacks_stays_dense_with_the_reason():
-    from modcompile.passes.rewrite import _head_dim_check
+    from modcompile.passes.rewrite import _support_check
 
-    assert _head_dim_check(128, torch.device("cuda"), torch.bfloat16) == ""
-    assert "head_dim 256 not supported" in _head_dim_check(256, torch.device("cuda"), torch.bfloat16)
-    assert _head_dim_check(256, torch.device("cpu"), torch.float32) == ""  # the reference runs any
+    check = _support_check(64)
+    assert check(128, torch.device("cuda"), torch.bfloat16) == ""
+    assert "head_dim 256 not supported" in check(256, torch.device("cuda"), torch.bfloat16)
 
 
 def test_dense_attention_with_lse_leaves_cpu_to_the_kernel():

@@ -22,6 +22,7 @@ class Plan:
     kv_indices: torch.Tensor       # (B, H, Mq, Mk) int32 (width fixed to Mk: the graph's fake shape)
     dense: bool                    # every block: the attention node may call dense SDPA
     observe: bool = False          # the observe node must run on this call
+    why: str = ""                  # dense plans: a few words on why (report() status: "dense (warm-up)")
 
 
 @dataclass
@@ -41,10 +42,10 @@ class SiteContext:
     def blocks(self, n: int) -> int:
         return num_blocks(n, self.config.block_size)
 
-    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False) -> Plan:
+    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False, why: str = "") -> Plan:
         counts, indices = full_lists(q.shape[0], q.shape[1], self.blocks(q.shape[2]),
                                      self.blocks(k.shape[2]), q.device)
-        return Plan(counts, indices, dense=True, observe=observe)
+        return Plan(counts, indices, dense=True, observe=observe, why=why)
 
 
 @lru_cache(maxsize=64)

@@ -173,7 +173,7 @@ class ModPolicy(Policy):
     # ------------------------------------------------------------------ schedule
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
         if q.shape[2] != k.shape[2]:  # not self-attention: nothing to predict
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="not self-attention")
         st = self._state(ctx, q)
         step, cfg = ctx.step, self.config
         warmup = self.warmup_steps(ctx)
@@ -181,7 +181,7 @@ class ModPolicy(Policy):
         if step < warmup:
             if step >= warmup - 2:
                 return self._observed(ctx, st, q, k, "dense", "observe-dense")
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="warm-up")
         if st.mask is None:  # no fit yet (no warm-up observation): bootstrap with a dense one
             return self._observed(ctx, st, q, k, "dense", "observe-dense")
         low = self._poll_coverage(st)
@@ -204,7 +204,8 @@ class ModPolicy(Policy):
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
         st.observing = kind
         st.events.append((ctx.step, event))
-        return ctx.full_plan(q, k, observe=True)
+        # observations before the first mask are still the warm-up; later ones are refreshes
+        return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh")
 
     def _poll_coverage(self, st: ModState) -> bool:
         """True when a cheap refresh's coverage has reached the host and is below the bound."""

@@ -160,10 +160,10 @@ class VmobaPolicy(Policy):
         call = ctx.state.policy_state = CallState()  # drops permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
         if layout is None:
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="no grid" if ctx.info.grid is None else "grid does not fit")
         if ctx.step < self.warmup_steps(ctx):
             ctx.state.note = layout.describe() + "; dense warm-up step"
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="warm-up")
         ctx.state.note = layout.describe()
         call.dense = False
         _, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
