@@ -40,6 +40,9 @@ def _check_recompile(gm, example_inputs) -> None:
     if compile_id is None:
         return
     frame = compile_id.frame_id
+    if compile_id.frame_compile_id == 0:  # a new frame (frame ids restart after torch._dynamo.reset())
+        _FRAME_INPUTS.pop(frame, None)
+        _WARNED_FRAMES.discard(frame)
     signature = _input_signature(example_inputs)
     seen = _FRAME_INPUTS.setdefault(frame, set())
     if signature in seen and frame not in _WARNED_FRAMES:

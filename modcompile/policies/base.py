@@ -119,9 +119,11 @@ class Policy:
                   kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here."""
+        partitions) permute around the kernel here. Sparse calls pass ``like_dense``: a NaN / Inf
+        in a key or value block a row skips still makes that row NaN, as dense SDPA would."""
         from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale,
+                                 like_dense=not ctx.state.dense_now)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
