@@ -21,6 +21,7 @@ class SiteRow:
     steps: int                    # steps seen (max over passes)
     passes: int
     note: str = ""                # the policy's word on the site (e.g. why it planned dense)
+    rewritten: bool = False       # the compile-time decision: block-sparse ops replaced the SDPA call
 
 
 def _value(x):
@@ -54,7 +55,8 @@ def collect() -> list[SiteRow]:
             text_tokens=info.text_tokens,
             density=sum(densities) / len(densities) if densities else None,
             steps=max((s.steps_seen for s in states), default=0), passes=len(states),
-            note="; ".join(dict.fromkeys(s.note for s in states if s.note))))
+            note="; ".join(dict.fromkeys(s.note for s in states if s.note)),
+            rewritten=info.status == "sparse"))
     return rows
 
 
