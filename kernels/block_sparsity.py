@@ -155,7 +155,7 @@ def _block_sparsity_kernel(
         below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
         frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
         # Unsampled slots loaded q = 0 (0 * NaN is NaN): only sampled rows count.
-        bad = lse_bad | (row_ok & (total * 0.0 != 0.0))
+        bad = lse_bad | (row_ok & ~(tl.abs(total) < float("inf")))  # NaN compares false
         bad_per_block = tl.sum(tl.reshape(bad.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
         frac = tl.where(bad_per_block > 0, float("nan"), frac)
         store_ok = block_ok

@@ -109,7 +109,7 @@ def nonfinite_like_dense(out: Tensor, lse: Tensor, k: Tensor, v: Tensor, kv_coun
     mq = ids.shape[2]
     listed_bad = (block_bad.unsqueeze(2).expand(B, H, mq, mk).gather(-1, ids) & listed).sum(-1)
     missing = listed_bad < block_bad.sum(-1, keepdim=True)                                      # (B, H, Mq)
-    rows = missing.repeat_interleave(block_size, dim=-1)[..., :N]
+    rows = missing.unsqueeze(-1).expand(B, H, mq, block_size).reshape(B, H, mq * block_size)[..., :N]
     if q_rows is not None:  # permuted row r is token q_rows[r]
         rows = torch.empty_like(rows).index_copy_(2, q_rows.long(), rows)
     out.masked_fill_(rows.unsqueeze(-1), float("nan"))
