@@ -47,6 +47,7 @@ class SiteInfo:
     anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)
     model: str = ""                 # the model instance a site instance belongs to (report)
     spec_key: str = ""              # a site instance's compiled site (its key before it ran)
+    mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
 
 
 @dataclass

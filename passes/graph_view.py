@@ -1,7 +1,9 @@
-"""A networkx view of an FX graph, for reachability questions in the passes."""
+"""Views of an FX graph for the passes: node values at compile time, and a networkx graph for
+reachability questions."""
 from __future__ import annotations
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 
@@ -12,3 +14,17 @@ def to_digraph(graph: fx.Graph) -> nx.DiGraph:
         for user in node.users:
             g.add_edge(node, user)
     return g
+
+
+def example_value(arg):
+    """A node's value at compile time (a fake tensor, a SymInt ...); non-nodes are themselves."""
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def hint(n) -> int:
+    """A concrete size for decisions: the hint of a symbolic size (no new guard)."""
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint) if n.node.hint is not None else int(n.node.shape_env.size_hint(n.node.expr))
+    return int(n)

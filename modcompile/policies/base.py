@@ -116,13 +116,14 @@ class Policy:
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float):
+                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here. Sparse calls pass ``like_dense``: a NaN / Inf
-        in a key or value block a row skips still makes that row NaN, as dense SDPA would."""
+        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). Sparse
+        calls pass ``like_dense``: a NaN / Inf in a key or value block a row skips still makes that
+        row NaN, as dense SDPA would."""
         from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale,
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
                                  like_dense=not ctx.state.dense_now)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
@@ -155,15 +156,8 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def make_policy(config: SparsityConfig) -> Policy:
-    from . import dense  # noqa: F401  (registers the built-in policies)
-    try:
-        from . import vmoba  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from . import mod  # noqa: F401
-    except ImportError:
-        pass
+    # Importing the built-in policies registers them; here, not at the top, because they import this module.
+    from . import dense, mod, vmoba  # noqa: F401
     if config.policy not in _POLICIES:
         raise ValueError(f"modsparse: policy {config.policy!r} is not available "
                          f"(have {sorted(_POLICIES)})")
