@@ -20,6 +20,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
+                   block_size: int | None = None) -> tuple[str, str]:
+    """Which block-sparse attention path can run these inputs, and why not the Triton kernel.
+
+    Returns ``("triton", "")``, ``("reference", why)`` (the torch reference runs instead: CPU
+    without TRITON_INTERPRET, or bf16 under the interpreter, whose bf16 dot is wrong) or
+    ``("none", why)``: the Triton path is the one this device means (CUDA, or CPU under the
+    interpreter, which stands in for the GPU) and it lacks the head_dim, dtype or block size.
+    The one support predicate: the rewrite pass keeps ``"none"`` sites dense with ``why``, and
+    ``modcompile.ops.use_triton`` dispatches on it at run time."""
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        return "reference", f"no Triton on {device.type} without TRITON_INTERPRET=1"
+    try:
+        from . import block_sparse_attention as kernel
+    except ImportError:
+        if device.type == "cuda":
+            return "none", "no Triton block-sparse kernel available (triton not importable)"
+        return "reference", "triton not importable"
+    if dtype not in kernel.SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in kernel.SUPPORTED_DTYPES)
+        return "none", f"dtype {str(dtype).replace('torch.', '')} not supported by the kernel (supported: {names})"
+    if head_dim not in kernel.SUPPORTED_HEAD_DIMS:
+        return "none", f"head_dim {head_dim} not supported by the kernel (supported: {kernel.SUPPORTED_HEAD_DIMS})"
+    if block_size is not None and block_size not in kernel.SUPPORTED_BLOCK_SIZES:
+        return "none", f"block_size {block_size} not supported by the kernel (supported: {kernel.SUPPORTED_BLOCK_SIZES})"
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return "reference", "bfloat16 under the Triton interpreter (its bf16 dot is wrong)"
+    if (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available()
+            and device_capability(device)[0] < 8):
+        return "none", "bfloat16 needs compute capability 8.0 or newer"
+    return "triton", ""
+
+
 def device_capability(device: torch.device) -> tuple[int, int]:
     """``torch.cuda.get_device_capability`` cached per device: the launch wrappers ask on every call."""
     return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -25,7 +25,12 @@ one tile of ``block_size`` rows), so its work drops by about s for power-of-two 
 loop of every program is split into parts of about ``SparsityKernelConfig.key_blocks`` key blocks
 (separate programs; the entries of different key blocks are independent), so that a short
 sampled pass still has enough programs for the GPU.
-``row_stride=1`` is the exact map. A caller that observes repeatedly can rotate ``row_phase``
+``row_stride=1`` is the exact map.
+
+Non-finite inputs: an entry is NaN when one of its sampled rows has a NaN or +inf ``lse`` or a
+NaN / infinite score in the tile (dense softmax gives that row NaN probabilities); such NaN is not
+swallowed into a count. Callers that also use NaN for "not observed" (restricted mode's ``fill``)
+should pass another ``fill`` to tell the two apart (the MOD policy passes -1). A caller that observes repeatedly can rotate ``row_phase``
 so that successive observations see different rows.
 """
 from __future__ import annotations
@@ -111,6 +116,8 @@ def _block_sparsity_kernel(
     # row's bound is above 0. Subtracting those after the key block's loop (only the last block
     # is ragged) keeps the per-entry work to one comparison and one add.
     zero_hit = (bound > 0).to(tl.int32)
+    # A row whose lse is NaN or +inf has NaN probabilities (dense softmax would too): its tiles are NaN.
+    lse_bad = row_ok & ((lse != lse) | (lse == float("inf")))
     rows_sampled = tl.sum(tl.reshape(row_ok.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
     out_blocks = pid_group * GROUP + tl.arange(0, GROUP)
     block_ok = out_blocks < MQ
@@ -132,16 +139,25 @@ def _block_sparsity_kernel(
         else:
             key_block = e
         below = tl.zeros([TILE_M], dtype=tl.int32)
+        # A NaN or infinite score makes the row sum non-finite (one add per entry instead of a
+        # test; finite scores would have to overflow float32): such a tile has NaN probabilities
+        # in dense attention.
+        total = tl.zeros([TILE_M], dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             cols = key_block * BLOCK_SIZE + c * BLOCK_N + offs_n
             k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                         mask=(cols < N_K)[None, :] & d_ok[:, None], other=0.0)
             s = tl.dot(q, k, input_precision=DOT_PRECISION)
             below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
+            total += tl.sum(s, 1)
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
         below -= (BLOCK_SIZE - cols_valid) * zero_hit
         below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
         frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
+        # Unsampled slots loaded q = 0 (0 * NaN is NaN): only sampled rows count.
+        bad = lse_bad | (row_ok & ~(tl.abs(total) < float("inf")))  # NaN compares false
+        bad_per_block = tl.sum(tl.reshape(bad.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
+        frac = tl.where(bad_per_block > 0, float("nan"), frac)
         store_ok = block_ok
         if RESTRICTED and GROUP > 1:
             store_ok = store_ok & (tl.load(listed_base + key_block, mask=block_ok, other=0) != 0)
@@ -331,6 +347,9 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     tile_rows = torch.bincount(row_blocks, minlength=mq).to(compute_dtype)
     tile_cols = torch.bincount(cols[:n_k] // block_size, minlength=mk).to(compute_dtype)
     sums = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
+    bad = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
+    lse_rows = lse[:, :, rows]
+    row_bad = (lse_rows.isnan() | (lse_rows == float("inf"))).unsqueeze(-1)
     kc = k.to(compute_dtype)
     step = 16 * block_size  # chunks of sampled rows bound the memory
     for r0 in range(0, rows.numel(), step):
@@ -340,7 +359,11 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
         below = torch.nn.functional.pad(below, (0, mk * block_size - n_k))
         per_col_block = below.view(B, H, r1 - r0, mk, block_size).sum(-1)
         sums.index_add_(2, row_blocks[r0:r1], per_col_block)
+        nonfinite = torch.nn.functional.pad(~torch.isfinite(s), (0, mk * block_size - n_k))
+        nonfinite = nonfinite.view(B, H, r1 - r0, mk, block_size).any(-1) | row_bad[:, :, r0:r1]
+        bad.index_add_(2, row_blocks[r0:r1], nonfinite.to(compute_dtype))
     frac = (sums / (tile_rows[:, None] * tile_cols[None, :])).float()
+    frac = frac.masked_fill(bad > 0, float("nan"))  # NaN probabilities in the tile, as in dense softmax
     if kv_counts is None:
         if out is not None:
             out.copy_(frac)

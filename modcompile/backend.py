@@ -19,6 +19,41 @@ def _scope(config) -> str:
     return hashlib.sha1(repr(config).encode()).hexdigest()[:8]
 
 
+# frame id -> tensor-input signatures compiled so far; frames already warned about
+_FRAME_INPUTS: dict = {}
+_WARNED_FRAMES: set = set()
+
+
+def _input_signature(example_inputs) -> tuple:
+    return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else type(x).__name__
+                 for x in example_inputs)
+
+
+def _check_recompile(gm, example_inputs) -> None:
+    """Warn once per frame when Dynamo recompiles it for tensor inputs it has compiled before: the
+    guard that failed was on a Python value, typically a timestep passed as a float
+    (``model(x, 500.0)``), which Dynamo specialises into the graph: every step then recompiles
+    until the recompile limit, after which the frame runs without modsparse."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    if compile_id is None:
+        return
+    frame = compile_id.frame_id
+    if compile_id.frame_compile_id == 0:  # a new frame (frame ids restart after torch._dynamo.reset())
+        _FRAME_INPUTS.pop(frame, None)
+        _WARNED_FRAMES.discard(frame)
+    signature = _input_signature(example_inputs)
+    seen = _FRAME_INPUTS.setdefault(frame, set())
+    if signature in seen and frame not in _WARNED_FRAMES:
+        _WARNED_FRAMES.add(frame)
+        log.warning("modsparse: graph %s recompiled with the same tensor inputs as before: a Python number "
+                    "argument changes between calls and Dynamo specialises on it. If it is the timestep "
+                    "(model(x, 500.0)), pass it as a tensor (torch.tensor([t])): a float timestep "
+                    "recompiles every step and, past torch's recompile limit, runs without modsparse", compile_id)
+    seen.add(signature)
+
+
 def modsparse(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """torch.compile backend: rewrite SDPA to block-sparse attention, then compile with Inductor.
 
@@ -28,6 +63,7 @@ def modsparse(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     from torch._inductor.compile_fx import compile_fx
 
     config, inductor_options, options_mode = split_options(options)
+    _check_recompile(gm, example_inputs)
     mode = mode or options_mode
     sites = rewrite_attention(gm, config, _scope(config))
     sparse = sum(s.status == "sparse" for s in sites)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .kernels._common import empty_heads_last, interpreting, validate_block_lists, validation_requested
+from .kernels._common import attention_path, empty_heads_last, validate_block_lists, validation_requested
 from .kernels.reference import block_sparse_attention_ref, num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY, timestep_value
@@ -45,15 +45,14 @@ def _triton_forward():
 
 
 def use_triton(t: Tensor) -> bool:
-    """Triton on CUDA; on CPU only under TRITON_INTERPRET=1 and not for bf16 (the interpreter's bf16
-    dot is wrong). The one switch between Triton and the torch references: tests that want the
-    reference paths patch this function (toggling TRITON_INTERPRET inside a process confuses
-    Triton's launcher)."""
+    """Whether the Triton kernels run on ``t`` (B, H, N, D): :func:`kernels._common.attention_path`
+    says "triton" for its device, dtype and head_dim (CUDA; CPU only under TRITON_INTERPRET=1 and
+    not for bf16). Anything else takes the torch references. The one switch between Triton and
+    the references: tests that want the reference paths patch this function (toggling
+    TRITON_INTERPRET inside a process confuses Triton's launcher)."""
     if _triton_forward() is None:
         return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreting() and t.dtype != torch.bfloat16
+    return attention_path(t.device, t.dtype, t.shape[-1])[0] == "triton"
 
 
 # (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends (policies import it).
@@ -61,7 +60,8 @@ _out_like = empty_heads_last
 
 
 def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float,
-                      q_rows: Optional[Tensor] = None, key_bias: Optional[Tensor] = None):
+                      q_rows: Optional[Tensor] = None, key_bias: Optional[Tensor] = None,
+                      like_dense: bool = False):
     """Block-sparse attention on the best available path; returns ``(out, lse)``.
 
     ``key_bias`` (B, Nk) float32, in k's order: added to the scaled scores of each key (``-inf``
@@ -70,18 +70,54 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     ``q_rows`` (N,) int32 permutation (VMoBA): the lists, k and v are in permuted token order, q and
     the returned out / lse in the original one; permuted row ``r`` is token ``q_rows[r]``. The kernel
     gathers q and scatters out / lse itself; the torch path permutes q and un-permutes around the
-    reference."""
+    reference. ``like_dense`` (the rewritten sites): NaN also on the rows that dense SDPA would make
+    non-finite through a key or value block they do not list (:func:`nonfinite_like_dense`)."""
     out = _out_like(q)
     if use_triton(q):
-        return _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
-                                 q_rows=q_rows, key_bias=key_bias)
-    rows = None if q_rows is None else q_rows.to(torch.int64)
-    q_in = q if rows is None else q.index_select(2, rows)
-    ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale,
-                                              key_bias=key_bias)
-    if rows is None:
-        return out.copy_(ref_out), lse
-    return out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
+        out, lse = _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
+                                     q_rows=q_rows, key_bias=key_bias)
+    else:
+        rows = None if q_rows is None else q_rows.to(torch.int64)
+        q_in = q if rows is None else q.index_select(2, rows)
+        ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size,
+                                                  scale=scale, key_bias=key_bias)
+        if rows is None:
+            out = out.copy_(ref_out)
+        else:
+            out, lse = out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
+    if like_dense:
+        nonfinite_like_dense(out, lse, k, v, kv_counts, kv_indices, block_size, q_rows)
+    return out, lse
+
+
+def nonfinite_like_dense(out: Tensor, lse: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
+                         block_size: int, q_rows: Optional[Tensor] = None) -> None:
+    """Write NaN into the rows of ``out`` / ``lse`` whose query block does not list every key
+    block holding a NaN / Inf in k or v (in place, on device, no host sync).
+
+    Dense SDPA reads every key: one NaN key or value makes every row NaN, an infinite one makes
+    the rows that meet it NaN or Inf. Block-sparse attention propagates what its listed blocks
+    hold; without this a NaN outside a row's list would vanish into a finite output. Rows that
+    list all such blocks keep the kernel's own result (NaN where dense is NaN); for Inf the rule
+    is conservative (a row that dense SDPA leaves finite through a -inf score becomes NaN). Cost:
+    one read of k and v and a few small ops on the lists."""
+    B, H, Nk, _ = k.shape
+    N = out.shape[2]
+    mk = num_blocks(Nk, block_size)
+    # A row sum is non-finite iff the row holds a NaN or Inf (finite values would have to overflow).
+    token_bad = (k.sum(-1, dtype=torch.float32) + v.sum(-1, dtype=torch.float32)).isfinite().logical_not_()
+    block_bad = F.pad(token_bad, (0, mk * block_size - Nk)).view(B, H, mk, block_size).any(-1)  # (B, H, Mk)
+    width = kv_indices.shape[-1]
+    listed = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    ids = kv_indices.long().clamp(0, mk - 1)
+    mq = ids.shape[2]
+    listed_bad = (block_bad.unsqueeze(2).expand(B, H, mq, mk).gather(-1, ids) & listed).sum(-1)
+    missing = listed_bad < block_bad.sum(-1, keepdim=True)                                      # (B, H, Mq)
+    rows = missing.unsqueeze(-1).expand(B, H, mq, block_size).reshape(B, H, mq * block_size)[..., :N]
+    if q_rows is not None:  # permuted row r is token q_rows[r]
+        rows = torch.empty_like(rows).index_copy_(2, q_rows.long(), rows)
+    out.masked_fill_(rows.unsqueeze(-1), float("nan"))
+    lse.masked_fill_(rows, float("nan"))
 
 
 def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
@@ -210,6 +246,10 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
     state.dense_now, state.observe_now = result.dense, result.observe
+    if result.dense:
+        state.dense_why = result.why or "dense plan"
+    else:
+        state.sparse_calls += 1
     # Policies keep their lists across calls (cached full lists, MOD's interval masks), but the
     # compiled graph owns an op's outputs and may reuse their memory once they are dead: hand it
     # copies (two small device copies per call).

@@ -10,7 +10,7 @@ from .runtime import REGISTRY
 @dataclass
 class SiteRow:
     site: str
-    status: str
+    status: str                   # what ran: see run_status
     reason: str
     policy: str
     seq_len: int | None
@@ -22,10 +22,24 @@ class SiteRow:
     steps: int                    # steps seen (max over passes)
     passes: int
     note: str = ""                # the policy's word on the site (e.g. why it planned dense)
+    rewritten: bool = False       # the compile-time decision: block-sparse ops replaced the SDPA call
 
 
 def _value(x):
     return None if x is None else float(x)  # a 0-dim device tensor is read here: one sync per site
+
+
+def run_status(compiled: str, states: list) -> str:
+    """What ran at a site: ``"dense"`` (left as SDPA at compile time; the reason says why),
+    ``"sparse"`` once a call ran block-sparse, ``"dense (<why>)"`` for a rewritten site whose calls
+    so far all planned dense (``warm-up``, ``no grid``, ``grid does not fit``, ``refresh``,
+    ``policy dense``, ``not self-attention``), ``"rewritten (not run)"`` before its first call."""
+    if compiled != "sparse":
+        return compiled
+    if any(s.sparse_calls for s in states):
+        return "sparse"
+    whys = list(dict.fromkeys(s.dense_why for s in states if s.dense_why))
+    return f"dense ({', '.join(whys)})" if whys else "rewritten (not run)"
 
 
 def collect() -> list[SiteRow]:
@@ -37,12 +51,14 @@ def collect() -> list[SiteRow]:
         # the geometry of the last call, when the site ran (compile-time values otherwise)
         info = next((s.context.info for s in states if s.context is not None), info)
         rows.append(SiteRow(
-            site=info.key, status=info.status, reason=info.reason or info.mask, policy=info.config.policy,
+            site=info.key, status=run_status(info.status, states), reason=info.reason or info.mask,
+            policy=info.config.policy,
             seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,
             text_tokens=info.text_tokens,
             density=sum(densities) / len(densities) if densities else None,
             steps=max((s.steps_seen for s in states), default=0), passes=len(states),
-            note="; ".join(dict.fromkeys(s.note for s in states if s.note))))
+            note="; ".join(dict.fromkeys(s.note for s in states if s.note)),
+            rewritten=info.status == "sparse"))
     return rows
 
 

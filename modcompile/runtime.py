@@ -67,6 +67,8 @@ class SiteState:
     context: Any = None             # the policy's SiteContext of the last plan (read by observe)
     geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
     note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
+    sparse_calls: int = 0           # calls whose plan was not dense (report(): status "sparse" once > 0)
+    dense_why: str = ""             # the last dense plan's reason (report(): "dense (warm-up)")
 
     @property
     def density(self):

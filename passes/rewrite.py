@@ -8,6 +8,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..kernels._common import attention_path
 from ..owners import source_path
 from ..runtime import REGISTRY, SiteInfo
 from . import masks
@@ -18,16 +19,14 @@ from .video_grid import infer_video_grid, patch_embedding, text_tokens_for
 log = logging.getLogger("modcompile")
 
 
-def _head_dim_check(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
-    """'' when the execution path for this device handles the head_dim, else the reason."""
-    if device.type != "cuda":
-        return ""  # the torch reference runs any head_dim
-    try:
-        from ..kernels import block_sparse_attention as kernel
-    except ImportError:
-        return "no Triton block-sparse kernel available"
-    dims = getattr(kernel, "SUPPORTED_HEAD_DIMS", (64, 128))
-    return "" if head_dim in dims else f"head_dim {head_dim} not supported by the kernel (supported: {dims})"
+def _support_check(block_size: int):
+    """The eligibility hook: '' when a block-sparse path can run the site's head_dim, dtype and
+    device at this block size (the Triton kernel, or the torch reference where that is the
+    device's path), else why not (``kernels._common.attention_path`` decides)."""
+    def check(head_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+        path, why = attention_path(device, dtype, head_dim, block_size)
+        return why if path == "none" else ""
+    return check
 
 
 def _needs_grad(site: AttentionSite) -> bool:
@@ -48,8 +47,9 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
             token = graph.call_function(torch.ops.modcompile.step.default, (timestep,))
 
     infos, misfits = [], {}
+    support = _support_check(config.block_size)
     for site in sites:
-        check_eligibility(site, config.min_seq_len, _head_dim_check)
+        check_eligibility(site, config.min_seq_len, support)
         text = text_tokens_for(site.seq_len, grid) if site.seq_len else None
         if site.eligible and config.video_grid is not None and text is None:
             site.eligible, site.reason = False, _grid_misfit(site.seq_len, config.video_grid)

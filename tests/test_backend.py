@@ -120,7 +120,8 @@ def test_dense_policy_matches_eager_and_rewrites_every_block(keywords, compiles)
             ts = torch.tensor([t])
             torch.testing.assert_close(model(x, ts), eager(x, ts), rtol=1e-5, atol=1e-5)
     table = rows()
-    assert [r.status for r in table] == ["sparse"] * 3
+    assert [r.rewritten for r in table] == [True] * 3
+    assert [r.status for r in table] == ["dense (policy dense)"] * 3  # rewritten, but every call ran dense
     assert all(r.seq_len == 2 * 8 * 8 and r.heads == 2 and r.head_dim == 16 for r in table)
     assert all(r.grid == (2, 8, 8) for r in table)
     # Counting rewritten nodes in the compiled graph, not only outputs (dense equals eager anyway).
@@ -161,7 +162,7 @@ def test_joint_text_and_video_attention():
         torch.testing.assert_close(model(x, torch.tensor([7.0])), eager(x, torch.tensor([7.0])),
                                    rtol=1e-5, atol=1e-5)
     r = rows()[0]
-    assert r.status == "sparse" and r.seq_len == 128 + 24
+    assert r.rewritten and r.seq_len == 128 + 24
     assert r.grid == (2, 8, 8) and r.text_tokens == 24
 
 
@@ -175,7 +176,7 @@ def test_graph_break_keeps_every_site_and_the_step(compiles):
         torch.testing.assert_close(outs[-1], eager(x, torch.tensor([700.0])), rtol=1e-5, atol=1e-5)
     assert len(compiles) >= 2
     table = rows()
-    assert len(table) == 4 and all(r.status == "sparse" for r in table)
+    assert len(table) == 4 and all(r.rewritten for r in table)
     assert [REGISTRY.sites[r.site].layer for r in table] == [0, 1, 2, 3]
     assert all(r.steps == 3 for r in table)
 
@@ -217,7 +218,7 @@ def test_sdpa_arguments_decide_eligibility(kwargs, reason):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, torch.tensor([1.0])), model(x, torch.tensor([1.0])),
                                        rtol=1e-5, atol=1e-5)
-        assert rows()[0].status == "sparse"
+        assert rows()[0].rewritten
     else:
         assert reason in _fallback_reason(model, x)
 
@@ -420,11 +421,11 @@ def test_graph_after_a_break_takes_the_grid_of_the_call(compiles):
 
 
 def test_head_dim_the_gpu_kernel_lacks_stays_dense_with_the_reason():
-    from modcompile.passes.rewrite import _head_dim_check
+    from modcompile.passes.rewrite import _support_check
 
-    assert _head_dim_check(128, torch.device("cuda"), torch.bfloat16) == ""
-    assert "head_dim 256 not supported" in _head_dim_check(256, torch.device("cuda"), torch.bfloat16)
-    assert _head_dim_check(256, torch.device("cpu"), torch.float32) == ""  # the reference runs any
+    check = _support_check(64)
+    assert check(128, torch.device("cuda"), torch.bfloat16) == ""
+    assert "head_dim 256 not supported" in check(256, torch.device("cuda"), torch.bfloat16)
 
 
 def test_dense_attention_with_lse_leaves_cpu_to_the_kernel():

@@ -139,7 +139,7 @@ def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
     raw = torch.rand(batch, heads, nb, nb, generator=g)
     inputs = [raw]
     if cheap:
-        raw[torch.rand(batch, heads, nb, nb, generator=g) < 0.5] = float("nan")
+        raw[:, torch.rand(heads, nb, nb, generator=g) < 0.5] = -1.0  # not observed (same per batch entry)
         inputs.append(torch.rand(heads, nb, nb, generator=g))
     if build:
         inputs += [torch.randn(heads, geom.num_basis, generator=g) * 0.1,

@@ -42,6 +42,6 @@ def test_wan_transformer_dense_policy_matches_eager_over_denoising_steps():
     rows = modcompile.report(print_table=False)
     self_attn = [r for r in rows if ".attn1" in r.site]
     cross_attn = [r for r in rows if ".attn2" in r.site]
-    assert len(self_attn) == 2 and all(r.status == "sparse" for r in self_attn)
+    assert len(self_attn) == 2 and all(r.rewritten for r in self_attn)
     assert all(r.grid == (3, 8, 8) and r.steps == 4 for r in self_attn)
     assert len(cross_attn) == 2 and all("cross-attention" in r.reason for r in cross_attn)

@@ -311,10 +311,14 @@ def test_observe_tail_is_the_eager_sequence_of_steps():
     old_map = torch.rand(H, nb, nb, generator=g)
     coef_prev = fg.solve(torch.rand(H, nb, nb, generator=g))
     cheap_raw = raw.clone()
-    cheap_raw[torch.rand(B, H, nb, nb, generator=g) < 0.5] = float("nan")
+    # unobserved blocks (-1) are the same in every batch entry (one list per head); a NaN entry
+    # (non-finite inputs) in one batch entry keeps the old value too
+    cheap_raw[:, torch.rand(H, nb, nb, generator=g) < 0.5] = -1.0
+    cheap_raw[1, 0, 0, 0] = float("nan")
+    fresh = cheap_raw.mean(0)
     steps = torch.tensor([3.0, (cfg.refresh_interval + 1) / 2])
     for cheap, smap in ((False, raw.mean(0)),
-                        (True, torch.where(cheap_raw.nanmean(0).isnan(), old_map, cheap_raw.nanmean(0)))):
+                        (True, torch.where(fresh.isnan() | (fresh < 0), old_map, fresh))):
         inputs = (cheap_raw, old_map) if cheap else (raw,)
         coef = fg.solve(smap)
         got = observe_tail(fg, cfg, B, cheap, False, *inputs)

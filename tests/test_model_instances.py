@@ -63,7 +63,7 @@ def test_every_layer_is_its_own_site_in_both_compile_styles(style):
     assert len(compiles) == 1                                  # one graph, no recompile per step
     rows = self_attention_rows()
     assert [r.site for r in rows] == [f"WanTransformer3DModel#0/blocks.{i}.attn1#0" for i in range(3)]
-    assert all(r.status == "sparse" and r.grid == (3, 8, 8) for r in rows)
+    assert all(r.rewritten and r.grid == (3, 8, 8) for r in rows)
     assert all(r.steps == 4 and r.passes == 2 for r in rows)  # 4 steps, cond + uncond passes
     assert [REGISTRY.sites[r.site].layer for r in rows] == [0, 1, 2]
 

@@ -279,7 +279,7 @@ def test_valid_options_compile_and_run(fresh_modcompile, options):
     with torch.no_grad():
         out, ref = model(x, t), eager(x, t)
     rows = modcompile.report(print_table=False)
-    assert len(rows) == 2 and all(r.policy == options["policy"] and r.status == "sparse" for r in rows)
+    assert len(rows) == 2 and all(r.policy == options["policy"] and r.rewritten for r in rows)
     assert all(r.seq_len == 256 and r.grid == (4, 8, 8) for r in rows)
     assert torch.isfinite(out).all() and out.shape == ref.shape
     if all(r.density == 1.0 for r in rows):  # every block ran: the dense model's answer
@@ -326,5 +326,5 @@ def test_a_given_grid_with_fewer_text_tokens_than_video_runs_sparse(fresh_modcom
     with torch.no_grad():
         torch.testing.assert_close(model(x, t), eager(x, t), rtol=1e-5, atol=1e-5)
     (row,) = modcompile.report(print_table=False)
-    assert row.status == "sparse" and row.grid == (2, 8, 8) and row.text_tokens == 100
+    assert row.rewritten and row.grid == (2, 8, 8) and row.text_tokens == 100
     assert math.prod(row.grid) + row.text_tokens == row.seq_len

@@ -22,6 +22,7 @@ class Plan:
     kv_indices: torch.Tensor       # (B, H, Mq, Mk) int32 (width fixed to Mk: the graph's fake shape)
     dense: bool                    # every block: the attention node may call dense SDPA
     observe: bool = False          # the observe node must run on this call
+    why: str = ""                  # dense plans: a few words on why (report() status: "dense (warm-up)")
 
 
 @dataclass
@@ -41,10 +42,10 @@ class SiteContext:
     def blocks(self, n: int) -> int:
         return num_blocks(n, self.config.block_size)
 
-    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False) -> Plan:
+    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False, why: str = "") -> Plan:
         counts, indices = full_lists(q.shape[0], q.shape[1], self.blocks(q.shape[2]),
                                      self.blocks(k.shape[2]), q.device)
-        return Plan(counts, indices, dense=True, observe=observe)
+        return Plan(counts, indices, dense=True, observe=observe, why=why)
 
 
 @lru_cache(maxsize=64)
@@ -118,9 +119,12 @@ class Policy:
                   kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike)."""
+        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). Sparse
+        calls pass ``like_dense``: a NaN / Inf in a key or value block a row skips still makes that
+        row NaN, as dense SDPA would."""
         from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias)
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
+                                 like_dense=not ctx.state.dense_now)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):

@@ -7,4 +7,4 @@ class DensePolicy(Policy):
     name = "dense"
 
     def plan(self, ctx: SiteContext, q, k) -> Plan:
-        return ctx.full_plan(q, k)
+        return ctx.full_plan(q, k, why="policy dense")

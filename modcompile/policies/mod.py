@@ -112,10 +112,13 @@ class ModState:
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
     events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...)
     fit_steps: list = field(default_factory=list)
+    nonfinite_flag: DeferredScalar | None = None   # whether the last observed map held NaN
+    nonfinite_steps: list = field(default_factory=list)  # steps whose observation saw non-finite inputs
 
     def summary(self) -> dict:
         """Host copies of the policy's numbers (synchronizes: for reports, not the hot path)."""
         out = {"events": list(self.events), "fit_steps": list(self.fit_steps),
+               "nonfinite_steps": list(self.nonfinite_steps),
                "observed_coverage": list(self.observed_coverage)}
         if self.lines is not None:
             out["lines"] = self.lines.tolist()
@@ -128,13 +131,20 @@ class ModState:
 def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
                 row_stride: int = 1, row_phase: int = 0):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
-    with block lists only the listed blocks are written, the others are NaN. ``row_stride > 1``
-    estimates it from every ``row_stride``-th query row of each block, from ``row_phase`` on."""
+    with block lists only the listed blocks are written, the others are ``NOT_OBSERVED`` (-1), so
+    that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
+    ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
+    ``row_phase`` on."""
     from .. import ops
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
     fn = block_sparsity if ops.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
-              kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase)
+              kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
+              fill=NOT_OBSERVED)
+
+
+# The restricted map's value for blocks it did not compute (a fraction is never negative).
+NOT_OBSERVED = -1.0
 
 
 @register_policy
@@ -173,15 +183,16 @@ class ModPolicy(Policy):
     # ------------------------------------------------------------------ schedule
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
         if q.shape[2] != k.shape[2]:  # not self-attention: nothing to predict
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="not self-attention")
         st = self._state(ctx, q)
+        self._poll_nonfinite(ctx, st)
         step, cfg = ctx.step, self.config
         warmup = self.warmup_steps(ctx)
         st.observing = None
         if step < warmup:
             if step >= warmup - 2:
                 return self._observed(ctx, st, q, k, "dense", "observe-dense")
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="warm-up")
         if st.mask is None:  # no fit yet (no warm-up observation): bootstrap with a dense one
             return self._observed(ctx, st, q, k, "dense", "observe-dense")
         low = self._poll_coverage(st)
@@ -204,10 +215,13 @@ class ModPolicy(Policy):
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
         st.observing = kind
         st.events.append((ctx.step, event))
-        return ctx.full_plan(q, k, observe=True)
+        # observations before the first mask are still the warm-up; later ones are refreshes
+        return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh")
 
     def _poll_coverage(self, st: ModState) -> bool:
-        """True when a cheap refresh's coverage has reached the host and is below the bound."""
+        """True when a cheap refresh's coverage has reached the host and is below the bound. A NaN
+        coverage (non-finite inputs) is recorded but asks for no dense refresh: a dense step would
+        observe the same inputs."""
         flag = st.coverage_flag
         if flag is None or not flag.ready():
             return False
@@ -215,6 +229,26 @@ class ModPolicy(Policy):
         value = flag.value()
         st.observed_coverage.append((st.fit_steps[-1] if st.fit_steps else -1, value))
         return value < self.config.min_observed_coverage
+
+    def _poll_nonfinite(self, ctx: SiteContext, st: ModState) -> None:
+        """Once the last observation's NaN flag has reached the host (never waits): record the
+        step, and warn the first time per site. The map's NaN entries were not fitted
+        (:func:`observe_tail`), so the predictor stays finite; the attention itself propagated
+        the NaN as dense SDPA would."""
+        flag = st.nonfinite_flag
+        if flag is None or not flag.ready():
+            return
+        st.nonfinite_flag = None
+        if not flag.value():
+            return
+        step = st.fit_steps[-1] if st.fit_steps else -1
+        if not st.nonfinite_steps:
+            log.warning("modcompile mod: %s saw NaN/Inf attention inputs at step %d; its output is NaN "
+                        "there as in dense attention, and the mask predictor skipped those blocks "
+                        "(kept their older values, or counted them dense)", ctx.info.key, step)
+        st.nonfinite_steps.append(step)
+        st.events.append((step, "observe-nonfinite"))
+        ctx.state.note = f"mod: NaN/Inf attention inputs at step(s) {st.nonfinite_steps[:5]}"
 
     def _batch_lists(self, st: ModState, batch: int):
         lists = st.lists.get(batch)
@@ -244,6 +278,7 @@ class ModPolicy(Policy):
         else:
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw = observe_map(q, k, lse, **sampling)
+        st.nonfinite_flag = DeferredScalar(raw.isnan().any())
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
             st.coverage_flag = DeferredScalar(observed_coverage(
@@ -295,7 +330,10 @@ def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, 
     tensor inputs (static shapes, no host sync, no state): replayable from a CUDA graph.
 
     ``raw`` (B, H, nb, nb) is the observed map. Cheap (``rest`` starts with the old map): entries
-    the restricted map did not compute (NaN) keep the old map's values. The map is fitted; with
+    the restricted map did not compute (``NOT_OBSERVED``) keep the old map's values. NaN entries
+    (tiles with NaN probabilities: non-finite inputs) are never fitted: they keep the old map's
+    value in a cheap refresh and count as dense (sparsity 0: kept) otherwise, so one bad input
+    does not make the predictor NaN for the rest of the run. The map is fitted; with
     ``build`` (``rest`` ends with the previous coefficients and the (step gap, (T+1)/2) device
     tensor of :meth:`ModPolicy._extrapolation_inputs`) the coefficients are extrapolated as
     :func:`extrapolate` does, the mask predicted and its block lists built for ``batch``.
@@ -303,10 +341,11 @@ def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, 
     counts (batch, H, nb), indices (batch, H, nb, nb))``."""
     rest = list(rest)
     if cheap:
-        fresh = raw.nanmean(0) if raw.shape[0] > 1 else raw[0]
-        smap = torch.where(fresh.isnan(), rest.pop(0), fresh)
+        # The policy's lists are the same for every batch entry: unobserved entries are -1 in all.
+        fresh = raw.mean(0) if raw.shape[0] > 1 else raw[0]
+        smap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
     else:
-        smap = raw.mean(0)
+        smap = raw.mean(0).nan_to_num(nan=0.0)
     coef = fg.solve(smap)
     if not build:
         return smap, coef

@@ -15,7 +15,8 @@ Normalization (how scores become the "mass" that ``tau`` is a fraction of):
 Threshold rule (global and row): rank the set by ``w`` descending and keep the smallest prefix whose
 cumulative mass reaches ``tau`` of the set's total, i.e. keep an entry iff the mass ranked strictly
 before it is ``< tau * total`` (``tau = 0`` keeps nothing but the own blocks; ties rank in sort
-order). Top-k keeps the ``k`` highest scores of each row. In every mode the own block (diagonal) is
+order). Top-k keeps the ``k`` highest scores of each row. A NaN / Inf score is always kept (with
+the own block) and left out of the normalisation. In every mode the own block (diagonal) is
 kept and counts first; then the per-row density guard: at least ``ceil(min_density * Mk)`` and at
 most ``max(1, floor(max_density * Mk))`` blocks per row, filled / trimmed by score rank.
 """
@@ -102,8 +103,16 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
     own = own_blocks(mq, mk, scores.device) if keep_own else None
     floor = math.ceil(min_density * mk - 1e-9)
     ceiling = max(1, math.floor(max_density * mk + 1e-9))
+    # A NaN / Inf score (non-finite q or k in a block) cannot be ranked: the block is kept, so the
+    # attention meets the bad values as dense SDPA would, and the other scores are normalised
+    # without it (it stands at the set's lowest finite score).
+    bad = scores.isfinite().logical_not_()
+    dims = (-2, -1) if mode == "global" else (-1,)
+    s = scores.float()
+    low = s.masked_fill(bad, float("inf")).amin(dim=dims, keepdim=True)
+    scores = torch.where(bad, low.masked_fill_(low.isinf(), 0.0), s)
     # ranks cost a sort: only top-k and the density guard need them
-    rank = rank_in_row(scores, own) if (mode == "topk" or floor > 0 or ceiling < mk) else None
+    rank = rank_in_row(scores, bad if own is None else own | bad) if (mode == "topk" or floor > 0 or ceiling < mk) else None
     if mode == "topk":
         if topk is None:
             if density is None:
@@ -121,6 +130,7 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
             keep = threshold_prefix(weights, tau)
     if own is not None:
         keep = keep | own
+    keep = keep | bad
     if floor > 0:
         keep = keep | (rank < floor)
     if ceiling < mk:

@@ -160,10 +160,10 @@ class VmobaPolicy(Policy):
         call = ctx.state.policy_state = CallState()  # drops permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
         if layout is None:
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="no grid" if ctx.info.grid is None else "grid does not fit")
         if ctx.step < self.warmup_steps(ctx):
             ctx.state.note = layout.describe() + "; dense warm-up step"
-            return ctx.full_plan(q, k)
+            return ctx.full_plan(q, k, why="warm-up")
         ctx.state.note = layout.describe()
         call.dense = False
         _, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
@@ -237,8 +237,10 @@ class VmobaPolicy(Policy):
         """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
         from ..ops import attention_forward
         permuted = self._permuted_call(ctx, q)
+        like_dense = not ctx.state.dense_now
         if permuted is None:
-            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias)
+            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
+                                     like_dense=like_dense)
         layout, call = permuted
         stash, call.stash = call.stash, None
         if stash is not None and stash[0] == _tensor_key(k):
@@ -249,7 +251,7 @@ class VmobaPolicy(Policy):
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
         return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
-                                 key_bias=key_bias)
+                                 key_bias=key_bias, like_dense=like_dense)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
