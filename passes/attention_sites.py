@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 # Dynamo records F.scaled_dot_product_attention as this builtin, positional or keyword args alike.
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -38,10 +39,17 @@ def example_value(arg):
     return arg
 
 
-def hint(n) -> int:
-    """A concrete size for decisions: the hint of a symbolic size (no new guard)."""
+def hint(n) -> int | None:
+    """A concrete size for decisions: the hint of a symbolic size (no new guard); None for a
+    data-dependent size, which has no hint (e.g. after ``nonzero`` with
+    ``capture_dynamic_output_shape_ops``)."""
     if isinstance(n, torch.SymInt):
-        return int(n.node.hint) if n.node.hint is not None else int(n.node.shape_env.size_hint(n.node.expr))
+        if n.node.hint is not None:
+            return int(n.node.hint)
+        try:
+            return int(n.node.shape_env.size_hint(n.node.expr))
+        except GuardOnDataDependentSymNode:
+            return None
     return int(n)
 
 
@@ -86,6 +94,9 @@ def check_eligibility(site: AttentionSite, min_seq_len: int, head_dim_ok=None) -
         return site
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         site.reason = f"q/k/v are not (B, H, N, D) (rank {q.dim()})"
+        return site
+    if any(hint(d) is None for t in (q, k, v) for d in t.shape):
+        site.reason = "q/k/v sizes are data-dependent at compile time (no size hint)"
         return site
     site.heads, site.seq_len, site.head_dim = hint(q.shape[1]), hint(q.shape[2]), hint(q.shape[3])
     site.dtype, site.device = q.dtype, q.device
