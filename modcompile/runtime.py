@@ -147,7 +147,7 @@ class ModelRun:
         self.layout = None              # the layout of the last forward (modcompile/layout.py), from the hook
         self.warned: set = set()        # layout warnings already logged for this model
         self.graph_steps = False        # a compiled graph reads this model's timestep
-        self.hooked = False             # a forward pre-hook reads its inputs (regional compilation)
+        self.hooked = False             # a forward pre-hook reads its inputs (layout; timestep when no graph does)
 
     def new_generation(self) -> None:
         self.tracker.generation += 1
@@ -259,7 +259,7 @@ class Registry:
         self.sites.pop(spec.key, None)
         self.sites[info.key] = info
         if owner.model is not None and not run.hooked:
-            install_input_hook(owner.model, run, owner.frame_locals)
+            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled)
         return run, info
 
     def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
@@ -277,7 +277,7 @@ class Registry:
             grid = run.last_grid
         layout = run.layout
         if info.config.video_grid is not None and layout is not None and layout.grid is not None:
-            reason = _given_grid_check(info.config.video_grid, layout, seq_len)
+            reason = _given_grid_check(info.config.video_grid, layout)
             if reason:
                 self._warn_once(run, reason)
                 if reason not in info.reason:
@@ -344,13 +344,15 @@ class Registry:
             self.free_run = ModelRun("<no model>")
 
 
-def install_input_hook(model, run: ModelRun, frame_locals: dict | None) -> None:
+def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True) -> None:
     """A forward pre-hook on the model that reads its inputs before each forward, in both compile
     styles (``torch.compile(model)`` compiles the model's ``forward`` frame: its hooks run
-    outside). It reads the layout (grid and text position, modcompile/layout.py) and, when no
-    compiled graph reads the timestep (regional compilation: only the blocks are compiled), the
-    ``timestep`` (one host read per forward, as the graph's step node does). The current call,
-    already inside forward, is read from its frame."""
+    outside). It reads the layout (grid and text position, modcompile/layout.py) and, with
+    ``read_timestep`` (the model's forward is not compiled: regional compilation) and while no
+    compiled graph reads it, the ``timestep`` (one host read per forward, as the graph's step node
+    does). A whole-compiled model's graph reads its own timestep: eager calls of the same module
+    (a reference run) then leave the step alone. The current call, already inside forward, is read
+    from its frame."""
     import inspect
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -359,7 +361,7 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None) -> None:
 
     def read(values: dict) -> None:
         t = values.get("timestep")
-        if not run.graph_steps and REGISTRY.explicit is None:
+        if read_timestep and not run.graph_steps and REGISTRY.explicit is None:
             if isinstance(t, torch.Tensor) and t.numel():
                 run.on_timestep(timestep_value(t))
             elif isinstance(t, (int, float)) and not isinstance(t, bool):
@@ -389,7 +391,7 @@ def latent_grid(model, values: dict) -> tuple | None:
     return model_layout(model, values).grid
 
 
-def _given_grid_check(given: tuple, layout, seq_len: int) -> str:
+def _given_grid_check(given: tuple, layout) -> str:
     """'' when a ``video_grid`` option agrees with the model's latents, else why it cannot fit."""
     given = tuple(given)
     if given == tuple(layout.grid):
