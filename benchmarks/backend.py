@@ -1,7 +1,7 @@
 """Lazy access to the modcompile pieces the harness measures.
 
-The backend, the kernels and the policies land independently; every accessor here imports on use
-and returns None (with a reason) when a piece is missing, so each level can skip cleanly.
+Every accessor here imports on use and returns None (with a reason) when a piece cannot be
+imported on this machine (e.g. no Triton), so each level can skip cleanly.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training benchmark (issue 7): block-sparse attention forward+backward vs dense SDPA and Flex.
+"""Training benchmark: block-sparse attention forward+backward vs dense SDPA and Flex.
 
     python benchmarks/bench_backward.py --out DIR [--quick] [--no-flex] [--no-sweep] [--quick-check]
     python benchmarks/bench_backward.py --out DIR --sweep-only     # backward candidates, per pass
@@ -239,7 +239,7 @@ def forward_outputs(q, k, v, counts, indices):
     try:
         cfg = fwd_kernel.candidate_configs(BLOCK, D, tma=fwd_kernel.tma_usable(k, v))[0]
         return fwd_kernel.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=BLOCK, config=cfg)
-    except Exception as e:  # noqa: BLE001 (the forward's API is another engineer's: fall back to its default)
+    except Exception as e:  # noqa: BLE001 (a forced config may not compile here: fall back to the tuned one)
         log(f"  forced forward config failed ({type(e).__name__}: {str(e)[:120]}); using the tuned forward")
         return fwd_kernel.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=BLOCK)
 

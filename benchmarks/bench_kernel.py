@@ -1,4 +1,4 @@
-"""Kernel benchmark (issue 3): our block-sparse attention forward vs dense SDPA and FlexAttention.
+"""Kernel benchmark: our block-sparse attention forward vs dense SDPA and FlexAttention.
 
     python benchmarks/bench_kernel.py --out DIR [--quick] [--no-sweep]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import backend as mb
 from .common import Stopwatch, default_device, log, parse_dtype, progress, write_results
 
-# Default dense warm-up of each policy for a run of n steps (DESIGN.md) when the policy can't say.
+# Default dense warm-up of each policy for a run of n steps, when the policy can't say.
 _FALLBACK_WARMUP = {"mod": lambda n: round(12 * n / 50), "vmoba": lambda n: round(0.25 * n), "dense": lambda n: n}
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call for issue 17: GPU tests, public vs raw kernel, host time per call before/after.
+# One device call: GPU tests, public vs raw kernel, host time per call of two trees (before/ = a base commit, after/ = a branch).
 # Run from build/fastpath (after/ = this branch, before/ = its base commit), OUT set by the tool.
 set -u
-export PYTHONUNBUFFERED=1 MODCOMPILE_BSA_NO_TUNE=1 MODCOMPILE_BWD_AUTOTUNE=0
+export PYTHONUNBUFFERED=1 MODCOMPILE_TUNE=0
 ROOT=$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/env.txt

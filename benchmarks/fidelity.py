@@ -492,7 +492,7 @@ def run_synthetic(args) -> dict:
             if label == "oracle" and d == densities[0]:
                 masks[f"oracle@{d:.3f}"] = {0: mask[0].cpu()}
 
-    # Matched density (issue 5): each of mod / vmoba is run again at the other's achieved density, next
+    # Matched density: each of mod / vmoba is run again at the other's achieved density, next
     # to the oracle with the same block budget. Block granularity keeps the densities from matching
     # exactly; "granularity" is the density step of the row's selection (MATCH_NOTES).
     nb = mass.shape[-1]

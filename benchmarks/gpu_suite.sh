@@ -37,7 +37,7 @@ part() { local name=$1 default=$2; shift 2; local var="T_${name^^}" t0=$SECONDS
 for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
   case $p in
     # tests use the untuned first config (tuning is the benchmarks' job)
-    tests) part tests 110 env MODCOMPILE_BSA_NO_TUNE=1 MODCOMPILE_BWD_AUTOTUNE=0 \
+    tests) part tests 110 env MODCOMPILE_TUNE=0 \
              $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
@@ -48,7 +48,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ${HOST_ARGS:-} ;;
     # issue 7 (B): the long DiT (16384 tokens, head_dim 128), dense (Inductor) vs vmoba from step 0 and after a
     # 25% dense warm-up; kernel configs pinned to the H100 tuner's picks so the run does not compile ~25 candidates
-    train_compare) part train_compare 570 env MODCOMPILE_BSA_NO_TUNE=1 \
+    train_compare) part train_compare 570 env MODCOMPILE_TUNE=0 \
              MODCOMPILE_BWD_CONFIG="dkdv=(64,64,4w,2s)+tma+ragged_branch;dq=(128,64,8w,3s)+tma+ragged_branch" \
              $PY -m benchmarks run train-dit --config long --steps "${TRAIN_STEPS:-800}" --batch-size 2 --val-every 200 \
              --compare vmoba --dense-warmup "${TRAIN_WARMUP:-0,0.25}" --checkpoint /tmp/dit_long.pt \
@@ -60,12 +60,12 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # then sampled dense and with each policy and knob value, timed against the Inductor-compiled dense model
     fidelity_long) part train_long 170 $PY -m benchmarks run train-dit --config long --minutes "${TRAIN_MINUTES:-1.5}" \
              --batch-size 2 --compile --checkpoint /tmp/dit_long.pt --out "$R/train_long" --no-progress
-         part fidelity_long 380 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run fidelity \
+         part fidelity_long 380 env MODCOMPILE_TUNE=0 $PY -m benchmarks run fidelity \
              --checkpoint /tmp/dit_long.pt --policies vmoba,mod --sweep --knob-values "$KNOB_VALUES" --seeds 3 \
              --out "$R/fidelity_long" --no-progress ;;
     # issue 6 level 2: one attention layer per policy over a 50-step schedule, Wan 480p shape and the long DiT's
-    policy) part policy 150 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
-    policy_long) part policy_long 120 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run policy --grid 16,32,32 \
+    policy) part policy 150 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
+    policy_long) part policy_long 120 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --grid 16,32,32 \
              --heads 6 --out "$R/policy_long" --no-progress ;;
     bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
     bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ${OBSERVE_ARGS:-} ;;
@@ -74,7 +74,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \
            diffusers > "$R/e2e_wheels.log" 2>&1
          # the first candidate config (the tuner's pick at these shapes) instead of tuning inside the run
-         part e2e 540 env MODCOMPILE_BSA_NO_TUNE=1 $PY -m benchmarks run e2e --out "$R/e2e" --no-progress ${E2E_ARGS:-} ;;
+         part e2e 540 env MODCOMPILE_TUNE=0 $PY -m benchmarks run e2e --out "$R/e2e" --no-progress ${E2E_ARGS:-} ;;
     fidelity_synthetic) part fidelity_synthetic 70 $PY -m benchmarks run fidelity --synthetic --out "$R/fidelity" --no-progress ;;
     *) echo "unknown part $p" ;;
   esac

@@ -245,7 +245,7 @@ def main(argv=None) -> int:
                         help="also cProfile one schedule per policy: top functions printed, stats in PREFIX.POLICY.pstats")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not args.tune:
-        os.environ.setdefault("MODCOMPILE_BSA_NO_TUNE", "1")
+        os.environ.setdefault("MODCOMPILE_TUNE", "0")
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise (and suffer from a busy host)
     results = []

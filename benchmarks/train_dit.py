@@ -1,6 +1,6 @@
 """Train the small video DiT on procedural videos with the flow-matching loss.
 
-A few minutes on one H100 give a model whose attention is structured (local, temporal, object
+A few minutes on one GPU give a model whose attention is structured (local, temporal, object
 heads), which is what the fidelity level needs: random weights give near-uniform attention.
 """
 from __future__ import annotations

@@ -50,9 +50,9 @@ CONFIGS = {
     # CPU tests: a few hundred tokens at most
     "tiny": DiTConfig(latent=(2, 8, 8), dim=64, depth=2, heads=2, text_len=0, freq_dim=32),
     "tiny-text": DiTConfig(latent=(2, 8, 8), dim=64, depth=2, heads=2, text_len=4, text_dim=16, freq_dim=32),
-    # H100 fidelity runs: 8 x 16 x 16 = 2048 tokens
+    # GPU fidelity runs: 8 x 16 x 16 = 2048 tokens
     "small": DiTConfig(latent=(8, 32, 32), dim=384, depth=6, heads=6),
-    # H100 training comparison in the kernels' efficient regime: 16 x 32 x 32 = 16384 tokens, head_dim 128
+    # GPU training comparison in the kernels' efficient regime: 16 x 32 x 32 = 16384 tokens, head_dim 128
     # (128-token blocks), two layers of each VMoBA partition kind
     "long": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6),
 }

@@ -11,12 +11,13 @@ Same contract as the torch version in :mod:`block_sparse_attention_bwd` (kept as
 duplicates collapse, entries past the count and ids outside ``[0, Mk)`` are ignored, counts are
 clamped to ``[0, W]``, slots past a list's count are 0. Nothing is read back to the host.
 
-Why a kernel: the torch version is ~25 small launches (mask scatter, two sorts, wheres) whose cost
-at 32k tokens is the host's, 0.6-1.0 ms per backward call on an H100, on the critical path of a
-training step. Here programs ``0 .. Mq-1`` of each (batch, head) build one canonical row and
-programs ``Mq .. Mq+Mk-1`` one transposed row; every row is a membership test (compare a chunk of
-list entries with a chunk of candidate ids) followed by a prefix-sum compaction, so the output is
-sorted by construction and duplicates cannot appear.
+Why a kernel: the torch version is ~25 small launches (mask scatter, two sorts, wheres)
+whose cost at Wan's sequence lengths is the host's, on the critical path of a training step
+(BENCHMARKS.md, Forward + backward: lists ms, kernel vs torch ops). Here programs ``0 .. Mq-1``
+of each (batch, head) build one canonical row and programs ``Mq .. Mq+Mk-1`` one transposed row;
+every row is a membership test (compare a chunk of list entries with a chunk of candidate ids)
+followed by a prefix-sum compaction, so the output is sorted by construction and duplicates cannot
+appear.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ loaded, so they cannot reach a row.
 Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
 TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
 candidates (tens of seconds once; later keys reuse the compiled binaries) and caches the fastest;
-later calls only look it up. ``MODCOMPILE_BSA_NO_TUNE=1`` takes the first candidate without timing.
+later calls only look it up. ``MODCOMPILE_TUNE=0`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
 block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
@@ -32,7 +32,6 @@ once); ``validate=True`` checks it too.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +40,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
-                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, unit_last_stride,
-                      validate_block_lists)
+                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, tuning_enabled,
+                      unit_last_stride, validate_block_lists)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,8 +117,8 @@ def _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K, BLOCK_
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices, QRows,
-    qk_scale_log2,
+    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias,
+    qk_scale_log2, bias_to_raw,
     N_Q, N_K, H,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -128,6 +127,7 @@ def _block_sparse_attention_fwd_kernel(
     stride_lb, stride_lh,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ij,
+    stride_bb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -142,6 +142,7 @@ def _block_sparse_attention_fwd_kernel(
     WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
     GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
     QO_TMA: tl.constexpr,      # with HOST_TMA and no GATHER_Q: q loaded / out stored by descriptors
+    HAS_BIAS: tl.constexpr,    # KeyBias (B, N_K) float32 is added to the scores of each key
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -191,6 +192,7 @@ def _block_sparse_attention_fwd_kernel(
                                                block_shape=[BLOCK_N, BLOCK_D])
             v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, HEAD_DIM], strides=[stride_vn, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
+    bias_base = KeyBias + b * stride_bb
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -205,6 +207,10 @@ def _block_sparse_attention_fwd_kernel(
         v = _load_v(V, v_desc, v_base, start, b32, h32, offs_n, offs_d, d_ok, N_K, stride_vn,
                     BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            # In raw-score units, so that the softmax step scales it with the scores.
+            kb = tl.load(bias_base + start + offs_n, mask=(start + offs_n) < N_K, other=0.0)
+            s = s + kb[None, :] * bias_to_raw
         m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
                                       BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
@@ -258,14 +264,14 @@ class KernelConfig:
 
 
 # Candidates tried on CUDA (the tuner times each once per key); the first that fits is the untuned
-# fallback. Measured on H100 (BENCHMARKS.md): the warp-specialized TMA variant with the ragged
-# branch is fastest (538 TFLOP/s at density 1 vs 477 for the best plain loop); autoWS on Hopper
-# needs the TMA loads, and without the scalar ragged branch it loses its gain. Descriptors built on
-# the host tie at density 1 and are 2.4% faster at 0.1 (no descriptor write per program), so they
-# come first. 128x128 tiles with 4 stages need 288 KB of shared memory (H100: 227 KB): left out.
+# fallback. The warp-specialized TMA variant with the ragged branch was the fastest on Hopper;
+# autoWS there needs the TMA loads, and without the scalar ragged branch it loses its gain.
+# Descriptors built on the host were as fast at density 1 and faster at low density (no descriptor
+# write per program), so they come first. 128x128 tiles with 4 stages need more shared memory than
+# Hopper has: left out. Timings: benchmarks/measured/HISTORY.md (Kernel).
 _CANDIDATES = (
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True),
-    # q and out through descriptors too: a tie on H200 (-0.9% at density 1, equal at 0.1).
+    # q and out through descriptors too: timed as a tie with the one above.
     KernelConfig(128, 128, 8, 3, tma=True, host_tma=True, ragged_branch=True, warp_spec=True, qo_tma=True),
     KernelConfig(128, 128, 8, 3, tma=True, ragged_branch=True, warp_spec=True),
     KernelConfig(128, 128, 8, 3, ragged_branch=True),
@@ -281,8 +287,7 @@ _CANDIDATES = (
 
 # tuning key (see _tuning_key) -> KernelConfig chosen by timing.
 _TUNED: dict[tuple, KernelConfig] = {}
-# Set MODCOMPILE_BSA_NO_TUNE=1 to skip timing and use the first fitting candidate.
-_NO_TUNE_ENV = "MODCOMPILE_BSA_NO_TUNE"
+# MODCOMPILE_TUNE=0 skips timing and uses the first fitting candidate (kernels/_common.py).
 
 
 def candidate_configs(block_size: int, head_dim: int, tma: bool = True) -> list[KernelConfig]:
@@ -332,7 +337,7 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None):
+def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None, key_bias=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor")
@@ -376,9 +381,14 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
                              f"{tuple(q_rows.shape) if isinstance(q_rows, torch.Tensor) else type(q_rows)}")
         if q_rows.dtype != torch.int32 or q_rows.device != q.device:
             raise ValueError(f"q_rows must be int32 on {q.device}, got {q_rows.dtype} on {q_rows.device}")
+    if key_bias is not None:
+        if tuple(key_bias.shape) != (B, k.shape[2]) or key_bias.dtype != torch.float32 or key_bias.device != q.device:
+            raise ValueError(f"key_bias must be (B, Nk) = {(B, k.shape[2])} float32 on {q.device}, got "
+                             f"{tuple(key_bias.shape)} {key_bias.dtype} on {key_bias.device}")
 
 
-def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None):
+def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None,
+            key_bias=None):
     if cfg.tma and not cfg.host_tma and not interpreting():
         ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
     B, H, N, D = q.shape
@@ -397,8 +407,9 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, block_d])
                           for t in (q, out))
     _block_sparse_attention_fwd_kernel[grid](
-        q_arg, k_arg, v_arg, out_arg, lse, counts, indices, q_rows if q_rows is not None else counts,  # unread when None
-        scale * LOG2E,
+        q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
+        q_rows if q_rows is not None else counts, key_bias if key_bias is not None else lse,  # unread when None
+        scale * LOG2E, 1.0 / scale,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -407,6 +418,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         lse.stride(0), lse.stride(1),
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
+        key_bias.stride(0) if key_bias is not None else 0,
         HEAD_DIM=D,
         BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
@@ -421,33 +433,34 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         WARP_SPEC=cfg.warp_spec,
         GATHER_Q=q_rows is not None,
         QO_TMA=qo_tma,
+        HAS_BIAS=key_bias is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
 
 
-def _tuning_key(q, k, block_size: int, tma: bool) -> tuple:
+def _tuning_key(q, k, block_size: int, tma: bool, biased: bool = False) -> tuple:
     """What the best configuration depends on: device, head_dim, dtype, block size, TMA, whether
-    the last key block is ragged, and the number of query blocks x heads in powers of two (a
-    choice timed on a small ragged test shape is not reused for a 32k-token call)."""
+    the last key block is ragged, the number of query blocks x heads in powers of two (a choice
+    timed on a small ragged test shape is not reused for a 32k-token call), and a key bias."""
     B, H, N, D = q.shape
     programs = B * H * triton.cdiv(N, block_size)
     return (device_capability(q.device), D, q.dtype, block_size, tma, k.shape[2] % block_size != 0,
-            programs.bit_length())
+            programs.bit_length(), biased)
 
 
-def _pick_config(q, k, v, block_size, run) -> KernelConfig:
+def _pick_config(q, k, v, block_size, run, biased: bool = False) -> KernelConfig:
     """The cached configuration for this (device, head_dim, dtype, block); times candidates once."""
     D = q.shape[-1]
     if interpreting() or not q.is_cuda:
         return _interpreter_config(block_size)
     tma = tma_usable(k, v)
-    key = _tuning_key(q, k, block_size, tma)
+    key = _tuning_key(q, k, block_size, tma, biased)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
     candidates = candidate_configs(block_size, D, tma=tma)
-    if os.environ.get(_NO_TUNE_ENV, "0") not in ("", "0") or len(candidates) == 1:
+    if not tuning_enabled("forward") or len(candidates) == 1:
         cfg = candidates[0]
     else:
         best = None
@@ -480,6 +493,7 @@ def block_sparse_attention_fwd(
     config: KernelConfig | None = None,
     validate: bool = False,
     q_rows: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ):
     """Block-sparse attention forward: returns ``(out, lse)``.
 
@@ -494,12 +508,16 @@ def block_sparse_attention_fwd(
     a permuted token order and q, out, lse in the original one; row ``r`` of the lists' order reads q
     from token ``q_rows[r]`` and writes out and lse there (module docstring). Trusted like the lists;
     ``validate`` checks it too.
+    ``key_bias`` (B, Nk) float32: added to every query's scaled score of that key, in the lists'
+    key order (``-inf`` removes the key: text padding), as in the reference.
     """
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows)
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows, key_bias)
     B, H, N, D = q.shape
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q_rows is not None:
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
+    if key_bias is not None:
+        key_bias = unit_last_stride(key_bias)
     scale = default_scale(D, scale)
     if validate:
         validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
@@ -513,10 +531,10 @@ def block_sparse_attention_fwd(
         return out, lse
 
     def run(cfg):
-        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows)
+        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows, key_bias)
 
     if config is None:
-        config = _pick_config(q, k, v, block_size, run)
+        config = _pick_config(q, k, v, block_size, run, biased=key_bias is not None)
     elif not config.fits(block_size):
         raise ValueError(f"config {config} does not divide block_size {block_size}")
     elif config.tma and not tma_usable(k, v):

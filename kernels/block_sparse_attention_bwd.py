@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
-                      padded_head_dim, tma_usable)
+                      padded_head_dim, tma_usable, tuning_enabled)
 from .block_lists import block_lists_triton
 from .reference import num_blocks
 
@@ -391,16 +391,14 @@ def _fixed_config(block_size: int, head_dim_p2: int, on_gpu: bool) -> BackwardCo
 
 _TMA_FLAGS = dict(tma=True, ragged_branch=True)
 
-# Tuner candidates (both passes time all of them). Measured on H100 at (1, 12, 32760, 128) bf16,
-# density 0.25 (BENCHMARKS.md, Backward): the tuner picked (64, 64, 4, 2) for dk/dv and
-# (128, 64, 8, 3) for dq; sub-tiles of 32 and (64, 64) with 8 plain warps were slower (both passes
-# forced: 13.5-15.0 and 23-26 ms vs 12.2-12.7), so they are no longer timed. The flagged variants
-# follow the forward's H100 result (TMA + scalar ragged branch + warp specialization: +11-13%);
-# the warp-specialized ones come last so that a compiler failure there costs the least.
-# Pruned with the H100 per-pass sweep at (1,12,32760,128) bf16, density 0.25 (BENCHMARKS.md):
-# best dk/dv (64,64,4w,2s)+TMA 6.00 ms, best dq (128,64,8w,3s)+TMA 4.22 ms (+warp spec. 4.23).
-# Dropped: (64,64,4w)+warp spec. (does not compile with Triton 3.6), (64,64,8w)+warp spec.
-# (12.4 / 8.0 ms), (128,64,8w,2s) plain (7.5 / 5.2) and with warp spec. (6.5 / 4.7).
+# Tuner candidates (both passes time all of them), pruned with per-pass sweeps on Hopper at Wan's
+# attention shape (BENCHMARKS.md, Forward + backward; timings in benchmarks/measured/HISTORY.md,
+# Backward). Sub-tiles of 32, (64, 64) with 8 plain warps, (64, 64, 8 warps) with warp
+# specialization and (128, 64, 8 warps, 2 stages) without tma_rows were slower in both passes, so
+# they are no longer timed; (64, 64, 4 warps) with warp specialization does not compile with
+# Triton 3.6. The flagged variants follow the forward's result (TMA + scalar ragged branch + warp
+# specialization was the fastest there); the warp-specialized ones come last so that a compiler
+# failure there costs the least.
 _GPU_CANDIDATES = (
     BackwardConfig(64, 64, 4, 2),
     BackwardConfig(128, 64, 8, 3),
@@ -460,7 +458,7 @@ def _launch_tuned(kind, launch, key, candidates):
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get("MODCOMPILE_BWD_AUTOTUNE", "1") != "0"
+    return tuning_enabled("backward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,7 +635,7 @@ def block_sparse_attention_bwd(
     :func:`transpose_block_lists`, if the caller already has them. ``config`` forces the launch
     configuration (a :class:`BackwardConfig` or ``(tile, sub_tile, num_warps, num_stages)``) of both
     passes, ``dkdv_config`` / ``dq_config`` of one pass (benchmarks, tests); a pass not forced is
-    timed once per shape key on GPUs (``MODCOMPILE_BWD_AUTOTUNE=0``: fixed configuration)."""
+    timed once per shape key on GPUs (``MODCOMPILE_TUNE=0``: fixed configuration)."""
     run = prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices, block_size=block_size, scale=scale,
                            q_lists=q_lists)
     if q.numel() == 0 or k.numel() == 0:  # nothing attends anything: all gradients are zero

@@ -1,6 +1,6 @@
 """Pure-torch references of the block-sparse kernels.
 
-Block-sparse representation (DESIGN.md): for every (batch, head, query block) a count and a list of
+Block-sparse representation: for every (batch, head, query block) a count and a list of
 key blocks, ``kv_counts[B, H, Mq]`` and ``kv_indices[B, H, Mq, Mk_max]`` (int32). Entries of
 ``kv_indices`` past ``kv_counts`` are ignored. Blocks are ``block_size`` tokens; the last block of a
 sequence whose length is not a multiple of the block size is ragged. A query row whose list is
@@ -105,8 +105,12 @@ def block_sparse_attention_ref(
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
     chunk_blocks: int = 16,
+    key_bias: torch.Tensor | None = None,
 ):
     """Masked softmax attention restricted to the listed key blocks.
+
+    ``key_bias`` (B, Nk) float: added to every query's scaled score of that key, as SDPA adds a
+    float ``attn_mask`` of shape (B, 1, 1, Nk); ``-inf`` removes the key (text padding).
 
     Returns ``(out, lse)``: ``out`` in q's dtype (or ``compute_dtype`` when given), ``lse`` the
     natural-log log-sum-exp of the scaled scores per query, float32 (float64 when computing in
@@ -124,10 +128,12 @@ def block_sparse_attention_ref(
     lse = torch.empty(B, H, N, dtype=default_compute_dtype(compute_dtype), device=q.device)
     for r0, r1, allowed in query_chunks(kv_counts, kv_indices, N, Nk, block_size, chunk_blocks, q.device):
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)) * scale  # [B, H, rows, Nk]
+        if key_bias is not None:
+            s = s + key_bias.to(s.dtype)[:, None, None, :]
         s = s.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(s, dim=-1)
         # where(): rows with no allowed key stay 0 (exp(-inf - -inf) is NaN); NaN scores stay NaN.
-        p = torch.where(allowed, torch.exp(s - row_lse.unsqueeze(-1)), 0.0)
+        p = torch.where(allowed & (s != float("-inf")), torch.exp(s - row_lse.unsqueeze(-1)), 0.0)
         out[:, :, r0:r1] = masked_block_matmul(p, vc, allowed[:, :, ::block_size], block_size).to(out_dtype)
         lse[:, :, r0:r1] = row_lse.to(lse.dtype)
     return out, lse

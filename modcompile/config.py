@@ -190,7 +190,7 @@ class SparsityConfig:
     full_refresh: str = option("sparse", "str", choices=("sparse", "dense"))
     min_observed_coverage: float = _fraction(0.8)  # a cheap refresh seeing less kept mass triggers a dense one
     # estimate the sparsity map from every n-th query row (1 = exact); None: block_size // 8, 8 rows
-    # per block (16 at block 128; H100: 8 had the fidelity of 1, CPU: 16 the error of 8; BENCHMARKS.md)
+    # per block (the estimate's quality depends on rows per block; BENCHMARKS.md, MOD overhead)
     observe_row_stride: int | None = option(None, "int", low=1, optional=True)
 
     def __post_init__(self):
@@ -203,8 +203,8 @@ class SparsityConfig:
 
     def observe_stride(self) -> int:
         """The row stride MOD observes with: ``observe_row_stride``, by default ``block_size // 8``
-        (8 sampled rows per query block: the estimate's quality depends on the rows per block, the
-        CPU study in BENCHMARKS.md measured 8 rows of 128 as good as 16)."""
+        (8 sampled rows per query block: the estimate's quality depends on the rows per block, and
+        8 rows predicted masks as well as 16 in the mask-quality study; BENCHMARKS.md, MOD overhead)."""
         if self.observe_row_stride is not None:
             return self.observe_row_stride
         return max(1, self.block_size // 8)

@@ -4,7 +4,7 @@ Per rewritten SDPA site the graph holds::
 
     token = modcompile::step(timestep)                             # once, at graph entry
     counts, indices = modcompile::plan(q, k, token, site, T, H, W) # the policy's masks for this call
-    out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale)
+    out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale, key_bias)
     modcompile::observe(q, k, lse, counts, indices, site)          # predictor fitting, when asked
 
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
@@ -61,8 +61,11 @@ _out_like = empty_heads_last
 
 
 def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float,
-                      q_rows: Optional[Tensor] = None):
+                      q_rows: Optional[Tensor] = None, key_bias: Optional[Tensor] = None):
     """Block-sparse attention on the best available path; returns ``(out, lse)``.
+
+    ``key_bias`` (B, Nk) float32, in k's order: added to the scaled scores of each key (``-inf``
+    removes it), as SDPA adds a (B, 1, 1, Nk) float mask.
 
     ``q_rows`` (N,) int32 permutation (VMoBA): the lists, k and v are in permuted token order, q and
     the returned out / lse in the original one; permuted row ``r`` is token ``q_rows[r]``. The kernel
@@ -71,10 +74,11 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     out = _out_like(q)
     if use_triton(q):
         return _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
-                                 q_rows=q_rows)
+                                 q_rows=q_rows, key_bias=key_bias)
     rows = None if q_rows is None else q_rows.to(torch.int64)
     q_in = q if rows is None else q.index_select(2, rows)
-    ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale)
+    ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale,
+                                              key_bias=key_bias)
     if rows is None:
         return out.copy_(ref_out), lse
     return out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
@@ -222,14 +226,16 @@ def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
 
 @torch.library.custom_op("modcompile::sparse_attention", mutates_args=(), tags=_TAGS)
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                     site: str, scale: float) -> tuple[Tensor, Tensor]:
+                     site: str, scale: float, key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The site's attention: dense SDPA on dense calls that observe nothing and need no backward
-    (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise."""
+    (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise.
+    ``key_bias`` (B, Nk) float32: the site's key-padding mask as an additive bias (passes/masks.py)."""
     state = REGISTRY.current(site)
-    return site_attention(policy_for(state.info.config), state.context, q, k, v, kv_counts, kv_indices, scale)
+    return site_attention(policy_for(state.info.config), state.context, q, k, v, kv_counts, kv_indices, scale,
+                          key_bias)
 
 
-def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float):
+def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float, key_bias=None):
     """The body of the site attention op for the step its plan set up (``ctx.state.dense_now`` /
     ``observe_now``); benchmarks that drive a policy by hand call it too."""
     state = ctx.state
@@ -237,16 +243,17 @@ def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float):
     if state.dense_now and not state.info.training:
         if not state.observe_now:
             out, lse = _fake_outputs(q)
-            out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+            mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+            out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
             return out, lse.fill_(float("nan"))
-        dense = dense_attention_with_lse(q, k, v, scale)
+        dense = dense_attention_with_lse(q, k, v, scale) if key_bias is None else None
         if dense is not None:
             return dense
-    return policy.attention(ctx, q, k, v, kv_counts, kv_indices, scale)
+    return policy.attention(ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=key_bias)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, kv_counts, kv_indices, site, scale):
+def _(q, k, v, kv_counts, kv_indices, site, scale, key_bias=None):
     return _fake_outputs(q)
 
 
@@ -268,7 +275,9 @@ def _(grad_out, q, k, v, out, lse, kv_counts, kv_indices, site, scale):
 
 
 def _site_setup_context(ctx, inputs, output):
-    q, k, v, kv_counts, kv_indices, site, scale = inputs
+    q, k, v, kv_counts, kv_indices, site, scale, key_bias = inputs
+    if key_bias is not None:  # the pass keeps masked sites that need gradients dense
+        raise NotImplementedError("modsparse: no backward for a block-sparse site with a key-padding mask")
     ctx.save_for_backward(q, k, v, output[0], output[1], kv_counts, kv_indices)
     ctx.site, ctx.scale = site, scale
 
@@ -280,7 +289,7 @@ def _site_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.modcompile.sparse_attention_backward(
         grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.site, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_context)

@@ -1,6 +1,7 @@
 """``modcompile.report()``: what the backend did, per attention site."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .runtime import REGISTRY
@@ -36,7 +37,7 @@ def collect() -> list[SiteRow]:
         # the geometry of the last call, when the site ran (compile-time values otherwise)
         info = next((s.context.info for s in states if s.context is not None), info)
         rows.append(SiteRow(
-            site=info.key, status=info.status, reason=info.reason, policy=info.config.policy,
+            site=info.key, status=info.status, reason=info.reason or info.mask, policy=info.config.policy,
             seq_len=info.seq_len, heads=info.heads, head_dim=info.head_dim, grid=info.grid,
             text_tokens=info.text_tokens,
             density=sum(densities) / len(densities) if densities else None,
@@ -59,10 +60,29 @@ def format_table(rows: list[SiteRow]) -> str:
     return "\n".join(out)
 
 
+_SKIPPED = re.compile(r"frame skipped: (\S+) \((.+?) line (\d+)\)")
+
+
+def skipped_frames() -> list[str]:
+    """Functions that Dynamo gave up compiling in this process (a graph break inside a loop skips
+    the whole frame): attention inside them runs eagerly, as dense SDPA, without a site in the
+    table. Read from Dynamo's graph-break counters: ``"fn (file:line): first break reason"``."""
+    from torch._dynamo.utils import counters
+    out = {}
+    for text in counters.get("unimplemented", {}):
+        for fn, path, line in _SKIPPED.findall(text):
+            lines = [x.strip() for x in text.strip().splitlines()]
+            why = next((x[len("Explanation:"):].strip() for x in lines if x.startswith("Explanation:")), "")
+            out.setdefault(f"{fn} ({path.rsplit('/', 1)[-1]}:{line})", f"{lines[0]}" + (f": {why}" if why else ""))
+    return [f"{where}: {why}" for where, why in out.items()]
+
+
 def report(print_table: bool = True) -> list[SiteRow]:
-    """Per-site table (site, status and reason, shapes, current density, steps); prints it and
-    returns the rows."""
+    """Per-site table (site, status and reason, shapes, current density, steps); prints it, with
+    the frames Dynamo skipped (their attention runs eagerly and dense), and returns the rows."""
     rows = collect()
     if print_table:
         print(format_table(rows) if rows else "modcompile: no attention sites compiled yet")
+        for frame in skipped_frames():
+            print(f"not compiled (Dynamo skipped the frame; its attention runs eagerly and dense): {frame}")
     return rows

@@ -54,6 +54,7 @@ class SiteInfo:
     def text_position(self) -> str:
         """Where joint-attention text sits: the option when given, else the model's, else last."""
         return self.config.text_position or self.inferred_text_position or "last"
+    mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
 
 
 @dataclass

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+from .graph_view import example_value, hint
+from .masks import KeyMask, key_padding_mask
 
 # Dynamo records F.scaled_dot_product_attention as this builtin, positional or keyword args alike.
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -27,30 +29,11 @@ class AttentionSite:
     head_dim: int | None = None
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    key_mask: KeyMask | None = None  # a text-padding mask the kernel applies (passes/masks.py)
 
     @property
     def local_key(self) -> str:
         return f"{self.module_path}#{self.ordinal}"
-
-
-def example_value(arg):
-    if isinstance(arg, fx.Node):
-        return arg.meta.get("example_value", arg.meta.get("val"))
-    return arg
-
-
-def hint(n) -> int | None:
-    """A concrete size for decisions: the hint of a symbolic size (no new guard); None for a
-    data-dependent size, which has no hint (e.g. after ``nonzero`` with
-    ``capture_dynamic_output_shape_ops``)."""
-    if isinstance(n, torch.SymInt):
-        if n.node.hint is not None:
-            return int(n.node.hint)
-        try:
-            return int(n.node.shape_env.size_hint(n.node.expr))
-        except GuardOnDataDependentSymNode:
-            return None
-    return int(n)
 
 
 def _sdpa_args(node: fx.Node) -> dict:
@@ -101,8 +84,11 @@ def check_eligibility(site: AttentionSite, min_seq_len: int, head_dim_ok=None) -
     site.heads, site.seq_len, site.head_dim = hint(q.shape[1]), hint(q.shape[2]), hint(q.shape[3])
     site.dtype, site.device = q.dtype, q.device
     mask, dropout = a["attn_mask"], a["dropout_p"]
-    if mask is not None:
-        site.reason = "attn_mask given (arbitrary masks are not block-sparse)"
+    site.key_mask = key_padding_mask(mask, hint(q.shape[0]), hint(k.shape[2])) if mask is not None else None
+    if mask is not None and site.key_mask is None:
+        site.reason = "attn_mask given (only key-padding masks run block-sparse, passes/masks.py)"
+    elif site.key_mask is not None and any(getattr(t, "requires_grad", False) for t in (q, k, v)):
+        site.reason = "attn_mask with gradients (the backward kernels take no key mask)"
     elif isinstance(dropout, fx.Node) or dropout != 0.0:
         site.reason = "dropout_p != 0"
     elif isinstance(a["is_causal"], fx.Node) or a["is_causal"]:

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from ..owners import source_path
 from ..runtime import REGISTRY, SiteInfo
+from . import masks
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites
 from .step_metadata import find_timestep_input
 from .video_grid import infer_video_grid, patch_embedding, text_tokens_for
@@ -60,7 +61,8 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
             anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
-            grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site)))
+            grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site),
+            mask=site.key_mask.description if site.eligible and site.key_mask else ""))
         infos.append(info)
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
@@ -127,11 +129,14 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, 
         lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
+        bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,
-                                   (q, k, v, counts, indices, key, float(scale)))
+                                   (q, k, v, counts, indices, key, float(scale), bias))
         out = graph.call_function(operator.getitem, (attn, 0))
         lse = graph.call_function(operator.getitem, (attn, 1))
         graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key))
+        if site.key_mask is not None and site.key_mask.zero_padded_rows:
+            out = graph.call_function(masks.zero_padded_rows, (out, site.key_mask.keys))
     out.meta.update(node.meta)
     node.replace_all_uses_with(out)
     graph.erase_node(node)

@@ -29,7 +29,7 @@ class Client:
     sites: tuple                    # kind of each SDPA call of one forward, in order: "video" (self-attention
                                     # over the video tokens, joint with the text ones if any), "cross" (keys
                                     # of another length: text conditioning), "text" (self-attention over text)
-    masked: bool = False            # the video self-attention gets an attn_mask (so it stays dense)
+    masked: bool = False            # the video self-attention gets an attn_mask (text padding)
     grid_rule: str = ""             # how the grid is inferred (modcompile/layout.py; for the docs)
     slow: bool = False
     extra: dict = field(default_factory=dict)

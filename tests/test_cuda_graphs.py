@@ -103,7 +103,7 @@ def test_replayed_lists_equal_eager(layer, selection, monkeypatch):
 def test_compiled_vmoba_replays_and_switch(graphs, fresh_modcompile, monkeypatch):
     """Compiled model: the plan replays its graphs (switch on) or never captures (switch off)."""
     monkeypatch.setenv(cuda_graphs.ENV, graphs)
-    monkeypatch.setenv("MODCOMPILE_BSA_NO_TUNE", "1")  # kernel timing is not what this test is about
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")  # kernel timing is not what this test is about
     modcompile.ops.policy_for.cache_clear()  # a fresh policy: no graphs from an earlier test
     from benchmarks.video_dit import DiTConfig, VideoDiT
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
     """A 20-step MOD schedule (warm-up pair, cheap refreshes, a full refresh) on the GPU: with the
     tail graphed the lists of every step equal the eager run's, and from the third generation on
     (every tail kind captured) plan and observe never synchronize with the device."""
-    monkeypatch.setenv("MODCOMPILE_BSA_NO_TUNE", "1")
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")
     from modcompile.policies.mod import ModPolicy
     cfg = SparsityConfig(block_size=64, refresh_interval=3, full_refresh_every=3, min_observed_coverage=0.0,
                          num_steps=20)

@@ -242,7 +242,7 @@ def test_config_labels_round_trip_and_pins_parse(monkeypatch):
 def test_pinned_backward_configs_are_used_without_tuning(monkeypatch):
     from modcompile.kernels import block_sparse_attention_bwd as bwd
     monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", "dkdv=(64,64,4w,2s)+tma+ragged_branch;dq=(128,64,8w,3s)")
-    monkeypatch.setenv("MODCOMPILE_BWD_AUTOTUNE", "1")
+    monkeypatch.setenv("MODCOMPILE_TUNE", "1")
     before = dict(bwd.tuned_configs())
     run_case(1, 2, 3 * 128 + 37, 3 * 128 + 37, 128, 128, torch.bfloat16, 3)
     assert bwd.tuned_configs() == before  # nothing timed: both passes ran their pins
@@ -308,7 +308,7 @@ def test_backward_bf16_gpu(D, bs):
 # autograd registration on a forward custom op
 # ----------------------------------------------------------------------------------------------
 def _forward_impl(q, k, v, kv_counts, kv_indices, block_size, scale):
-    """Triton forward on CUDA (the other engineer's kernel), the torch reference elsewhere."""
+    """Triton forward on CUDA, the torch reference elsewhere."""
     if q.is_cuda:
         from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 

@@ -2,7 +2,7 @@
 
 CPU: the Triton kernel runs under TRITON_INTERPRET=1 (conftest) on tiny shapes, fp16/fp32 (the
 interpreter's bf16 dot is wrong). GPU (marked ``gpu``): bf16/fp16 at real sizes, every candidate
-launch configuration. Pass rule (DESIGN.md): max|out - ref64| <= 2 * max|torch_same_dtype - ref64|
+launch configuration. Pass rule: max|out - ref64| <= 2 * max|torch_same_dtype - ref64|
 + tiny, where torch_same_dtype is the torch reference computed in the input dtype.
 """
 from __future__ import annotations

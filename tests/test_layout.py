@@ -147,7 +147,7 @@ def test_grid_and_text_inferred_vmoba_sparse_dense_warmup_equals_eager(name, sty
 
 
 def test_masked_joint_attention_models_report_the_inferred_grid():
-    """HunyuanVideo's joint attention stays dense (its text mask) but its grid and text are known."""
+    """HunyuanVideo (joint attention with a text mask): the grid and text tokens are inferred."""
     client = BY_NAME["hunyuan_video"]
     model = torch.compile(client.build(), backend="modsparse", options={"policy": "vmoba", **OPTS})
     _run(client, model, steps=STEPS[:2])

@@ -166,7 +166,7 @@ def test_option_dicts_are_valid_or_a_clear_error(drawn):
         assert all(_names(message, k) for k in cross), message
 
 
-# ----------------------------------------------------------------------------- the cases of issue 16
+# ----------------------------------------------------------------------------- bad values: exact messages
 
 @pytest.mark.parametrize("key, value, allowed", [
     ("tau", "0.5", "a float in [0, 1]"),

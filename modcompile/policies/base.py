@@ -115,12 +115,12 @@ class Policy:
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float):
+                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here."""
+        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike)."""
         from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
@@ -152,15 +152,8 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 
 def make_policy(config: SparsityConfig) -> Policy:
-    from . import dense  # noqa: F401  (registers the built-in policies)
-    try:
-        from . import vmoba  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from . import mod  # noqa: F401
-    except ImportError:
-        pass
+    # Importing the built-in policies registers them; here, not at the top, because they import this module.
+    from . import dense, mod, vmoba  # noqa: F401
     if config.policy not in _POLICIES:
         raise ValueError(f"modsparse: policy {config.policy!r} is not available "
                          f"(have {sorted(_POLICIES)})")

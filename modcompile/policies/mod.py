@@ -394,8 +394,8 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     With ``observed`` (the last observed map, (H, nb, nb), history merged) and
     ``config.mask_rule == "blocks"``, the line selection only sets each head's block budget; the
     blocks themselves are the densest of the observed map, which keeps the block detail that lines
-    average away. (Moving the map by the lines' extrapolated drift was tried and predicted worse on
-    the synthetic benchmark: 1.25x the oracle's error against 1.14x without.)"""
+    average away. (Moving the map by the lines' extrapolated drift was tried: its masks were further
+    from the oracle's on the synthetic benchmark.)"""
     geom = fg.geom
     nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
     H = coef.shape[0]

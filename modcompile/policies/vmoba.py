@@ -233,12 +233,12 @@ class VmobaPolicy(Policy):
             return None
         return layout, call
 
-    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float):
+    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float, key_bias=None):
         """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
         from ..ops import attention_forward
         permuted = self._permuted_call(ctx, q)
         if permuted is None:
-            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale)
+            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias)
         layout, call = permuted
         stash, call.stash = call.stash, None
         if stash is not None and stash[0] == _tensor_key(k):
@@ -246,7 +246,10 @@ class VmobaPolicy(Policy):
         else:  # the plan's copy does not match (should not happen in a rewritten graph)
             kp = self.gather(k, layout.perm)
         vp = self.gather(v, layout.perm)
-        return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm)
+        if key_bias is not None:
+            key_bias = key_bias.index_select(1, layout.perm)
+        return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
+                                 key_bias=key_bias)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
