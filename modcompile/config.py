@@ -159,7 +159,8 @@ class SparsityConfig:
     block_size: int = option(128, "int", choices=SUPPORTED_BLOCK_SIZES)  # the kernel's (GPU: 64 or 128)
     min_seq_len: int = option(1024, "int", low=0)      # shorter self-attention stays dense (too small to pay off)
     video_grid: tuple | None = option(None, "grid", optional=True)  # latent (T, H, W); None = inferred
-    text_position: str = option("last", "str", choices=("first", "last"))  # where joint-attention text sits
+    # where joint-attention text sits; None = the model's (modcompile/layout.py), "last" when unknown
+    text_position: str | None = option(None, "str", choices=("first", "last"), optional=True)
     num_steps: int | None = option(None, "int", low=1, optional=True)  # None = from denoising_step(), else 50
     warmup_steps: int | None = option(None, "int", low=0, optional=True)  # dense steps first; None = the policy's
     density: float | None = _fraction(None, optional=True)  # vmoba topk / mod lines per head; None = policy rule

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import SparsityConfig
+from .layout import model_layout
 from .passes.video_grid import text_tokens_for
 from .owners import find_owner, layer_index, pipeline_schedule, site_path
 
@@ -47,6 +48,12 @@ class SiteInfo:
     anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)
     model: str = ""                 # the model instance a site instance belongs to (report)
     spec_key: str = ""              # a site instance's compiled site (its key before it ran)
+    inferred_text_position: str | None = None  # the model's (modcompile/layout.py), when known
+
+    @property
+    def text_position(self) -> str:
+        """Where joint-attention text sits: the option when given, else the model's, else last."""
+        return self.config.text_position or self.inferred_text_position or "last"
     mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
 
 
@@ -140,8 +147,10 @@ class ModelRun:
         self.states: dict[tuple[str, int], SiteState] = {}
         self.visits: dict[str, tuple[int, int]] = {}  # instance key -> (step, calls in that step)
         self.last_grid: tuple | None = None
+        self.layout = None              # the layout of the last forward (modcompile/layout.py), from the hook
+        self.warned: set = set()        # layout warnings already logged for this model
         self.graph_steps = False        # a compiled graph reads this model's timestep
-        self.hooked = False             # a forward pre-hook reads its inputs (regional compilation)
+        self.hooked = False             # a forward pre-hook reads its inputs (layout; timestep when no graph does)
 
     def new_generation(self) -> None:
         self.tracker.generation += 1
@@ -252,8 +261,8 @@ class Registry:
                                    layer=layer, model=run.name, spec_key=spec.key)
         self.sites.pop(spec.key, None)
         self.sites[info.key] = info
-        if owner.model is not None and not run.graph_steps and not run.hooked and not owner.compiled:
-            install_input_hook(owner.model, run, owner.frame_locals)
+        if owner.model is not None and not run.hooked:
+            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled)
         return run, info
 
     def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
@@ -269,11 +278,20 @@ class Registry:
             run.last_grid = grid
         else:
             grid = run.last_grid
+        layout = run.layout
+        if info.config.video_grid is not None and layout is not None and layout.grid is not None:
+            reason = _given_grid_check(info.config.video_grid, layout)
+            if reason:
+                self._warn_once(run, reason)
+                if reason not in info.reason:
+                    info = dataclasses.replace(info, reason="; ".join(x for x in (info.reason, reason) if x))
+        position = layout.text_position if layout is not None else info.inferred_text_position
         text = text_tokens_for(seq_len, grid)
         if text is None:
             grid, text = None, 0
-        if (info.seq_len, info.grid, info.text_tokens) != (seq_len, grid, text):
-            info = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text)
+        if (info.seq_len, info.grid, info.text_tokens, info.inferred_text_position) != (seq_len, grid, text, position):
+            info = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text,
+                                       inferred_text_position=position)
         if state.geometry != (seq_len, grid):
             if state.geometry is not None:
                 state.policy_state, state.kv_counts, state.kv_indices = None, None, None
@@ -286,6 +304,12 @@ class Registry:
         run, info = self._instance(key, anchor)
         _, calls = run.visits.get(info.key, (-1, 1))
         return run.states.get((info.key, max(calls - 1, 0))) or self.current(key)
+
+    @staticmethod
+    def _warn_once(run: ModelRun, message: str) -> None:
+        if message not in run.warned:
+            run.warned.add(message)
+            log.warning("modsparse: %s: %s", run.name, message)
 
     def current(self, key: str) -> SiteState:
         """The state that the last plan node of this site selected (for attention/observe nodes)."""
@@ -330,29 +354,33 @@ class Registry:
             self.free_run = ModelRun("<no model>")
 
 
-def install_input_hook(model, run: ModelRun, frame_locals: dict | None) -> None:
-    """Steps and grid for a model whose own forward is not compiled (regional compilation: only
-    its blocks are): a forward pre-hook reads its ``timestep`` and the latent shape of its
-    ``hidden_states`` (one host read of the timestep per forward, as the graph's step node does).
-    The current call, already inside forward, is read from its frame."""
+def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True) -> None:
+    """A forward pre-hook on the model that reads its inputs before each forward, in both compile
+    styles (``torch.compile(model)`` compiles the model's ``forward`` frame: its hooks run
+    outside). It reads the layout (grid and text position, modcompile/layout.py) and, with
+    ``read_timestep`` (the model's forward is not compiled: regional compilation) and while no
+    compiled graph reads it, the ``timestep`` (one host read per forward, as the graph's step node
+    does). A whole-compiled model's graph reads its own timestep: eager calls of the same module
+    (a reference run) then leave the step alone. The current call, already inside forward, is read
+    from its frame."""
     import inspect
     try:
         params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return
-    if "timestep" not in params:
-        return
 
     def read(values: dict) -> None:
         t = values.get("timestep")
-        if isinstance(t, torch.Tensor) and t.numel() and REGISTRY.explicit is None:
-            run.on_timestep(timestep_value(t))
-        elif isinstance(t, (int, float)) and REGISTRY.explicit is None:
-            run.on_timestep(float(t))
-        grid = latent_grid(model, values)
-        if grid is not None:
-            run.last_grid = grid
+        if read_timestep and not run.graph_steps and REGISTRY.explicit is None:
+            if isinstance(t, torch.Tensor) and t.numel():
+                run.on_timestep(timestep_value(t))
+            elif isinstance(t, (int, float)) and not isinstance(t, bool):
+                run.on_timestep(float(t))
+        run.layout = model_layout(model, values)
+        if run.layout.grid is not None:
+            run.last_grid = run.layout.grid
 
+    @torch.compiler.disable
     def hook(module, args, kwargs):
         read({**dict(zip(params, args)), **kwargs})
 
@@ -372,25 +400,18 @@ def timestep_value(t: torch.Tensor) -> tuple:
 
 
 def latent_grid(model, values: dict) -> tuple | None:
-    """The token grid of a diffusers video model's input: the 5-D latent ``hidden_states`` divided
-    by the model's patch sizes (``config.patch_size``, ``config.patch_size_t``), or the
-    ``num_frames``/``height``/``width`` arguments of models that take packed tokens."""
-    x = values.get("hidden_states")
-    config = getattr(model, "config", None)
-    if isinstance(x, torch.Tensor) and x.dim() == 5 and config is not None:
-        patch = getattr(config, "patch_size", None)
-        if isinstance(patch, (tuple, list)) and len(patch) == 3:
-            pt, ph, pw = patch
-        elif isinstance(patch, int):
-            pt, ph, pw = getattr(config, "patch_size_t", None) or 1, patch, patch
-        else:
-            return None
-        f, h, w = x.shape[2:]
-        return (f // pt, h // ph, w // pw) if f % pt == h % ph == w % pw == 0 else None
-    dims = [values.get(n) for n in ("num_frames", "height", "width")]
-    if all(isinstance(d, int) and d > 0 for d in dims) and isinstance(x, torch.Tensor) and x.dim() == 3:
-        return tuple(dims)
-    return None
+    """The token grid of a diffusers video model's forward inputs (modcompile/layout.py)."""
+    return model_layout(model, values).grid
+
+
+def _given_grid_check(given: tuple, layout) -> str:
+    """'' when a ``video_grid`` option agrees with the model's latents, else why it cannot fit."""
+    given = tuple(given)
+    if given == tuple(layout.grid):
+        return ""
+    shown = "x".join(map(str, given))
+    return (f"video_grid {shown} given, but this call's latents give {'x'.join(map(str, layout.grid))} "
+            f"({layout.rule}); the given grid is used")
 
 
 def scope_of(key: str) -> str:

@@ -78,6 +78,9 @@ def check_eligibility(site: AttentionSite, min_seq_len: int, head_dim_ok=None) -
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         site.reason = f"q/k/v are not (B, H, N, D) (rank {q.dim()})"
         return site
+    if any(hint(d) is None for t in (q, k, v) for d in t.shape):
+        site.reason = "q/k/v sizes are data-dependent at compile time (no size hint)"
+        return site
     site.heads, site.seq_len, site.head_dim = hint(q.shape[1]), hint(q.shape[2]), hint(q.shape[3])
     site.dtype, site.device = q.dtype, q.device
     mask, dropout = a["attn_mask"], a["dropout_p"]

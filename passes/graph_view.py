@@ -5,6 +5,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 
 def to_digraph(graph: fx.Graph) -> nx.DiGraph:
@@ -23,8 +24,15 @@ def example_value(arg):
     return arg
 
 
-def hint(n) -> int:
-    """A concrete size for decisions: the hint of a symbolic size (no new guard)."""
+def hint(n) -> int | None:
+    """A concrete size for decisions: the hint of a symbolic size (no new guard); None for a
+    data-dependent size, which has no hint (e.g. after ``nonzero`` with
+    ``capture_dynamic_output_shape_ops``)."""
     if isinstance(n, torch.SymInt):
-        return int(n.node.hint) if n.node.hint is not None else int(n.node.shape_env.size_hint(n.node.expr))
+        if n.node.hint is not None:
+            return int(n.node.hint)
+        try:
+            return int(n.node.shape_env.size_hint(n.node.expr))
+        except GuardOnDataDependentSymNode:
+            return None
     return int(n)

@@ -37,7 +37,8 @@ def find_timestep_input(gm: fx.GraphModule) -> fx.Node | None:
     """The timestep placeholder: by name first, else the small float input that feeds a
     sinusoidal embedding (sin/cos/exp reachable from it)."""
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and _NAME.search(node.name) and _timestep_like(node, small=False):
+        # not a weight: Cosmos' learnable position table is named pos_emb_t
+        if node.op == "placeholder" and _NAME.search(node.name) and not _is_weight(node) and _timestep_like(node, small=False):
             return node
     # small inputs first (a batch of scalars), then per-token or per-frame ones
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not _is_weight(n)]

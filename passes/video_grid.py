@@ -30,7 +30,8 @@ def patch_embedding(gm: fx.GraphModule) -> fx.Node | None:
 def infer_video_grid(gm: fx.GraphModule) -> tuple[int, int, int] | None:
     """(T, H, W) of the patch embedding's output at compile time (hints of symbolic sizes)."""
     node = patch_embedding(gm)
-    return None if node is None else tuple(hint(s) for s in example_value(node).shape[2:])
+    grid = None if node is None else tuple(hint(s) for s in example_value(node).shape[2:])
+    return None if grid is None or None in grid else grid
 
 
 def text_tokens_for(seq_len: int, grid: tuple[int, int, int] | None) -> int | None:

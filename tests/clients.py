@@ -30,7 +30,7 @@ class Client:
                                     # over the video tokens, joint with the text ones if any), "cross" (keys
                                     # of another length: text conditioning), "text" (self-attention over text)
     masked: bool = False            # the video self-attention gets an attn_mask (text padding)
-    grid_rule: str = ""             # how the pass finds the grid (for the docs)
+    grid_rule: str = ""             # how the grid is inferred (modcompile/layout.py; for the docs)
     slow: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -129,25 +129,25 @@ def _skyreels_inputs(g, t):
 
 CLIENTS = [
     Client("wan", "WanTransformer3DModel", _WAN, _wan_inputs, grid=(4, 8, 8), text_tokens=0, text_position=None,
-           sites=("video", "cross") * 2, grid_rule="Conv3d patch embedding output"),
+           sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("skyreels_v2", "SkyReelsV2Transformer3DModel", _WAN, _skyreels_inputs, grid=(4, 8, 8), text_tokens=0,
-           text_position=None, sites=("video", "cross") * 2, grid_rule="Conv3d patch embedding output"),
+           text_position=None, sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("cogvideox", "CogVideoXTransformer3DModel", _COGVIDEOX, _cogvideox_inputs, grid=(4, 8, 8),
            text_tokens=TEXT, text_position="first", sites=("video",) * 2,
-           grid_rule="Conv2d patch embedding over frames; T from the latent's frame dim"),
+           grid_rule="latents (B, F, C, H, W) / patch sizes (per-frame patch embedding)"),
     Client("ltx_video", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs, grid=(4, 16, 16), text_tokens=0,
-           text_position=None, sites=("video", "cross") * 2, grid_rule="RoPE position grid (num_frames, height, width)"),
+           text_position=None, sites=("video", "cross") * 2, grid_rule="num_frames, height, width arguments"),
     Client("hunyuan_video", "HunyuanVideoTransformer3DModel", _HUNYUAN, _hunyuan_inputs, grid=(4, 8, 8),
            text_tokens=TEXT, text_position="last", sites=("text", "video", "video"), masked=True,
-           grid_rule="Conv3d patch embedding output"),
+           grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("mochi", "MochiTransformer3DModel", _MOCHI, _mochi_inputs, grid=(4, 8, 8), text_tokens=TEXT,
            text_position="last", sites=("cross", "video", "video"),
-           grid_rule="Conv2d patch embedding over frames; T from the latent's frame dim"),
+           grid_rule="latents (B, C, F, H, W) / patch sizes (per-frame patch embedding)"),
     Client("cosmos", "CosmosTransformer3DModel", _COSMOS, _cosmos_inputs, grid=(4, 8, 8), text_tokens=0,
-           text_position=None, sites=("video", "cross") * 2, grid_rule="unflatten/permute patchify"),
+           text_position=None, sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("allegro", "AllegroTransformer3DModel", _ALLEGRO, _allegro_inputs, grid=(4, 8, 8), text_tokens=0,
            text_position=None, sites=("video", "cross") * 2,
-           grid_rule="Conv2d patch embedding over frames; T from the latent's frame dim"),
+           grid_rule="latents (B, C, F, H, W) / patch sizes (per-frame patch embedding)"),
 ]
 
 BY_NAME = {c.name: c for c in CLIENTS}

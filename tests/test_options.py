@@ -31,7 +31,7 @@ VALID = {
     "block_size": st.sampled_from([16, 32, 64, 128]),
     "min_seq_len": st.integers(0, 10**6),
     "video_grid": none_or(st.tuples(*[st.integers(1, 64)] * 3) | st.lists(st.integers(1, 64), min_size=3, max_size=3)),
-    "text_position": st.sampled_from(["first", "last"]),
+    "text_position": none_or(st.sampled_from(["first", "last"])),
     "num_steps": none_or(st.integers(1, 1000)),
     "warmup_steps": none_or(st.integers(0, 1000)),
     "density": none_or(fractions),
@@ -55,7 +55,7 @@ VALID = {
     "observe_row_stride": none_or(st.integers(1, 512)),
 }
 
-OPTIONAL = {"video_grid", "num_steps", "warmup_steps", "density", "topk", "partition_blocks", "lines_per_head",
+OPTIONAL = {"video_grid", "text_position", "num_steps", "warmup_steps", "density", "topk", "partition_blocks", "lines_per_head",
             "observe_row_stride"}
 INTS = {"block_size", "min_seq_len", "num_steps", "warmup_steps", "topk", "refresh_interval", "lines_per_head",
         "full_refresh_every", "observe_row_stride"}

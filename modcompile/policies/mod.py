@@ -171,7 +171,7 @@ class ModPolicy(Policy):
                 log.warning("modcompile mod: grid %s does not fit %d tokens; no frame basis", grid, n)
                 grid, text = None, 0
         return Geometry(seq_len=n, block_size=self.config.block_size, grid=tuple(grid) if grid else None,
-                        text_tokens=max(text, 0), text_position=self.config.text_position)
+                        text_tokens=max(text, 0), text_position=ctx.info.text_position)
 
     def _state(self, ctx: SiteContext, q: torch.Tensor) -> ModState:
         st = ctx.state.policy_state

@@ -137,9 +137,9 @@ class VmobaPolicy(Policy):
         return int(WARMUP_FRACTION * num_steps)
 
     # ------------------------------------------------------------------ geometry
-    def block_shape(self, grid: tuple, kind: str, text_tokens: int = 0) -> tuple:
+    def block_shape(self, grid: tuple, kind: str, text_tokens: int = 0, text_position: str = "last") -> tuple:
         return self.blocks.get(kind) or default_shape(tuple(grid), kind, self.config.block_size, text_tokens,
-                                                      self.config.text_position)
+                                                      text_position)
 
     def layout(self, ctx: SiteContext, n: int, device: torch.device) -> Layout | None:
         """The layout of this site, or None (and a note on the site) when the grid does not fit."""
@@ -152,8 +152,8 @@ class VmobaPolicy(Policy):
             ctx.state.note = f"vmoba: dense, sequence {n} does not fit grid {tuple(grid)}"
             return None
         kind = part_lib.kind_for_layer(ctx.info.layer)
-        return layout_for(tuple(grid), kind, self.block_shape(grid, kind, n - video), n - video,
-                          self.config.text_position, self.config.block_size, device)
+        return layout_for(tuple(grid), kind, self.block_shape(grid, kind, n - video, ctx.info.text_position), n - video,
+                          ctx.info.text_position, self.config.block_size, device)
 
     # ------------------------------------------------------------------ plan
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
