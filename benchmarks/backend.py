@@ -54,10 +54,10 @@ def step_context():
     return fn
 
 
-def reset() -> None:
+def reset(forget_sites: bool = False) -> None:
     mod, _ = try_import("modcompile")
     if mod is not None and hasattr(mod, "reset"):
-        mod.reset()
+        mod.reset(forget_sites=forget_sites)
 
 
 def report_rows() -> list[dict]:

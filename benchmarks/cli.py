@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "720p: 21,90,160")
     e.add_argument("--text-len", type=int, default=512)
     e.add_argument("--policies", type=_csv, default=["mod", "vmoba"])
+    e.add_argument("--styles", type=_csv, default=["whole"],
+                   help="compile styles: whole (torch.compile(model)), regional (compile_repeated_blocks)")
     e.add_argument("--warmup-steps", type=int, default=2, help="untimed steps (compilation, dense warm-up state)")
     e.add_argument("--timed-steps", type=int, default=3, help="timed steps per phase")
     e.add_argument("--num-steps", type=int, default=50, help="steps of the full run the timings extrapolate to")

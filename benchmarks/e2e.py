@@ -12,6 +12,7 @@ self-attention SDPA is replaced by an identity-like op.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -64,16 +65,21 @@ def self_attention_replaced():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def _time_steps(fn, steps, device, step_ctx, num_steps, phase_of=None, desc="", show=True, rounds=2):
+def _time_steps(fn, steps, device, step_ctx, num_steps, phase_of=None, desc="", show=True, rounds=2,
+                round_s=None):
     """Run the step schedule ``rounds`` times (a new generation each time) and keep the last round:
-    the first round compiles and warms Inductor's lazily loaded kernels."""
+    the first round compiles and warms Inductor's lazily loaded kernels. ``round_s`` (a list) gets
+    each round's wall time in seconds (the first minus the last: the compile time)."""
     for _ in range(rounds):
         mb.reset()
         out = []
+        t0 = time.perf_counter()
         for i in progress(steps, desc=desc, enabled=show):
             with step_ctx(i, num_steps), Stopwatch(device) as sw, torch.no_grad():
                 fn(i)
             out.append({"step": i, "ms": sw.ms, "phase": phase_of() if phase_of else "dense"})
+        if round_s is not None:
+            round_s.append(time.perf_counter() - t0)
     return out
 
 
@@ -131,12 +137,13 @@ def run(args) -> dict:
     # ---- dense: inductor
     torch._dynamo.reset()
     dense_model = torch.compile(model, backend="inductor")
+    rounds = []
     dense_steps = _timed_phase("inductor", lambda: _time_steps(step_fn(dense_model), range(W + T), device, no_ctx,
-                                                               n, desc="inductor", show=show))
+                                                               n, desc="inductor", show=show, round_s=rounds))
     dense_ms = statistics.median(r["ms"] for r in dense_steps)
-    rows = [{"backend": "inductor (dense)", "policy": "dense", "phase": "dense", "steps_timed": len(dense_steps),
-             "step_ms": dense_ms, "vs_dense": 1.0, "full_run_s": dense_ms * n / 1e3, "full_vs_dense": 1.0,
-             "full_run": f"{n} x dense step (extrapolated)"}]
+    rows = [{"backend": "inductor (dense)", "style": "whole", "policy": "dense", "phase": "dense",
+             "steps_timed": len(dense_steps), "step_ms": dense_ms, "vs_dense": 1.0, "compile_s": rounds[0] - rounds[-1],
+             "full_run_s": dense_ms * n / 1e3, "full_vs_dense": 1.0, "full_run": f"{n} x dense step (extrapolated)"}]
     attention_share = None
     if not args.no_attention_share:
         torch._dynamo.reset()
@@ -168,8 +175,8 @@ def run(args) -> dict:
             notes.append("partial: written after each backend; the run did not finish all of them")
         return write_results(Path(args.out), "e2e", f"End to end: Wan2.1-1.3B-shaped transformer, {tokens} "
                              f"tokens, {layers} layers", rows, settings=settings, notes=notes, quiet=not final,
-                             columns=["backend", "policy", "phase", "steps_timed", "density", "step_ms", "vs_dense",
-                                      "full_run_s", "full_vs_dense", "full_run"],
+                             columns=["backend", "style", "policy", "phase", "steps_timed", "density", "step_ms",
+                                      "vs_dense", "compile_s", "full_run_s", "full_vs_dense", "full_run"],
                              timing="CUDA-synchronised wall time per step, median of the timed steps")
 
     write(final=False)
@@ -180,36 +187,43 @@ def run(args) -> dict:
             log(f"skip {policy}: {why}")
             skipped[policy] = why
             continue
-        opts = {"policy": policy, "warmup_steps": W, "num_steps": n, **args.options}
-        torch._dynamo.reset()
-        mb.reset()
-        try:
-            sparse_model = mb.compile_model(model, "modsparse", opts)
-            steps = _timed_phase(policy, lambda: _time_steps(step_fn(sparse_model), range(W + T), device,
-                                                             mb.step_context(), n, phase_of=lambda: _site_phase(policy),
-                                                             desc=policy, show=show))
-        except Exception as exc:
-            log(f"policy {policy} FAILED: {type(exc).__name__}: {exc}")
-            skipped[policy] = f"failed: {type(exc).__name__}: {exc}"
-            continue
-        dens = [p["density"] for p in mb.current_site_plans(policy).values() if p["density"] is not None]
-        by_phase = {}
-        for r in steps:
-            by_phase.setdefault(r["phase"], []).append(r["ms"])
-        sparse_ms = statistics.median(by_phase["sparse"]) if "sparse" in by_phase else None
-        dense_phase_ms = statistics.median(by_phase["dense"]) if "dense" in by_phase else dense_ms
-        w_full = default_warmup(policy, n)
-        full_ms = None
-        if sparse_ms is not None:
-            full_ms = w_full * dense_phase_ms + (n - w_full) * sparse_ms
-        for phase, ms in sorted(by_phase.items()):
-            med = statistics.median(ms)
-            rows.append({"backend": "modsparse", "policy": policy, "phase": phase, "steps_timed": len(ms),
-                         "step_ms": med, "vs_dense": med / dense_ms,
-                         "density": (sum(dens) / len(dens) if dens else None) if phase == "sparse" else 1.0,
-                         "full_run_s": full_ms / 1e3 if full_ms and phase == "sparse" else None,
-                         "full_vs_dense": full_ms / (dense_ms * n) if full_ms and phase == "sparse" else None,
-                         "full_run": (f"extrapolated: {w_full} dense + {n - w_full} sparse steps at the medians"
-                                      if phase == "sparse" else None)})
-        write(final=False)
+        for style in args.styles:
+          opts = {"policy": policy, "warmup_steps": W, "num_steps": n, **args.options}
+          torch._dynamo.reset()
+          mb.reset(forget_sites=True)
+          rounds = []
+          try:
+              if style == "regional":  # diffusers' compile_repeated_blocks: one compiled block for every layer
+                  sparse_model = copy.deepcopy(model)
+                  sparse_model.compile_repeated_blocks(backend="modsparse", options=opts)
+              else:
+                  sparse_model = mb.compile_model(model, "modsparse", opts)
+              steps = _timed_phase(f"{policy} {style}", lambda: _time_steps(
+                  step_fn(sparse_model), range(W + T), device, mb.step_context(), n,
+                  phase_of=lambda: _site_phase(policy), desc=policy, show=show, round_s=rounds))
+          except Exception as exc:
+              log(f"policy {policy} {style} FAILED: {type(exc).__name__}: {exc}")
+              skipped[f"{policy} {style}"] = f"failed: {type(exc).__name__}: {exc}"
+              continue
+          dens = [p["density"] for p in mb.current_site_plans(policy).values() if p["density"] is not None]
+          by_phase = {}
+          for r in steps:
+              by_phase.setdefault(r["phase"], []).append(r["ms"])
+          sparse_ms = statistics.median(by_phase["sparse"]) if "sparse" in by_phase else None
+          dense_phase_ms = statistics.median(by_phase["dense"]) if "dense" in by_phase else dense_ms
+          w_full = default_warmup(policy, n)
+          full_ms = None
+          if sparse_ms is not None:
+              full_ms = w_full * dense_phase_ms + (n - w_full) * sparse_ms
+          for phase, ms in sorted(by_phase.items()):
+              med = statistics.median(ms)
+              rows.append({"backend": "modsparse", "style": style, "policy": policy, "phase": phase,
+                           "steps_timed": len(ms), "step_ms": med, "vs_dense": med / dense_ms,
+                           "compile_s": rounds[0] - rounds[-1] if phase == "sparse" else None,
+                           "density": (sum(dens) / len(dens) if dens else None) if phase == "sparse" else 1.0,
+                           "full_run_s": full_ms / 1e3 if full_ms and phase == "sparse" else None,
+                           "full_vs_dense": full_ms / (dense_ms * n) if full_ms and phase == "sparse" else None,
+                           "full_run": (f"extrapolated: {w_full} dense + {n - w_full} sparse steps at the medians"
+                                        if phase == "sparse" else None)})
+          write(final=False)
     return write(final=True)
