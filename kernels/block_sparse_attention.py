@@ -117,7 +117,7 @@ def _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K, BLOCK_
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias,
+    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias, BiasFrom,
     qk_scale_log2, bias_to_raw,
     N_Q, N_K, H,
     stride_qb, stride_qh, stride_qn,
@@ -193,6 +193,9 @@ def _block_sparse_attention_fwd_kernel(
             v_desc = tl.make_tensor_descriptor(v_base, shape=[N_K, HEAD_DIM], strides=[stride_vn, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
     bias_base = KeyBias + b * stride_bb
+    bias_from = N_K
+    if HAS_BIAS:
+        bias_from = tl.load(BiasFrom + b)  # keys before it have bias 0: their chunks skip the load
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -208,9 +211,10 @@ def _block_sparse_attention_fwd_kernel(
                     BLOCK_N, BLOCK_D, EVEN_K, EVEN_D, USE_TMA, HOST_TMA)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if HAS_BIAS:
-            # In raw-score units, so that the softmax step scales it with the scores.
-            kb = tl.load(bias_base + start + offs_n, mask=(start + offs_n) < N_K, other=0.0)
-            s = s + kb[None, :] * bias_to_raw
+            if start + BLOCK_N > bias_from:
+                # In raw-score units, so that the softmax step scales it with the scores.
+                kb = tl.load(bias_base + start + offs_n, mask=(start + offs_n) < N_K, other=0.0)
+                s = s + kb[None, :] * bias_to_raw
         m_i, l_i, acc = _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K,
                                       BLOCK_N, EVEN_K, RAGGED_BRANCH, DOT_PRECISION)
 
@@ -408,7 +412,8 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
                           for t in (q, out))
     _block_sparse_attention_fwd_kernel[grid](
         q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
-        q_rows if q_rows is not None else counts, key_bias if key_bias is not None else lse,  # unread when None
+        q_rows if q_rows is not None else counts,  # unread when None (and the two below)
+        key_bias if key_bias is not None else lse, _bias_from(key_bias) if key_bias is not None else counts,
         scale * LOG2E, 1.0 / scale,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -437,6 +442,14 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+
+
+def _bias_from(key_bias: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: the first key with a nonzero bias per batch item (Nk if none), on device. Text
+    padding sits at the end of the sequence, so most chunks never load the bias."""
+    nonzero = key_bias != 0
+    first = nonzero.to(torch.int32).argmax(1).to(torch.int32)
+    return torch.where(nonzero.any(1), first, key_bias.shape[1]).to(torch.int32)
 
 
 def _tuning_key(q, k, block_size: int, tma: bool, biased: bool = False) -> tuple:

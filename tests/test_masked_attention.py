@@ -30,7 +30,7 @@ def padding_bias(lengths, n):
 def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     if path == "reference":
         monkeypatch.setattr(ops, "use_triton", lambda t: False)
-    elif not ops.use_triton(torch.empty(1)):
+    elif not ops.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(0)
     B, H, N, D, bs = 2, 2, 90, 32, 32
@@ -50,7 +50,7 @@ def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
 
 
 def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monkeypatch):
-    if not ops.use_triton(torch.empty(1)):
+    if not ops.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(1)
     B, H, N, D, bs = 2, 2, 100, 32, 32
@@ -71,7 +71,7 @@ def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monk
 
 def test_key_bias_follows_the_permuted_key_order(monkeypatch):
     """VMoBA's permuted path: k, v and the bias in permuted order, q and out in the original."""
-    if not ops.use_triton(torch.empty(1)):
+    if not ops.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(2)
     B, H, N, D, bs = 1, 2, 96, 32, 32

@@ -51,6 +51,7 @@ VALID = {
     "cheap_refresh": st.booleans(),
     "full_refresh_every": st.integers(1, 100),
     "full_refresh": st.sampled_from(["sparse", "dense"]),
+    "nonfinite": st.sampled_from(["listed", "dense"]),
     "min_observed_coverage": fractions,
     "observe_row_stride": none_or(st.integers(1, 512)),
 }
@@ -61,7 +62,7 @@ INTS = {"block_size", "min_seq_len", "num_steps", "warmup_steps", "topk", "refre
         "full_refresh_every", "observe_row_stride"}
 FLOATS = {"density", "min_density", "max_density", "tau", "threshold", "ridge_lambda", "coverage",
           "min_observed_coverage"}
-ENUMS = {"policy", "text_position", "selection", "normalization", "mask_rule", "full_refresh"}
+ENUMS = {"policy", "text_position", "selection", "normalization", "mask_rule", "full_refresh", "nonfinite"}
 
 
 def _invalid_for(key: str) -> st.SearchStrategy:

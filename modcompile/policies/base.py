@@ -106,6 +106,11 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / block_token_counts(N, block_size, x.device).view(nb, 1)
 
 
+def like_dense(ctx: SiteContext) -> bool:
+    """Whether this call applies the dense non-finite rule (``ops.nonfinite_like_dense``)."""
+    return ctx.config.nonfinite == "dense" and not ctx.state.dense_now
+
+
 class Policy:
     name = "base"
 
@@ -119,12 +124,12 @@ class Policy:
                   kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
         """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
         token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). Sparse
-        calls pass ``like_dense``: a NaN / Inf in a key or value block a row skips still makes that
-        row NaN, as dense SDPA would."""
+        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). With
+        ``nonfinite="dense"`` sparse calls pass ``like_dense``: a NaN / Inf in a key or value block
+        a row skips still makes that row NaN, as dense SDPA would."""
         from ..ops import attention_forward
         return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
-                                 like_dense=not ctx.state.dense_now)
+                                 like_dense=like_dense(ctx))
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):

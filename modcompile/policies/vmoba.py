@@ -34,7 +34,7 @@ import torch
 from .. import cuda_graphs
 from ..kernels import partition as part_lib
 from ..kernels import pooling
-from .base import Plan, Policy, SiteContext, lists_from_mask, register_policy
+from .base import Plan, Policy, SiteContext, like_dense, lists_from_mask, register_policy
 from .selection import select_blocks
 
 WARMUP_FRACTION = 0.25
@@ -237,10 +237,10 @@ class VmobaPolicy(Policy):
         """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
         from ..ops import attention_forward
         permuted = self._permuted_call(ctx, q)
-        like_dense = not ctx.state.dense_now
+        dense_rule = like_dense(ctx)
         if permuted is None:
             return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
-                                     like_dense=like_dense)
+                                     like_dense=dense_rule)
         layout, call = permuted
         stash, call.stash = call.stash, None
         if stash is not None and stash[0] == _tensor_key(k):
@@ -251,7 +251,7 @@ class VmobaPolicy(Policy):
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
         return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
-                                 key_bias=key_bias, like_dense=like_dense)
+                                 key_bias=key_bias, like_dense=dense_rule)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
                            scale: float):
