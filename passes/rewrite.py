@@ -12,7 +12,7 @@ from ..kernels._common import attention_path
 from ..owners import source_path
 from ..runtime import REGISTRY, SiteInfo
 from . import masks
-from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites
+from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites, module_path
 from .step_metadata import find_timestep_input
 from .video_grid import infer_video_grid, patch_embedding, text_tokens_for
 
@@ -46,6 +46,53 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         with graph.inserting_after(timestep):
             token = graph.call_function(torch.ops.modcompile.step.default, (timestep,))
 
+    infos = _rewrite_sites(gm, sites, config, scope, token, grid, grid_args)
+    infos += _rewrite_nested_regions(gm, config, scope, token, grid)
+    graph.lint()
+    gm.recompile()
+    return infos
+
+
+def _rewrite_nested_regions(gm: fx.GraphModule, config, scope: str, token, grid) -> list[SiteInfo]:
+    """Sites inside ``torch.compiler.nested_compile_region`` subgraphs: one subgraph serves every
+    call of the region (each layer of a block class), like a regionally compiled block. Each
+    subgraph input gets the source of what its first call passes (the anchor parameter's path,
+    relative to that call's module), and the step token becomes one more input of every call."""
+    infos, calls = [], {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "invoke_subgraph" \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+            calls.setdefault(node.args[0].target, []).append(node)
+    for target, nodes in calls.items():
+        sub = getattr(gm, target)
+        prefix = module_path(nodes[0])
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for placeholder, operand in zip(inputs, nodes[0].args[2:]):
+            source = _source_name(operand)
+            if source is not None:
+                placeholder.meta["modcompile_source"] = source
+                placeholder.meta["modcompile_prefix"] = prefix
+        sites = find_attention_sites(sub)
+        if not sites:
+            continue
+        sub_token = None
+        if token is not None:
+            with sub.graph.inserting_after(inputs[-1]):
+                sub_token = sub.graph.placeholder("modsparse_step_token")
+            for call in nodes:
+                call.args = (*call.args, token)
+        infos += _rewrite_sites(sub, sites, config, scope, sub_token, grid,
+                                tuple(config.video_grid) if config.video_grid else (-1, -1, -1), prefix=prefix)
+        sub.graph.lint()
+        sub.recompile()
+    return infos
+
+
+def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, grid_args,
+                   prefix: str = "") -> list[SiteInfo]:
+    """Register every site of ``gm`` and replace the eligible ones. ``prefix``: the module path of
+    the call that the graph's module paths start with (a nested region's first call)."""
+    graph = gm.graph
     infos, misfits = [], {}
     support = _support_check(config.block_size)
     for site in sites:
@@ -54,10 +101,11 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
         if site.eligible and config.video_grid is not None and text is None:
             site.eligible, site.reason = False, _grid_misfit(site.seq_len, config.video_grid)
             misfits.setdefault(site.reason, []).append(site.local_key)
-        anchor, anchor_path = _anchor(site)
+        anchor, anchor_path = _anchor(site, prefix)
+        rel = "" if site.module_path == "<root>" else _below(site.module_path, prefix)
         info = REGISTRY.register_site(SiteInfo(
             key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
-            ordinal=site.ordinal, module_rel="" if site.module_path == "<root>" else site.module_path,
+            ordinal=site.ordinal, module_rel=rel,
             anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
@@ -72,9 +120,25 @@ def rewrite_attention(gm: fx.GraphModule, config, scope: str) -> list[SiteInfo]:
                  site.seq_len, site.heads, site.head_dim)
     for reason, keys in misfits.items():
         log.warning("modsparse: %d attention site(s) stay dense (%s): %s", len(keys), ", ".join(keys), reason)
-    graph.lint()
-    gm.recompile()
     return infos
+
+
+def _below(path: str, prefix: str) -> str:
+    """``path`` relative to the module path ``prefix`` ("" when it is that module)."""
+    if not prefix:
+        return path
+    return "" if path == prefix else path[len(prefix) + 1:] if path.startswith(prefix + ".") else path
+
+
+def _source_name(node) -> str | None:
+    """The Dynamo source of a graph input (e.g. ``L['self']...._parameters['weight']``), or the one
+    a nested region's input was given by its first call."""
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    if "modcompile_source" in node.meta:
+        return node.meta["modcompile_source"]
+    source = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
+    return source() if callable(source) else source
 
 
 def _grid_misfit(seq_len: int, grid: tuple) -> str:
@@ -99,10 +163,11 @@ def _grid_args(graph: fx.Graph, config, embedding: fx.Node | None) -> tuple:
     return sizes[::-1]
 
 
-def _anchor(site: AttentionSite) -> tuple:
-    """(node, path below the compiled frame) of the parameter closest to the site's query: its
-    address at run time names the module instance that runs (modcompile/owners.py). (None, None)
-    when q depends on no parameter input: the site is then one instance."""
+def _anchor(site: AttentionSite, prefix: str = "") -> tuple:
+    """(node, path below the compiled frame, or below ``prefix`` in a nested region) of the
+    parameter closest to the site's query: its address at run time names the module instance
+    that runs (modcompile/owners.py). (None, None) when q depends on no parameter input: the site
+    is then one instance."""
     seen, frontier = set(), [site.args["query"]]
     while frontier:
         nxt = []
@@ -110,12 +175,10 @@ def _anchor(site: AttentionSite) -> tuple:
             if not isinstance(node, fx.Node) or node in seen:
                 continue
             seen.add(node)
-            if node.op == "placeholder":
-                grapharg = node.meta.get("grapharg")
-                source = getattr(getattr(grapharg, "source", None), "name", None)
-                path = source_path(source() if callable(source) else source) if source else None
-                if path is not None and "_parameters" in str(source() if callable(source) else source):
-                    return node, path
+            source = _source_name(node)
+            path = source_path(source) if source else None
+            if path is not None and "_parameters" in source:
+                return node, _below(path, prefix)
             nxt.extend(node.all_input_nodes)
         frontier = nxt
     return None, None

@@ -151,3 +151,30 @@ def test_regional_backward_uses_each_layers_own_lists():
     assert whole.keys() == regional.keys() and len(whole) == 6  # to_q weight and bias of 3 layers
     for name in whole:
         torch.testing.assert_close(regional[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_nested_compile_region_blocks_keep_per_layer_state(monkeypatch):
+    """``torch.compiler.nested_compile_region`` on the block class: one subgraph serves every layer
+    inside the whole-model graph. Its sites are rewritten, each layer resolves to its own state
+    (steps, CFG passes, VMoBA partition), with one compile, and the output equals the plain
+    whole-model compile's, which has a site per layer."""
+    def run(nested):
+        torch._dynamo.reset()
+        modcompile.reset(forget_sites=True)
+        model = tiny_wan()
+        if nested:
+            block = type(model.blocks[0])
+            monkeypatch.setattr(block, "forward", torch.compiler.nested_compile_region(block.forward))
+        compiles = []
+        model = torch.compile(model, backend=counting(compiles), options={"policy": "vmoba", "warmup_steps": 1, **OPTS})
+        out = denoise(model, cfg=True)
+        monkeypatch.undo()
+        return out, compiles, self_attention_rows()
+
+    want, _, _ = run(nested=False)
+    got, compiles, rows = run(nested=True)
+    assert len(compiles) == 1
+    assert [r.site for r in rows] == [f"WanTransformer3DModel#0/blocks.{i}.attn1#0" for i in range(3)]
+    assert all(r.status == "sparse" and r.steps == 4 and r.passes == 2 and r.density < 1.0 for r in rows)
+    assert len({r.note for r in rows}) == 3                   # 1d, 2d, 3d partitions by layer
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
