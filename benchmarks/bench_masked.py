@@ -3,7 +3,7 @@
 On one shape, bf16, random lists with the own block at densities 1.0, 0.2, 0.1, do_bench medians:
 the kernel without and with a key bias (the last ``--text`` keys are text, ``--padded`` of them
 hidden), dense SDPA without and with the (B, 1, 1, N) bool mask (what HunyuanVideo runs today),
-and ``ops.attention_forward`` with and without ``like_dense`` (the rule that writes NaN into rows
+and ``dispatch.attention_forward`` with and without ``like_dense`` (the rule that writes NaN into rows
 that skip a key or value block holding a NaN / Inf). Correctness first: the biased kernel against
 float32 SDPA with the mask at density 1 and against the float64 reference on sparse lists.
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from modcompile import ops
+from modcompile import dispatch
 from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 from modcompile.kernels.reference import block_sparse_attention_ref
 
@@ -78,8 +78,8 @@ def main():
         fns = {
             "kernel": lambda: block_sparse_attention_fwd(q, k, v, c, i, block_size=128),
             "kernel + key bias": lambda: block_sparse_attention_fwd(q, k, v, c, i, block_size=128, key_bias=bias),
-            "attention_forward": lambda: ops.attention_forward(q, k, v, c, i, 128, scale),
-            "attention_forward like_dense": lambda: ops.attention_forward(q, k, v, c, i, 128, scale, like_dense=True),
+            "attention_forward": lambda: dispatch.attention_forward(q, k, v, c, i, 128, scale),
+            "attention_forward like_dense": lambda: dispatch.attention_forward(q, k, v, c, i, 128, scale, like_dense=True),
         }
         for name, fn in fns.items():
             fn()

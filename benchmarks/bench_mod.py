@@ -60,7 +60,8 @@ from benchmarks.metrics import relative_l2  # noqa: E402
 from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
 from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels.reference import block_mask_from_lists, full_block_lists, num_blocks  # noqa: E402
-from modcompile.ops import attention_forward, site_attention  # noqa: E402
+from modcompile.dispatch import attention_forward  # noqa: E402
+from modcompile.ops import site_attention  # noqa: E402
 from modcompile.policies import SiteContext  # noqa: E402
 from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map  # noqa: E402
 from modcompile.runtime import SiteInfo, SiteState  # noqa: E402

@@ -26,7 +26,7 @@ from benchmarks.common import (bnhd_randn, environment, log, markdown_table,  # 
 from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels import block_sparsity as bs  # noqa: E402
 from modcompile.kernels.reference import full_block_lists, num_blocks  # noqa: E402
-from modcompile.ops import attention_forward  # noqa: E402
+from modcompile.dispatch import attention_forward  # noqa: E402
 
 
 

@@ -37,7 +37,7 @@ from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
 from modcompile.config import SparsityConfig  # noqa: E402
 from modcompile.kernels import pooling  # noqa: E402
 from modcompile.kernels.reference import block_mask_from_lists  # noqa: E402
-from modcompile.ops import _out_like, attention_forward  # noqa: E402
+from modcompile.dispatch import attention_forward, out_like  # noqa: E402
 from modcompile.policies.base import SiteContext  # noqa: E402
 from modcompile.policies.vmoba import VmobaPolicy, _use_triton  # noqa: E402
 from modcompile.runtime import SiteInfo, SiteState  # noqa: E402
@@ -65,7 +65,7 @@ def old_flow(policy, layout, q, k, v, plan, block, scale):
     un-permuted after it. Returns ``(out, lse, fns)``, fns = the timed pieces of the flow."""
     qp, kp, vp = (policy.gather(t, layout.perm) for t in (q, k, v))
     out_p, lse_p = attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, block, scale)
-    out = policy.gather(out_p, layout.inv, out=_out_like(q))
+    out = policy.gather(out_p, layout.inv, out=out_like(q))
     lse = lse_p.index_select(2, layout.inv)
 
     def pool():  # the fused pass as the plan used to call it: both permuted copies written
@@ -76,7 +76,7 @@ def old_flow(policy, layout, q, k, v, plan, block, scale):
 
     def permute():
         policy.gather(v, layout.perm)
-        policy.gather(out_p, layout.inv, out=_out_like(q))
+        policy.gather(out_p, layout.inv, out=out_like(q))
         lse_p.index_select(2, layout.inv)
 
     def kernel():

@@ -29,7 +29,7 @@ def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
     ``("none", why)``: the Triton path is the one this device means (CUDA, or CPU under the
     interpreter, which stands in for the GPU) and it lacks the head_dim, dtype or block size.
     The one support predicate: the rewrite pass keeps ``"none"`` sites dense with ``why``, and
-    ``modcompile.ops.use_triton`` dispatches on it at run time."""
+    ``modcompile.dispatch.use_triton`` dispatches on it at run time."""
     device = torch.device(device)
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return "reference", f"no Triton on {device.type} without TRITON_INTERPRET=1"

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from modcompile import dispatch  # one place decides CUDA / interpreter / reference
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 BACKWARD_OP_NAME = "modcompile::block_sparse_attention_backward"
@@ -26,9 +27,7 @@ def _triton_backward_usable(q: torch.Tensor, block_size: int) -> bool:
     # Shapes the kernel does not cover (tiny or odd blocks, huge heads) take the reference path.
     if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
         return False
-    from modcompile import ops  # one place decides CUDA / interpreter / reference
-
-    return ops.use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return dispatch.use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())

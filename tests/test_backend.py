@@ -429,7 +429,7 @@ def test_head_dim_the_gpu_kernel_lacks_stays_dense_with_the_reason():
 
 
 def test_dense_attention_with_lse_leaves_cpu_to_the_kernel():
-    from modcompile.ops import dense_attention_with_lse
+    from modcompile.dispatch import dense_attention_with_lse
 
     q = torch.randn(1, 2, 64, 16)
     assert dense_attention_with_lse(q, q, q, 0.25) is None
@@ -440,7 +440,7 @@ def test_dense_attention_with_lse_leaves_cpu_to_the_kernel():
 @pytest.mark.parametrize("n, d", [(1000, 128), (777, 64)])
 def test_dense_observed_calls_get_cudnn_output_and_lse(n, d):
     """MOD's dense observed steps read the lse: cuDNN's must be the natural-log lse per query."""
-    from modcompile.ops import dense_attention_with_lse
+    from modcompile.dispatch import dense_attention_with_lse
 
     gen = torch.Generator(device="cuda").manual_seed(n)
     q, k, v = (torch.randn(1, n, 3, d, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)

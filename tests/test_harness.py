@@ -333,12 +333,12 @@ def test_fidelity_synthetic_matched_density_rows(tmp_path, monkeypatch):
     pytest.importorskip("modcompile.backend")
     pytest.importorskip("modcompile.policies.mod")
     pytest.importorskip("modcompile.policies.vmoba")
-    from modcompile import ops
+    from modcompile import dispatch
     from benchmarks.cli import _fill_defaults, build_parser
     from benchmarks.fidelity import run_synthetic
 
     if not torch.cuda.is_available():  # torch reference paths: the Triton interpreter is far slower
-        monkeypatch.setattr(ops, "use_triton", lambda t: False)
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
 
     grid, heads, block = (8, 4, 8), 2, 16
     args = _fill_defaults(build_parser().parse_args(

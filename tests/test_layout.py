@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 def torch_reference_attention(monkeypatch):
     """The layout is under test, not the kernel: the torch reference paths (the interpreter would
     take minutes at these sizes)."""
-    from modcompile import ops
-    monkeypatch.setattr(ops, "use_triton", lambda t: False)
+    from modcompile import dispatch
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
 
 OPTS = {"min_seq_len": 64, "block_size": 32}
 STEPS = (900.0, 700.0, 500.0, 300.0)

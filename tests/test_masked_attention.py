@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import modcompile
-from modcompile import ops
+from modcompile import dispatch
 from modcompile.kernels.reference import block_sparse_attention_ref, full_block_lists, num_blocks
 from modcompile.runtime import REGISTRY
 
@@ -29,8 +29,8 @@ def padding_bias(lengths, n):
 @pytest.mark.parametrize("path", ["triton", "reference"])
 def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     if path == "reference":
-        monkeypatch.setattr(ops, "use_triton", lambda t: False)
-    elif not ops.use_triton(torch.empty(1, 1, 1, 32)):
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
+    elif not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(0)
     B, H, N, D, bs = 2, 2, 90, 32, 32
@@ -38,19 +38,19 @@ def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     bias = padding_bias([N, 61], N)
     bias[0, :7] = -1.5                                   # a float bias is added, not only -inf
     counts, indices = full_block_lists(B, H, num_blocks(N, bs), num_blocks(N, bs))
-    out, lse = ops.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
+    out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
     q64, k64, v64 = (t.double() for t in (q, k, v))
     want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=bias.double()[:, None, None, :])
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     want_lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) * D ** -0.5 + bias.double()[:, None, None, :], -1)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
     # the bias matters: without it the padded keys change the rows of batch 1
-    plain, _ = ops.attention_forward(q, k, v, counts, indices, bs, D ** -0.5)
+    plain, _ = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5)
     assert (plain[1] - out[1]).abs().max() > 1e-2
 
 
 def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monkeypatch):
-    if not ops.use_triton(torch.empty(1, 1, 1, 32)):
+    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(1)
     B, H, N, D, bs = 2, 2, 100, 32, 32
@@ -59,7 +59,7 @@ def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monk
     counts, indices = random_lists(B, H, mq, mq, g)
     counts[1, 0, 2], indices[1, 0, 2, 0] = 1, 3          # lists only the last block ...
     bias = padding_bias([N, 96], N)                      # ... whose keys are all hidden in batch 1
-    out, lse = ops.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
+    out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
     ref, ref_lse = block_sparse_attention_ref(*(t.double() for t in (q, k, v)), counts, indices, block_size=bs,
                                               key_bias=bias.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -71,7 +71,7 @@ def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monk
 
 def test_key_bias_follows_the_permuted_key_order(monkeypatch):
     """VMoBA's permuted path: k, v and the bias in permuted order, q and out in the original."""
-    if not ops.use_triton(torch.empty(1, 1, 1, 32)):
+    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
         pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(2)
     B, H, N, D, bs = 1, 2, 96, 32, 32
@@ -80,7 +80,7 @@ def test_key_bias_follows_the_permuted_key_order(monkeypatch):
     counts, indices = random_lists(B, H, 3, 3, g)
     bias = padding_bias([80], N)
     p = perm.long()
-    out, _ = ops.attention_forward(q, k[:, :, p], v[:, :, p], counts, indices, bs, D ** -0.5, q_rows=perm,
+    out, _ = dispatch.attention_forward(q, k[:, :, p], v[:, :, p], counts, indices, bs, D ** -0.5, q_rows=perm,
                                    key_bias=bias[:, p])
     ref, _ = block_sparse_attention_ref(q[:, :, p].double(), k[:, :, p].double(), v[:, :, p].double(), counts,
                                         indices, block_size=bs, key_bias=bias[:, p].double())

@@ -1,6 +1,6 @@
 """The ``mod`` policy end to end: schedule, state, refreshes, CFG passes, compiled DiT loops.
 
-The tests run the torch reference paths (``ops.use_triton`` patched: the interpreter would take
+The tests run the torch reference paths (``dispatch.use_triton`` patched: the interpreter would take
 minutes for a 20-step loop); the Triton kernels have their own tests."""
 import math
 
@@ -20,8 +20,8 @@ from models import TinyVideoDiT
 
 @pytest.fixture(autouse=True)
 def _reference_paths(monkeypatch):
-    from modcompile import ops
-    monkeypatch.setattr(ops, "use_triton", lambda t: False)
+    from modcompile import dispatch
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     yield
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modcompile
-from modcompile import ops
+from modcompile import dispatch
 from modcompile.kernels.reference import block_sparse_attention_ref
 
 from models import TinyVideoDiT
@@ -69,8 +69,8 @@ def test_compiled_sparse_step_does_not_sync(policy, fresh_modcompile, monkeypatc
     x = torch.randn(1, 4, 4, 32, 32, generator=gen).cuda().to(torch.bfloat16)
     timesteps = [torch.tensor([1000.0 - i], device="cuda") for i in range(steps)]  # made outside the check
     sparse_calls = []
-    forward = ops.attention_forward
-    monkeypatch.setattr(ops, "attention_forward", lambda *a, **kw: (sparse_calls.append(1), forward(*a, **kw))[1])
+    forward = dispatch.attention_forward
+    monkeypatch.setattr(dispatch, "attention_forward", lambda *a, **kw: (sparse_calls.append(1), forward(*a, **kw))[1])
     with torch.no_grad():
         for schedule in range(3):  # compile, tune, capture the graphed selections / fits first
             modcompile.reset()

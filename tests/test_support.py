@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import modcompile
-from modcompile import ops
+from modcompile import dispatch
 from modcompile.kernels._common import attention_path
 from modcompile.kernels.reference import block_sparse_attention_ref, lists_from_block_mask
 from modcompile.report import run_status
@@ -44,7 +44,7 @@ def test_attention_path_names_the_path_and_the_reason(monkeypatch):
 
 def test_use_triton_follows_the_predicate_and_the_public_op_runs_an_unsupported_head_dim():
     q = torch.randn(1, 2, 40, 256, dtype=torch.float32)
-    assert not ops.use_triton(q)  # head_dim 256: no kernel on any device
+    assert not dispatch.use_triton(q)  # head_dim 256: no kernel on any device
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 256, generator=g) for _ in range(3))
     mask = torch.rand(1, 2, 3, 3, generator=g) < 0.5

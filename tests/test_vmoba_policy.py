@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import modcompile
-import modcompile.ops as ops
+from modcompile import dispatch
 from modcompile.config import SparsityConfig
 from modcompile.kernels import partition as P
 from modcompile.kernels import pooling as PL
@@ -24,7 +24,7 @@ from benchmarks.synthetic import make_synthetic_attention
 @pytest.fixture
 def torch_path(monkeypatch):
     """The torch references instead of the (slow) Triton interpreter."""
-    monkeypatch.setattr(ops, "use_triton", lambda t: False)
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
 
 
 def _ctx(config, grid, n, layer, step=30, num_steps=40):
@@ -76,7 +76,7 @@ def test_policy_attention_is_exact_on_its_block_lists(layer, text, position, tor
     if text:
         tpos = torch.arange(text) if position == "first" else torch.arange(q.shape[2] - text, q.shape[2])
         assert mask[:, :, tpos].all() and mask[:, :, :, tpos].all()
-    assert out.stride() == ops._out_like(q).stride()
+    assert out.stride() == dispatch.out_like(q).stride()
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
@@ -117,7 +117,7 @@ def test_triton_interpreter_path_matches_torch_path(monkeypatch):
     results = []
     for triton_on in (True, False):
         if not triton_on:
-            monkeypatch.setattr(ops, "use_triton", lambda t: False)
+            monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
         ctx = _ctx(cfg, grid, sa.seq_len, layer=1)
         policy = VmobaPolicy(cfg)
         plan = policy.plan(ctx, sa.q, sa.k)
@@ -135,7 +135,7 @@ def test_kernel_q_gather_equals_permute_unpermute_path(layer, triton_on, monkeyp
     lse in the original order) gives exactly the values of permuting q, k, v into the kernel and
     un-permuting out and lse after it; on the torch path too."""
     if not triton_on:
-        monkeypatch.setattr(ops, "use_triton", lambda t: False)
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     grid = (2, 4, 8)
     sa = make_synthetic_attention(grid, heads=2, head_dim=16, text_len=5, text_position="first", seed=layer)
     cfg = SparsityConfig(policy="vmoba", block_size=16, tau=0.4, text_position="first",
@@ -150,10 +150,10 @@ def test_kernel_q_gather_equals_permute_unpermute_path(layer, triton_on, monkeyp
     out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
     assert ctx.state.policy_state.stash is None
     qp, kp, vp = (policy.gather(t, layout.perm) for t in (sa.q, sa.k, sa.v))
-    out_p, lse_p = ops.attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, 16, 0.25)
+    out_p, lse_p = dispatch.attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, 16, 0.25)
     assert torch.equal(out, policy.gather(out_p, layout.inv))
     assert torch.equal(lse, lse_p.index_select(2, layout.inv))
-    assert out.stride() == ops._out_like(sa.q).stride()
+    assert out.stride() == dispatch.out_like(sa.q).stride()
     # a k that is not the plan's (stash miss): attention permutes it itself, same result
     plan = policy.plan(ctx, sa.q, sa.k)
     out2, lse2 = policy.attention(ctx, sa.q, sa.k.clone(), sa.v, plan.kv_counts, plan.kv_indices, 0.25)
@@ -291,7 +291,7 @@ def test_gpu_policy_matches_torch_path(dtype, monkeypatch):
         plan = policy.plan(ctx, sa.q, sa.k)
         out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
         with monkeypatch.context() as m:
-            m.setattr(ops, "use_triton", lambda t: False)
+            m.setattr(dispatch, "use_triton", lambda t: False)
             ref, ref_lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)

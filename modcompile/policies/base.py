@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from .. import dispatch
 from ..config import SparsityConfig
 from ..kernels.reference import full_block_lists, num_blocks
 from ..runtime import SiteInfo, SiteState
@@ -107,7 +108,7 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def like_dense(ctx: SiteContext) -> bool:
-    """Whether this call applies the dense non-finite rule (``ops.nonfinite_like_dense``)."""
+    """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_like_dense``)."""
     return ctx.config.nonfinite == "dense" and not ctx.state.dense_now
 
 
@@ -127,8 +128,7 @@ class Policy:
         partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). With
         ``nonfinite="dense"`` sparse calls pass ``like_dense``: a NaN / Inf in a key or value block
         a row skips still makes that row NaN, as dense SDPA would."""
-        from ..ops import attention_forward
-        return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
+        return dispatch.attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
                                  like_dense=like_dense(ctx))
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import cuda_graphs
+from .. import cuda_graphs, dispatch
 from .base import (Plan, Policy, SiteContext, block_means, block_token_counts, lists_from_mask,
                    register_policy)
 from .mod_fit import FitGeometry, Geometry, fit_geometry
@@ -135,9 +135,8 @@ def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_i
     that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
     ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
     ``row_phase`` on."""
-    from .. import ops
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
-    fn = block_sparsity if ops.use_triton(q) else block_sparsity_ref
+    fn = block_sparsity if dispatch.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
               fill=NOT_OBSERVED)

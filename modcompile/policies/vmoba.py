@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import torch
 
-from .. import cuda_graphs
+from .. import cuda_graphs, dispatch
 from ..kernels import partition as part_lib
 from ..kernels import pooling
 from .base import Plan, Policy, SiteContext, like_dense, lists_from_mask, register_policy
@@ -107,8 +107,7 @@ def layout_for(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_posi
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    from ..ops import use_triton
-    return use_triton(x) and pooling.triton_available(x)
+    return dispatch.use_triton(x) and pooling.triton_available(x)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -235,11 +234,10 @@ class VmobaPolicy(Policy):
 
     def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float, key_bias=None):
         """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
-        from ..ops import attention_forward
         permuted = self._permuted_call(ctx, q)
         dense_rule = like_dense(ctx)
         if permuted is None:
-            return attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
+            return dispatch.attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
                                      like_dense=dense_rule)
         layout, call = permuted
         stash, call.stash = call.stash, None
@@ -250,7 +248,7 @@ class VmobaPolicy(Policy):
         vp = self.gather(v, layout.perm)
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
-        return attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
+        return dispatch.attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
                                  key_bias=key_bias, like_dense=dense_rule)
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
