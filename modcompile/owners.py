@@ -101,19 +101,34 @@ def find_owner(ptr: int | None) -> Owner:
     return Owner(module, found[1], found[2], compiled)
 
 
-def pipeline_schedule() -> list[float] | None:
-    """The timesteps of the diffusers pipeline call on the stack (its ``timesteps`` local), as host
-    floats, or None. Read once per generation (one device-to-host copy when they live on a GPU)."""
+def pipeline_timesteps():
+    """The ``timesteps`` local of the diffusers pipeline call on the stack (a tensor or a list), or
+    None. No host read: its identity tells one pipeline call from the next (the scheduler makes a
+    new tensor per ``set_timesteps``)."""
     for frame in _frames():
         obj = frame.f_locals.get("self")
         if obj is None or not any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__):
             continue
         ts = frame.f_locals.get("timesteps")
         if isinstance(ts, torch.Tensor) and ts.dim() == 1 and ts.numel() > 0:
-            return [float(x) for x in ts.detach().float().cpu().tolist()]
+            return ts
         if isinstance(ts, (list, tuple)) and ts and all(isinstance(x, (int, float)) for x in ts):
-            return [float(x) for x in ts]
+            return ts
     return None
+
+
+def schedule_values(ts) -> list[float] | None:
+    """A pipeline's timesteps as host floats (one device-to-host copy when they live on a GPU)."""
+    if ts is None:
+        return None
+    if isinstance(ts, torch.Tensor):
+        return [float(x) for x in ts.detach().float().cpu().tolist()]
+    return [float(x) for x in ts]
+
+
+def pipeline_schedule() -> list[float] | None:
+    """The timesteps of the diffusers pipeline call on the stack as host floats, or None."""
+    return schedule_values(pipeline_timesteps())
 
 
 def site_path(anchor_name: str | None, anchor_rel: str | None, module_rel: str) -> str | None:
@@ -134,4 +149,4 @@ def layer_index(path: str) -> int | None:
     return numbers[-1] if numbers else None
 
 
-__all__ = ["Owner", "find_owner", "layer_index", "pipeline_schedule", "site_path", "source_path", "tensor_name"]
+__all__ = ["Owner", "find_owner", "layer_index", "pipeline_schedule", "pipeline_timesteps", "schedule_values", "site_path", "source_path", "tensor_name"]

@@ -19,7 +19,7 @@ import torch
 from .config import SparsityConfig
 from .layout import model_layout
 from .passes.video_grid import text_tokens_for
-from .owners import find_owner, layer_index, pipeline_schedule, site_path
+from .owners import find_owner, layer_index, pipeline_timesteps, schedule_values, site_path
 
 log = logging.getLogger("modcompile")
 
@@ -98,20 +98,25 @@ class StepTracker:
         self.num_steps: int | None = None
         self.last_timestep: tuple | None = None
         self.schedule: list | None = None  # the pipeline's timesteps, when one is on the stack
+        self.source = None              # the pipeline call's timesteps object (identity only)
         self.generation = 0
         self.explicit = False           # inside denoising_step(): timestep inputs are ignored
 
-    def on_timestep(self, t, schedule_fn=None) -> bool:
+    def on_timestep(self, t, pipeline_ts=None) -> bool:
         """Advance from a timestep value (a float or (max, mean)); True when a new generation starts.
-        ``schedule_fn`` returns the pipeline's schedule (called once per generation)."""
+        ``pipeline_ts``: the ``timesteps`` object of the pipeline call on the stack, or None. A new
+        pipeline call is a new generation even when its first timestep equals the last one seen
+        (a second expert that ran only the last step, or one step per call)."""
         if self.explicit:
             return False
         t = (float(t), float(t)) if not isinstance(t, tuple) else t
         last = self.last_timestep
         self.last_timestep = t
         new = last is None or t[0] > last[0] or (t[0] == last[0] and t[1] > last[1])
+        new = new or pipeline_ts is not self.source
         if new:
-            self.schedule = schedule_fn() if schedule_fn is not None else None
+            self.source = pipeline_ts
+            self.schedule = schedule_values(pipeline_ts)  # one host read per generation
             self.num_steps = len(self.schedule) if self.schedule else None
             self.step = self._index(t[0], -1)
             return True
@@ -159,7 +164,7 @@ class ModelRun:
         log.debug("modcompile: %s: new generation %d, per-site state reset", self.name, self.tracker.generation)
 
     def on_timestep(self, t) -> None:
-        if self.tracker.on_timestep(t, pipeline_schedule):
+        if self.tracker.on_timestep(t, pipeline_timesteps()):
             self.new_generation()
 
 
