@@ -65,4 +65,26 @@ def model_layout(model: torch.nn.Module, values: dict) -> Layout:
     return Layout(grid, text_position, f"latents {order} / patch {patch}")
 
 
-__all__ = ["Layout", "model_layout", "FRAMES_FIRST", "TEXT_FIRST"]
+_LATENT_LOCALS = ("num_frames", "height", "width")
+
+
+def frame_layout(model: torch.nn.Module, frame_locals: dict, params: list) -> Layout:
+    """The layout of the call whose forward frame is running (a model first noticed from inside its
+    forward, under regional compilation). Its arguments may be rebound by then (``hidden_states`` is
+    already the token sequence); diffusers' forwards unpack the latent shape into the locals
+    ``num_frames, height, width`` first, which divided by the patch sizes give the grid. Only
+    locals that are not forward arguments count that way (LTX's arguments are the token grid)."""
+    layout = model_layout(model, {n: v for n, v in frame_locals.items() if n in params})
+    dims = [frame_locals.get(n) for n in _LATENT_LOCALS]
+    config = getattr(model, "config", None)
+    patch = _patch_sizes(config) if config is not None else None
+    if layout.grid is not None or patch is None or any(n in params for n in _LATENT_LOCALS) \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        return layout
+    grid = tuple(d // p for d, p in zip(dims, patch))
+    if min(grid) < 1:
+        return layout
+    return Layout(grid, layout.text_position, f"the forward's latent shape (num_frames, height, width) / patch {patch}")
+
+
+__all__ = ["Layout", "model_layout", "frame_layout", "FRAMES_FIRST", "TEXT_FIRST"]

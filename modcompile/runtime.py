@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import SparsityConfig
-from .layout import model_layout
+from .layout import frame_layout, model_layout
 from .passes.video_grid import text_tokens_for
 from .owners import find_owner, layer_index, pipeline_timesteps, schedule_values, site_path
 
@@ -374,14 +374,14 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
     except (TypeError, ValueError):
         return
 
-    def read(values: dict) -> None:
+    def read(values: dict, layout=None) -> None:
         t = values.get("timestep")
         if read_timestep and not run.graph_steps and REGISTRY.explicit is None:
             if isinstance(t, torch.Tensor) and t.numel():
                 run.on_timestep(timestep_value(t))
             elif isinstance(t, (int, float)) and not isinstance(t, bool):
                 run.on_timestep(float(t))
-        run.layout = model_layout(model, values)
+        run.layout = layout or model_layout(model, values)
         if run.layout.grid is not None:
             run.last_grid = run.layout.grid
 
@@ -392,10 +392,10 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
     model.register_forward_pre_hook(hook, with_kwargs=True)
     run.hooked = True
     if frame_locals is not None:
-        # Only the forward's arguments: its other locals may share their names (Wan's forward has
-        # num_frames/height/width of the unpatched latent) and the arguments may be rebound by now
-        # (hidden_states is already the token sequence: then the grid is unknown for this call).
-        read({name: value for name, value in frame_locals.items() if name in params})
+        # The forward's arguments (its other locals may share their names: Wan's num_frames/height/
+        # width are the unpatched latent's), rebound ones read as the layout module says.
+        read({name: value for name, value in frame_locals.items() if name in params},
+             frame_layout(model, frame_locals, params))
 
 
 def timestep_value(t: torch.Tensor) -> tuple:
