@@ -33,6 +33,35 @@ def fresh_modcompile():
 _CPU_CHILD = "MODCOMPILE_TESTS_CPU_CHILD"
 
 
+def pytest_sessionstart(session):
+    """Under the interpreter, fail at once with the cause when this Triton's interpreter cannot
+    run a kernel that loops over a loaded count (triton 3.6 with NumPy >= 2.3: ``int()`` of a
+    1-element array), instead of hundreds of failures deep inside kernels."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return
+
+    @triton.jit
+    def _probe(Count, Out):
+        total = 0
+        for _ in tl.range(0, tl.load(Count)):
+            total += 1
+        tl.store(Out, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _probe[(1,)](torch.full((1,), 3, dtype=torch.int32), out)
+    except Exception as err:  # the interpreter's own failure, whatever its type
+        import numpy
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__} "
+            f"({err!r}); install numpy<2.3 or a newer Triton") from err
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available() or os.environ.get(_CPU_CHILD):
         return
