@@ -16,6 +16,7 @@ from .kernels.reference import block_sparse_attention_ref, num_blocks
 
 log = logging.getLogger("modcompile")
 
+
 @functools.lru_cache(maxsize=None)
 def _triton_forward():
     try:

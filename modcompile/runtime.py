@@ -49,12 +49,12 @@ class SiteInfo:
     model: str = ""                 # the model instance a site instance belongs to (report)
     spec_key: str = ""              # a site instance's compiled site (its key before it ran)
     inferred_text_position: str | None = None  # the model's (modcompile/layout.py), when known
+    mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
 
     @property
     def text_position(self) -> str:
         """Where joint-attention text sits: the option when given, else the model's, else last."""
         return self.config.text_position or self.inferred_text_position or "last"
-    mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
 
 
 @dataclass
@@ -402,11 +402,6 @@ def timestep_value(t: torch.Tensor) -> tuple:
     """(max, mean) of a timestep tensor: one host read."""
     t = t.detach().float().reshape(-1)
     return tuple(torch.stack([t.max(), t.mean()]).tolist())
-
-
-def latent_grid(model, values: dict) -> tuple | None:
-    """The token grid of a diffusers video model's forward inputs (modcompile/layout.py)."""
-    return model_layout(model, values).grid
 
 
 def _given_grid_check(given: tuple, layout) -> str:

@@ -20,6 +20,11 @@ def random_lists(b, h, mq, mk, g):
     return counts, order
 
 
+def needs_triton():
+    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
+        pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+
+
 def padding_bias(lengths, n):
     """(B, n) bias: 0 on the first ``lengths[b]`` keys, -inf after (text padding at the end)."""
     keep = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
@@ -30,8 +35,8 @@ def padding_bias(lengths, n):
 def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     if path == "reference":
         monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
-    elif not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
-        pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+    else:
+        needs_triton()
     g = torch.Generator().manual_seed(0)
     B, H, N, D, bs = 2, 2, 90, 32, 32
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
@@ -49,9 +54,8 @@ def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     assert (plain[1] - out[1]).abs().max() > 1e-2
 
 
-def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monkeypatch):
-    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
-        pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden():
+    needs_triton()
     g = torch.Generator().manual_seed(1)
     B, H, N, D, bs = 2, 2, 100, 32, 32
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
@@ -69,10 +73,9 @@ def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden(monk
     assert torch.isfinite(out).all()
 
 
-def test_key_bias_follows_the_permuted_key_order(monkeypatch):
+def test_key_bias_follows_the_permuted_key_order():
     """VMoBA's permuted path: k, v and the bias in permuted order, q and out in the original."""
-    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
-        pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+    needs_triton()
     g = torch.Generator().manual_seed(2)
     B, H, N, D, bs = 1, 2, 96, 32, 32
     q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
