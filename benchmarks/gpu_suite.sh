@@ -3,7 +3,7 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
+#   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
 #   fidelity_long policy policy_long e2e
 #   bench_observe);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
@@ -39,6 +39,12 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # tests use the untuned first config (tuning is the benchmarks' job)
     tests) part tests 110 env MODCOMPILE_TUNE=0 \
              $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
+    # the README's test command as a user runs it here: gpu tests on the GPU, the rest in a child pytest
+    # under the interpreter (tests/conftest.py); diffusers/transformers for the real-client tests
+    suite) $PY -c "import diffusers, transformers" 2>/dev/null || $PY -m pip install -q --no-index \
+             --find-links .whl --find-links .whl/e2e diffusers transformers > "$R/suite_wheels.log" 2>&1
+           $PY -c "import numpy; print('numpy', numpy.__version__)" >> "$R/env.txt"
+           part suite 560 $PY -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
     kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" ${KERNEL_ARGS:---no-sweep} ;;

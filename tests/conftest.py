@@ -33,10 +33,26 @@ def fresh_modcompile():
 _CPU_CHILD = "MODCOMPILE_TESTS_CPU_CHILD"
 
 
+def _backport_scalar_index():
+    """Triton 3.6's interpreter turns a loaded scalar into a Python int with ``int()`` of its
+    1-element array, which NumPy >= 2.3 refuses; newer Tritons squeeze it first. Do the same here
+    (only after the probe failed), so the interpreter runs on the GPU machine's image too."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def pytest_sessionstart(session):
-    """Under the interpreter, fail at once with the cause when this Triton's interpreter cannot
-    run a kernel that loops over a loaded count (triton 3.6 with NumPy >= 2.3: ``int()`` of a
-    1-element array), instead of hundreds of failures deep inside kernels."""
+    """Under the interpreter, check that a kernel looping over a loaded count runs. Triton 3.6
+    with NumPy >= 2.3 fails there (``int()`` of a 1-element array): patch that one conversion as
+    newer Tritons do it, and if the probe still fails, stop at once with the cause instead of
+    hundreds of failures deep inside kernels."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -52,10 +68,18 @@ def pytest_sessionstart(session):
             total += 1
         tl.store(Out, total)
 
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
+    def run_probe():
+        out = torch.zeros(1, dtype=torch.int32)
         _probe[(1,)](torch.full((1,), 3, dtype=torch.int32), out)
-    except Exception as err:  # the interpreter's own failure, whatever its type
+        assert out.item() == 3, out
+
+    try:
+        run_probe()
+    except Exception:  # the interpreter's own failure, whatever its type
+        _backport_scalar_index()
+    try:
+        run_probe()
+    except Exception as err:
         import numpy
         raise pytest.UsageError(
             f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__} "
