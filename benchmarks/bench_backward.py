@@ -5,8 +5,8 @@
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists (own block always kept, sorted).
 Times (triton.testing.do_bench medians) at (1, 12, 32760, 128):
-  ours   = Triton forward (kernels/block_sparse_attention.py) + Triton backward
-           (kernels/block_sparse_attention_bwd.py, list transposition included), called directly;
+  ours   = Triton forward (modcompile/kernels/block_sparse_attention.py) + Triton backward
+           (modcompile/kernels/block_sparse_attention_bwd.py, list transposition included), called directly;
   SDPA   = dense scaled_dot_product_attention forward + autograd backward (default dispatch,
            cuDNN, flash);
   Flex   = FlexAttention (compiled) forward + backward with a BlockMask built from our lists.
@@ -18,8 +18,8 @@ compiler crash costs one candidate, not the run). A candidate that fails is left
 and of the tuner. The sweep times every candidate's dk/dv and dq passes separately at density
 0.25 on the timing shape (``--sweep-only``: just that, plus the best pair forced end to end).
 
-Writes DIR/backward_bench.md and DIR/backward_bench.json. Imports the kernels from the repo root
-(kernels/), so it runs from a plain checkout without pip install.
+Writes DIR/backward_bench.md and DIR/backward_bench.json. Run from the repo root, it imports the
+kernels from the checkout (modcompile/kernels/) without pip install.
 """
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
 
 try:
     import triton  # noqa: E402
-    from kernels import block_sparse_attention as fwd_kernel  # noqa: E402
+    from modcompile.kernels import block_sparse_attention as fwd_kernel  # noqa: E402
 except Exception as e:  # noqa: BLE001
-    sys.exit(f"bench_backward.py: the forward kernel kernels/block_sparse_attention.py is not importable "
+    sys.exit(f"bench_backward.py: the forward kernel modcompile/kernels/block_sparse_attention.py is not importable "
              f"({type(e).__name__}: {e}); it is needed for forward+backward timings")
-from kernels import block_sparse_attention_bwd as bwd_kernel  # noqa: E402
-from kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
-from kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
+from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel  # noqa: E402
+from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
+from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
 
 SHAPE = (1, 12, 32760, 128)
 DEVICE = "cuda"

@@ -10,8 +10,8 @@ Before timing, the kernel is checked against a float64 reference and SDPA-with-m
 ragged shape, with every candidate launch configuration.
 
 Writes DIR/kernel_bench.md, DIR/kernel_bench.json and DIR/kernel_speedup.png (when matplotlib is
-importable). Needs only torch, triton and optionally matplotlib; imports the kernel from the repo
-root (kernels/), so it runs from a plain checkout.
+importable). Needs only torch, triton and optionally matplotlib; run from the repo root, it imports
+the kernel from the checkout (modcompile/kernels/).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
 from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
-from kernels import block_sparse_attention as bsa  # noqa: E402
-from kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
+from modcompile.kernels import block_sparse_attention as bsa  # noqa: E402
+from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
 
 SHAPES = [(1, 12, 32760, 128), (1, 40, 32760, 128), (1, 24, 75600, 128)]
 QUICK_SHAPES = [(1, 40, 32760, 128)]

@@ -18,9 +18,9 @@ OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
 PY=python3
 # knob values of the fidelity_long part's sweep (JSON per policy)
 KNOB_VALUES=${KNOB_VALUES:-'{"vmoba": [0.5, 0.75], "mod": [0.8, 0.95]}'}
-# passes/ and kernels/ install as modcompile.passes / modcompile.kernels: an editable install maps them
-$PY -c "import modcompile.kernels" 2>/dev/null ||
-  $PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
+# modcompile imports from the checkout (PYTHONPATH=.); the entry point (backend="modsparse" without
+# an import) needs the editable install
+$PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
 # pytest/hypothesis from wheels carried in .whl/ when the machine lacks them
 $PY -c "import pytest, hypothesis" 2>/dev/null || { [ -d .whl ] &&
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$R/wheels.log" 2>&1 &&

@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from modcompile.kernels import block_sparse_attention as bsa
-    from modcompile.kernels.reference import (block_mask_from_lists, block_sparse_attention_ref,
-                                              full_block_lists, num_blocks)
-except ImportError:  # a plain checkout without the editable install (e.g. a bare GPU box)
-    from kernels import block_sparse_attention as bsa
-    from kernels.reference import (block_mask_from_lists, block_sparse_attention_ref,
-                                   full_block_lists, num_blocks)
+from modcompile.kernels import block_sparse_attention as bsa
+from modcompile.kernels.reference import (block_mask_from_lists, block_sparse_attention_ref,
+                                          full_block_lists, num_blocks)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
