@@ -39,7 +39,7 @@ from modcompile import ops  # noqa: E402
 from modcompile.runtime import REGISTRY  # noqa: E402
 
 # short name -> (op, index of its site argument, profiler event name)
-OPS = {"plan": (ops.plan, 3, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
+OPS = {"plan": (ops.plan, 4, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
        "observe": (ops.observe, 5, "modcompile::observe")}
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
