@@ -1,7 +1,7 @@
 """Training benchmark: block-sparse attention forward+backward vs dense SDPA and Flex.
 
-    python benchmarks/bench_backward.py --out DIR [--quick] [--no-flex] [--no-sweep] [--quick-check]
-    python benchmarks/bench_backward.py --out DIR --sweep-only     # backward candidates, per pass
+    python -m benchmarks.bench_backward --out DIR [--quick] [--no-flex] [--no-sweep] [--quick-check]
+    python -m benchmarks.bench_backward --out DIR --sweep-only     # backward candidates, per pass
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists (own block always kept, sorted).
 Times (triton.testing.do_bench medians) at (1, 12, 32760, 128):
@@ -32,25 +32,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # the workers run from here
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
-from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
+from . import common
+from .common import compiled_variants, cuda_environment as environment
+from .common import fmt_or_dash as fmt
 
 try:
-    import triton  # noqa: E402
-    from modcompile.kernels import block_sparse_attention as fwd_kernel  # noqa: E402
+    import triton
+    from modcompile.kernels import block_sparse_attention as fwd_kernel
 except Exception as e:  # noqa: BLE001
     sys.exit(f"bench_backward.py: the forward kernel modcompile/kernels/block_sparse_attention.py is not importable "
              f"({type(e).__name__}: {e}); it is needed for forward+backward timings")
-from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
-from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
+from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel
+from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks
+from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 SHAPE = (1, 12, 32760, 128)
 DEVICE = "cuda"
@@ -172,13 +171,13 @@ class ParallelChecks:
         pool.shutdown(wait=False)
 
     def command(self, index) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--worker-check", str(index),
+        return [sys.executable, "-m", "benchmarks.bench_backward", "--worker-check", str(index),
                 "--check-set", self.set_name]
 
     def _one(self, index, timeout_s):
         cmd = self.command(index)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
             stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             stdout = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")

@@ -1,6 +1,6 @@
 """Kernel benchmark: our block-sparse attention forward vs dense SDPA and FlexAttention.
 
-    python benchmarks/bench_kernel.py --out DIR [--quick] [--no-sweep]
+    python -m benchmarks.bench_kernel --out DIR [--quick] [--no-sweep]
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists that always keep the query
 block's own key block. For each shape and density it times (triton.testing.do_bench medians):
@@ -21,19 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.runtime.errors import OutOfResources  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+import torch.nn.functional as F
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
-from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
-from modcompile.kernels import block_sparse_attention as bsa  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
+from . import common
+from .common import compiled_variants, cuda_environment as environment
+from .common import fmt_or_dash as fmt
+from modcompile.kernels import block_sparse_attention as bsa
+from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks
 
 SHAPES = [(1, 12, 32760, 128), (1, 40, 32760, 128), (1, 24, 75600, 128)]
 QUICK_SHAPES = [(1, 40, 32760, 128)]

@@ -1,6 +1,6 @@
 """MOD observation kernel (kernels/block_sparsity.py): launch-config sweep on the GPU.
 
-    PYTHONPATH=. python benchmarks/bench_observe.py --out DIR [--row-stride 8] [--density 0.5]
+    python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5]
         [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
 Times the sparsity-map kernel at (1, 12, 32760, 128) bf16, block 128, on random q/k with the lse of
@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
-from benchmarks.common import (bnhd_randn, environment, log, markdown_table,  # noqa: E402
+from .common import (bnhd_randn, environment, log, markdown_table,
                                random_block_lists, write_json)
-from modcompile.config import SparsityConfig  # noqa: E402
-from modcompile.kernels import block_sparsity as bs  # noqa: E402
-from modcompile.kernels.reference import full_block_lists, num_blocks  # noqa: E402
-from modcompile.dispatch import attention_forward  # noqa: E402
+from modcompile.config import SparsityConfig
+from modcompile.kernels import block_sparsity as bs
+from modcompile.kernels.reference import full_block_lists, num_blocks
+from modcompile.dispatch import attention_forward
 
 
 

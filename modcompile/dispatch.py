@@ -37,6 +37,14 @@ def use_triton(t: Tensor) -> bool:
     return attention_path(t.device, t.dtype, t.shape[-1])[0] == "triton"
 
 
+def use_triton_backward(q: Tensor, block_size: int) -> bool:
+    """Whether the Triton backward runs on ``q``: :func:`use_triton`, and a block size and head dim
+    the backward kernels cover (others take the torch reference)."""
+    if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
+        return False
+    return use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
 # (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends.
 out_like = empty_heads_last
 

@@ -14,10 +14,26 @@ import torch
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
+# What the attention kernels (forward and backward) and the sparsity map kernel take.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
 
 def interpreting() -> bool:
     """Whether TRITON_INTERPRET asks for the Triton interpreter (any value but empty or "0")."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    """Whether the Triton the kernels need imports here (tensor descriptors are their newest need)."""
+    try:
+        import triton  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -33,19 +49,17 @@ def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
     device = torch.device(device)
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return "reference", f"no Triton on {device.type} without TRITON_INTERPRET=1"
-    try:
-        from . import block_sparse_attention as kernel
-    except ImportError:
+    if not triton_importable():
         if device.type == "cuda":
             return "none", "no Triton block-sparse kernel available (triton not importable)"
         return "reference", "triton not importable"
-    if dtype not in kernel.SUPPORTED_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in kernel.SUPPORTED_DTYPES)
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
         return "none", f"dtype {str(dtype).replace('torch.', '')} not supported by the kernel (supported: {names})"
-    if head_dim not in kernel.SUPPORTED_HEAD_DIMS:
-        return "none", f"head_dim {head_dim} not supported by the kernel (supported: {kernel.SUPPORTED_HEAD_DIMS})"
-    if block_size is not None and block_size not in kernel.SUPPORTED_BLOCK_SIZES:
-        return "none", f"block_size {block_size} not supported by the kernel (supported: {kernel.SUPPORTED_BLOCK_SIZES})"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return "none", f"head_dim {head_dim} not supported by the kernel (supported: {SUPPORTED_HEAD_DIMS})"
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
+        return "none", f"block_size {block_size} not supported by the kernel (supported: {SUPPORTED_BLOCK_SIZES})"
     if device.type == "cpu" and dtype == torch.bfloat16:
         return "reference", "bfloat16 under the Triton interpreter (its bf16 dot is wrong)"
     if (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available()

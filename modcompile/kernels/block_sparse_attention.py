@@ -39,13 +39,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import (LOG2E, default_scale, device_capability, dot_precision, empty_heads_last,
-                      ensure_tma_allocator, interpreting, padded_head_dim, tma_usable, tuning_enabled,
-                      unit_last_stride, validate_block_lists)
-
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, default_scale,
+                      device_capability, dot_precision, empty_heads_last, ensure_tma_allocator, interpreting,
+                      padded_head_dim, tma_usable, tuning_enabled, unit_last_stride, validate_block_lists)
 
 @triton.jit
 def _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):

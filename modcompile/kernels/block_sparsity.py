@@ -42,11 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import default_scale, dot_precision, interpreting, padded_head_dim, unit_last_stride
+from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
+                      padded_head_dim, unit_last_stride)
 from .reference import block_mask_from_lists, num_blocks
-
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit(do_not_specialize=["row_phase"])

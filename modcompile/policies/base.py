@@ -158,12 +158,3 @@ _POLICIES: dict[str, type[Policy]] = {}
 def register_policy(cls: type[Policy]) -> type[Policy]:
     _POLICIES[cls.name] = cls
     return cls
-
-
-def make_policy(config: SparsityConfig) -> Policy:
-    # Importing the built-in policies registers them; here, not at the top, because they import this module.
-    from . import dense, mod, vmoba  # noqa: F401
-    if config.policy not in _POLICIES:
-        raise ValueError(f"modsparse: policy {config.policy!r} is not available "
-                         f"(have {sorted(_POLICIES)})")
-    return _POLICIES[config.policy](config)
