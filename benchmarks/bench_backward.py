@@ -48,7 +48,9 @@ except Exception as e:  # noqa: BLE001
     sys.exit(f"bench_backward.py: the forward kernel modcompile/kernels/block_sparse_attention.py is not importable "
              f"({type(e).__name__}: {e}); it is needed for forward+backward timings")
 from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks, sorted_sets_ref
+from modcompile.kernels.block_lists_kernel import block_lists_triton
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 SHAPE = (1, 12, 32760, 128)
@@ -76,7 +78,7 @@ def flex_block_mask(counts, indices, N, exact_mask_mod=False):
     eager Flex ignores block lists and applies mask_mod alone, so eager use needs exact_mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
     # Flex wants index rows as wide as the number of key blocks: selected blocks first, then the rest.
-    mask = block_mask_from_lists(counts, indices, num_blocks(N, BLOCK))
+    mask = mask_from_lists(counts, indices, num_blocks(N, BLOCK))
     full = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
     # Listed blocks are "full" blocks: the compiled kernel never evaluates mask_mod inside them.
     block = BLOCK
@@ -126,7 +128,7 @@ def check_case(shape, dtype, density, configs, device=None):
     out64, lse64 = block_sparse_attention_ref(q64, k64, v64, counts, indices, block_size=BLOCK)
     ref = block_sparse_attention_bwd_ref(do64, q64, k64, v64, out64, lse64, counts, indices, block_size=BLOCK)
     token_block = torch.arange(N, device=device) // BLOCK
-    allowed = block_mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
+    allowed = mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*leaves, attn_mask=allowed).backward(do)
     sdpa_err = [(t.grad.double() - r).abs().max().item() for t, r in zip(leaves, ref)]
@@ -296,13 +298,13 @@ def sweep_passes(shape, density, device, configs, fwd=None):
 def lists_times(counts, indices):
     """The backward's list building alone: ``(Triton kernel ms, torch-ops reference ms)``; both
     outputs checked equal first."""
-    mk = counts.shape[-1]
-    got = bwd_kernel.backward_block_lists(counts, indices, mk)
-    ref = bwd_kernel.backward_block_lists_torch(counts, indices, mk)
+    mk = counts.shape[-1]  # square attention: Mk = Mq
+    got = block_lists_triton(counts, indices, mk)
+    ref = sorted_sets_ref(counts, indices, mk)
     if not all(torch.equal(a, b) for a, b in zip((*got[0], *got[1]), (*ref[0], *ref[1]))):
         raise AssertionError("Triton block lists differ from the torch reference")
-    return (bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, mk), rep_ms=50),
-            bench_ms(lambda: bwd_kernel.backward_block_lists_torch(counts, indices, mk), rep_ms=50))
+    return (bench_ms(lambda: block_lists_triton(counts, indices, mk), rep_ms=50),
+            bench_ms(lambda: sorted_sets_ref(counts, indices, mk), rep_ms=50))
 
 
 def goal_check(shape, density, device, pairs, goal=3.0):

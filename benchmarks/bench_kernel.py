@@ -31,7 +31,8 @@ from . import common
 from .common import compiled_variants, cuda_environment as environment
 from .common import fmt_or_dash as fmt
 from modcompile.kernels import block_sparse_attention as bsa
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 SHAPES = [(1, 12, 32760, 128), (1, 40, 32760, 128), (1, 24, 75600, 128)]
 QUICK_SHAPES = [(1, 40, 32760, 128)]
@@ -104,7 +105,7 @@ def check_correctness(device, flex_fn):
                                                   block_size=BLOCK)
         mk = num_blocks(N, BLOCK)
         token_block = torch.arange(N, device=device) // BLOCK
-        allowed = block_mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
+        allowed = mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
         sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         sdpa_err = (sdpa.double() - ref).abs().max().item()
         bound = 2 * sdpa_err + 1e-5

@@ -56,7 +56,7 @@ from .common import bench, log, parse_dtype, write_results
 from .metrics import relative_l2
 from .synthetic import make_synthetic_attention
 from modcompile.config import SparsityConfig
-from modcompile.kernels.reference import block_mask_from_lists, full_block_lists, num_blocks
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
 from modcompile.dispatch import attention_forward
 from modcompile.ops import site_attention
 from modcompile.policies import SiteContext

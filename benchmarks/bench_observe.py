@@ -24,7 +24,7 @@ from .common import (bnhd_randn, environment, log, markdown_table,
                                random_block_lists, write_json)
 from modcompile.config import SparsityConfig
 from modcompile.kernels import block_sparsity as bs
-from modcompile.kernels.reference import full_block_lists, num_blocks
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
 from modcompile.dispatch import attention_forward
 
 

@@ -33,7 +33,7 @@ from .metrics import (achieved_density, block_attention_mass, mass_recall_from_m
 from .synthetic import make_synthetic_attention
 from modcompile.config import SparsityConfig
 from modcompile.kernels import pooling
-from modcompile.kernels.reference import block_mask_from_lists
+from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.dispatch import attention_forward, out_like
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy, _use_triton
@@ -173,7 +173,7 @@ def fidelity_rows(args, sa, device) -> list[dict]:
                     plan, out, _ = run_policy(policy, ctx, q, k, v, scale)
                     _, _, q_pool, k_pool = policy.permute_pool(q, k, layout)
                     chosen = policy.select_partition(q_pool, k_pool, scale)
-                    bmask = block_mask_from_lists(plan.kv_counts, plan.kv_indices, mass.shape[-1])
+                    bmask = mask_from_lists(plan.kv_counts, plan.kv_indices, mass.shape[-1])
                     rows.append({
                         "blocks": blocks_name, "kind": kind, "selection": mode, "norm": norm, "tau": tau,
                         "partition_density": chosen.double().mean().item(),

@@ -52,7 +52,7 @@ def layer_timings(model, cfg, options: dict, batch: int, seed: int, device, quic
     import modcompile
     from modcompile.config import SparsityConfig
     from modcompile.ops import policy_for
-    from modcompile.kernels.reference import num_blocks
+    from modcompile.kernels.block_lists import num_blocks
 
     config = SparsityConfig(**options)
     policy = policy_for(config)

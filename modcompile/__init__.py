@@ -7,9 +7,10 @@ import logging
 
 from torch._dynamo.backends import registry as _registry
 
+from .attention import block_sparse_attention
 from .backend import modsparse
 from .config import SparsityConfig
-from .ops import block_sparse_attention
+from .kernels.block_lists import BlockLists
 from .report import report
 from .runtime import denoising_step, reset
 
@@ -20,4 +21,4 @@ logging.getLogger("modcompile").addHandler(logging.NullHandler())
 if _registry._BACKENDS.get("modsparse") is None and "modsparse" not in _registry._COMPILER_FNS:
     _registry.register_backend(modsparse, name="modsparse")
 
-__all__ = ["modsparse", "SparsityConfig", "block_sparse_attention", "report", "denoising_step", "reset"]
+__all__ = ["modsparse", "SparsityConfig", "BlockLists", "block_sparse_attention", "report", "denoising_step", "reset"]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels._common import attention_path, empty_heads_last
-from .kernels.reference import block_sparse_attention_ref, num_blocks
+from .kernels.block_lists import num_blocks
+from .kernels.reference import block_sparse_attention_ref
 
 log = logging.getLogger("modcompile")
 

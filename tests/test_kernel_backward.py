@@ -23,14 +23,9 @@ from modcompile.kernels.block_sparse_attention_bwd import (  # noqa: E402
     as_config,
     block_sparse_attention_bwd,
     gpu_configs,
-    canonical_block_lists,
-    transpose_block_lists,
 )
-from modcompile.kernels.reference import (  # noqa: E402
-    block_mask_from_lists,
-    block_sparse_attention_ref,
-    num_blocks,
-)
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks  # noqa: E402
+from modcompile.kernels.reference import block_sparse_attention_ref  # noqa: E402
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -100,46 +95,12 @@ def run_case(B, H, N, Nk, D, bs, dtype, seed, strided=False, device=DEVICE, p_em
     tiny = (1e-5 if dtype == torch.float32 else 1e-3) * max(scale_ref, 1.0)
     check_grads(got, ref, base, tiny)
     # Structural zeros: empty query rows get dq = 0, never-attended keys get dk = dv = 0.
-    bmask = block_mask_from_lists(counts, indices, mk)
+    bmask = mask_from_lists(counts, indices, mk)
     empty_rows = (~bmask.any(-1)).repeat_interleave(bs, dim=-1)[..., :N]
     unused_keys = (~bmask.any(-2)).repeat_interleave(bs, dim=-1)[..., :Nk]
     assert (got[0][empty_rows] == 0).all()
     assert (got[1][unused_keys] == 0).all() and (got[2][unused_keys] == 0).all()
     return got
-
-
-# ----------------------------------------------------------------------------------------------
-# transposed lists
-# ----------------------------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), mq=st.integers(1, 9), mk=st.integers(1, 9),
-       extra=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
-def test_transpose_block_lists_is_exact_set_transpose(B, H, mq, mk, extra, seed):
-    gen = torch.Generator().manual_seed(seed)
-    counts, indices = random_lists(gen, B, H, mq, mk, extra=extra)
-    qc, qi = transpose_block_lists(counts, indices, mk)
-    assert qc.dtype == torch.int32 and qi.dtype == torch.int32
-    assert qc.shape == (B, H, mk) and qi.shape == (B, H, mk, mq)
-    for b in range(B):
-        for h in range(H):
-            fwd = [set(indices[b, h, m, : counts[b, h, m]].tolist()) for m in range(mq)]
-            for kb in range(mk):
-                expect = [m for m in range(mq) if kb in fwd[m]]
-                c = int(qc[b, h, kb])
-                assert qi[b, h, kb, :c].tolist() == expect  # sorted, no duplicates
-                assert (qi[b, h, kb, c:] == 0).all()
-    # The forward lists canonicalised the same way round-trip through two transpositions.
-    fc, fi = canonical_block_lists(counts, indices, mk)
-    bc, bi = transpose_block_lists(qc, qi, mq)
-    assert torch.equal(fc, bc) and torch.equal(fi, bi)
-
-
-def test_transpose_ignores_out_of_range_ids_and_garbage_past_count():
-    counts = torch.tensor([[[2, 0, 1]]], dtype=torch.int32)
-    indices = torch.tensor([[[[1, 7, 0], [2, 2, 2], [-1, 0, 0]]]], dtype=torch.int32)
-    qc, qi = transpose_block_lists(counts, indices, 3)
-    assert qc.tolist() == [[[0, 1, 0]]]
-    assert qi[0, 0, 1, 0].item() == 0
 
 
 # ----------------------------------------------------------------------------------------------

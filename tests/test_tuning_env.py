@@ -70,7 +70,7 @@ def test_forward_times_nothing_with_tuning_off(env, monkeypatch):
     import triton.testing
 
     from modcompile.kernels import block_sparse_attention as bsa
-    from modcompile.kernels.reference import full_block_lists, num_blocks
+    from modcompile.kernels.block_lists import full_block_lists, num_blocks
 
     env(MODCOMPILE_TUNE="0")
     monkeypatch.setattr(bsa, "_TUNED", {})

@@ -1,7 +1,7 @@
 """Small host-side helpers shared by the kernels' launch wrappers.
 
-Torch only (no triton import): pooling.py must stay importable without triton, and modcompile/ops.py
-reuses the block-list value check (:func:`validate_block_lists`) on its CPU path.
+Torch only (no triton import at module level): pooling.py and block_lists.py must stay importable
+without triton.
 """
 from __future__ import annotations
 
@@ -141,41 +141,6 @@ def validation_requested(validate: bool | None) -> bool:
     if validate is not None:
         return bool(validate)
     return os.environ.get(VALIDATE_ENV, "0") not in ("", "0")
-
-
-def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int,
-                         max_count: int | None = None, q_rows: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming the fault unless every count is in ``[0, max_count]`` (default: the
-    lists' width, at most ``num_key_blocks``), every listed entry is in ``[0, num_key_blocks)``, no
-    row lists a block twice (the kernel's softmax would count it twice) and ``q_rows``, when given,
-    is a permutation of ``range(len(q_rows))``.
-
-    The one value check of the block lists. The faults are reduced on the device and read back
-    together: one host sync per call, so it runs only where asked for (``validate=True`` or
-    ``MODCOMPILE_VALIDATE=1``), never on the default path."""
-    width = kv_indices.shape[-1]
-    max_count = min(width, num_key_blocks) if max_count is None else max_count
-    counts = kv_counts.long()
-    bad_count = ((counts < 0) | (counts > max_count)).any()
-    valid = torch.arange(width, device=kv_indices.device) < counts.clamp(0, width).unsqueeze(-1)
-    idx = kv_indices.long()
-    bad_entry = (valid & ((idx < 0) | (idx >= num_key_blocks))).any()
-    # Duplicates: sort each row with the unused slots pushed past every valid id.
-    keyed = torch.where(valid, idx, torch.full_like(idx, num_key_blocks + width))
-    ordered = keyed.sort(dim=-1).values
-    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)).any()
-    faults = [bad_count, bad_entry, duplicate]
-    if q_rows is not None:
-        expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=torch.long)
-        faults.append((q_rows.long().sort().values != expected).any())
-    found = torch.stack(faults).tolist()  # the one host read
-    messages = (f"kv_counts must lie in [0, {max_count}] (kv_indices width {width}, {num_key_blocks} key blocks)",
-                f"kv_indices has entries outside [0, {num_key_blocks})",
-                "kv_indices lists a key block twice in one row",
-                "q_rows must be a permutation of range(N) (every row written exactly once)")
-    for fault, message in zip(found, messages):
-        if fault:
-            raise ValueError(message)
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:

@@ -19,8 +19,8 @@ candidates (tens of seconds once; later keys reuse the compiled binaries) and ca
 later calls only look it up. ``MODCOMPILE_TUNE=0`` takes the first candidate without timing.
 
 Block lists are trusted: entries must be in ``[0, num_key_blocks)`` and distinct (a duplicated
-block is counted twice). :func:`validate_block_lists` (kernels/_common.py, the one value check)
-tests this on request (``validate=True``; it synchronizes).
+block is counted twice). :meth:`.BlockLists.validate` (the one value check) tests this on request
+(``validate=True``; it synchronizes).
 
 Gathered queries (``q_rows``): policies whose blocks are contiguous only after a token permutation
 (VMoBA's 2D/3D partitions) pass k and v already permuted and q in the original order, with
@@ -41,7 +41,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, default_scale,
                       device_capability, dot_precision, empty_heads_last, ensure_tma_allocator, interpreting,
-                      padded_head_dim, tma_usable, tuning_enabled, unit_last_stride, validate_block_lists)
+                      padded_head_dim, tma_usable, tuning_enabled, unit_last_stride)
+from .block_lists import BlockLists, as_block_lists
 
 @triton.jit
 def _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
@@ -337,12 +338,15 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None, key_bias=None):
+def _check_tensors(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor")
         if t.dim() != 4:
             raise ValueError(f"{name} must be (B, H, N, D), got shape {tuple(t.shape)}")
+
+
+def _check_inputs(q, k, v, lists: BlockLists, out, lse, q_rows=None, key_bias=None):
     ok, reason = supports(q)
     if not ok:
         raise ValueError(f"block_sparse_attention_fwd: {reason}")
@@ -353,19 +357,11 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
     B, H, N, D = q.shape
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H or D")
-    if not (q.device == k.device == v.device == kv_counts.device == kv_indices.device):
+    if not (q.device == k.device == v.device):
         raise ValueError("all inputs must be on one device")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} not supported (supported: {SUPPORTED_BLOCK_SIZES})")
-    mq = triton.cdiv(N, block_size)
-    if kv_counts.dim() != 3 or tuple(kv_counts.shape) != (B, H, mq):
-        raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)}, got {tuple(kv_counts.shape)}")
-    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
-        raise ValueError(f"kv_indices must be (B, H, Mq, W) with (B, H, Mq) = {(B, H, mq)}, "
-                         f"got {tuple(kv_indices.shape)}")
-    for name, t in (("kv_counts", kv_counts), ("kv_indices", kv_indices)):
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if lists.block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {lists.block_size} not supported (supported: {SUPPORTED_BLOCK_SIZES})")
+    lists.check(B, H, q.device)
     if out is not None:
         if tuple(out.shape) != (B, H, N, D) or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out must be {(B, H, N, D)} {q.dtype} on {q.device}, "
@@ -492,10 +488,10 @@ def block_sparse_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor | BlockLists,
+    kv_indices: torch.Tensor | None = None,
     *,
-    block_size: int = 128,
+    block_size: int | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -507,7 +503,9 @@ def block_sparse_attention_fwd(
     """Block-sparse attention forward: returns ``(out, lse)``.
 
     q (B, H, N, D), k/v (B, H, Nk, D), any strides with a contiguous last dim (others are copied);
-    kv_counts (B, H, Mq) and kv_indices (B, H, Mq, W) int32 with Mq = ceil(N / block_size).
+    the lists as a :class:`.BlockLists` (``kv_indices`` None), or kv_counts (B, H, Mq) and
+    kv_indices (B, H, Mq, W) int32 (int64 is converted) with Mq = ceil(N / block_size) and
+    ``block_size`` (None: 128).
     ``out`` (B, H, N, D) may be preallocated with any strides; when None it is allocated as a
     (B, N, H, D) tensor viewed as (B, H, N, D), so that merging heads afterwards is free.
     ``lse`` (B, H, N) float32, natural log, -inf on rows with an empty list (whose out is 0).
@@ -520,7 +518,14 @@ def block_sparse_attention_fwd(
     ``key_bias`` (B, Nk) float32: added to every query's scaled score of that key, in the lists'
     key order (``-inf`` removes the key: text padding), as in the reference.
     """
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows, key_bias)
+    if isinstance(kv_counts, torch.Tensor) and kv_counts.dtype == torch.int64:
+        kv_counts = kv_counts.to(torch.int32)
+    if isinstance(kv_indices, torch.Tensor) and kv_indices.dtype == torch.int64:
+        kv_indices = kv_indices.to(torch.int32)
+    _check_tensors(q, k, v)
+    lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    _check_inputs(q, k, v, lists, out, lse, q_rows, key_bias)
+    block_size, counts, indices = lists.block_size, lists.counts, lists.indices
     B, H, N, D = q.shape
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q_rows is not None:
@@ -529,9 +534,7 @@ def block_sparse_attention_fwd(
         key_bias = unit_last_stride(key_bias)
     scale = default_scale(D, scale)
     if validate:
-        validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
-    counts = kv_counts if kv_counts.dtype == torch.int32 else kv_counts.to(torch.int32)
-    indices = kv_indices if kv_indices.dtype == torch.int32 else kv_indices.to(torch.int32)
+        lists.validate(q_rows=q_rows)
     if out is None:
         out = empty_heads_last(q)
     if lse is None:

@@ -7,7 +7,7 @@ backward recomputes the probabilities from the forward's log-sum-exp, FlashAtten
 * a pre-pass writes ``delta = rowsum(dO * O)`` and ``lse * log2(e)`` (fp32) padded to whole
   blocks (padded and empty rows get lse = +inf, hence probability 0: the passes need no row mask);
 * dk/dv: one program per slice of a key block, looping over the query blocks that attend that key
-  block (the *transposed* lists, built on device by :func:`backward_block_lists`: one Triton launch);
+  block (the *transposed* lists, :meth:`.BlockLists.transposed`: one Triton launch on device);
 * dq: one program per slice of a query block, looping over its own (canonicalised) key blocks.
 
 Neither pass needs atomics, so results are deterministic. Empty rows (lse = -inf) get zero
@@ -28,74 +28,10 @@ import triton.language as tl
 
 from ._common import (LOG2E, default_scale, device_capability, dot_precision, ensure_tma_allocator, interpreting,
                       padded_head_dim, tma_usable, tuning_enabled)
-from .block_lists import block_lists_triton
-from .reference import num_blocks
+from .block_lists import BlockLists, as_block_lists
 
 # Read once at import, like triton.jit does when it decides whether the kernels below interpret.
 _INTERPRET = interpreting()
-
-
-# --------------------------------------------------------------------------------------------
-# Block lists of the backward: a Triton kernel on CUDA / the interpreter, torch ops otherwise
-# --------------------------------------------------------------------------------------------
-def _block_mask(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int) -> torch.Tensor:
-    """Boolean ``[B, H, Mq, Mk]`` mask from lists; out-of-range ids are dropped, not trusted."""
-    width = kv_indices.shape[-1]
-    idx = kv_indices.long()
-    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1).long()
-    valid &= (idx >= 0) & (idx < mk)
-    # Invalid slots write to a spare column that is cut off afterwards.
-    idx = torch.where(valid, idx, mk)
-    mask = torch.zeros(*kv_indices.shape[:-1], mk + 1, dtype=torch.bool, device=kv_indices.device)
-    mask.scatter_(-1, idx, True)
-    return mask[..., :mk]
-
-
-def _compact(mask: torch.Tensor):
-    """Sorted int32 lists of the True columns of each row; width = number of columns."""
-    width = mask.shape[-1]
-    counts = mask.sum(-1, dtype=torch.int32)
-    # Unselected columns get a key past every selected one; one row sort puts the list first.
-    cols = torch.arange(width, dtype=torch.int32, device=mask.device)
-    keys = torch.where(mask, cols, width)
-    lists = torch.sort(keys, dim=-1).values
-    return counts, torch.where(lists < width, lists, 0).contiguous()
-
-
-def backward_block_lists_torch(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Reference of :func:`backward_block_lists` in torch ops (the CPU path; ~25 small launches)."""
-    mask = _block_mask(kv_counts, kv_indices, mk)
-    return _compact(mask), _compact(mask.transpose(-1, -2))
-
-
-def _use_list_kernel(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
-
-
-def backward_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Both lists the backward needs: ``(canonical forward, transposed)``.
-
-    Canonical: ``(counts [B,H,Mq], lists [B,H,Mq,Mk])``, each forward list as a sorted set.
-    Transposed: ``(q_counts [B,H,Mk], q_lists [B,H,Mk,Mq])``, key block -> query blocks that attend
-    it. Exact set semantics (duplicates count once, entries past the count and ids outside
-    ``[0, Mk)`` ignored), lists sorted ascending, slots past the count 0, no host sync. One Triton
-    launch (:mod:`block_lists`) on CUDA and under the interpreter, torch ops otherwise."""
-    if _use_list_kernel(kv_indices):
-        return block_lists_triton(kv_counts, kv_indices, mk)
-    return backward_block_lists_torch(kv_counts, kv_indices, mk)
-
-
-def transpose_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """Key block -> query blocks that attend it: ``(q_counts [B,H,Mk], q_indices [B,H,Mk,Mq])``
-    (the second half of :func:`backward_block_lists`)."""
-    return backward_block_lists(kv_counts, kv_indices, mk)[1]
-
-
-def canonical_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int):
-    """The forward lists as sorted sets (width Mk): what the dq pass iterates."""
-    if _use_list_kernel(kv_indices):
-        return block_lists_triton(kv_counts, kv_indices, mk, transposed=False)[0]
-    return _compact(_block_mask(kv_counts, kv_indices, mk))
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +400,7 @@ def _autotune_enabled() -> bool:
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-def _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size):
+def _check_inputs(do, q, k, v, out, lse, lists: BlockLists):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
@@ -478,19 +414,15 @@ def _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size):
         raise TypeError(f"unsupported dtype {q.dtype}; expected float16, bfloat16 or float32")
     if any(t.dtype != q.dtype for t in (k, v, do)):
         raise TypeError("q, k, v and do must share one dtype")
-    if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
-        raise TypeError("kv_counts and kv_indices must be int32")
-    mq = num_blocks(N, block_size)
-    if kv_counts.shape != (B, H, mq) or kv_indices.shape[:3] != (B, H, mq) or kv_indices.dim() != 4:
-        raise ValueError(f"block lists must be (B, H, Mq={mq}) and (B, H, Mq, W); got "
-                         f"{tuple(kv_counts.shape)}, {tuple(kv_indices.shape)}")
+    block_size = lists.block_size
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16; got {block_size}")
     if D > 256:
         raise ValueError(f"head_dim {D} > 256 is not supported")
-    devs = {t.device for t in (do, q, k, v, out, lse, kv_counts, kv_indices)}
+    devs = {t.device for t in (do, q, k, v, out, lse)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device; got {devs}")
+    lists.check(B, H, q.device)
 
 
 class BackwardLaunch:
@@ -500,20 +432,15 @@ class BackwardLaunch:
     a given configuration; each writes (never accumulates) its outputs, so a benchmark may time a
     pass alone and repeatedly. Built by :func:`prepare_backward`."""
 
-    def __init__(self, do, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale, q_lists):
+    def __init__(self, do, q, k, v, out, lse, lists: BlockLists, scale):
         B, H, N, D = q.shape
         Nk = k.shape[2]
+        block_size = lists.block_size
         self.block_size, self.on_gpu = block_size, q.is_cuda
-        self.mq, self.mk = num_blocks(N, block_size), num_blocks(Nk, block_size)
-        if q_lists is None:  # built here: int32 and contiguous already
-            (f_counts, f_indices), (q_counts, q_indices) = backward_block_lists(kv_counts, kv_indices, self.mk)
-        else:
-            f_counts, f_indices = canonical_block_lists(kv_counts, kv_indices, self.mk)
-            q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
-        if q_counts.shape != (B, H, self.mk) or q_indices.shape[:3] != (B, H, self.mk):
-            raise ValueError(f"q_lists must be (B, H, Mk={self.mk}) and (B, H, Mk, W); got "
-                             f"{tuple(q_counts.shape)}, {tuple(q_indices.shape)}")
-        self.f_lists, self.q_lists = (f_counts, f_indices), (q_counts, q_indices)
+        self.mq, self.mk = lists.mq, lists.mk
+        transposed = lists.transposed()  # first: one launch builds both lists
+        canonical = lists.canonical()
+        self.f_lists, self.q_lists = (canonical.counts, canonical.indices), (transposed.counts, transposed.indices)
         self.do, self.q, self.k, self.v, self.out = do, q, k, v, out
         self.lse = lse if lse.dtype == torch.float32 else lse.to(torch.float32)
         self.scale = default_scale(D, scale)
@@ -601,14 +528,26 @@ class BackwardLaunch:
         return (self.block_size, self.block_d, self.q.dtype, N, self.k.shape[2], cap, self.tma_ok[kind])
 
 
-def prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices, *, block_size: int = 128,
+def prepare_backward(do, q, k, v, out, lse, kv_counts, kv_indices=None, *, block_size: int | None = None,
                      scale: float | None = None, q_lists=None) -> BackwardLaunch:
     """Checked inputs and buffers of one backward call, for running the passes one by one
     (benchmarks); :func:`block_sparse_attention_bwd` is the normal entry point."""
-    _check_inputs(do, q, k, v, out, lse, kv_counts, kv_indices, block_size)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    _check_inputs(do, q, k, v, out, lse, lists)
+    if q_lists is not None:
+        q_counts, q_indices = (t.to(torch.int32).contiguous() for t in q_lists)
+        transposed = BlockLists(q_counts, q_indices, lists.block_size, lists.kv_len, lists.q_len)
+        try:
+            transposed.check(q.shape[0], q.shape[1], q.device)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"q_lists: {err}") from None
+        lists = BlockLists(lists.counts, lists.indices, lists.block_size, lists.q_len, lists.kv_len,
+                           transposed=transposed)
     if not q.is_cuda and not _INTERPRET:
         raise RuntimeError("the Triton backward needs a CUDA tensor or TRITON_INTERPRET=1")
-    return BackwardLaunch(do, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale, q_lists)
+    return BackwardLaunch(do, q, k, v, out, lse, lists, scale)
 
 
 def block_sparse_attention_bwd(
@@ -618,10 +557,10 @@ def block_sparse_attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor | BlockLists,
+    kv_indices: torch.Tensor | None = None,
     *,
-    block_size: int = 128,
+    block_size: int | None = None,
     scale: float | None = None,
     q_lists: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: BackwardConfig | tuple | None = None,
@@ -631,8 +570,10 @@ def block_sparse_attention_bwd(
     """Gradients ``(dq, dk, dv)`` of block-sparse attention, in q's dtype, contiguous.
 
     ``out``/``lse`` are the forward's outputs (lse natural-log, fp32, (B, H, N)); the gradient that
-    may flow into lse is not taken (lse is auxiliary). ``q_lists`` is the transposed lists from
-    :func:`transpose_block_lists`, if the caller already has them. ``config`` forces the launch
+    may flow into lse is not taken (lse is auxiliary). The lists as a :class:`.BlockLists`
+    (``kv_indices`` None; its transposed lists are built once and kept) or the two tensors
+    (``block_size`` None: 128); ``q_lists`` is the transposed lists ``(counts, indices)``, if the
+    caller already has them. ``config`` forces the launch
     configuration (a :class:`BackwardConfig` or ``(tile, sub_tile, num_warps, num_stages)``) of both
     passes, ``dkdv_config`` / ``dq_config`` of one pass (benchmarks, tests); a pass not forced is
     timed once per shape key on GPUs (``MODCOMPILE_TUNE=0``: fixed configuration)."""
@@ -656,5 +597,5 @@ def block_sparse_attention_bwd(
         elif tune:
             _launch_tuned(kind, launch, run.tune_key(kind), run.candidates(kind))
         else:
-            launch(_fixed_config(block_size, run.block_d, run.on_gpu))
+            launch(_fixed_config(run.block_size, run.block_d, run.on_gpu))
     return run.grads

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
                       padded_head_dim, unit_last_stride)
-from .reference import block_mask_from_lists, num_blocks
+from .block_lists import BlockLists, mask_from_lists, num_blocks
 
 
 @triton.jit(do_not_specialize=["row_phase"])
@@ -177,7 +177,7 @@ def group_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int, grou
     """Restricted mode's work lists: ``listed`` (B, H, Mq, Mk) bool from the block lists, and per
     group of ``group`` consecutive query blocks the union of their lists as (counts (B, H, G),
     indices (B, H, G, Mk)) int32, in increasing key-block order. On device, no host sync."""
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     B, H, mq, _ = listed.shape
     n_groups = -(-mq // group)
     padded = listed.new_zeros(B, H, n_groups * group, mk)
@@ -250,10 +250,11 @@ def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_ph
         raise ValueError("block_sparsity: give both kv_counts and kv_indices, or neither")
     mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
     if kv_counts is not None:
-        if tuple(kv_counts.shape) != (B, H, mq) or kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
-            raise ValueError(f"block_sparsity: block lists must be (B, H, Mq[, W]) with Mq = {mq}")
-        if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
-            raise TypeError("block_sparsity: kv_counts and kv_indices must be int32")
+        lists = BlockLists(kv_counts, kv_indices, block_size, N, k.shape[2])
+        try:
+            lists.check(B, H)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"block_sparsity: {err}") from None
     if out is not None and (tuple(out.shape) != (B, H, mq, mk) or out.dtype != torch.float32):
         raise ValueError(f"block_sparsity: out must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
     devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out) if t is not None}
@@ -367,7 +368,7 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
             out.copy_(frac)
             return out
         return frac
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     if out is None:
         out = torch.full((B, H, mq, mk), fill, dtype=torch.float32, device=q.device)
     out.copy_(torch.where(listed, frac, out))
