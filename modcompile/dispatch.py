@@ -14,11 +14,13 @@ from torch import Tensor
 from .kernels._common import attention_path, empty_heads_last
 from .kernels.block_lists import num_blocks
 from .kernels.reference import block_sparse_attention_ref
+from .kernels.state import KERNEL_STATE
 
 log = logging.getLogger("modcompile")
 
 
-@functools.lru_cache(maxsize=None)
+@KERNEL_STATE.memo
+@functools.lru_cache(maxsize=1)
 def _triton_forward():
     try:
         from .kernels.block_sparse_attention import block_sparse_attention_fwd
@@ -115,8 +117,7 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
     """Dense attention and its natural-log lse (B, H, N) from cuDNN's fused SDPA, for dense calls
     that observe (MOD's dense steps): faster than our kernel at density 1. None where cuDNN cannot
     run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel."""
-    global _CUDNN_LSE_BROKEN
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or _CUDNN_LSE_BROKEN:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or KERNEL_STATE.cudnn_lse_broken:
         return None
     out, lse = outputs_like(q)
     try:
@@ -124,13 +125,11 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
             q, k, v, None, True, 0.0, False, False, scale=scale)
         lse.copy_(res[1].reshape(lse.shape))
     except RuntimeError as err:
-        _CUDNN_LSE_BROKEN = True
+        KERNEL_STATE.cudnn_lse_broken = True
         log.info("cuDNN attention with lse unavailable (%s): dense observed calls use the Triton kernel", err)
         return None
     return out.copy_(res[0]), lse
 
-
-_CUDNN_LSE_BROKEN = False
 
 
 def outputs_like(q: Tensor):

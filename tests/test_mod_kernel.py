@@ -154,7 +154,7 @@ def test_ragged_keys_with_a_positive_bound_are_not_counted(n, bs, stride):
 def test_key_split_does_not_change_the_map(restricted):
     """The key loop split into parts of 1, 2, ... key blocks (separate programs) gives the same
     map, bit for bit, as one part per program."""
-    from modcompile.kernels.block_sparsity import SparsityKernelConfig
+    from modcompile.kernels.tuning import LaunchConfig
     B, H, n, bs = 1, 2, 150, 16
     q, k, lse = _inputs(B, H, n, 16, torch.float32, 3)
     m = num_blocks(n, bs)
@@ -163,7 +163,7 @@ def test_key_split_does_not_change_the_map(restricted):
         counts, indices = _random_lists(B, H, m, m, 5)
         lists = dict(kv_counts=counts, kv_indices=indices)
     maps = [block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=4, **lists,
-                           config=SparsityKernelConfig(16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
+                           config=LaunchConfig(32, 16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
     assert torch.equal(maps[0].isnan(), maps[1].isnan()) and torch.equal(maps[0].isnan(), maps[2].isnan())
     assert torch.equal(maps[0].nan_to_num(-1), maps[1].nan_to_num(-1))
     assert torch.equal(maps[0].nan_to_num(-1), maps[2].nan_to_num(-1))

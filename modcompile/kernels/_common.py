@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from functools import lru_cache
 
 import torch
+
+from .state import KERNEL_STATE
 
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
 
@@ -25,6 +26,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@KERNEL_STATE.memo
 @lru_cache(maxsize=1)
 def triton_importable() -> bool:
     """Whether the Triton the kernels need imports here (tensor descriptors are their newest need)."""
@@ -69,13 +71,13 @@ def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """``torch.cuda.get_device_capability`` cached per device: the launch wrappers ask on every call."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    """``torch.cuda.get_device_capability`` cached per device (``KERNEL_STATE.capability``): the
+    launch wrappers ask on every call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = KERNEL_STATE.capability.get(index)
+    if cap is None:
+        cap = KERNEL_STATE.capability[index] = torch.cuda.get_device_capability(index)
+    return cap
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -102,34 +104,6 @@ def empty_heads_last(x: torch.Tensor) -> torch.Tensor:
     (the usual transpose(1, 2).reshape after attention) is then free."""
     B, H, N, D = x.shape
     return x.new_empty(B, N, H, D).transpose(1, 2)
-
-
-TUNE_ENV = "MODCOMPILE_TUNE"
-# Older names, one per direction, with their opposite polarities: still read when MODCOMPILE_TUNE is
-# not set, with a warning the first time each is seen. name -> whether its value turns tuning on.
-DEPRECATED_TUNE_ENVS = {
-    "forward": ("MODCOMPILE_BSA_NO_TUNE", lambda v: v in ("", "0")),
-    "backward": ("MODCOMPILE_BWD_AUTOTUNE", lambda v: v != "0"),
-}
-_WARNED_ENVS: set = set()
-
-
-def tuning_enabled(direction: str) -> bool:
-    """Whether the ``direction`` ("forward" or "backward") kernels time their candidate launch
-    configurations on a GPU. ``MODCOMPILE_TUNE=0`` (or empty) turns tuning off for both; unset, the
-    deprecated per-direction name decides (``MODCOMPILE_BSA_NO_TUNE=1`` / ``MODCOMPILE_BWD_AUTOTUNE=0``
-    turn it off), else tuning is on."""
-    if TUNE_ENV in os.environ:
-        return os.environ[TUNE_ENV] not in ("", "0")
-    name, turns_on = DEPRECATED_TUNE_ENVS[direction]
-    if name not in os.environ:
-        return True
-    value = os.environ[name]
-    if name not in _WARNED_ENVS:
-        _WARNED_ENVS.add(name)
-        warnings.warn(f"{name}={value!r} is deprecated: set {TUNE_ENV}=0 to turn kernel tuning off "
-                      f"(forward and backward) or {TUNE_ENV}=1 to keep it on", FutureWarning, stacklevel=2)
-    return turns_on(value)
 
 
 VALIDATE_ENV = "MODCOMPILE_VALIDATE"

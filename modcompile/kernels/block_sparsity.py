@@ -22,7 +22,7 @@ Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows 
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
 The kernel loads and multiplies only the sampled rows (grouping ``s`` query blocks per program into
 one tile of ``block_size`` rows), so its work drops by about s for power-of-two strides. The key
-loop of every program is split into parts of about ``SparsityKernelConfig.key_blocks`` key blocks
+loop of every program is split into parts of about ``LaunchConfig.key_blocks`` key blocks
 (separate programs; the entries of different key blocks are independent), so that a short
 sampled pass still has enough programs for the GPU.
 ``row_stride=1`` is the exact map.
@@ -36,8 +36,6 @@ so that successive observations see different rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +43,7 @@ import triton.language as tl
 from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
                       padded_head_dim, unit_last_stride)
 from .block_lists import BlockLists, mask_from_lists, num_blocks
+from .tuning import LaunchConfig, choose, map_configs, tuning_key
 
 
 @triton.jit(do_not_specialize=["row_phase"])
@@ -203,24 +202,13 @@ def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 
     return rows[keep]
 
 
-@dataclass(frozen=True)
-class SparsityKernelConfig:
-    block_n: int
-    num_warps: int
-    num_stages: int
-    # Key blocks per program at most (the key loop is split into parts of about this many):
-    # enough programs to fill the GPU's waves once sampling has made each one short.
-    key_blocks: int = 32
-
-
-def _config(block_size: int) -> SparsityKernelConfig:
-    if interpreting():
-        # Two chunks per key block and small key parts, so that the chunk loop and the key split
-        # are exercised under the interpreter.
-        return SparsityKernelConfig(max(16, block_size // 2), 4, 1, key_blocks=3)
-    if block_size >= 128:
-        return SparsityKernelConfig(64, 8, 3)
-    return SparsityKernelConfig(min(64, block_size), 4, 3)
+def _pick_config(q, n_k: int, block_size: int, row_stride: int, restricted: bool) -> LaunchConfig:
+    """The map kernel's configuration: its one candidate, kept per key (:mod:`.tuning`)."""
+    if interpreting() or not q.is_cuda:
+        return map_configs(block_size, interpreter=True)[0]
+    B, H, N, _ = q.shape
+    key = tuning_key("map", q, block_size, N, n_k, B * H * num_blocks(N, block_size), False, row_stride, restricted)
+    return choose(key, map_configs(block_size, interpreter=False), None, direction="map")
 
 
 def key_splits(mk: int, key_blocks: int) -> int:
@@ -267,13 +255,14 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, fill: float = float("nan"),
                    row_stride: int = 1, row_phase: int = 0,
-                   config: SparsityKernelConfig | None = None) -> torch.Tensor:
+                   config: LaunchConfig | None = None) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
     each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``.
-    ``config`` forces a launch configuration (benchmarks); ``block_n`` must divide the block."""
+    ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
+    the block) and ``key_blocks`` per program part; ``tile`` is ignored (the sampling layout sets it)."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
@@ -293,9 +282,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
         return out
-    cfg = config or _config(block_size)
-    if block_size % cfg.block_n:
-        raise ValueError(f"block_sparsity: config block_n {cfg.block_n} does not divide block_size {block_size}")
+    cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted)
+    if block_size % cfg.sub or cfg.key_blocks < 1:
+        raise ValueError(f"block_sparsity: config {cfg.label()}: sub must divide block_size {block_size} and "
+                         "key_blocks be >= 1")
     block_d = padded_head_dim(D)
     sample_rows, group = sample_layout(block_size, row_stride)
     listed = torch.zeros(1, 1, 1, 1, dtype=torch.int8, device=q.device)  # dummy: never read
@@ -317,7 +307,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.sub,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
