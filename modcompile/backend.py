@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import ops  # noqa: F401  (registers the custom ops the rewritten graph calls)
+from .ops import observe, plan, sparse_attention, step  # noqa: F401  (the graph ops: importing registers them)
 from .config import split_options
 from .passes.rewrite import rewrite_attention
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import modcompile
 from modcompile import dispatch
-from modcompile.kernels.reference import block_sparse_attention_ref, full_block_lists, num_blocks
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
 from modcompile.runtime import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")

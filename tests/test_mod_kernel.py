@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from modcompile.kernels.block_sparsity import (block_sparsity, block_sparsity_ref, group_lists, sample_layout,
                                               sampled_rows)
-from modcompile.kernels.reference import block_mask_from_lists, num_blocks
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 # Half of the entries' scores move by at most this much between fp16/fp32 kernels and float64.
 MARGIN = 2e-3
@@ -63,7 +63,7 @@ def test_restricted_map_writes_listed_blocks_only(n, bs, dtype, seed):
     m = num_blocks(n, bs)
     counts, indices = _random_lists(B, H, m, m, seed)
     got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, kv_counts=counts, kv_indices=indices)
-    listed = block_mask_from_lists(counts, indices, m)
+    listed = mask_from_lists(counts, indices, m)
     assert torch.equal(~got.isnan(), listed)
     lo, hi = _bracket(q, k, lse, bs, 1e-3, kv_counts=counts, kv_indices=indices)
     assert (got[listed] >= lo[listed] - 1e-6).all() and (got[listed] <= hi[listed] + 1e-6).all()
@@ -94,7 +94,7 @@ def test_grouped_restricted_map_equals_full_map_on_listed_blocks(n, bs, stride, 
     order = perm.gather(-1, first).to(torch.int32)
     junk = torch.randint(0, m, order.shape, generator=g, dtype=torch.int32)
     indices = torch.where(torch.arange(m) < counts.unsqueeze(-1), order, junk).contiguous()
-    listed = block_mask_from_lists(counts, indices, m)
+    listed = mask_from_lists(counts, indices, m)
     assert torch.equal(listed, keep)
     full = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, row_stride=stride)
     old = torch.randn(B, H, m, m, generator=g)
@@ -111,7 +111,7 @@ def test_group_lists_are_the_union_of_the_groups_lists(group):
     B, H, m = 1, 2, 7
     counts, indices = _random_lists(B, H, m, m, 4)
     listed, u_counts, u_indices = group_lists(counts, indices, m, group)
-    assert torch.equal(listed, block_mask_from_lists(counts, indices, m))
+    assert torch.equal(listed, mask_from_lists(counts, indices, m))
     n_groups = -(-m // group)
     assert u_counts.shape == (B, H, n_groups) and u_indices.shape == (B, H, n_groups, m)
     for gi in range(n_groups):
@@ -154,7 +154,7 @@ def test_ragged_keys_with_a_positive_bound_are_not_counted(n, bs, stride):
 def test_key_split_does_not_change_the_map(restricted):
     """The key loop split into parts of 1, 2, ... key blocks (separate programs) gives the same
     map, bit for bit, as one part per program."""
-    from modcompile.kernels.block_sparsity import SparsityKernelConfig
+    from modcompile.kernels.tuning import LaunchConfig
     B, H, n, bs = 1, 2, 150, 16
     q, k, lse = _inputs(B, H, n, 16, torch.float32, 3)
     m = num_blocks(n, bs)
@@ -163,7 +163,7 @@ def test_key_split_does_not_change_the_map(restricted):
         counts, indices = _random_lists(B, H, m, m, 5)
         lists = dict(kv_counts=counts, kv_indices=indices)
     maps = [block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=4, **lists,
-                           config=SparsityKernelConfig(16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
+                           config=LaunchConfig(32, 16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
     assert torch.equal(maps[0].isnan(), maps[1].isnan()) and torch.equal(maps[0].isnan(), maps[2].isnan())
     assert torch.equal(maps[0].nan_to_num(-1), maps[1].nan_to_num(-1))
     assert torch.equal(maps[0].nan_to_num(-1), maps[2].nan_to_num(-1))
@@ -352,7 +352,7 @@ def test_gpu_matches_reference(dtype, bs):
     m = num_blocks(n, bs)
     counts, indices = _random_lists(B, H, m, m, 3)
     got = block_sparsity(q, k, lse.float(), block_size=bs, kv_counts=counts.cuda(), kv_indices=indices.cuda())
-    assert torch.equal(~got.isnan(), block_mask_from_lists(counts, indices, m).cuda())
+    assert torch.equal(~got.isnan(), mask_from_lists(counts, indices, m).cuda())
     # Row sampling at the real block sizes (per program 16 query blocks of 8 rows at block 128 and
     # stride 16, 8 blocks of 16 rows at stride 8), the key loop split as on the GPU, also restricted.
     for stride, phase in ((16, 5), (8, 3), (2, 1)):
@@ -364,5 +364,5 @@ def test_gpu_matches_reference(dtype, bs):
         part = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride,
                               row_phase=phase, kv_counts=counts.cuda(), kv_indices=indices.cuda())
         listed = ~part.isnan()
-        assert torch.equal(listed, block_mask_from_lists(counts, indices, m).cuda())
+        assert torch.equal(listed, mask_from_lists(counts, indices, m).cuda())
         assert torch.equal(part[listed], got[listed]), (stride, phase)

@@ -22,7 +22,7 @@ Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows 
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
 The kernel loads and multiplies only the sampled rows (grouping ``s`` query blocks per program into
 one tile of ``block_size`` rows), so its work drops by about s for power-of-two strides. The key
-loop of every program is split into parts of about ``SparsityKernelConfig.key_blocks`` key blocks
+loop of every program is split into parts of about ``LaunchConfig.key_blocks`` key blocks
 (separate programs; the entries of different key blocks are independent), so that a short
 sampled pass still has enough programs for the GPU.
 ``row_stride=1`` is the exact map.
@@ -36,17 +36,14 @@ so that successive observations see different rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import default_scale, dot_precision, interpreting, padded_head_dim, unit_last_stride
-from .reference import block_mask_from_lists, num_blocks
-
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
+                      padded_head_dim, unit_last_stride)
+from .block_lists import BlockLists, mask_from_lists, num_blocks
+from .tuning import LaunchConfig, choose, map_configs, tuning_key
 
 
 @triton.jit(do_not_specialize=["row_phase"])
@@ -179,7 +176,7 @@ def group_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int, grou
     """Restricted mode's work lists: ``listed`` (B, H, Mq, Mk) bool from the block lists, and per
     group of ``group`` consecutive query blocks the union of their lists as (counts (B, H, G),
     indices (B, H, G, Mk)) int32, in increasing key-block order. On device, no host sync."""
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     B, H, mq, _ = listed.shape
     n_groups = -(-mq // group)
     padded = listed.new_zeros(B, H, n_groups * group, mk)
@@ -205,24 +202,13 @@ def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 
     return rows[keep]
 
 
-@dataclass(frozen=True)
-class SparsityKernelConfig:
-    block_n: int
-    num_warps: int
-    num_stages: int
-    # Key blocks per program at most (the key loop is split into parts of about this many):
-    # enough programs to fill the GPU's waves once sampling has made each one short.
-    key_blocks: int = 32
-
-
-def _config(block_size: int) -> SparsityKernelConfig:
-    if interpreting():
-        # Two chunks per key block and small key parts, so that the chunk loop and the key split
-        # are exercised under the interpreter.
-        return SparsityKernelConfig(max(16, block_size // 2), 4, 1, key_blocks=3)
-    if block_size >= 128:
-        return SparsityKernelConfig(64, 8, 3)
-    return SparsityKernelConfig(min(64, block_size), 4, 3)
+def _pick_config(q, n_k: int, block_size: int, row_stride: int, restricted: bool) -> LaunchConfig:
+    """The map kernel's configuration: its one candidate, kept per key (:mod:`.tuning`)."""
+    if interpreting() or not q.is_cuda:
+        return map_configs(block_size, interpreter=True)[0]
+    B, H, N, _ = q.shape
+    key = tuning_key("map", q, block_size, N, n_k, B * H * num_blocks(N, block_size), False, row_stride, restricted)
+    return choose(key, map_configs(block_size, interpreter=False), None, direction="map")
 
 
 def key_splits(mk: int, key_blocks: int) -> int:
@@ -252,10 +238,11 @@ def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_ph
         raise ValueError("block_sparsity: give both kv_counts and kv_indices, or neither")
     mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
     if kv_counts is not None:
-        if tuple(kv_counts.shape) != (B, H, mq) or kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
-            raise ValueError(f"block_sparsity: block lists must be (B, H, Mq[, W]) with Mq = {mq}")
-        if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
-            raise TypeError("block_sparsity: kv_counts and kv_indices must be int32")
+        lists = BlockLists(kv_counts, kv_indices, block_size, N, k.shape[2])
+        try:
+            lists.check(B, H)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"block_sparsity: {err}") from None
     if out is not None and (tuple(out.shape) != (B, H, mq, mk) or out.dtype != torch.float32):
         raise ValueError(f"block_sparsity: out must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
     devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out) if t is not None}
@@ -268,13 +255,14 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, fill: float = float("nan"),
                    row_stride: int = 1, row_phase: int = 0,
-                   config: SparsityKernelConfig | None = None) -> torch.Tensor:
+                   config: LaunchConfig | None = None) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
     each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``.
-    ``config`` forces a launch configuration (benchmarks); ``block_n`` must divide the block."""
+    ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
+    the block) and ``key_blocks`` per program part; ``tile`` is ignored (the sampling layout sets it)."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
@@ -294,9 +282,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
         return out
-    cfg = config or _config(block_size)
-    if block_size % cfg.block_n:
-        raise ValueError(f"block_sparsity: config block_n {cfg.block_n} does not divide block_size {block_size}")
+    cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted)
+    if block_size % cfg.sub or cfg.key_blocks < 1:
+        raise ValueError(f"block_sparsity: config {cfg.label()}: sub must divide block_size {block_size} and "
+                         "key_blocks be >= 1")
     block_d = padded_head_dim(D)
     sample_rows, group = sample_layout(block_size, row_stride)
     listed = torch.zeros(1, 1, 1, 1, dtype=torch.int8, device=q.device)  # dummy: never read
@@ -318,7 +307,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.sub,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -369,7 +358,7 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
             out.copy_(frac)
             return out
         return frac
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     if out is None:
         out = torch.full((B, H, mq, mk), fill, dtype=torch.float32, device=q.device)
     out.copy_(torch.where(listed, frac, out))

@@ -13,7 +13,8 @@ import torch
 
 from .. import dispatch
 from ..config import SparsityConfig
-from ..kernels.reference import full_block_lists, num_blocks
+from ..kernels.block_lists import full_block_lists, num_blocks
+from ..kernels.block_lists import lists_from_mask  # noqa: F401  (mod and vmoba import it from here)
 from ..runtime import SiteInfo, SiteState
 
 
@@ -55,26 +56,6 @@ def full_lists(batch: int, heads: int, mq: int, mk: int, device: torch.device):
 
     Callers must not write into them (the ops treat block lists as read-only)."""
     return full_block_lists(batch, heads, mq, mk, device)
-
-
-def lists_from_mask(mask: torch.Tensor):
-    """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
-    a host sync: selected blocks first in increasing order, then the skipped ones (ignored).
-
-    One sort of ``id`` (selected) / ``Mk + id`` (not selected), then ``% Mk``: 4 ops. The constants
-    are cached device tensors (a Python scalar in ``torch.where`` would be copied host -> device on
-    every call)."""
-    mk = mask.shape[-1]
-    ids, shifted = _list_keys(mk, mask.device)
-    counts = mask.sum(-1, dtype=torch.int32)
-    ordered = torch.where(mask, ids, shifted).sort(dim=-1).values
-    return counts, ordered.remainder_(mk)
-
-
-@lru_cache(maxsize=None)  # never evicted: captured CUDA graphs hold the addresses (cuda_graphs.py)
-def _list_keys(mk: int, device: torch.device):
-    ids = torch.arange(mk, device=device, dtype=torch.int32)
-    return ids, ids + mk
 
 
 def block_token_counts(n: int, block_size: int, device=None) -> torch.Tensor:
@@ -158,12 +139,3 @@ _POLICIES: dict[str, type[Policy]] = {}
 def register_policy(cls: type[Policy]) -> type[Policy]:
     _POLICIES[cls.name] = cls
     return cls
-
-
-def make_policy(config: SparsityConfig) -> Policy:
-    # Importing the built-in policies registers them; here, not at the top, because they import this module.
-    from . import dense, mod, vmoba  # noqa: F401
-    if config.policy not in _POLICIES:
-        raise ValueError(f"modsparse: policy {config.policy!r} is not available "
-                         f"(have {sorted(_POLICIES)})")
-    return _POLICIES[config.policy](config)
