@@ -25,7 +25,7 @@ import torch
 
 import modcompile
 from modcompile.kernels import block_sparse_attention as bsa
-from modcompile.kernels.reference import num_blocks
+from modcompile.kernels.block_lists import num_blocks
 
 
 def per_call_us(fn, calls: int, reps: int = 5) -> float:
