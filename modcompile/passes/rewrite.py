@@ -189,15 +189,16 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, 
     q, k, v = a["query"], a["key"], a["value"]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
     with graph.inserting_before(node):
-        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args))
+        # the key bias goes to the plan (VMoBA scores) and observe (MOD's map) too: padding has no mass
+        bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
+        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args, bias))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
-        bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,
                                    (q, k, v, counts, indices, key, float(scale), bias, anchor))
         out = graph.call_function(operator.getitem, (attn, 0))
         lse = graph.call_function(operator.getitem, (attn, 1))
-        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key))
+        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key, bias))
         if site.key_mask is not None and site.key_mask.zero_padded_rows:
             out = graph.call_function(masks.zero_padded_rows, (out, site.key_mask.keys))
     out.meta.update(node.meta)
