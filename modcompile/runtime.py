@@ -315,7 +315,8 @@ class Registry:
         self.sites.pop(spec.key, None)
         self.sites[info.key] = info
         if owner.model is not None and not run.hooked:
-            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled)
+            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled,
+                               call=owner.call)
         return run, info
 
     def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
@@ -408,7 +409,8 @@ class Registry:
             self.free_run = ModelRun("<no model>")
 
 
-def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True) -> None:
+def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True,
+                       call: tuple | None = None) -> None:
     """A forward pre-hook on the model that reads its inputs before each forward, in both compile
     styles (``torch.compile(model)`` compiles the model's ``forward`` frame: its hooks run
     outside). It reads the layout (grid and text position, modcompile/layout.py) and, with
@@ -416,7 +418,9 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
     compiled graph reads it, the ``timestep`` (one host read per forward, as the graph's step node
     does). A whole-compiled model's graph reads its own timestep: eager calls of the same module
     (a reference run) then leave the step alone. The current call, already inside forward, is read
-    from its frame."""
+    as the hook would have read it, from ``call`` (the (args, kwargs) of the model's call frame),
+    else from its forward's frame, whose arguments may be rebound by then (Allegro, Cosmos and LTX
+    turn ``timestep`` into its embedding before their blocks run)."""
     import inspect
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -440,7 +444,9 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     run.hooked = True
-    if frame_locals is not None:
+    if call is not None:
+        read({**dict(zip(params, call[0])), **call[1]})
+    elif frame_locals is not None:
         # The forward's arguments (its other locals may share their names: Wan's num_frames/height/
         # width are the unpatched latent's), rebound ones read as the layout module says.
         read({name: value for name, value in frame_locals.items() if name in params},
