@@ -110,7 +110,7 @@ class ModState:
     cheap_since_full: int = 0                      # cheap refreshes since the last full or dense one
     coverage_flag: DeferredScalar | None = None
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
-    events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...)
+    events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...), the last HISTORY
     fit_steps: list = field(default_factory=list)
     nonfinite_flag: DeferredScalar | None = None   # whether the last observed map held NaN
     nonfinite_steps: list = field(default_factory=list)  # steps whose observation saw non-finite inputs
@@ -140,6 +140,17 @@ def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_i
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
               fill=NOT_OBSERVED, key_bias=key_bias)
+
+
+# Entries kept of each ModState history list (events, fits, coverage): a run without generations
+# (diffusion forcing's long videos, a loop without step metadata) must not grow them without bound.
+HISTORY = 256
+
+
+def _record(history: list, item) -> None:
+    history.append(item)
+    if len(history) > HISTORY:
+        del history[: len(history) - HISTORY]
 
 
 # The restricted map's value for blocks it did not compute (a fraction is never negative).
@@ -207,14 +218,14 @@ class ModPolicy(Policy):
             st.cheap_since_full = 0 if full else st.cheap_since_full + 1
             counts, indices = self._batch_lists(st, q.shape[0])
             st.observing = "full" if full else "cheap"
-            st.events.append((step, "refresh-full" if full else "refresh-cheap"))
+            _record(st.events, (step, "refresh-full" if full else "refresh-cheap"))
             return Plan(counts, indices, dense=False, observe=True)
         counts, indices = self._batch_lists(st, q.shape[0])
         return Plan(counts, indices, dense=False, observe=False)
 
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
         st.observing = kind
-        st.events.append((ctx.step, event))
+        _record(st.events, (ctx.step, event))
         # observations before the first mask are still the warm-up; later ones are refreshes
         return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh")
 
@@ -227,7 +238,7 @@ class ModPolicy(Policy):
             return False
         st.coverage_flag = None
         value = flag.value()
-        st.observed_coverage.append((st.fit_steps[-1] if st.fit_steps else -1, value))
+        _record(st.observed_coverage, (st.fit_steps[-1] if st.fit_steps else -1, value))
         return value < self.config.min_observed_coverage
 
     def _poll_nonfinite(self, ctx: SiteContext, st: ModState) -> None:
@@ -246,8 +257,8 @@ class ModPolicy(Policy):
             log.warning("modcompile mod: %s saw NaN/Inf attention inputs at step %d; its output is NaN "
                         "there as in dense attention, and the mask predictor skipped those blocks "
                         "(kept their older values, or counted them dense)", ctx.info.key, step)
-        st.nonfinite_steps.append(step)
-        st.events.append((step, "observe-nonfinite"))
+        _record(st.nonfinite_steps, step)
+        _record(st.events, (step, "observe-nonfinite"))
         ctx.state.note = f"mod: NaN/Inf attention inputs at step(s) {st.nonfinite_steps[:5]}"
 
     def _batch_lists(self, st: ModState, batch: int):
@@ -293,7 +304,7 @@ class ModPolicy(Policy):
         outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
         st.smap, coef = outputs[0], outputs[1]
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
-        st.fit_steps.append(ctx.step)
+        _record(st.fit_steps, ctx.step)
         if build:
             st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[2:]
             st.head_lists = (counts[0], indices[0])
