@@ -6,20 +6,16 @@ padded text, in VMoBA's permuted order), with no recompile per step.
 
 The site's inputs and lists are caught where the compiled graph hands them to the policy
 (``ops.site_attention``, the body of the site attention op)."""
-import math
-
 import pytest
 import torch
 
 import modcompile
 from modcompile import dispatch, ops
-from modcompile.kernels.reference import block_sparse_attention_ref
-from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import REGISTRY
 
 pytest.importorskip("diffusers")
 
 from clients import BY_NAME, CLIENTS, small_inputs  # noqa: E402
+from site_check import Checker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
@@ -43,49 +39,6 @@ def inputs_at(client, step, t):
     if client.masked:                                  # HunyuanVideo: 3 padded text tokens
         inputs["encoder_attention_mask"] = torch.tensor([[1.0] * 5 + [0.0] * 3])
     return inputs
-
-
-class Checker:
-    """Wraps ``ops.site_attention``: each call's output against the float64 attention over the
-    lists it got, which must be the lists its plan returned (the state holds the plan's originals).
-    ``broken`` also checks that a reference given wrong lists (each row's last listed block
-    dropped) does not match: the comparison can fail."""
-
-    def __init__(self, monkeypatch, broken=True):
-        self.calls, self.broken = [], broken
-        original = ops.site_attention
-
-        def checked(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=None):
-            out, lse = original(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias)
-            self.check(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias, out)
-            return out, lse
-        monkeypatch.setattr(ops, "site_attention", checked)
-
-    def check(self, policy, ctx, q, k, v, counts, indices, scale, bias, out):
-        state = ctx.state
-        assert torch.equal(counts, state.kv_counts) and torch.equal(indices, state.kv_indices)
-        perm = None
-        if isinstance(policy, VmobaPolicy) and not state.dense_now:   # sparse VMoBA lists: permuted order
-            layout = policy.layout(ctx, q.shape[2], q.device)
-            perm = None if layout.identity else layout.perm.long()
-        want = reference(q, k, v, counts, indices, scale, bias, perm)
-        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=2e-5)
-        if self.broken:
-            wrong = reference(q, k, v, (counts - 1).clamp_min(1), indices, scale, bias, perm)
-            assert (out.double() - wrong).abs().max() > 1e-2, "the reference cannot tell the lists apart"
-        density = float(counts.sum()) / (counts.numel() * indices.shape[-1])
-        self.calls.append((state.info.key, ctx.step, state.dense_now, density))
-
-
-def reference(q, k, v, counts, indices, scale, bias, perm):
-    """float64 attention of each query block over its listed key blocks (lists in ``perm`` order)."""
-    q, k, v = (t.double() for t in (q, k, v))
-    bias = None if bias is None else bias.double()
-    if perm is None:
-        return block_sparse_attention_ref(q, k, v, counts, indices, block_size=BLOCK, scale=scale, key_bias=bias)[0]
-    out, _ = block_sparse_attention_ref(q[:, :, perm], k[:, :, perm], v[:, :, perm], counts, indices,
-                                        block_size=BLOCK, scale=scale, key_bias=None if bias is None else bias[:, perm])
-    return torch.empty_like(out).index_copy_(2, perm, out)
 
 
 def compile_model(model, style, backend, options):
@@ -112,7 +65,7 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False):
         compiles.append(gm)
         return modcompile.modsparse(gm, example_inputs, **kw)
 
-    checker = Checker(monkeypatch)
+    checker = Checker(monkeypatch, BLOCK)
     options = {**POLICIES[policy], "block_size": BLOCK, "min_seq_len": 64}
     model = compile_model(client.build(), style, backend, options)
     first = None
@@ -166,7 +119,7 @@ def test_the_check_fails_on_lists_other_than_the_plans(monkeypatch):
             kv_counts = (kv_counts - 1).clamp_min(1)
         return original(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias)
     monkeypatch.setattr(ops, "site_attention", swapped)
-    checker = Checker(monkeypatch, broken=False)       # wraps the swapped body: sees the plan's lists
+    checker = Checker(monkeypatch, BLOCK, broken=False)       # wraps the swapped body: sees the plan's lists
     client = BY_NAME["wan"]
     model = compile_model(client.build(), "regional", "modsparse",
                           {**POLICIES["vmoba"], "block_size": BLOCK, "min_seq_len": 64})
