@@ -119,8 +119,10 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
     scores = torch.where(out, low.masked_fill_(low.isinf(), 0.0), s)
     ranked = scores if hidden is None else scores.masked_fill(hidden, float("-inf"))   # hidden: last
     # ranks cost a sort: only top-k and the density guard need them
-    first = bad if own is None else own | bad if hidden is None else (own & ~hidden) | bad
-    rank = rank_in_row(ranked, first) if (mode == "topk" or floor > 0 or ceiling < mk) else None
+    rank = None
+    if mode == "topk" or floor > 0 or ceiling < mk:
+        first = bad if own is None else own | bad if hidden is None else (own & ~hidden) | bad
+        rank = rank_in_row(ranked, first)
     if mode == "topk":
         if topk is None:
             if density is None:
