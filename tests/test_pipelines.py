@@ -196,7 +196,7 @@ def densities_by_step(model="WanTransformer3DModel#0"):
     return seen, on_step
 
 
-@pytest.mark.parametrize("policy,warmup", [("vmoba", 1), ("mod", 2)])
+@pytest.mark.parametrize("policy,warmup", [("vmoba", 1), pytest.param("mod", 2, marks=pytest.mark.slow)])
 def test_a_four_step_distilled_schedule_runs_sparse_after_the_warm_up(policy, warmup):
     """A distilled model's short schedule (4 steps, no CFG): the pipeline's timesteps give the step
     count (no num_steps option), so the policy's warm-up is scaled to 4 steps (vmoba: 25%, 1 step;
@@ -213,6 +213,7 @@ def test_a_four_step_distilled_schedule_runs_sparse_after_the_warm_up(policy, wa
     assert len(compiles) == 1
 
 
+@pytest.mark.slow                   # 24 forwards per call, two calls: about 20 s on 2 cores
 def test_skyreels_v2_diffusion_forcing_per_frame_timesteps_keep_state_bounded(monkeypatch):
     """SkyReels-V2's diffusion forcing denoises frames asynchronously: a (B, frames) timestep per
     forward, more forwards (12) than schedule steps (6), the newest frame at full noise for the first

@@ -100,6 +100,7 @@ def test_sparse_steps_equal_float64_attention_over_the_lists_used(name, style, p
     run_matrix_case(name, style, policy, monkeypatch)
 
 
+@pytest.mark.slow                   # the interpreter: 10-25 s per policy on 2 cores
 @pytest.mark.parametrize("policy", ["mod", "vmoba"])
 def test_triton_kernels_on_a_real_model(policy, monkeypatch):
     """The same check with the Triton kernels (interpreter on CPU): attention, MOD's map kernel,
