@@ -306,3 +306,18 @@ def test_the_compiled_site_hands_its_key_bias_to_the_policy(policy, monkeypatch,
             model(x, valid, torch.tensor([t]))
     want = torch.zeros(2, N).masked_fill(~valid, NEG)
     assert seen and all(b is not None and torch.equal(b, want) for b in seen)
+
+
+def test_a_key_bias_of_the_wrong_shape_or_dtype_is_a_clear_error():
+    from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref
+    q, k, _ = _qkv(2, 1, N, 32, 0)
+    lse = torch.zeros(2, 1, N)
+    layout = _layout(0)
+    for bad in (torch.zeros(2, N - 1), torch.zeros(1, N)):
+        with pytest.raises(ValueError, match="key_bias must be float32"):
+            block_sparsity_ref(q, k, lse, block_size=16, key_bias=bad)
+    for bad in (torch.zeros(2, N - 1), torch.zeros(1, N), torch.zeros(2, N, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="key_bias must be float32"):
+            pooling.permute_pool(q, k, layout.segments, key_bias=bad)
+        with pytest.raises(ValueError, match="key_bias must be float32"):
+            block_sparsity(q, k, lse, block_size=16, key_bias=bad)
