@@ -3,9 +3,9 @@
 Per rewritten SDPA site the graph holds::
 
     token = modcompile::step(timestep)                             # once, at graph entry
-    counts, indices = modcompile::plan(q, k, token, site, T, H, W) # the policy's masks for this call
+    counts, indices = modcompile::plan(q, k, token, site, T, H, W, key_bias) # the policy's masks for this call
     out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale, key_bias)
-    modcompile::observe(q, k, lse, counts, indices, site)          # predictor fitting, when asked
+    modcompile::observe(q, k, lse, counts, indices, site, key_bias)          # predictor fitting, when asked
 
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
 Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the
@@ -54,16 +54,18 @@ def _(timestep):
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
 def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
-         grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
+         grid_h: int, grid_w: int, key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Ask the site's policy for this call's block lists. ``anchor``: a parameter of the site's
     module, whose address names the module instance that runs (modcompile/owners.py).
-    ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
+    ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph).
+    ``key_bias``: the site's key-padding bias (B, Nk), or None (VMoBA scores hidden keys out)."""
     state = REGISTRY.enter_site(site, anchor)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
                       num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
-    result: Plan = policy_for(config).plan(ctx, q, k)
+    # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
+    result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
     state.dense_now, state.observe_now = result.dense, result.observe
@@ -78,7 +80,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
 
 
 @plan.register_fake
-def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
+def _(q, k, token, anchor, site, grid_t, grid_h, grid_w, key_bias=None):
     block = REGISTRY.specs[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
@@ -163,14 +165,16 @@ sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_con
 # dead-code elimination keeps it (declaring a fake mutation of ``lse`` did not: functionalization
 # turned it into an unused auto_functionalized node, which Inductor dropped).
 @torch.library.custom_op("modcompile::observe", mutates_args=(), tags=_TAGS)
-def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str) -> None:
+def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str,
+            key_bias: Optional[Tensor] = None) -> None:
     state = REGISTRY.current(site)
     if state.observe_now:
-        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices)
+        extra = {} if key_bias is None else {"key_bias": key_bias}
+        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices, **extra)
 
 
 @observe.register_fake
-def _(q, k, lse, kv_counts, kv_indices, site):
+def _(q, k, lse, kv_counts, kv_indices, site, key_bias=None):
     return None
 
 

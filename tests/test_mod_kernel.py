@@ -336,6 +336,80 @@ def test_bad_row_sampling_arguments_raise():
         block_sparsity_ref(q, k, lse.float(), block_size=16, row_phase=-1)
 
 
+# ----------------------------------------------------------------------------- key bias (text padding)
+
+def _padding_bias(B, n, valid, g):
+    """(B, n) float32: 0 or a small finite bias on the first ``valid[b]`` keys, -inf after."""
+    bias = torch.where(torch.rand(B, n, generator=g) < 0.3, -torch.rand(B, n, generator=g) * 2, torch.zeros(B, n))
+    return bias.masked_fill(torch.arange(n)[None, :] >= torch.tensor(valid)[:, None], float("-inf"))
+
+
+def _explicit_map(q, k, lse, bias, bs, thr, margin, rows, listed=None):
+    """Float64 map from the probabilities themselves: per tile, the share of (sampled row, key)
+    entries with ``s * scale + bias - lse < ln(thr) + margin`` (a hidden key's probability is 0:
+    sparse). Independent of the kernel's and the reference's arithmetic."""
+    B, H, n, D = q.shape
+    logp = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D) + bias.double()[:, None, None, :] \
+        - lse.double()[..., None]
+    sparse = (logp < math.log(thr) + margin) | (bias == float("-inf"))[:, None, None, :]
+    m = num_blocks(n, bs)
+    out = torch.empty(B, H, m, m, dtype=torch.float64)
+    for i in range(m):
+        r = rows[(rows >= i * bs) & (rows < (i + 1) * bs)]
+        for j in range(m):
+            out[:, :, i, j] = sparse[:, :, r, j * bs:(j + 1) * bs].double().mean((-2, -1))
+    return out if listed is None else torch.where(listed, out, float("nan"))
+
+
+@pytest.mark.parametrize("n,bs,stride", [(100, 32, 1), (100, 32, 4), (70, 16, 2)])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_key_bias_map_matches_the_float64_probabilities(n, bs, stride, restricted):
+    """Padded keys (bias -inf) have probability 0 and count as sparse; finite biases move the
+    probabilities; a tile of padding is exactly 1.0. Kernel and torch reference alike."""
+    from modcompile.kernels.block_lists import full_block_lists
+    from modcompile.kernels.reference import block_sparse_attention_ref
+    g = torch.Generator().manual_seed(n + stride)
+    B, H, D = 2, 2, 16
+    q, k, _ = _inputs(B, H, n, D, torch.float32, n)
+    m = num_blocks(n, bs)
+    bias = _padding_bias(B, n, [n, bs * (m - 2) + 3], g)     # batch 1: its last block is all padding
+    counts, indices = _random_lists(B, H, m, m, n) if restricted else full_block_lists(B, H, m, m)
+    # the lse of the attention that ran, with the bias (a sparse call's in restricted mode)
+    _, lse = block_sparse_attention_ref(q.double(), k.double(), k.double(), counts, indices, block_size=bs,
+                                        key_bias=bias.double())
+    lists = dict(kv_counts=counts, kv_indices=indices) if restricted else {}
+    listed = mask_from_lists(counts, indices, m) if restricted else None
+    rows = sampled_rows(n, bs, stride)
+    lo, hi = (_explicit_map(q, k, lse, bias, bs, 1e-2, mg, rows, listed) for mg in (-MARGIN, MARGIN))
+    kw = dict(block_size=bs, threshold=1e-2, row_stride=stride, key_bias=bias, **lists)
+    for got in (block_sparsity(q, k, lse.float(), **kw), block_sparsity_ref(q, k, lse.float(), **kw)):
+        written = ~got.isnan()
+        assert torch.equal(written, torch.ones_like(written) if listed is None else listed)
+        assert (got[written] >= lo[written] - 1e-6).all() and (got[written] <= hi[written] + 1e-6).all()
+        padding = written[1, :, :, m - 1]
+        assert torch.equal(got[1, :, :, m - 1][padding], torch.ones_like(got[1, :, :, m - 1][padding]))
+    # the bias matters: without it the padded keys of batch 1 count by their scores
+    plain = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=stride, **lists)
+    assert not torch.equal(plain.nan_to_num(-1), got.nan_to_num(-1))
+
+
+def test_key_bias_rows_that_attended_only_padding():
+    """Sparse lists that hold only a block of padding give the row lse -inf: its hidden keys still
+    count as sparse, no other key does, and nothing is NaN."""
+    n, bs, D = 64, 16, 16
+    q, k, _ = _inputs(1, 1, n, D, torch.float32, 7)
+    bias = torch.zeros(1, n).masked_fill(torch.arange(n)[None, :] >= 48, float("-inf"))
+    counts = torch.tensor([[[1, 1, 1, 1]]], dtype=torch.int32)
+    indices = torch.tensor([[[[3, 0, 0, 0], [1, 0, 0, 0], [3, 0, 0, 0], [3, 0, 0, 0]]]], dtype=torch.int32)
+    from modcompile.kernels.reference import block_sparse_attention_ref
+    _, lse = block_sparse_attention_ref(q, k, k, counts, indices, block_size=bs, key_bias=bias)
+    assert (lse[0, 0, :16] == float("-inf")).all()
+    for fn in (block_sparsity, block_sparsity_ref):
+        full = fn(q, k, lse, block_size=bs, threshold=1e-3, key_bias=bias)
+        assert not full.isnan().any()
+        assert torch.equal(full[0, 0, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))   # lse -inf: only padding counts
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from ..config import SparsityConfig
@@ -88,6 +89,23 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / block_token_counts(N, block_size, x.device).view(nb, 1)
 
 
+def masked_block_means(x: torch.Tensor, key_bias: torch.Tensor, block_size: int):
+    """Block statistics over the keys a key bias does not hide (``-inf``): ``(means (B, H, nb, D)
+    float32 of x over each block's visible keys, the mean bias over them (B, nb) (-inf for a block
+    of hidden keys), visible keys per block (B, nb) float32)``. A block of hidden keys has mean 0
+    and count 0. One masked copy of x (used on masked sites' observations only)."""
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    pad = nb * block_size - N
+    visible = key_bias > float("-inf")
+    count = F.pad(visible.float(), (0, pad)).view(B, nb, block_size).sum(-1)
+    bias_sum = F.pad(torch.where(visible, key_bias.float(), 0.0), (0, pad)).view(B, nb, block_size).sum(-1)
+    sums = F.pad(x * visible[:, None, :, None].to(x.dtype), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    denom = count.clamp_min(1.0)
+    return (sums.sum(3, dtype=torch.float32) / denom[:, None, :, None],
+            torch.where(count > 0, bias_sum / denom, float("-inf")), count)
+
+
 def like_dense(ctx: SiteContext) -> bool:
     """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_like_dense``)."""
     return ctx.config.nonfinite == "dense" and not ctx.state.dense_now
@@ -99,7 +117,9 @@ class Policy:
     def __init__(self, config: SparsityConfig):
         self.config = config
 
-    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, key_bias=None) -> Plan:
+        """This call's block lists. ``key_bias`` (B, Nk) float32: the site's key-padding mask as an
+        additive bias (``-inf``: a hidden key), given on masked sites only."""
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -120,8 +140,9 @@ class Policy:
         return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
 
     def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-                kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
-        """Called after the attention of a call whose plan had ``observe=True``."""
+                kv_counts: torch.Tensor, kv_indices: torch.Tensor, key_bias=None) -> None:
+        """Called after the attention of a call whose plan had ``observe=True`` (``key_bias`` as
+        in :meth:`plan`; ``lse`` includes it)."""
 
     def warmup_steps(self, ctx: SiteContext) -> int:
         """Dense steps at the start of a run (config override, else the policy's default)."""
