@@ -123,6 +123,7 @@ def test_labels_round_trip_for_every_candidate():
 
 
 def test_reset_kernels_clears_the_one_owner(state, monkeypatch):
+    modcompile.reset(kernels=True)  # memo caches filled by earlier tests
     state.tuned[("forward", 1)] = A
     state.disabled.add(B)
     state.capability[0] = (9, 0)
