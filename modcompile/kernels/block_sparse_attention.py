@@ -11,7 +11,8 @@ maximum starts at a large finite negative number instead of -inf, so a chunk tha
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
 is empty end with l = 0 and are written as out = 0, lse = -inf. NaN / Inf in q, k, v propagate as in
 the reference (a NaN score makes l NaN, so the row's out and lse are NaN); unlisted blocks are never
-loaded, so they cannot reach a row.
+loaded, so they cannot reach a row. The optional ``poison`` (B, H, Mq) flags (the dense-like rule,
+kernels/nonfinite.py) make the epilogue write a query block's rows as NaN instead.
 
 Launch configuration: on CUDA the first call per tuning key (device, head_dim, dtype, block_size,
 TMA-able, ragged or not, and the number of programs in powers of two) compiles and times the
@@ -117,7 +118,7 @@ def _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K, BLOCK_
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias, BiasFrom,
+    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias, BiasFrom, Poison,
     qk_scale_log2, bias_to_raw,
     N_Q, N_K, H,
     stride_qb, stride_qh, stride_qn,
@@ -143,6 +144,7 @@ def _block_sparse_attention_fwd_kernel(
     GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
     QO_TMA: tl.constexpr,      # with HOST_TMA and no GATHER_Q: q loaded / out stored by descriptors
     HAS_BIAS: tl.constexpr,    # KeyBias (B, N_K) float32 is added to the scores of each key
+    HAS_POISON: tl.constexpr,  # Poison (B, H, Mq) int8: nonzero writes the block's rows as NaN
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -222,6 +224,11 @@ def _block_sparse_attention_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if HAS_POISON:
+        # The list skips a key block holding NaN / Inf (kernels/nonfinite.py): NaN, as in dense SDPA.
+        hit = tl.load(Poison + pid_bh * tl.cdiv(N_Q, BLOCK_SIZE) + q_block) != 0
+        out = tl.where(hit, float("nan"), out)
+        lse = tl.where(hit, float("nan"), lse)
 
     l_ptrs = Lse + b * stride_lb + h * stride_lh + tok_m
     if QO_TMA:  # the copy engine clips rows past N and columns past HEAD_DIM
@@ -341,7 +348,7 @@ def supports(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None, key_bias=None):
+def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=None, key_bias=None, poison=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor")
@@ -389,10 +396,14 @@ def _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows=N
         if tuple(key_bias.shape) != (B, k.shape[2]) or key_bias.dtype != torch.float32 or key_bias.device != q.device:
             raise ValueError(f"key_bias must be (B, Nk) = {(B, k.shape[2])} float32 on {q.device}, got "
                              f"{tuple(key_bias.shape)} {key_bias.dtype} on {key_bias.device}")
+    if poison is not None:
+        if tuple(poison.shape) != (B, H, mq) or poison.dtype != torch.int8 or poison.device != q.device:
+            raise ValueError(f"poison must be (B, H, Mq) = {(B, H, mq)} int8 on {q.device}, got "
+                             f"{tuple(poison.shape)} {poison.dtype} on {poison.device}")
 
 
 def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None,
-            key_bias=None):
+            key_bias=None, poison=None):
     if cfg.tma and not cfg.host_tma and not interpreting():
         ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
     B, H, N, D = q.shape
@@ -414,6 +425,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
         q_rows if q_rows is not None else counts,  # unread when None (and the two below)
         key_bias if key_bias is not None else lse, _bias_from(key_bias) if key_bias is not None else counts,
+        poison if poison is not None else counts,
         scale * LOG2E, 1.0 / scale,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -439,6 +451,7 @@ def _launch(cfg: KernelConfig, q, k, v, out, lse, counts, indices, block_size, s
         GATHER_Q=q_rows is not None,
         QO_TMA=qo_tma,
         HAS_BIAS=key_bias is not None,
+        HAS_POISON=poison is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -507,6 +520,7 @@ def block_sparse_attention_fwd(
     validate: bool = False,
     q_rows: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
 ):
     """Block-sparse attention forward: returns ``(out, lse)``.
 
@@ -523,14 +537,18 @@ def block_sparse_attention_fwd(
     ``validate`` checks it too.
     ``key_bias`` (B, Nk) float32: added to every query's scaled score of that key, in the lists'
     key order (``-inf`` removes the key: text padding), as in the reference.
+    ``poison`` (B, H, Mq) int8, per query block of the lists' order: nonzero writes that block's rows
+    of out and lse as NaN (the dense-like non-finite rule, :mod:`.nonfinite`), in the epilogue.
     """
-    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows, key_bias)
+    _check_inputs(q, k, v, kv_counts, kv_indices, block_size, out, lse, q_rows, key_bias, poison)
     B, H, N, D = q.shape
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     if q_rows is not None:
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     if key_bias is not None:
         key_bias = unit_last_stride(key_bias)
+    if poison is not None:
+        poison = poison.contiguous()  # the kernel reads it at (b * H + h) * Mq + query block
     scale = default_scale(D, scale)
     if validate:
         validate_block_lists(kv_counts, kv_indices, triton.cdiv(k.shape[2], block_size), q_rows=q_rows)
@@ -544,7 +562,7 @@ def block_sparse_attention_fwd(
         return out, lse
 
     def run(cfg):
-        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows, key_bias)
+        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows, key_bias, poison)
 
     if config is None:
         config = _pick_config(q, k, v, block_size, run, biased=key_bias is not None)
