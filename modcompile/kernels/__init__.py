@@ -10,5 +10,7 @@ contract; the references are the CPU execution path and the ground truth of the 
   :func:`.block_sparse_attention_bwd.backward_block_lists_torch`;
 * the block sparsity map (:mod:`.block_sparsity`): :func:`.block_sparsity.block_sparsity_ref`;
 * permute + pool and the row gather (:mod:`.pooling`): :func:`.pooling.permute_pool_ref`,
-  :func:`.pooling.gather_rows_ref`.
+  :func:`.pooling.gather_rows_ref`;
+* the dense-like non-finite rule's key-block flags and poisoned query blocks (:mod:`.nonfinite`):
+  :func:`.nonfinite.block_flags_ref`, :func:`.nonfinite.poisoned_query_blocks_ref`.
 """
