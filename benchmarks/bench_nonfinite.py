@@ -14,11 +14,12 @@ interleaved rounds) of ``dispatch.attention_forward``:
 * ``flags+poison``: the two small launches alone, and the flags kernel's read rate of k and v.
 
 Correctness, with NaN / Inf planted in k and v: the fused rule against the old one (same NaN rows in
-out and lse, the other rows equal to the plain call bit for bit) on a small ragged shape with and
-without a token permutation (``q_rows``) before timing, once per timed shape, and after timing for
-every candidate launch configuration of the forward kernel (as time allows). Writes DIR/bench_nonfinite.md and .json and prints the table
-last. ``--tune``: let the forward kernel time its candidates per tuning key (else
-``MODCOMPILE_TUNE=0``, its first candidate, as the GPU tests run; keeps the run near a minute).
+out and lse; the other rows as the plain call's, also reported whether bit for bit) on a small
+ragged shape with and without a token permutation (``q_rows``) before timing, once per timed shape,
+and after timing for every candidate launch configuration of the forward kernel (as time allows).
+Writes DIR/bench_nonfinite.md and .json and prints the table last. ``--tune``: let the forward
+kernel time its candidates per tuning key (else ``MODCOMPILE_TUNE=0``: its first candidate, as the
+GPU tests run, and no tuning time in the run).
 ``--smoke``: CPU under TRITON_INTERPRET=1, tiny fp16 shapes, to exercise this script's code.
 """
 from __future__ import annotations
@@ -99,9 +100,19 @@ def plant(k, v, seed: int):
     return k, v, len(spots)
 
 
+def finite_diff(a, b) -> float:
+    """Max |a - b| where both are finite; inf where only one of them is (the Inf of a row that
+    lists an Inf value must stay)."""
+    ok_a, ok_b = a.isfinite(), b.isfinite()
+    if not torch.equal(ok_a, ok_b):
+        return float("inf")
+    return (a[ok_a].float() - b[ok_b].float()).abs().max().item() if ok_a.any() else 0.0
+
+
 def compare(q, k, v, counts, indices, block_size, rows=None, config=None):
     """The fused rule vs the old one on the same launch configuration. Returns a dict; ``ok`` when
-    NaN rows of out and lse are equal and every other row equals the plain call bit for bit."""
+    the NaN rows of out and lse are the same and every other row is the plain call's (up to
+    rounding: the two are separate compiles of the kernel)."""
     from modcompile import dispatch
     from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 
@@ -117,10 +128,11 @@ def compare(q, k, v, counts, indices, block_size, rows=None, config=None):
     fine = ~want_nan
     same_rows = torch.equal(want_nan, got_nan) and torch.equal(want_lse.isnan(), got_lse.isnan())
     bit_exact = torch.equal(got[fine], plain[fine]) and torch.equal(got_lse[fine], plain_lse[fine])
+    diff = max(finite_diff(got[fine], plain[fine]), finite_diff(got_lse[fine], plain_lse[fine]))
     listed_nan = plain.isnan().any(-1)
-    return dict(ok=bool(same_rows and bit_exact), nan_rows=int(want_nan.sum()),
+    return dict(ok=bool(same_rows and diff <= 1e-2), nan_rows=int(want_nan.sum()),
                 rows_only_the_rule_spoils=int((want_nan & ~listed_nan).sum()),
-                same_nan_rows=bool(same_rows), rest_bit_exact=bool(bit_exact))
+                same_nan_rows=bool(same_rows), rest_max_abs_diff=diff, rest_bit_exact=bool(bit_exact))
 
 
 def correctness(device, dtype, shape, block_size, log, all_configs=False, deadline=float("inf")):

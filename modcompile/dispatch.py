@@ -77,7 +77,7 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
 
 def nonfinite_poison(k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, block_size: int,
                      triton_path: bool) -> Tensor:
-    """(B, H, Mq): whether each query block's list skips a key block holding a NaN / Inf in k or v
+    """(B, H, Mq) int8 (Triton) or bool: whether each query block's list skips a key block holding a NaN / Inf in k or v
     (in the lists' token order). Dense SDPA reads every key, so such a block makes those rows
     non-finite; rows that list every such block keep the kernel's own result. Triton: two small
     launches (:func:`.kernels.nonfinite.block_flags`, :func:`.kernels.nonfinite.poisoned_query_blocks`);

@@ -85,15 +85,17 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         ok = (rows < N_K)[:, None] & (cols < HEAD_DIM)[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        k = tl.load(K + b * stride_kb + h * stride_kh + rows64 * stride_kn + cols[None, :] * stride_kd, mask=ok, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + rows64 * stride_vn + cols[None, :] * stride_vd, mask=ok, other=0.0)
+        k_ptrs = K + b * stride_kb + h * stride_kh + rows64 * stride_kn + cols[None, :] * stride_kd
+        v_ptrs = V + b * stride_vb + h * stride_vh + rows64 * stride_vn + cols[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=ok, other=0.0)
+        v = tl.load(v_ptrs, mask=ok, other=0.0)
         # |x| <= FLT_MAX is false exactly for NaN and +-Inf (in fp32: FLT_MAX is Inf in bf16)
         k_bad = tl.where(tl.abs(k.to(tl.float32)) <= FLT_MAX, 0, 1)
         v_bad = tl.where(tl.abs(v.to(tl.float32)) <= FLT_MAX, 0, 1)
         bad = tl.max(tl.max(tl.maximum(k_bad, v_bad), 1), 0)
         tl.store(Flags + pid_bh * tl.num_programs(0) + kb, bad.to(tl.int8))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["MQ", "MK", "W"])  # list shapes vary per site: one compile
     def _poison_kernel(Flags, Counts, Indices, Poison, MQ, MK, W, H,
                        stride_cb, stride_ch, stride_cm,
                        stride_ib, stride_ih, stride_im, stride_ij,
