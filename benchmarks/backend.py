@@ -34,12 +34,12 @@ def policy_missing(name: str) -> str | None:
     why = backend_missing()
     if why:
         return why
-    base, why = try_import("modcompile.policies.base")
-    if base is None:
+    policies, why = try_import("modcompile.policies")
+    if policies is None:
         return why
     try:
         from modcompile.config import SparsityConfig
-        base.make_policy(SparsityConfig(policy=name))
+        policies.make_policy(SparsityConfig(policy=name))
     except Exception as exc:
         return f"policy {name!r} unavailable: {exc}"
     return None

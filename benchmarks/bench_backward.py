@@ -1,7 +1,7 @@
 """Training benchmark: block-sparse attention forward+backward vs dense SDPA and Flex.
 
-    python benchmarks/bench_backward.py --out DIR [--quick] [--no-flex] [--no-sweep] [--quick-check]
-    python benchmarks/bench_backward.py --out DIR --sweep-only     # backward candidates, per pass
+    python -m benchmarks.bench_backward --out DIR [--quick] [--no-flex] [--no-sweep] [--quick-check]
+    python -m benchmarks.bench_backward --out DIR --sweep-only     # backward candidates, per pass
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists (own block always kept, sorted).
 Times (triton.testing.do_bench medians) at (1, 12, 32760, 128):
@@ -32,25 +32,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parent.parent  # the workers run from here
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
-from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
+from . import common
+from .common import compiled_variants, cuda_environment as environment
+from .common import fmt_or_dash as fmt
 
 try:
-    import triton  # noqa: E402
-    from modcompile.kernels import block_sparse_attention as fwd_kernel  # noqa: E402
+    import triton
+    from modcompile.kernels import block_sparse_attention as fwd_kernel
 except Exception as e:  # noqa: BLE001
     sys.exit(f"bench_backward.py: the forward kernel modcompile/kernels/block_sparse_attention.py is not importable "
              f"({type(e).__name__}: {e}); it is needed for forward+backward timings")
-from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
-from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
+from modcompile.kernels import block_sparse_attention_bwd as bwd_kernel
+from modcompile.kernels import tuning
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks, sorted_sets_ref
+from modcompile.kernels.block_lists_kernel import block_lists_triton
+from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 SHAPE = (1, 12, 32760, 128)
 DEVICE = "cuda"
@@ -77,7 +79,7 @@ def flex_block_mask(counts, indices, N, exact_mask_mod=False):
     eager Flex ignores block lists and applies mask_mod alone, so eager use needs exact_mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
     # Flex wants index rows as wide as the number of key blocks: selected blocks first, then the rest.
-    mask = block_mask_from_lists(counts, indices, num_blocks(N, BLOCK))
+    mask = mask_from_lists(counts, indices, num_blocks(N, BLOCK))
     full = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
     # Listed blocks are "full" blocks: the compiled kernel never evaluates mask_mod inside them.
     block = BLOCK
@@ -127,13 +129,13 @@ def check_case(shape, dtype, density, configs, device=None):
     out64, lse64 = block_sparse_attention_ref(q64, k64, v64, counts, indices, block_size=BLOCK)
     ref = block_sparse_attention_bwd_ref(do64, q64, k64, v64, out64, lse64, counts, indices, block_size=BLOCK)
     token_block = torch.arange(N, device=device) // BLOCK
-    allowed = block_mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
+    allowed = mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*leaves, attn_mask=allowed).backward(do)
     sdpa_err = [(t.grad.double() - r).abs().max().item() for t, r in zip(leaves, ref)]
     out, lse = out64.to(dtype), lse64.float()
     for cfg in configs:
-        row = dict(shape=list(shape), dtype=str(dtype), density=density, config=list(cfg), label=cfg.label(),
+        row = dict(shape=list(shape), dtype=str(dtype), density=density, config=cfg.label(), label=cfg.label(),
                    sdpa_err_dq_dk_dv=sdpa_err)
         t0 = time.time()
         try:
@@ -153,7 +155,7 @@ def check_case(shape, dtype, density, configs, device=None):
 
 def worker_check(index: int, set_name: str) -> int:
     """Subprocess body: check candidate ``index`` on the cases of ``set_name``; one line per case."""
-    cfg = bwd_kernel.gpu_configs(BLOCK)[index]
+    cfg = tuning.backward_configs(BLOCK)[index]
     for shape, dtype, density in CHECK_SETS[set_name]:
         for row in check_case(shape, dtype, density, [cfg]):
             print(RESULT_TAG + json.dumps(row), flush=True)
@@ -164,7 +166,7 @@ class ParallelChecks:
     """Every candidate checked in its own subprocess, ``jobs`` at a time, in the background."""
 
     def __init__(self, set_name: str, jobs: int, timeout_s: float = 300):
-        self.configs = bwd_kernel.gpu_configs(BLOCK)
+        self.configs = tuning.backward_configs(BLOCK)
         self.set_name = set_name
         self.t0 = time.time()
         pool = ThreadPoolExecutor(max_workers=max(1, jobs))
@@ -172,13 +174,13 @@ class ParallelChecks:
         pool.shutdown(wait=False)
 
     def command(self, index) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve()), "--worker-check", str(index),
+        return [sys.executable, "-m", "benchmarks.bench_backward", "--worker-check", str(index),
                 "--check-set", self.set_name]
 
     def _one(self, index, timeout_s):
         cmd = self.command(index)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
             stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
             stdout = e.stdout if isinstance(e.stdout, str) else (e.stdout or b"").decode(errors="replace")
@@ -187,7 +189,7 @@ class ParallelChecks:
         expected = len(CHECK_SETS[self.set_name])
         if len(rows) < expected:  # the worker died (compiler crash, timeout): the rest count as failed
             tail = " | ".join(stderr.strip().splitlines()[-3:])[:300]
-            rows.append(dict(config=list(self.configs[index]), label=self.configs[index].label(), ok=False,
+            rows.append(dict(config=self.configs[index].label(), label=self.configs[index].label(), ok=False,
                              error=f"worker rc={rc}: {tail}"))
         return rows
 
@@ -237,7 +239,7 @@ def forward_outputs(q, k, v, counts, indices):
     """out, lse from our forward with its first candidate forced (one compile, no tuning)."""
     D = q.shape[-1]
     try:
-        cfg = fwd_kernel.candidate_configs(BLOCK, D, tma=fwd_kernel.tma_usable(k, v))[0]
+        cfg = tuning.forward_configs(BLOCK, D, tma=fwd_kernel.tma_usable(k, v))[0]
         return fwd_kernel.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=BLOCK, config=cfg)
     except Exception as e:  # noqa: BLE001 (a forced config may not compile here: fall back to the tuned one)
         log(f"  forced forward config failed ({type(e).__name__}: {str(e)[:120]}); using the tuned forward")
@@ -262,7 +264,7 @@ def sweep_passes(shape, density, device, configs, fwd=None):
     log(f"sweep at {shape} bf16 density {eff:.3f} (each pass alone; dk/dv = 4 matmuls, dq = 3):")
     log(f"  {'config':<58} {'dk/dv ms':>9} {'TF/s':>5} {'dq ms':>8} {'TF/s':>5}")
     for cfg in configs:
-        row = dict(density=eff, config=list(cfg), label=cfg.label())
+        row = dict(density=eff, config=cfg.label(), label=cfg.label())
         for kind, launch, n_mm in (("dkdv", run.dkdv, 4), ("dq", run.dq, 3)):
             try:
                 ms = bench_ms(lambda: launch(cfg), rep_ms=100)
@@ -278,7 +280,7 @@ def sweep_passes(shape, density, device, configs, fwd=None):
     timed = {kind: [r for r in rows if r[f"{kind}_ms"] is not None] for kind in ("dkdv", "dq")}
     if timed["dkdv"] and timed["dq"]:
         best = {kind: min(timed[kind], key=lambda r: r[f"{kind}_ms"]) for kind in timed}
-        pick = {kind: bwd_kernel.as_config(best[kind]["config"]) for kind in best}
+        pick = {kind: tuning.parse_label(best[kind]["label"]) for kind in best}
         prepass_ms = bench_ms(run.prepass, rep_ms=50)
         lists_ms, lists_torch_ms = lists_times(counts, indices)
         full_ms = bench_ms(lambda: bwd_kernel.block_sparse_attention_bwd(
@@ -297,13 +299,13 @@ def sweep_passes(shape, density, device, configs, fwd=None):
 def lists_times(counts, indices):
     """The backward's list building alone: ``(Triton kernel ms, torch-ops reference ms)``; both
     outputs checked equal first."""
-    mk = counts.shape[-1]
-    got = bwd_kernel.backward_block_lists(counts, indices, mk)
-    ref = bwd_kernel.backward_block_lists_torch(counts, indices, mk)
+    mk = counts.shape[-1]  # square attention: Mk = Mq
+    got = block_lists_triton(counts, indices, mk)
+    ref = sorted_sets_ref(counts, indices, mk)
     if not all(torch.equal(a, b) for a, b in zip((*got[0], *got[1]), (*ref[0], *ref[1]))):
         raise AssertionError("Triton block lists differ from the torch reference")
-    return (bench_ms(lambda: bwd_kernel.backward_block_lists(counts, indices, mk), rep_ms=50),
-            bench_ms(lambda: bwd_kernel.backward_block_lists_torch(counts, indices, mk), rep_ms=50))
+    return (bench_ms(lambda: block_lists_triton(counts, indices, mk), rep_ms=50),
+            bench_ms(lambda: sorted_sets_ref(counts, indices, mk), rep_ms=50))
 
 
 def goal_check(shape, density, device, pairs, goal=3.0):
@@ -410,9 +412,9 @@ def markdown_table(rows):
 
 def tuned_summary() -> str:
     """The backward tuner's choices so far, one ``pass: config`` per key."""
-    picks = bwd_kernel.tuned_configs()
-    return "; ".join(f"{kind} {cfg.label()}" + (f" (N={key[3]})" if len(key) > 3 else "")
-                     for (kind, key), cfg in picks.items()) or "nothing yet"
+    picks = {**tuning.tuned_configs("dkdv"), **tuning.tuned_configs("dq")}
+    # key: (pass, capability, dtype, head dim, block, tma, ragged q, ragged k, programs bucket)
+    return "; ".join(f"{key[0]} {cfg.label()} (2^{key[8] - 1}+ programs)" for key, cfg in picks.items()) or "nothing yet"
 
 
 def compiled_kernel_report():
@@ -452,7 +454,7 @@ def main(argv=None):
     log(f"device {env['device']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}, "
         f"cuda {env['cuda']}, cudnn {env['cudnn']}")
     t0 = time.time()
-    candidates = bwd_kernel.gpu_configs(BLOCK)
+    candidates = tuning.backward_configs(BLOCK)
     log(f"{len(candidates)} backward candidates: " + ", ".join(c.label() for c in candidates))
     check_set = "sweep" if args.sweep_only else ("quick" if args.quick_check else "full")
     checks_running = None if args.no_check else ParallelChecks(check_set, args.jobs)
@@ -468,7 +470,7 @@ def main(argv=None):
         log(f"gradient check of every backward candidate ({check_set} set, {args.jobs} in parallel):")
         checks, failed = checks_running.wait()
         if failed:
-            bwd_kernel.disable_configs(failed)
+            tuning.disable_configs(failed)
             log("left out of the sweep and the tuner: " + ", ".join(c.label() for c in failed))
     passing = [c for c in candidates if c not in failed]
     sweep, sweep_summary = [], {}
@@ -485,8 +487,8 @@ def main(argv=None):
         log(f"timing {SHAPE}:")
         rows = time_shape(SHAPE, densities, DEVICE, flex_fn)
     goal = goal_check(SHAPE, 0.25, DEVICE, args.goal_pairs) if args.goal_pairs and not args.sweep_only else None
-    env["bwd_tuned_configs"] = {str(k): v.label() for k, v in bwd_kernel.tuned_configs().items()}
-    env["fwd_tuned_configs"] = {str(k): str(v) for k, v in fwd_kernel.tuned_configs().items()}
+    env["bwd_tuned_configs"] = {str(k): v.label() for k, v in tuning.tuned_configs().items() if k[0] != "forward"}
+    env["fwd_tuned_configs"] = {str(k): v.label() for k, v in tuning.tuned_configs("forward").items()}
     env["seconds"] = round(time.time() - t0, 1)
     name = "backward_sweep" if args.sweep_only else "backward_bench"
     table = markdown_table(rows) if rows else sweep_table(sweep, sweep_summary)

@@ -1,6 +1,6 @@
 """Kernel benchmark: our block-sparse attention forward vs dense SDPA and FlexAttention.
 
-    python benchmarks/bench_kernel.py --out DIR [--quick] [--no-sweep]
+    python -m benchmarks.bench_kernel --out DIR [--quick] [--no-sweep]
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists that always keep the query
 block's own key block. For each shape and density it times (triton.testing.do_bench medians):
@@ -21,19 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.runtime.errors import OutOfResources  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+import torch.nn.functional as F
 
-from benchmarks import common  # noqa: E402
-from benchmarks.common import compiled_variants, cuda_environment as environment  # noqa: E402
-from benchmarks.common import fmt_or_dash as fmt  # noqa: E402
-from modcompile.kernels import block_sparse_attention as bsa  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists, block_sparse_attention_ref, num_blocks  # noqa: E402
+from . import common
+from .common import compiled_variants, cuda_environment as environment
+from .common import fmt_or_dash as fmt
+from modcompile.kernels import block_sparse_attention as bsa
+from modcompile.kernels import tuning
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 SHAPES = [(1, 12, 32760, 128), (1, 40, 32760, 128), (1, 24, 75600, 128)]
 QUICK_SHAPES = [(1, 40, 32760, 128)]
@@ -106,11 +106,11 @@ def check_correctness(device, flex_fn):
                                                   block_size=BLOCK)
         mk = num_blocks(N, BLOCK)
         token_block = torch.arange(N, device=device) // BLOCK
-        allowed = block_mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
+        allowed = mask_from_lists(counts, indices, mk)[:, :, token_block][..., token_block]
         sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         sdpa_err = (sdpa.double() - ref).abs().max().item()
         bound = 2 * sdpa_err + 1e-5
-        for cfg in bsa.candidate_configs(BLOCK, D):
+        for cfg in tuning.forward_configs(BLOCK, D):
             out = torch.full_like(q, float("nan"))
             try:
                 out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=BLOCK,
@@ -122,7 +122,7 @@ def check_correctness(device, flex_fn):
             err = (out.double() - ref).abs().max().item()
             lse_err = (lse.double() - ref_lse).abs().max().item()
             ok = bool(torch.isfinite(out).all()) and err <= bound and lse_err <= 1e-3
-            results.append(dict(shape=shape, dtype=str(dtype), density=density, config=str(cfg),
+            results.append(dict(shape=shape, dtype=str(dtype), density=density, config=cfg.label(),
                                 err=err, sdpa_err=sdpa_err, lse_err=lse_err, ok=ok))
             log(f"  check {shape} {dtype} d={density} {cfg}: err {err:.2e} (bound {bound:.2e}) "
                 f"lse_err {lse_err:.1e} {'OK' if ok else 'FAIL'}")
@@ -146,14 +146,14 @@ def sweep_configs(shape, densities, device):
     out = torch.empty_like(q)
     for density in densities:
         counts, indices, eff = random_block_lists(B, H, N, density, device, seed=4)
-        for cfg in bsa.candidate_configs(BLOCK, D):
+        for cfg in tuning.forward_configs(BLOCK, D):
             try:
                 ms = bench_ms(lambda: bsa.block_sparse_attention_fwd(
                     q, k, v, counts, indices, block_size=BLOCK, out=out, config=cfg), rep_ms=200)
             except Exception as e:  # noqa: BLE001
                 log(f"  sweep {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
                 continue
-            rows.append(dict(shape=shape, density=eff, config=str(cfg), ms=ms,
+            rows.append(dict(shape=shape, density=eff, config=cfg.label(), ms=ms,
                              tflops=tflops(shape, eff, ms)))
             log(f"  sweep {shape} d={eff:.3f} {cfg}: {ms:.3f} ms {tflops(shape, eff, ms):.0f} TFLOP/s")
     del q, k, v, out
@@ -294,7 +294,7 @@ def main(argv=None):
     for shape in shapes:
         log(f"timing {shape}:")
         rows.extend(time_shape(shape, densities, device, flex_fn))
-    env["tuned_configs"] = {str(k): str(v) for k, v in bsa.tuned_configs().items()}
+    env["tuned_configs"] = {str(k): v.label() for k, v in tuning.tuned_configs("forward").items()}
     env["seconds"] = round(time.time() - t0, 1)
 
     table = markdown_table(rows)

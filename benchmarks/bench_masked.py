@@ -7,7 +7,7 @@ and ``dispatch.attention_forward`` with and without ``like_dense`` (the rule tha
 that skip a key or value block holding a NaN / Inf). Correctness first: the biased kernel against
 float32 SDPA with the mask at density 1 and against the float64 reference on sparse lists.
 
-``python benchmarks/bench_masked.py [--shape 1,12,32760,128] [--text 256] [--padded 100]``
+``python -m benchmarks.bench_masked [--shape 1,12,32760,128] [--text 256] [--padded 100]``
 """
 from __future__ import annotations
 

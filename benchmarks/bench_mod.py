@@ -1,8 +1,8 @@
 """MOD-DiT policy benchmark: schedule overhead, per-step fidelity, refresh variants, oracle.
 
-    PYTHONPATH=. python benchmarks/bench_mod.py --out DIR            # GPU, (1,12,32760,128) bf16
-    PYTHONPATH=. python benchmarks/bench_mod.py --out DIR --quick    # small, runs on CPU too
-    PYTHONPATH=. python benchmarks/bench_mod.py --out DIR --observe-row-stride 1   # exact observation
+    python -m benchmarks.bench_mod --out DIR            # GPU, (1,12,32760,128) bf16
+    python -m benchmarks.bench_mod --out DIR --quick    # small, runs on CPU too
+    python -m benchmarks.bench_mod --out DIR --observe-row-stride 1   # exact observation
 
 The policy is driven directly, one attention site, the way the custom ops call it (plan ->
 attention -> observe), on structured synthetic q/k/v (benchmarks/synthetic.py) that drift over the
@@ -47,24 +47,21 @@ import argparse
 import copy
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench, log, parse_dtype, write_results  # noqa: E402
-from benchmarks.metrics import relative_l2  # noqa: E402
-from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
-from modcompile.config import SparsityConfig  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists, full_block_lists, num_blocks  # noqa: E402
-from modcompile.dispatch import attention_forward  # noqa: E402
-from modcompile.ops import site_attention  # noqa: E402
-from modcompile.policies import SiteContext  # noqa: E402
-from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map  # noqa: E402
-from modcompile.runtime import SiteInfo, SiteState  # noqa: E402
+from .common import bench, log, parse_dtype, write_results
+from .metrics import relative_l2
+from .synthetic import make_synthetic_attention
+from modcompile.config import SparsityConfig
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.dispatch import attention_forward
+from modcompile.ops import site_attention
+from modcompile.policies import SiteContext
+from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map
+from modcompile.runtime import SiteInfo, SiteState
 
 
 class Timer:

@@ -142,6 +142,7 @@ def correctness(device, dtype, shape, block_size, log, all_configs=False, deadli
     from benchmarks.common import bnhd_randn, random_block_lists
     from modcompile.kernels import block_sparse_attention as bsa
     from modcompile.kernels._common import interpreting, tma_usable
+    from modcompile.kernels.tuning import forward_configs, forward_interpreter_config
 
     B, H, N, D = shape
     q, k, v = bnhd_randn(shape, dtype, device, seed=1)
@@ -151,9 +152,9 @@ def correctness(device, dtype, shape, block_size, log, all_configs=False, deadli
     if not all_configs:
         cases = [(None, None), (None, perm)]
     elif interpreting():
-        cases = [(bsa._interpreter_config(block_size), None)]
+        cases = [(forward_interpreter_config(block_size), None)]
     else:
-        cases = [(cfg, None) for cfg in bsa.candidate_configs(block_size, D, tma=tma_usable(k, v))]
+        cases = [(cfg, None) for cfg in forward_configs(block_size, D, tma=tma_usable(k, v))]
     results = []
     for cfg, rows in cases:
         name = f"{shape} config {cfg or 'default'} q_rows {'perm' if rows is not None else 'none'}"

@@ -1,6 +1,6 @@
 """MOD observation kernel (kernels/block_sparsity.py): launch-config sweep on the GPU.
 
-    PYTHONPATH=. python benchmarks/bench_observe.py --out DIR [--row-stride 8] [--density 0.5]
+    python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5]
         [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
 Times the sparsity-map kernel at (1, 12, 32760, 128) bf16, block 128, on random q/k with the lse of
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
-from benchmarks.common import (bnhd_randn, environment, log, markdown_table,  # noqa: E402
+from .common import (bnhd_randn, environment, log, markdown_table,
                                random_block_lists, write_json)
-from modcompile.config import SparsityConfig  # noqa: E402
-from modcompile.kernels import block_sparsity as bs  # noqa: E402
-from modcompile.kernels.reference import full_block_lists, num_blocks  # noqa: E402
-from modcompile.dispatch import attention_forward  # noqa: E402
+from modcompile.config import SparsityConfig
+from modcompile.kernels import block_sparsity as bs
+from modcompile.kernels.tuning import LaunchConfig, map_configs
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.dispatch import attention_forward
 
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.row_stride is None:
         args.row_stride = SparsityConfig(block_size=args.block).observe_stride()
-    candidates = [bs.SparsityKernelConfig(n, w, s, kb) for n in args.block_n for w in args.warps
+    candidates = [LaunchConfig(args.block, n, w, s, key_blocks=kb) for n in args.block_n for w in args.warps
                   for s in args.stages for kb in args.key_blocks]
     if not torch.cuda.is_available():
         sys.exit("bench_observe.py needs a CUDA GPU")
@@ -64,10 +64,10 @@ def main(argv=None):
     for mode, extra in modes.items():
         ref = bs.block_sparsity(q, k, lse, **common, **extra)
         for cfg in candidates:
-            if args.block % cfg.block_n:
+            if args.block % cfg.sub:
                 continue
-            row = dict(mode=mode, block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
-                       key_blocks=cfg.key_blocks, default=cfg == bs._config(args.block))
+            row = dict(mode=mode, block_n=cfg.sub, warps=cfg.num_warps, stages=cfg.num_stages,
+                       key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=False)[0])
             try:
                 got = bs.block_sparsity(q, k, lse, **common, **extra, config=cfg)
                 diff = (got - ref).nan_to_num(0.0).abs().max().item()

@@ -1,8 +1,8 @@
 """VMoBA policy benchmark: overhead of pooling + selection + permutation against dense SDPA, and
 fidelity (output error, attention-mass recall, density) against dense attention at several tau.
 
-    PYTHONPATH=. python benchmarks/bench_vmoba.py --out results/vmoba            # GPU: (1,12,32760,128) bf16, 21x30x52
-    PYTHONPATH=. python benchmarks/bench_vmoba.py --out /tmp/vmoba_cpu --small   # CPU smoke run (tiny)
+    python -m benchmarks.bench_vmoba --out results/vmoba            # GPU: (1,12,32760,128) bf16, 21x30x52
+    python -m benchmarks.bench_vmoba --out /tmp/vmoba_cpu --small   # CPU smoke run (tiny)
 
 Inputs are the structured synthetic heads of benchmarks/synthetic.py (spatial, temporal, local3d and
 global heads on the video grid). Each layer kind (1D / 2D / 3D partition: the policy picks it by
@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import bench, default_device, log, parse_dtype, write_results  # noqa: E402
-from benchmarks.metrics import (achieved_density, block_attention_mass, mass_recall_from_mass,  # noqa: E402
+from .common import bench, default_device, log, parse_dtype, write_results
+from .metrics import (achieved_density, block_attention_mass, mass_recall_from_mass,
                                 relative_l2)
-from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
-from modcompile.config import SparsityConfig  # noqa: E402
-from modcompile.kernels import pooling  # noqa: E402
-from modcompile.kernels.reference import block_mask_from_lists  # noqa: E402
-from modcompile.dispatch import attention_forward, out_like  # noqa: E402
-from modcompile.policies.base import SiteContext  # noqa: E402
-from modcompile.policies.vmoba import VmobaPolicy, _use_triton  # noqa: E402
-from modcompile.runtime import SiteInfo, SiteState  # noqa: E402
+from .synthetic import make_synthetic_attention
+from modcompile.config import SparsityConfig
+from modcompile.kernels import pooling
+from modcompile.kernels.block_lists import mask_from_lists
+from modcompile.dispatch import attention_forward, out_like
+from modcompile.policies.base import SiteContext
+from modcompile.policies.vmoba import VmobaPolicy, _use_triton
+from modcompile.runtime import SiteInfo, SiteState
 
 PAPER_BLOCKS = {"1d": (3,), "2d": (5, 13), "3d": (7, 5, 13)}
 KIND_OF_LAYER = {0: "1d", 1: "2d", 2: "3d"}
@@ -176,7 +173,7 @@ def fidelity_rows(args, sa, device) -> list[dict]:
                     plan, out, _ = run_policy(policy, ctx, q, k, v, scale)
                     _, _, q_pool, k_pool = policy.permute_pool(q, k, layout)
                     chosen = policy.select_partition(q_pool, k_pool, scale)
-                    bmask = block_mask_from_lists(plan.kv_counts, plan.kv_indices, mass.shape[-1])
+                    bmask = mask_from_lists(plan.kv_counts, plan.kv_indices, mass.shape[-1])
                     rows.append({
                         "blocks": blocks_name, "kind": kind, "selection": mode, "norm": norm, "tau": tau,
                         "partition_density": chosen.double().mean().item(),

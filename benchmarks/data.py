@@ -93,3 +93,18 @@ class VideoStream:
 
 
 __all__ = ["generate_videos", "VideoStream"]
+
+
+def video_kwargs(cfg) -> dict:
+    """:func:`generate_videos` keywords for a video DiT config (its latent grid and channels)."""
+    T, H, W = cfg.latent
+    return dict(channels=cfg.in_channels, frames=T, height=H, width=W)
+
+
+def text_tokens(cfg, batch: int, seed: int, device) -> torch.Tensor | None:
+    """Text tokens for a DiT config with cross-attention (None without)."""
+    # No captions for procedural videos: fixed random tokens just exercise the cross-attention path.
+    if not cfg.text_len:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device)

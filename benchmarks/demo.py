@@ -19,9 +19,9 @@ import argparse
 import torch
 
 import modcompile
-from benchmarks.common import Stopwatch
-from benchmarks.metrics import psnr, ssim
-from benchmarks.video_dit import DiTConfig, VideoDiT, make_noise, sample
+from .common import Stopwatch
+from .metrics import psnr, ssim
+from .video_dit import DiTConfig, VideoDiT, make_noise, sample
 
 
 # GPU presets: "wan" has the attention shape of Wan2.1-1.3B at a 16-frame 480p latent (12 heads x
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     randomize_zero_init(model, args.seed)
     weights = "random weights"
     if args.checkpoint:
-        from benchmarks.train_dit import load_checkpoint
+        from .train_dit import load_checkpoint
         model = load_checkpoint(args.checkpoint)
         cfg, weights = model.cfg, f"checkpoint {args.checkpoint}"
     model = model.to(device=device, dtype=dtype).eval()

@@ -40,7 +40,7 @@ def wan_config(layers: int, tiny: bool) -> dict:
 def default_warmup(policy: str, num_steps: int) -> int:
     try:
         from modcompile.config import SparsityConfig
-        from modcompile.policies.base import make_policy
+        from modcompile.policies import make_policy
         return int(make_policy(SparsityConfig(policy=policy)).default_warmup(num_steps))
     except Exception:
         return _FALLBACK_WARMUP.get(policy, lambda n: 0)(num_steps)

@@ -113,9 +113,9 @@ class _StepMetrics:
                 _, lse = plan["attend"](q, k, v)
                 row.update(recall=recall_from_lse(lse, dense_lse(q, k)), density=plan["density"], dense_step=False)
                 if self.record_masks_at is not None and step >= self.record_masks_at and layer not in self.masks:
-                    from modcompile.kernels.reference import block_mask_from_lists, num_blocks
+                    from modcompile.kernels.block_lists import mask_from_lists, num_blocks
                     mk = num_blocks(k.shape[2], plan["block_size"])
-                    self.masks[layer] = block_mask_from_lists(plan["kv_counts"][:1], plan["kv_indices"][:1], mk)[0].cpu()
+                    self.masks[layer] = mask_from_lists(plan["kv_counts"][:1], plan["kv_indices"][:1], mk)[0].cpu()
             self.rows.append(row)
 
 
@@ -396,7 +396,8 @@ def _append_matched_block(path: Path, matched: list, type_cols: list) -> None:
 
 def run_synthetic(args) -> dict:
     from modcompile.kernels.reference import block_sparse_attention_ref
-    from .masks import mask_to_lists, oracle_budget_mask, oracle_mask, pooled_mask
+    from modcompile.kernels.block_lists import BlockLists
+    from .masks import oracle_budget_mask, oracle_mask, pooled_mask
     from .metrics import achieved_density, block_attention_mass, mass_recall_from_mass
     from .synthetic import make_synthetic_attention
 
@@ -454,8 +455,8 @@ def run_synthetic(args) -> dict:
                     _, lse = plan["attend"](q, k, v)
                     rh = recall_from_lse(lse, lse_ref, per_head=True).mean(0)
                     r.update(recall=float(rh.mean()), density=plan["density"], dense_step=False, **per_type(rh))
-                    from modcompile.kernels.reference import block_mask_from_lists
-                    mask = block_mask_from_lists(plan["kv_counts"][:1], plan["kv_indices"][:1], mass.shape[-1])[0].cpu()
+                    from modcompile.kernels.block_lists import mask_from_lists
+                    mask = mask_from_lists(plan["kv_counts"][:1], plan["kv_indices"][:1], mass.shape[-1])[0].cpu()
                 steps.append(r)
                 last = r
         except Exception as exc:
@@ -483,8 +484,7 @@ def run_synthetic(args) -> dict:
     densities = sorted({*args.baseline_densities, *[r["density"] for r in rows if r.get("density") and r["density"] < 1]})
     for d in densities:
         for label, mask in (("oracle", oracle_mask(mass, d)), ("pooled-topk", pooled_mask(q, k, bs, d))):
-            counts, idx = mask_to_lists(mask)
-            out, _ = block_sparse_attention_ref(q, k, v, counts, idx, block_size=bs)
+            out, _ = block_sparse_attention_ref(q, k, v, BlockLists.from_mask(mask, bs, q.shape[2], k.shape[2]))
             rh = mass_recall_from_mass(mass, mask, per_head=True).mean(0)
             rows.append({"variant": f"{label}@{d:.3f}", "policy": label, "knob": f"density={d:.3f}",
                          "rel_err": relative_l2(out.float(), ref), "recall": float(rh.mean()),
@@ -501,8 +501,7 @@ def run_synthetic(args) -> dict:
     def oracle_at(d: float) -> dict:
         if d not in oracle_cache:
             mask = oracle_budget_mask(mass, d)
-            counts, idx = mask_to_lists(mask)
-            out, _ = block_sparse_attention_ref(q, k, v, counts, idx, block_size=bs)
+            out, _ = block_sparse_attention_ref(q, k, v, BlockLists.from_mask(mask, bs, q.shape[2], k.shape[2]))
             rh = mass_recall_from_mass(mass, mask, per_head=True).mean(0)
             oracle_cache[d] = {"rel_err": relative_l2(out.float(), ref), "recall": float(rh.mean()),
                                "density": achieved_density(block_mask=mask), **per_type(rh)}

@@ -7,24 +7,24 @@
 #   fidelity_long policy policy_long e2e
 #   bench_observe nonfinite);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
-#   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to bench_mod.py / bench_observe.py.
+#   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to benchmarks.bench_mod / benchmarks.bench_observe.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
 # .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
 #   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --no-deps -d .whl/e2e diffusers==0.42.1
 #   importlib_metadata==8.7.0 zipp` (the H200 image has the rest; importlib_metadata 10 needs lazy-importer).
 set -u
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
 PY=python3
 # knob values of the fidelity_long part's sweep (JSON per policy)
 KNOB_VALUES=${KNOB_VALUES:-'{"vmoba": [0.5, 0.75], "mod": [0.8, 0.95]}'}
-# modcompile imports from the checkout (PYTHONPATH=.); the entry point (backend="modsparse" without
-# an import) needs the editable install
+# every command runs as `python -m` from the repo root, so modcompile and benchmarks import from the
+# checkout; the entry point (backend="modsparse" without an import) needs the editable install
 $PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
 # pytest/hypothesis from wheels carried in .whl/ when the machine lacks them
 $PY -c "import pytest, hypothesis" 2>/dev/null || { [ -d .whl ] &&
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$R/wheels.log" 2>&1 &&
-  export PYTHONPATH=$PYTHONPATH:/tmp/site; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } > "$R/env.txt" 2>&1
@@ -47,11 +47,11 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
            part suite 560 $PY -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
     demo_small) part demo_small 120 $PY -m benchmarks.demo --steps 20 --preset small ;;
-    kernel) part kernel 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" ${KERNEL_ARGS:---no-sweep} ;;
-    kernel_quick) part kernel_quick 200 $PY benchmarks/bench_kernel.py --out "$R/kernel" --quick --no-flex ;;
-    backward_quick) part backward_quick 200 $PY benchmarks/bench_backward.py --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
-    backward_sweep) part backward_sweep 280 $PY benchmarks/bench_backward.py --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
-    host_overhead) part host_overhead 150 $PY benchmarks/host_overhead.py --out "$R/host" ${HOST_ARGS:-} ;;
+    kernel) part kernel 200 $PY -m benchmarks.bench_kernel --out "$R/kernel" ${KERNEL_ARGS:---no-sweep} ;;
+    kernel_quick) part kernel_quick 200 $PY -m benchmarks.bench_kernel --out "$R/kernel" --quick --no-flex ;;
+    backward_quick) part backward_quick 200 $PY -m benchmarks.bench_backward --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
+    backward_sweep) part backward_sweep 280 $PY -m benchmarks.bench_backward --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
+    host_overhead) part host_overhead 150 $PY -m benchmarks.host_overhead --out "$R/host" ${HOST_ARGS:-} ;;
     # issue 7 (B): the long DiT (16384 tokens, head_dim 128), dense (Inductor) vs vmoba from step 0 and after a
     # 25% dense warm-up; kernel configs pinned to the H100 tuner's picks so the run does not compile ~25 candidates
     train_compare) part train_compare 570 env MODCOMPILE_TUNE=0 \
@@ -73,9 +73,9 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     policy) part policy 150 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
     policy_long) part policy_long 120 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --grid 16,32,32 \
              --heads 6 --out "$R/policy_long" --no-progress ;;
-    bench_mod) part bench_mod 110 $PY benchmarks/bench_mod.py --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
-    bench_observe) part bench_observe 200 $PY benchmarks/bench_observe.py --out "$R/observe" ${OBSERVE_ARGS:-} ;;
-    bench_vmoba) part bench_vmoba 90 $PY benchmarks/bench_vmoba.py --out "$R/vmoba" ;;
+    bench_mod) part bench_mod 110 $PY -m benchmarks.bench_mod --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
+    bench_observe) part bench_observe 200 $PY -m benchmarks.bench_observe --out "$R/observe" ${OBSERVE_ARGS:-} ;;
+    bench_vmoba) part bench_vmoba 90 $PY -m benchmarks.bench_vmoba --out "$R/vmoba" ;;
     # issue 16: the fused dense-like non-finite rule against the old torch rule (stops itself under 3 min)
     nonfinite) part nonfinite 200 $PY -m benchmarks.bench_nonfinite --out "$R/nonfinite" ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them

@@ -1,6 +1,6 @@
 """Host (CPU wall) time per call of the modsparse custom ops, by schedule phase.
 
-``python benchmarks/host_overhead.py [--device cpu|cuda] [--policies vmoba,mod,dense] [--out DIR]``
+``python -m benchmarks.host_overhead [--device cpu|cuda] [--policies vmoba,mod,dense] [--out DIR]``
 
 Compiles a VideoDiT with ``backend="modsparse"`` per policy, runs one denoising schedule untimed
 (compilation, caches, kernel choice), then a second one in which every call of ``modcompile::plan``,
@@ -24,22 +24,18 @@ import bisect
 import contextlib
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from the repo root: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import modcompile  # noqa: E402
-from modcompile import ops  # noqa: E402
-from modcompile.runtime import REGISTRY  # noqa: E402
+import modcompile
+from modcompile import ops
+from modcompile.runtime import REGISTRY
 
 # short name -> (op, index of its site argument, profiler event name)
-OPS = {"plan": (ops.plan, 3, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
+OPS = {"plan": (ops.plan, 4, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
        "observe": (ops.observe, 5, "modcompile::observe")}
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
@@ -95,8 +91,8 @@ def _model(device: str, preset: str | None = None):
     compute stays small next to the host overhead)."""
     from dataclasses import replace
 
-    from benchmarks.demo import PRESETS, randomize_zero_init
-    from benchmarks.video_dit import CONFIGS, VideoDiT
+    from .demo import PRESETS, randomize_zero_init
+    from .video_dit import CONFIGS, VideoDiT
     if device == "cuda":
         preset = preset or "small"
         cfg, options = (CONFIGS["long"], {"block_size": 128, "min_seq_len": 1024}) if preset == "long" \
@@ -112,7 +108,7 @@ def _model(device: str, preset: str | None = None):
 
 
 def _run(model, noise, steps):
-    from benchmarks.video_dit import sample
+    from .video_dit import sample
     with torch.no_grad():
         out = sample(model, noise, steps, step_context=modcompile.denoising_step)
     if noise.is_cuda:
@@ -147,7 +143,7 @@ def measure(policy: str, device: str, steps: int, profile: bool = True, preset: 
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
     compiled = torch.compile(model, backend="modsparse", options={"policy": policy, "num_steps": steps, **options})
-    from benchmarks.video_dit import make_noise
+    from .video_dit import make_noise
     noise = make_noise((1, cfg.in_channels, *cfg.latent), 0, device=device, dtype=dtype)
     log = CallLog()
     with timed_ops(log, device):
@@ -256,7 +252,7 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from benchmarks.common import environment, write_json
+        from .common import environment, write_json
         write_json(out / "host_overhead.json", {"env": environment(), "results": results})
         (out / "host_overhead.md").write_text(table + "\n")
     print(table)

@@ -8,13 +8,13 @@
 * ``pooled``: per query block, the top key blocks by mean-pooled q . mean-pooled k (a training-free
   local top-k in the spirit of VMoBA/MoBA, in raw token order).
 
-Both always keep the query block's own (diagonal) block and return kernel block lists.
+Both always keep the query block's own (diagonal) block and return bool block masks
+(``BlockLists.from_mask`` turns one into kernel lists).
 """
 from __future__ import annotations
 
 import torch
 
-from modcompile.kernels.reference import lists_from_block_mask
 from modcompile.policies.base import block_means
 
 
@@ -59,8 +59,4 @@ def pooled_mask(q: torch.Tensor, k: torch.Tensor, block_size: int, density: floa
     return _topk_mask(pooled_scores(q, k, block_size), density)
 
 
-def mask_to_lists(mask: torch.Tensor):
-    return lists_from_block_mask(mask)
-
-
-__all__ = ["oracle_mask", "oracle_budget_mask", "pooled_mask", "pooled_scores", "mask_to_lists"]
+__all__ = ["oracle_mask", "oracle_budget_mask", "pooled_mask", "pooled_scores"]

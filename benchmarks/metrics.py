@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from modcompile.kernels.reference import block_mask_from_lists, num_blocks
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 
 def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -69,7 +69,7 @@ def attention_mass_recall(q, k, kv_counts, kv_indices, block_size: int, *, scale
                           chunk_blocks: int = 4):
     """Attention-mass recall of the block lists (kernel contract) against dense softmax attention."""
     mass = block_attention_mass(q, k, block_size, scale=scale, chunk_blocks=chunk_blocks)
-    mask = block_mask_from_lists(kv_counts, kv_indices, mass.shape[-1])
+    mask = mask_from_lists(kv_counts, kv_indices, mass.shape[-1])
     return mass_recall_from_mass(mass, mask, per_head=per_head)
 
 

@@ -2,7 +2,7 @@
 entry ``block_sparse_attention_fwd`` on the same lists, densities 0.05-1, do_bench medians; and the
 host time per call of both (perf_counter over many calls on a tiny shape, GPU time negligible).
 
-``python benchmarks/public_vs_kernel.py [--shape 1,12,32760,128]``"""
+``python -m benchmarks.public_vs_kernel [--shape 1,12,32760,128]``"""
 import argparse
 import time
 

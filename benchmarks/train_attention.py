@@ -18,20 +18,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import bench
-from .train_dit import _autocast, _text_tokens, _video_kwargs
-from .data import generate_videos
+from .common import autocast, bench
+from .data import generate_videos, text_tokens, video_kwargs
 
 
 def capture_qkv(model, cfg, batch: int, seed: int, device) -> list:
     """(layer, q, k, v) of every self-attention call of one eager forward on a training-like batch."""
     store = []
-    x0 = generate_videos(batch, seed=seed + 777, device=device, **_video_kwargs(cfg))
+    x0 = generate_videos(batch, seed=seed + 777, device=device, **video_kwargs(cfg))
     t = torch.full((batch,), 500.0, device=device)
     model.set_capture(store)
     try:
-        with torch.no_grad(), _autocast(device):
-            model(x0, timestep=t, encoder_hidden_states=_text_tokens(cfg, batch, seed, device))
+        with torch.no_grad(), autocast(device):
+            model(x0, timestep=t, encoder_hidden_states=text_tokens(cfg, batch, seed, device))
     finally:
         model.set_capture(None)
     return [(layer, q.detach(), k.detach(), v.detach()) for layer, q, k, v, _ in store]
@@ -53,7 +52,7 @@ def layer_timings(model, cfg, options: dict, batch: int, seed: int, device, quic
     import modcompile
     from modcompile.config import SparsityConfig
     from modcompile.ops import policy_for
-    from modcompile.kernels.reference import num_blocks
+    from modcompile.kernels.block_lists import num_blocks
 
     config = SparsityConfig(**options)
     policy = policy_for(config)

@@ -14,22 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .common import default_device, environment, log, progress
-from .data import generate_videos
+from .common import autocast, default_device, environment, log, progress
+from .data import generate_videos, text_tokens, video_kwargs
 from .video_dit import VideoDiT, flow_matching_loss, get_config
-
-
-def _video_kwargs(cfg) -> dict:
-    T, H, W = cfg.latent
-    return dict(channels=cfg.in_channels, frames=T, height=H, width=W)
-
-
-def _text_tokens(cfg, batch: int, seed: int, device) -> torch.Tensor | None:
-    # No captions for procedural videos: fixed random tokens just exercise the cross-attention path.
-    if not cfg.text_len:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g).to(device)
 
 
 @torch.no_grad()
@@ -42,20 +29,14 @@ def validation_loss(model, cfg, *, num_videos: int = 16, batch: int = 8, seed: i
     total, count = 0.0, 0
     for start in range(0, num_videos, batch):
         n = min(batch, num_videos - start)
-        x0 = generate_videos(n, seed=seed, start=start, device=device, **_video_kwargs(cfg))
+        x0 = generate_videos(n, seed=seed, start=start, device=device, **video_kwargs(cfg))
         g = torch.Generator(device=device).manual_seed(seed + start)
-        with _autocast(device):
-            loss = flow_matching_loss(model, x0, generator=g, text=_text_tokens(cfg, n, seed, device))
+        with autocast(device):
+            loss = flow_matching_loss(model, x0, generator=g, text=text_tokens(cfg, n, seed, device))
         total += float(loss) * n
         count += n
     train_module.train()
     return total / count
-
-
-def _autocast(device):
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def build_model(config, *, seed: int = 0, device=None, compile_model: bool = False,
@@ -148,11 +129,11 @@ def train(config="small", *, steps: int | None = None, minutes: float | None = N
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        x0 = generate_videos(batch_size, seed=seed, start=step * batch_size, device=device, **_video_kwargs(cfg))
+        x0 = generate_videos(batch_size, seed=seed, start=step * batch_size, device=device, **video_kwargs(cfg))
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
         ts = time.perf_counter()
-        with _autocast(device), step_context():
-            loss = flow_matching_loss(step_fn, x0, generator=g, text=_text_tokens(cfg, batch_size, seed + 1, device))
+        with autocast(device), step_context():
+            loss = flow_matching_loss(step_fn, x0, generator=g, text=text_tokens(cfg, batch_size, seed + 1, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,6 +1,6 @@
 """VMoBA geometry: kernel-level vs partition-level density of block shapes (CPU, exact counts).
 
-    PYTHONPATH=. python benchmarks/vmoba_geometry.py [--heads 12 --head-dim 128 --tau 0.25]
+    python -m benchmarks.vmoba_geometry [--heads 12 --head-dim 128 --tau 0.25]
 
 For each grid and partition kind it selects blocks on the structured synthetic heads
 (benchmarks/synthetic.py, global min-max selection at ``tau``) and counts:
@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.synthetic import make_synthetic_attention  # noqa: E402
-from modcompile.config import SparsityConfig  # noqa: E402
-from modcompile.kernels import partition as P  # noqa: E402
-from modcompile.kernels import pooling  # noqa: E402
-from modcompile.policies.vmoba import VmobaPolicy  # noqa: E402
+from .synthetic import make_synthetic_attention
+from modcompile.config import SparsityConfig
+from modcompile.kernels import partition as P
+from modcompile.kernels import pooling
+from modcompile.policies.vmoba import VmobaPolicy
 
 # The defaults before the alignment rule (the rule then: closest size to block_size, even sides).
 OLD_DEFAULTS = {(21, 30, 52): {"1d": (1,), "2d": (3, 2), "3d": (4, 8, 4)},

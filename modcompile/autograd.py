@@ -17,17 +17,10 @@ from typing import Optional
 
 import torch
 
-from modcompile import dispatch  # one place decides CUDA / interpreter / reference
-from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
+from .dispatch import use_triton_backward  # one place decides CUDA / interpreter / reference
+from .kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 BACKWARD_OP_NAME = "modcompile::block_sparse_attention_backward"
-
-
-def _triton_backward_usable(q: torch.Tensor, block_size: int) -> bool:
-    # Shapes the kernel does not cover (tiny or odd blocks, huge heads) take the reference path.
-    if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
-        return False
-    return dispatch.use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
@@ -50,9 +43,9 @@ def block_sparse_attention_backward(
 def backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size: int, scale):
     """The body of the backward op, callable directly from code that already runs inside an opaque op
     (the site backward): saves a second custom-op dispatch per call."""
-    if _triton_backward_usable(q, block_size):
+    if use_triton_backward(q, block_size):
         try:
-            from modcompile.kernels.block_sparse_attention_bwd import block_sparse_attention_bwd
+            from .kernels.block_sparse_attention_bwd import block_sparse_attention_bwd
         except ImportError:  # no triton in this environment: the reference is the CPU path anyway
             pass
         else:

@@ -1,12 +1,15 @@
 """The ``modsparse`` torch.compile backend."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+from pathlib import Path
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import ops  # noqa: F401  (registers the custom ops the rewritten graph calls)
+from .ops import observe, plan, sparse_attention, step  # noqa: F401  (the graph ops: importing registers them)
 from .config import split_options
 from .passes.rewrite import rewrite_attention
 
@@ -17,6 +20,37 @@ def _scope(config) -> str:
     """Short stable id of a configuration: sites of differently configured compilations of the
     same model keep separate state."""
     return hashlib.sha1(repr(config).encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest() -> str:
+    """Digest of modcompile's own source files."""
+    digest = hashlib.sha1()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class SourceKeyedPass(CustomGraphPass):
+    """Inductor's on-disk cache keys a compiled graph on its FX code, which names our ops but not
+    their signatures or fake kernels: after an upgrade a cached graph could call an op with the old
+    arguments. Set as the post-grad pre-pass, this adds modcompile's source digest to the cache key
+    (Inductor's documented use of ``uuid``) and runs the user's own pass of that slot, if any."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self):
+        if self.inner is None:
+            return source_digest()
+        inner = self.inner.uuid() if isinstance(self.inner, CustomGraphPass) else None
+        return None if inner is None else (source_digest(), inner)  # None: no caching, as Inductor does
 
 
 # frame id -> tensor-input signatures compiled so far; frames already warned about
@@ -70,6 +104,8 @@ def modsparse(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None,
     log.info("modsparse: %d of %d attention sites rewritten (policy %s)", sparse, len(sites), config.policy)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_options)
+    user_pass = patches.get("post_grad_custom_pre_pass", torch._inductor.config.post_grad_custom_pre_pass)
+    patches["post_grad_custom_pre_pass"] = SourceKeyedPass(user_pass)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

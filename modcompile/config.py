@@ -16,7 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass, field, fields
 
-from .kernels.block_sparse_attention import SUPPORTED_BLOCK_SIZES
+from .kernels._common import SUPPORTED_BLOCK_SIZES
 from .kernels.partition import KINDS as PARTITION_KINDS
 from .kernels.partition import check_block_shape
 

@@ -13,11 +13,13 @@ from torch import Tensor
 from .kernels import nonfinite
 from .kernels._common import attention_path, empty_heads_last
 from .kernels.reference import block_sparse_attention_ref
+from .kernels.state import KERNEL_STATE
 
 log = logging.getLogger("modcompile")
 
 
-@functools.lru_cache(maxsize=None)
+@KERNEL_STATE.memo
+@functools.lru_cache(maxsize=1)
 def _triton_forward():
     try:
         from .kernels.block_sparse_attention import block_sparse_attention_fwd
@@ -35,6 +37,14 @@ def use_triton(t: Tensor) -> bool:
     if _triton_forward() is None:
         return False
     return attention_path(t.device, t.dtype, t.shape[-1])[0] == "triton"
+
+
+def use_triton_backward(q: Tensor, block_size: int) -> bool:
+    """Whether the Triton backward runs on ``q``: :func:`use_triton`, and a block size and head dim
+    the backward kernels cover (others take the torch reference)."""
+    if block_size < 16 or block_size & (block_size - 1) or q.shape[-1] > 256:
+        return False
+    return use_triton(q) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 # (B, N, H, D) storage viewed as (B, H, N, D), as with the flash SDPA backends.
@@ -91,8 +101,7 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
     """Dense attention and its natural-log lse (B, H, N) from cuDNN's fused SDPA, for dense calls
     that observe (MOD's dense steps): faster than our kernel at density 1. None where cuDNN cannot
     run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel."""
-    global _CUDNN_LSE_BROKEN
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or _CUDNN_LSE_BROKEN:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or KERNEL_STATE.cudnn_lse_broken:
         return None
     out, lse = outputs_like(q)
     try:
@@ -100,13 +109,11 @@ def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
             q, k, v, None, True, 0.0, False, False, scale=scale)
         lse.copy_(res[1].reshape(lse.shape))
     except RuntimeError as err:
-        _CUDNN_LSE_BROKEN = True
+        KERNEL_STATE.cudnn_lse_broken = True
         log.info("cuDNN attention with lse unavailable (%s): dense observed calls use the Triton kernel", err)
         return None
     return out.copy_(res[0]), lse
 
-
-_CUDNN_LSE_BROKEN = False
 
 
 def outputs_like(q: Tensor):

@@ -1,11 +1,11 @@
-"""Custom ops that the rewritten graph calls, and the public block-sparse attention function.
+"""Custom ops that the rewritten graph calls (the public block-sparse attention is in attention.py).
 
 Per rewritten SDPA site the graph holds::
 
     token = modcompile::step(timestep)                             # once, at graph entry
-    counts, indices = modcompile::plan(q, k, token, site, T, H, W) # the policy's masks for this call
+    counts, indices = modcompile::plan(q, k, token, site, T, H, W, key_bias) # the policy's masks for this call
     out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale, key_bias)
-    modcompile::observe(q, k, lse, counts, indices, site)          # predictor fitting, when asked
+    modcompile::observe(q, k, lse, counts, indices, site, key_bias)          # predictor fitting, when asked
 
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
 Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the
@@ -15,86 +15,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import attach_autograd
-from .dispatch import attention_forward, dense_attention_with_lse, outputs_like
-from .kernels._common import validate_block_lists, validation_requested
-from .kernels.reference import num_blocks
+from .dispatch import dense_attention_with_lse, outputs_like
+from .kernels.block_lists import num_blocks
 from .policies import Plan, SiteContext, make_policy
 from .runtime import REGISTRY, timestep_value
 
 log = logging.getLogger("modcompile")
 
 _TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t is not None)
-
-
-# ----------------------------------------------------------------------------- public op
-
-@torch.library.custom_op("modcompile::block_sparse_attention", mutates_args=())
-def _block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                               block_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, kv_counts, kv_indices, block_size, scale)
-
-
-@_block_sparse_attention_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, block_size, scale):
-    return outputs_like(q)
-
-
-attach_autograd(_block_sparse_attention_op)
-
-
-def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                           block_size: int) -> None:
-    """Clear errors for shapes, dtypes and devices the kernel cannot take. Reads only tensor
-    metadata: no host sync (the list values are :func:`validate_block_lists`'s job)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, N, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
-        raise ValueError(f"k, v must be (B, H, Nk, D) matching q {tuple(q.shape)}; got {tuple(k.shape)}, {tuple(v.shape)}")
-    if v.shape[3] != D:
-        raise ValueError("v must have the head_dim of q")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"q, k, v must be floating point; got {q.dtype}")
-    if not (q.device == k.device == v.device == kv_counts.device == kv_indices.device):
-        raise ValueError("q, k, v and the block lists must be on one device")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
-    mq = num_blocks(N, block_size)
-    if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
-        raise TypeError(f"kv_counts and kv_indices must be int32; got {kv_counts.dtype}, {kv_indices.dtype}")
-    if tuple(kv_counts.shape) != (B, H, mq):
-        raise ValueError(f"kv_counts must be (B, H, Mq) = {(B, H, mq)} for block_size {block_size}; got {tuple(kv_counts.shape)}")
-    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq) or kv_indices.shape[3] < 1:
-        raise ValueError(f"kv_indices must be (B, H, Mq, Mk_max) with Mq = {mq}; got {tuple(kv_indices.shape)}")
-
-
-def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, *,
-                           block_size: int = 128, scale: float | None = None, return_lse: bool = False,
-                           validate: bool | None = None):
-    """Attention of every query block to its listed key blocks only.
-
-    q, k, v: (B, H, N, D); kv_counts (B, H, Mq) int32; kv_indices (B, H, Mq, Mk_max) int32, entries
-    past the count ignored. Runs the Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1),
-    the torch reference otherwise. Shapes, dtypes and devices are always checked (no host sync).
-    The list values (counts in range, entries in range and distinct per row) are trusted unless
-    ``validate=True``, or ``validate=None`` with ``MODCOMPILE_VALIDATE=1``: then
-    :func:`validate_block_lists` raises a ValueError naming the fault, at the cost of one host sync."""
-    check_attention_inputs(q, k, v, kv_counts, kv_indices, block_size)
-    if validation_requested(validate):
-        validate_block_lists(kv_counts, kv_indices, num_blocks(k.shape[2], block_size))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = torch.ops.modcompile.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
-    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------- graph ops
@@ -120,16 +54,18 @@ def _(timestep):
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
 def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
-         grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
+         grid_h: int, grid_w: int, key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Ask the site's policy for this call's block lists. ``anchor``: a parameter of the site's
     module, whose address names the module instance that runs (modcompile/owners.py).
-    ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph)."""
+    ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph).
+    ``key_bias``: the site's key-padding bias (B, Nk), or None (VMoBA scores hidden keys out)."""
     state = REGISTRY.enter_site(site, anchor)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
                       num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
-    result: Plan = policy_for(config).plan(ctx, q, k)
+    # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
+    result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
     state.context = ctx
     state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
     state.dense_now, state.observe_now = result.dense, result.observe
@@ -144,7 +80,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
 
 
 @plan.register_fake
-def _(q, k, token, anchor, site, grid_t, grid_h, grid_w):
+def _(q, k, token, anchor, site, grid_t, grid_h, grid_w, key_bias=None):
     block = REGISTRY.specs[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
@@ -229,14 +165,16 @@ sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_con
 # dead-code elimination keeps it (declaring a fake mutation of ``lse`` did not: functionalization
 # turned it into an unused auto_functionalized node, which Inductor dropped).
 @torch.library.custom_op("modcompile::observe", mutates_args=(), tags=_TAGS)
-def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str) -> None:
+def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str,
+            key_bias: Optional[Tensor] = None) -> None:
     state = REGISTRY.current(site)
     if state.observe_now:
-        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices)
+        extra = {} if key_bias is None else {"key_bias": key_bias}
+        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices, **extra)
 
 
 @observe.register_fake
-def _(q, k, lse, kv_counts, kv_indices, site):
+def _(q, k, lse, kv_counts, kv_indices, site, key_bias=None):
     return None
 
 

@@ -68,6 +68,8 @@ class Owner:
     anchor_name: str | None           # the anchor's name in that model
     frame_locals: dict | None         # locals of that model's forward frame (for its timestep input)
     compiled: bool                    # the model's own forward runs compiled (whole-model compile)
+    call: tuple | None = None         # (args, kwargs) the model was called with: its forward's
+                                      # arguments before the forward rebinds them (Allegro's timestep)
 
 
 def _frames():
@@ -91,14 +93,20 @@ def find_owner(ptr: int | None) -> Owner:
         name = None if ptr is None else tensor_name(module, ptr)
         if ptr is None or name is not None:
             if found is not None and module is found[0]:
-                found = (module, name, frame.f_locals if "forward" in frame.f_code.co_name else found[2])
+                found = (module, name, frame.f_locals if "forward" in frame.f_code.co_name else found[2], found[3])
             else:
-                found, compiled = (module, name, frame.f_locals), False
+                found, compiled = (module, name, frame.f_locals, None), False
+            if frame.f_code.co_name in _CALL_FRAMES and isinstance(frame.f_locals.get("args"), tuple):
+                found = (*found[:3], (frame.f_locals["args"], frame.f_locals.get("kwargs") or {}))
     if found is None:
         return Owner(None, None, None, False)
     module = found[0]
     compiled = compiled or getattr(module, "_compiled_call_impl", None) is not None
-    return Owner(module, found[1], found[2], compiled)
+    return Owner(module, found[1], found[2], compiled, found[3])
+
+
+# nn.Module's call frames: their ``args``/``kwargs`` locals hold what the module was called with
+_CALL_FRAMES = ("_call_impl", "_wrapped_call_impl")
 
 
 def pipeline_timesteps():

@@ -44,6 +44,7 @@ def run_status(compiled: str, states: list) -> str:
 
 def collect() -> list[SiteRow]:
     rows = []
+    REGISTRY.dense_rows()
     all_states = REGISTRY.states
     for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.model or i.key.split("/")[0], i.layer, i.key)):
         states = [s for (key, _), s in all_states.items() if key == info.key]

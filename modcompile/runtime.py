@@ -181,6 +181,7 @@ class Registry:
         self._instances: dict[tuple[str, int], tuple] = {}  # (spec, anchor address) -> (run, info)
         self._current: dict[str, tuple] = {}        # spec -> (run, state) of its last plan
         self.explicit: tuple | None = None          # (step, num_steps) inside denoising_step()
+        self.dense: dict[str, tuple] = {}           # dense spec -> (frame module class, call paths, compiled only)
 
     # --- compile time ---
     def register_site(self, info: SiteInfo) -> SiteInfo:
@@ -192,6 +193,53 @@ class Registry:
         if not any(i.spec_key == info.key for i in self.sites.values() if i is not info):
             self.sites[info.key] = info                   # listed until an instance of it runs
         return info
+
+    def place_dense(self, spec: SiteInfo, anchor: torch.Tensor | None, calls: list | None = None) -> None:
+        """Note, at compile time, which modules run a site left dense: no op of ours runs for it,
+        so its instances cannot name themselves at run time as rewritten sites do (``_resolve``).
+        The model on the stack that holds the anchor (Dynamo compiles a frame from inside its
+        caller) and the anchor's name in it give the compiled frame's module; ``calls``: a
+        nested region's call paths below the frame. :meth:`dense_rows` turns this into rows."""
+        owner = find_owner(None if anchor is None else anchor.data_ptr())
+        if owner.model is None or site_path(owner.anchor_name, spec.anchor_path, spec.module_rel) is None:
+            return
+        frame = owner.anchor_name[: len(owner.anchor_name) - len(spec.anchor_path)].rstrip(".")
+        if calls:                       # ``frame`` is the region's first call; the calls sit below the frame module
+            if not (frame == calls[0] or frame.endswith("." + calls[0])):
+                return
+            frame, rel = frame[: len(frame) - len(calls[0])].rstrip("."), list(calls)
+        else:
+            rel = [""]
+        module = owner.model.get_submodule(frame) if frame else owner.model
+        # a module inside the model runs this code when it is compiled too (regional compile)
+        self.dense[spec.key] = (type(module), rel, bool(frame))
+        self.run_of(owner)              # the model is known (report() lists its rows)
+
+    def dense_rows(self) -> None:
+        """Per-layer rows of the dense sites in every known model, named as whole-model compile
+        names them: under each module that runs the site's compiled code (the model itself, a
+        regionally compiled module of the frame's class, a nested region's calls), the site's
+        path below it. Runs in report(), off the hot path; a site no model shows keeps its key."""
+        for key, (cls, rel, compiled_only) in self.dense.items():
+            spec, placed = self.specs[key], False
+            for run in list(self.runs.values()):
+                model = run.model_ref() if run.model_ref is not None else None
+                if model is None:
+                    continue
+                for name, module in model.named_modules():
+                    if type(module) is not cls or (compiled_only and not _runs_compiled(name, module)):
+                        continue
+                    for prefix in rel:
+                        path = ".".join(p for p in (name, prefix, spec.module_rel) if p)
+                        row = f"{run.name}/{path}#{spec.ordinal}"
+                        if row not in self.sites:
+                            layer = layer_index(path)
+                            self.sites[row] = dataclasses.replace(
+                                spec, key=row, module_path=path, layer=spec.layer if layer is None else layer,
+                                model=run.name, spec_key=key)
+                        placed = True
+            if placed:
+                self.sites.pop(key, None)
 
     # --- models ---
     def run_of(self, owner) -> ModelRun:
@@ -267,7 +315,8 @@ class Registry:
         self.sites.pop(spec.key, None)
         self.sites[info.key] = info
         if owner.model is not None and not run.hooked:
-            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled)
+            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled,
+                               call=owner.call)
         return run, info
 
     def call_info(self, state: SiteState, seq_len: int, grid: tuple) -> SiteInfo:
@@ -345,8 +394,8 @@ class Registry:
 
     def reset(self, forget_sites: bool = False) -> None:
         """Forget the state of every model (a new generation everywhere). ``forget_sites`` also
-        forgets the site instances report() lists; compiled graphs keep working (their sites are
-        registered again on their next call)."""
+        forgets the site instances report() lists; compiled graphs keep working (their rewritten
+        sites are registered again on their next call, dense ones on the next compile)."""
         for run in (*self.runs.values(), self.free_run):
             run.new_generation()
             run.tracker = StepTracker()
@@ -354,12 +403,14 @@ class Registry:
         self._current.clear()
         if forget_sites:
             self.sites = {}
+            self.dense.clear()          # as before they were placed: dense rows come back with a compile
             self._instances.clear()
             self.runs.clear()
             self.free_run = ModelRun("<no model>")
 
 
-def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True) -> None:
+def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_timestep: bool = True,
+                       call: tuple | None = None) -> None:
     """A forward pre-hook on the model that reads its inputs before each forward, in both compile
     styles (``torch.compile(model)`` compiles the model's ``forward`` frame: its hooks run
     outside). It reads the layout (grid and text position, modcompile/layout.py) and, with
@@ -367,7 +418,9 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
     compiled graph reads it, the ``timestep`` (one host read per forward, as the graph's step node
     does). A whole-compiled model's graph reads its own timestep: eager calls of the same module
     (a reference run) then leave the step alone. The current call, already inside forward, is read
-    from its frame."""
+    as the hook would have read it, from ``call`` (the (args, kwargs) of the model's call frame),
+    else from its forward's frame, whose arguments may be rebound by then (Allegro, Cosmos and LTX
+    turn ``timestep`` into its embedding before their blocks run)."""
     import inspect
     try:
         params = list(inspect.signature(model.forward).parameters)
@@ -391,11 +444,19 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     run.hooked = True
-    if frame_locals is not None:
+    if call is not None:
+        read({**dict(zip(params, call[0])), **call[1]})
+    elif frame_locals is not None:
         # The forward's arguments (its other locals may share their names: Wan's num_frames/height/
         # width are the unpatched latent's), rebound ones read as the layout module says.
         read({name: value for name, value in frame_locals.items() if name in params},
              frame_layout(model, frame_locals, params))
+
+
+def _runs_compiled(name: str, module) -> bool:
+    """A module whose calls run compiled code: ``module.compile()`` (what ``compile_repeated_blocks``
+    does) or wrapped in ``torch.compile`` (its ``_orig_mod``)."""
+    return getattr(module, "_compiled_call_impl", None) is not None or name.rsplit(".", 1)[-1] == "_orig_mod"
 
 
 def timestep_value(t: torch.Tensor) -> tuple:

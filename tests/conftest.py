@@ -86,6 +86,7 @@ def pytest_sessionstart(session):
             f"({err!r}); install numpy<2.3 or a newer Triton") from err
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the child runs only what was selected
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available() or os.environ.get(_CPU_CHILD):
         return
@@ -99,8 +100,22 @@ def pytest_sessionfinish(session, exitstatus):
     if not ids:
         return
     env = {**os.environ, _CPU_CHILD: "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
-    print(f"\nmodcompile: {len(ids)} CPU tests in a child pytest without the GPU (TRITON_INTERPRET=1)", flush=True)
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids],
+    workers = _xdist_workers()
+    print(f"\nmodcompile: {len(ids)} CPU tests in a child pytest without the GPU (TRITON_INTERPRET=1"
+          f"{f', {workers} xdist workers' if workers else ''})", flush=True)
+    parallel = ["-n", str(workers)] if workers else []
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, *ids],
                            env=env, cwd=str(session.config.rootpath))
     if child.returncode != 0 or exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:  # only CPU tests selected
         session.exitstatus = child.returncode
+
+
+def _xdist_workers() -> int:
+    """Workers for the CPU child: the interpreter runs one core per test, so with pytest-xdist
+    installed the child spreads over up to 8 cores (0: run in one process)."""
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if cores > 2 else 0

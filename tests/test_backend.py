@@ -107,6 +107,44 @@ def test_inductor_options_pass_through(monkeypatch):
     assert seen.get("max_autotune_gemm") is False
 
 
+@pytest.mark.parametrize("user_pass", [False, True])
+def test_inductor_cache_key_includes_modcompile_source(monkeypatch, tmp_path, user_pass):
+    """A graph cached on disk by one version of modcompile is not reused by another (its op calls
+    could have other signatures), but is reused by the same version; a user's post-grad pass still runs."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Marker(CustomGraphPass):
+        runs = 0
+
+        def __call__(self, graph):
+            Marker.runs += 1
+
+        def uuid(self):
+            return "marker"
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    digest = {"value": "version-a"}
+    monkeypatch.setattr(backend_module, "source_digest", lambda: digest["value"])
+
+    def cache_hits_of_one_compile():
+        torch._dynamo.reset()
+        counters.clear()
+        model = torch.compile(TinyVideoDiT(), backend="modsparse", options=OPTS)
+        with torch.no_grad():
+            model(video(), torch.tensor([1.0]))
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    with torch._inductor.config.patch(fx_graph_cache=True, post_grad_custom_pre_pass=Marker() if user_pass else None):
+        assert cache_hits_of_one_compile()[1] >= 1
+        assert Marker.runs >= int(user_pass)
+        hits, misses = cache_hits_of_one_compile()
+        assert hits >= 1 and misses == 0
+        digest["value"] = "version-b"
+        hits, misses = cache_hits_of_one_compile()
+        assert hits == 0 and misses >= 1
+
+
 # ----------------------------------------------------------------------------- rewrite
 
 @pytest.mark.parametrize("keywords", [False, True])

@@ -12,7 +12,8 @@ from benchmarks import common, metrics
 from benchmarks.data import generate_videos
 from benchmarks.synthetic import head_locality_stats, make_synthetic_attention
 from benchmarks.video_dit import VideoDiT, flow_matching_loss, make_noise, sample
-from modcompile.kernels.reference import block_sparse_attention_ref, lists_from_block_mask
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import lists_from_mask
 
 
 # ------------------------------------------------------------------ metrics
@@ -63,11 +64,11 @@ def test_recall_full_mask_is_one_and_matches_brute_force(n, block_size):
     k = torch.randn(2, 3, n, 16, generator=g) * 2
     mb = (n + block_size - 1) // block_size
     full = torch.ones(2, 3, mb, mb, dtype=torch.bool)
-    counts, idx = lists_from_block_mask(full)
+    counts, idx = lists_from_mask(full)
     assert metrics.attention_mass_recall(q, k, counts, idx, block_size) == pytest.approx(1.0, abs=1e-6)
     mask = torch.rand(2, 3, mb, mb, generator=g) < 0.4
     mask |= torch.eye(mb, dtype=torch.bool)  # own block, like the policies
-    counts, idx = lists_from_block_mask(mask)
+    counts, idx = lists_from_mask(mask)
     got = metrics.attention_mass_recall(q, k, counts, idx, block_size, chunk_blocks=1)
     assert got == pytest.approx(_brute_force_recall(q, k, mask, block_size), abs=1e-5)
     assert got < 0.999  # a real mask drops mass: the test can fail

@@ -18,19 +18,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from modcompile.autograd import attach_autograd  # noqa: E402
-from modcompile.kernels.block_sparse_attention_bwd import (  # noqa: E402
-    BackwardConfig,
-    as_config,
-    block_sparse_attention_bwd,
-    gpu_configs,
-    canonical_block_lists,
-    transpose_block_lists,
-)
-from modcompile.kernels.reference import (  # noqa: E402
-    block_mask_from_lists,
-    block_sparse_attention_ref,
-    num_blocks,
-)
+from modcompile.kernels.block_sparse_attention_bwd import block_sparse_attention_bwd  # noqa: E402
+from modcompile.kernels.tuning import LaunchConfig, as_config, backward_configs  # noqa: E402
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks  # noqa: E402
+from modcompile.kernels.reference import block_sparse_attention_ref  # noqa: E402
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -100,46 +91,12 @@ def run_case(B, H, N, Nk, D, bs, dtype, seed, strided=False, device=DEVICE, p_em
     tiny = (1e-5 if dtype == torch.float32 else 1e-3) * max(scale_ref, 1.0)
     check_grads(got, ref, base, tiny)
     # Structural zeros: empty query rows get dq = 0, never-attended keys get dk = dv = 0.
-    bmask = block_mask_from_lists(counts, indices, mk)
+    bmask = mask_from_lists(counts, indices, mk)
     empty_rows = (~bmask.any(-1)).repeat_interleave(bs, dim=-1)[..., :N]
     unused_keys = (~bmask.any(-2)).repeat_interleave(bs, dim=-1)[..., :Nk]
     assert (got[0][empty_rows] == 0).all()
     assert (got[1][unused_keys] == 0).all() and (got[2][unused_keys] == 0).all()
     return got
-
-
-# ----------------------------------------------------------------------------------------------
-# transposed lists
-# ----------------------------------------------------------------------------------------------
-@settings(max_examples=60, deadline=None)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), mq=st.integers(1, 9), mk=st.integers(1, 9),
-       extra=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
-def test_transpose_block_lists_is_exact_set_transpose(B, H, mq, mk, extra, seed):
-    gen = torch.Generator().manual_seed(seed)
-    counts, indices = random_lists(gen, B, H, mq, mk, extra=extra)
-    qc, qi = transpose_block_lists(counts, indices, mk)
-    assert qc.dtype == torch.int32 and qi.dtype == torch.int32
-    assert qc.shape == (B, H, mk) and qi.shape == (B, H, mk, mq)
-    for b in range(B):
-        for h in range(H):
-            fwd = [set(indices[b, h, m, : counts[b, h, m]].tolist()) for m in range(mq)]
-            for kb in range(mk):
-                expect = [m for m in range(mq) if kb in fwd[m]]
-                c = int(qc[b, h, kb])
-                assert qi[b, h, kb, :c].tolist() == expect  # sorted, no duplicates
-                assert (qi[b, h, kb, c:] == 0).all()
-    # The forward lists canonicalised the same way round-trip through two transpositions.
-    fc, fi = canonical_block_lists(counts, indices, mk)
-    bc, bi = transpose_block_lists(qc, qi, mq)
-    assert torch.equal(fc, bc) and torch.equal(fi, bi)
-
-
-def test_transpose_ignores_out_of_range_ids_and_garbage_past_count():
-    counts = torch.tensor([[[2, 0, 1]]], dtype=torch.int32)
-    indices = torch.tensor([[[[1, 7, 0], [2, 2, 2], [-1, 0, 0]]]], dtype=torch.int32)
-    qc, qi = transpose_block_lists(counts, indices, 3)
-    assert qc.tolist() == [[[0, 1, 0]]]
-    assert qi[0, 0, 1, 0].item() == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,10 +117,10 @@ def test_backward_matches_float64_reference(dtype, B, H, bs, N, nk_delta, D, str
 # warp specialization (a no-op under the interpreter, but the loop form is exercised) and lse/delta
 # through 1-d descriptors.
 _FLAG_CONFIGS = {
-    "plain": dict(config=BackwardConfig(32, 16, 4, 1)),
-    "ragged_branch": dict(config=BackwardConfig(32, 16, 4, 1, ragged_branch=True)),
-    "tma": dict(config=BackwardConfig(32, 16, 4, 1, tma=True)),
-    "tma_branch_ws": dict(config=BackwardConfig(32, 32, 4, 1, tma=True, ragged_branch=True, warp_spec=True)),
+    "plain": dict(config=LaunchConfig(32, 16, 4, 1)),
+    "ragged_branch": dict(config=LaunchConfig(32, 16, 4, 1, ragged_branch=True)),
+    "tma": dict(config=LaunchConfig(32, 16, 4, 1, tma=True)),
+    "tma_branch_ws": dict(config=LaunchConfig(32, 32, 4, 1, tma=True, ragged_branch=True, warp_spec=True)),
     "per_pass": dict(dkdv_config=(32, 16, 4, 1, True, True, True, True), dq_config=(16, 16, 4, 1, False, True)),
 }
 
@@ -188,9 +145,9 @@ def test_backward_tma_on_bnhd_storage():
     counts, indices = counts.to(DEVICE), indices.to(DEVICE)
     out, lse = block_sparse_attention_ref(q, k, v, counts, indices, block_size=bs)
     plain = block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices, block_size=bs,
-                                       config=BackwardConfig(16, 16, 4, 1))
+                                       config=LaunchConfig(16, 16, 4, 1))
     tma = block_sparse_attention_bwd(do, q, k, v, out, lse, counts, indices, block_size=bs,
-                                     config=BackwardConfig(16, 16, 4, 1, tma=True, ragged_branch=True, tma_rows=True))
+                                     config=LaunchConfig(16, 16, 4, 1, tma=True, ragged_branch=True, tma_rows=True))
     for a, b in zip(plain, tma):
         assert max_err(a.cpu(), b.cpu()) < 1e-5
 
@@ -204,33 +161,33 @@ def test_backward_forced_tma_config_rejects_strided_head_dim():
     lse = torch.zeros(1, 1, 40, device=DEVICE)
     with pytest.raises(ValueError, match="TMA"):
         block_sparse_attention_bwd(q, q, q, q, q, lse, counts, indices, block_size=16,
-                                   config=BackwardConfig(16, 16, 4, 1, tma=True))
+                                   config=LaunchConfig(16, 16, 4, 1, tma=True))
     with pytest.raises(ValueError, match="divide"):
         block_sparse_attention_bwd(q, q, q, q, q, lse, counts, indices, block_size=16, dq_config=(32, 16, 4, 1))
 
 
 def test_backward_config_conversion_and_gpu_candidates():
-    assert as_config((64, 32, 4, 2)) == BackwardConfig(64, 32, 4, 2)
+    assert as_config((64, 32, 4, 2)) == LaunchConfig(64, 32, 4, 2)
     assert as_config([64, 32, 4, 2, True]).tma and not as_config((64, 32, 4, 2)).warp_spec
     with pytest.raises(TypeError):
         as_config((64, 32))
-    cands = gpu_configs(128)
-    assert all(isinstance(c, BackwardConfig) for c in cands)
+    cands = backward_configs(128)
+    assert all(isinstance(c, LaunchConfig) for c in cands)
     assert any(c.tma and c.warp_spec for c in cands) and any(c.tma and not c.warp_spec for c in cands)
-    plain = gpu_configs(128, tma=False)
+    plain = backward_configs(128, tma=False)
     assert plain and not any(c.tma or c.warp_spec or c.tma_rows for c in plain)
-    assert all(16 % c.tile == 0 and 16 % c.sub == 0 for c in gpu_configs(16))
+    assert all(16 % c.tile == 0 and 16 % c.sub == 0 for c in backward_configs(16))
     assert len({c.label() for c in cands}) == len(cands)
 
 
 def test_config_labels_round_trip_and_pins_parse(monkeypatch):
     """``MODCOMPILE_BWD_CONFIG`` takes the labels the benchmarks print; a typo is an error, not a
     silently tuned run."""
-    from modcompile.kernels.block_sparse_attention_bwd import parse_label, pinned_configs
-    for cfg in (*gpu_configs(128), BackwardConfig(32, 16, 4, 1), BackwardConfig(64, 64, 4, 2, tma_rows=True)):
+    from modcompile.kernels.tuning import parse_label, pinned_configs
+    for cfg in (*backward_configs(128), LaunchConfig(32, 16, 4, 1), LaunchConfig(64, 64, 4, 2, tma_rows=True)):
         assert parse_label(cfg.label()) == cfg
     monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", " dq=(128,64,8w,3s)+tma+ragged_branch ")
-    assert pinned_configs() == {"dq": BackwardConfig(128, 64, 8, 3, tma=True, ragged_branch=True)}
+    assert pinned_configs() == {"dq": LaunchConfig(128, 64, 8, 3, tma=True, ragged_branch=True)}
     for bad in ("dq=(128,64,8,3)", "dkdv=(64,64,4w,2s)+fast", "both=(64,64,4w,2s)"):
         monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", bad)
         with pytest.raises(ValueError):
@@ -240,12 +197,12 @@ def test_config_labels_round_trip_and_pins_parse(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_pinned_backward_configs_are_used_without_tuning(monkeypatch):
-    from modcompile.kernels import block_sparse_attention_bwd as bwd
+    from modcompile.kernels import tuning
     monkeypatch.setenv("MODCOMPILE_BWD_CONFIG", "dkdv=(64,64,4w,2s)+tma+ragged_branch;dq=(128,64,8w,3s)")
     monkeypatch.setenv("MODCOMPILE_TUNE", "1")
-    before = dict(bwd.tuned_configs())
+    before = tuning.tuned_configs()
     run_case(1, 2, 3 * 128 + 37, 3 * 128 + 37, 128, 128, torch.bfloat16, 3)
-    assert bwd.tuned_configs() == before  # nothing timed: both passes ran their pins
+    assert tuning.tuned_configs() == before  # nothing timed: both passes ran their pins
 
 
 @needs_triton

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modcompile.kernels import block_sparse_attention as bsa
-from modcompile.kernels.reference import (block_mask_from_lists, block_sparse_attention_ref,
-                                          full_block_lists, num_blocks)
+from modcompile.kernels import tuning
+from modcompile.kernels.tuning import LaunchConfig
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import full_block_lists, mask_from_lists, num_blocks
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -96,12 +98,12 @@ def check_against_reference(q, k, v, counts, indices, block_size, out, lse, scal
 def interpreter_configs(block_size):
     """Launch configurations that exercise every code path at interpreter-friendly tile sizes."""
     half = max(16, block_size // 2)
-    return [bsa.KernelConfig(block_size, half, 4, 1),
-            bsa.KernelConfig(half, block_size, 4, 1, ragged_branch=True),
-            bsa.KernelConfig(block_size, block_size, 4, 1, tma=True),
-            bsa.KernelConfig(half, half, 4, 1, tma=True, ragged_branch=True),
-            bsa.KernelConfig(block_size, half, 4, 1, tma=True, host_tma=True, ragged_branch=True),
-            bsa.KernelConfig(half, half, 4, 1, tma=True, host_tma=True, qo_tma=True)]
+    return [LaunchConfig(block_size, half, 4, 1),
+            LaunchConfig(half, block_size, 4, 1, ragged_branch=True),
+            LaunchConfig(block_size, block_size, 4, 1, tma=True),
+            LaunchConfig(half, half, 4, 1, tma=True, ragged_branch=True),
+            LaunchConfig(block_size, half, 4, 1, tma=True, host_tma=True, ragged_branch=True),
+            LaunchConfig(half, half, 4, 1, tma=True, host_tma=True, qo_tma=True)]
 
 
 # ------------------------------------------------------------------------------ property tests
@@ -189,7 +191,7 @@ def test_tiles_smaller_than_block_write_nothing_past_n(gather):
     out_buf = torch.full((B, H, N + 32, D), sentinel, device=DEVICE)
     lse_buf = torch.full((B, H, N + 32), sentinel, device=DEVICE)
     rows = torch.randperm(N, generator=gen).to(device=DEVICE, dtype=torch.int32) if gather else None
-    cfg = bsa.KernelConfig(16, 32, 4, 1, ragged_branch=True)
+    cfg = LaunchConfig(16, 32, 4, 1, ragged_branch=True)
     out, lse = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=bs, config=cfg,
                                               out=out_buf[:, :, :N], lse=lse_buf[:, :, :N], q_rows=rows)
     assert (out_buf[:, :, N:] == sentinel).all() and (lse_buf[:, :, N:] == sentinel).all()
@@ -273,18 +275,6 @@ def test_non_contiguous_last_dim_is_copied():
     assert torch.equal(out, ref)
 
 
-def test_validate_block_lists_rejects_bad_lists():
-    counts = torch.tensor([[[2, 1]]], dtype=torch.int32)
-    good = torch.tensor([[[[1, 0], [1, 9]]]], dtype=torch.int32)  # 9 is past the count: ignored
-    bsa.validate_block_lists(counts, good, 2)
-    with pytest.raises(ValueError, match="twice"):
-        bsa.validate_block_lists(counts, torch.tensor([[[[1, 1], [0, 0]]]], dtype=torch.int32), 2)
-    with pytest.raises(ValueError, match="outside"):
-        bsa.validate_block_lists(counts, torch.tensor([[[[0, 2], [0, 0]]]], dtype=torch.int32), 2)
-    with pytest.raises(ValueError, match="kv_counts"):
-        bsa.validate_block_lists(torch.tensor([[[3, 1]]], dtype=torch.int32), good, 2)
-
-
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 32, 32, device=DEVICE)
     counts, indices = full_block_lists(1, 2, 2, 2, device=DEVICE)
@@ -339,7 +329,7 @@ def _gpu_case(shape, dtype, block_size, density, cfg=None, seed=0, shuffle=True,
                                               block_size=block_size)
     # Same-dtype torch: SDPA with the token mask in the input dtype.
     token_block = torch.arange(N, device=DEVICE) // block_size
-    allowed = block_mask_from_lists(counts, indices, mq)[:, :, token_block][..., token_block]
+    allowed = mask_from_lists(counts, indices, mq)[:, :, token_block][..., token_block]
     low = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     bound = 2 * (low.double() - ref).abs().max().item() + 1e-5
     err = (out.double() - ref).abs().max().item()
@@ -366,7 +356,7 @@ def test_gpu_real_sizes(shape, dtype, block_size, density):
 @pytest.mark.parametrize("gather_q", [False, True])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_every_candidate_config(D, gather_q):
-    for cfg in bsa.candidate_configs(128, D, tma=True):
+    for cfg in tuning.forward_configs(128, D, tma=True):
         if cfg.tma and torch.cuda.get_device_capability()[0] < 9:
             continue
         _gpu_case((1, 3, 1500, D), torch.bfloat16, 128, 0.3, cfg=cfg, seed=D + gather_q, gather_q=gather_q)
@@ -396,7 +386,7 @@ def test_gpu_empty_rows_and_fp32():
 def test_tuning_key_separates_small_ragged_from_large_shapes(monkeypatch):
     """A configuration timed on a small ragged shape (a test, a warm-up) must not be reused for a
     32k-token call: the key holds raggedness and the program count in powers of two."""
-    monkeypatch.setattr(bsa, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(tuning, "device_capability", lambda device: (9, 0))
 
     def key(n, heads=12):
         q = torch.empty(1, heads, n, 128, dtype=torch.float16)

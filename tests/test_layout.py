@@ -13,7 +13,7 @@ from modcompile.runtime import REGISTRY
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, _ltx_inputs  # noqa: E402
+from clients import BY_NAME, CLIENTS, small_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
@@ -84,15 +84,7 @@ def compile_model(model, style, backend, options):
     return model
 
 
-def test_inputs(client, seed=1, t=500.0):
-    """The zoo's inputs; LTX at a quarter of its tokens (2x8x16: a non-square grid, and fast)."""
-    t = t / 1000.0 if client.name == "cosmos" else t
-    if client.name == "ltx_video":
-        return _ltx_inputs(torch.Generator().manual_seed(seed), t, frames=2, height=8, width=16)
-    return client.inputs(seed=seed, timestep=t)
-
-
-test_inputs.__test__ = False
+test_inputs = small_inputs
 
 
 def _run(client, model, eager=None, steps=STEPS):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import modcompile
 from modcompile import dispatch
-from modcompile.kernels.reference import block_sparse_attention_ref, full_block_lists, num_blocks
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import full_block_lists, num_blocks
 from modcompile.runtime import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
@@ -182,10 +183,13 @@ def _counting(compiles):
     return backend
 
 
-def _run_padded(eager, model, inputs, style):
+def _run_padded(eager, model, inputs, style, monkeypatch):
     """Three steps; the two dense warm-up steps, which run the kernel with the mask on CPU (no
     cuDNN), must equal eager: a mask the kernel ignored would not. No graph compiles after the
-    first step (no recompiles per step)."""
+    first step (no recompiles per step). Every site call, the sparse step's too, equals float64
+    attention over the lists its plan returned, with the key bias (tests/site_check.py)."""
+    from site_check import Checker
+    checker = Checker(monkeypatch, OPTIONS["block_size"])
     compiles, first = [], 0
     if style == "whole":
         model = torch.compile(model, backend=_counting(compiles), options=OPTIONS)
@@ -199,18 +203,19 @@ def _run_padded(eager, model, inputs, style):
             if step < 2:
                 torch.testing.assert_close(got, eager(**inputs)[0], rtol=1e-4, atol=1e-4)
     assert len(compiles) == first
+    assert any(step == 2 and not dense and density < 1.0 for _, step, dense, density in checker.calls)
     return {r.site.split("/")[-1]: r for r in modcompile.report(print_table=False)}, compiles
 
 
 @pytest.mark.parametrize("style", ["whole", pytest.param("regional", marks=pytest.mark.slow)])
-def test_hunyuan_video_with_padded_text_runs_its_video_sites_sparse(style):
+def test_hunyuan_video_with_padded_text_runs_its_video_sites_sparse(style, monkeypatch):
     """Both video self-attention sites (dual- and single-stream) run the kernel with the (B, 1, 1, N)
     padding mask, then sparse, with zero recompiles."""
     from clients import BY_NAME
     client = BY_NAME["hunyuan_video"]
     inputs = client.inputs(seed=3)
     inputs["encoder_attention_mask"] = torch.tensor([[1.0] * 5 + [0.0] * 3])   # 3 padded text tokens
-    rows, compiles = _run_padded(client.build(), client.build(), inputs, style)
+    rows, compiles = _run_padded(client.build(), client.build(), inputs, style, monkeypatch)
     assert len(compiles) == (1 if style == "whole" else 4)  # regional: one graph per repeated block class
     video = [rows["transformer_blocks.0.attn#0"], rows["single_transformer_blocks.0.attn#0"]]
     assert all(r.status == "sparse" and r.reason == "key-padding mask" and r.grid == client.grid for r in video)
@@ -219,7 +224,7 @@ def test_hunyuan_video_with_padded_text_runs_its_video_sites_sparse(style):
     assert refiner.status == "dense"           # text only, shorter than min_seq_len
 
 
-def test_hunyuan_video_15_keys_x_keys_mask_runs_sparse_under_regional_compile():
+def test_hunyuan_video_15_keys_x_keys_mask_runs_sparse_under_regional_compile(monkeypatch):
     """HunyuanVideo-1.5 builds ``m & m.transpose(2, 3)`` in each block (its forward gathers the
     valid text with boolean indexing, so users compile the blocks)."""
     config = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
@@ -237,7 +242,7 @@ def test_hunyuan_video_15_keys_x_keys_mask_runs_sparse_under_regional_compile():
                   encoder_hidden_states_2=torch.randn(1, 4, 16, generator=g),
                   encoder_attention_mask_2=torch.tensor([[1] * 3 + [0]]),
                   image_embeds=torch.zeros(1, 4, 16), return_dict=False)
-    rows, _ = _run_padded(build(), build(), inputs, "regional")
+    rows, _ = _run_padded(build(), build(), inputs, "regional", monkeypatch)
     video = [rows[f"transformer_blocks.{i}.attn#0"] for i in range(2)]
     assert all(r.status == "sparse" and r.reason == "key-padding mask (keys x keys)" for r in video)
     assert all(r.grid == (4, 8, 8) and r.text_tokens == 16 for r in video)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modcompile.config import SparsityConfig
-from modcompile.kernels.reference import block_mask_from_lists
+from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.policies.mod import extrapolate, lists_from_mask, predict_mask, FRAME_KEEP
 from modcompile.policies.mod_fit import (Geometry, design_matrix, diagonal_sums, fit_geometry, fit_maps,
                                          gram_matrix)
@@ -203,7 +203,7 @@ def test_lists_from_mask_are_sorted_full_width():
     mask |= torch.eye(9, dtype=torch.bool)
     counts, indices = lists_from_mask(mask)
     assert indices.shape == (2, 3, 9, 9) and indices.dtype == counts.dtype == torch.int32
-    assert torch.equal(block_mask_from_lists(counts, indices, 9), mask)
+    assert torch.equal(mask_from_lists(counts, indices, 9), mask)
     valid = torch.arange(9) < counts.unsqueeze(-1)
     kept = torch.where(valid, indices, 100)
     assert torch.equal(kept, kept.sort(-1).values)

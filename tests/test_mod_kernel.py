@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from modcompile.kernels.block_sparsity import (block_sparsity, block_sparsity_ref, group_lists, sample_layout,
                                               sampled_rows)
-from modcompile.kernels.reference import block_mask_from_lists, num_blocks
+from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 # Half of the entries' scores move by at most this much between fp16/fp32 kernels and float64.
 MARGIN = 2e-3
@@ -63,7 +63,7 @@ def test_restricted_map_writes_listed_blocks_only(n, bs, dtype, seed):
     m = num_blocks(n, bs)
     counts, indices = _random_lists(B, H, m, m, seed)
     got = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, kv_counts=counts, kv_indices=indices)
-    listed = block_mask_from_lists(counts, indices, m)
+    listed = mask_from_lists(counts, indices, m)
     assert torch.equal(~got.isnan(), listed)
     lo, hi = _bracket(q, k, lse, bs, 1e-3, kv_counts=counts, kv_indices=indices)
     assert (got[listed] >= lo[listed] - 1e-6).all() and (got[listed] <= hi[listed] + 1e-6).all()
@@ -94,7 +94,7 @@ def test_grouped_restricted_map_equals_full_map_on_listed_blocks(n, bs, stride, 
     order = perm.gather(-1, first).to(torch.int32)
     junk = torch.randint(0, m, order.shape, generator=g, dtype=torch.int32)
     indices = torch.where(torch.arange(m) < counts.unsqueeze(-1), order, junk).contiguous()
-    listed = block_mask_from_lists(counts, indices, m)
+    listed = mask_from_lists(counts, indices, m)
     assert torch.equal(listed, keep)
     full = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-3, row_stride=stride)
     old = torch.randn(B, H, m, m, generator=g)
@@ -111,7 +111,7 @@ def test_group_lists_are_the_union_of_the_groups_lists(group):
     B, H, m = 1, 2, 7
     counts, indices = _random_lists(B, H, m, m, 4)
     listed, u_counts, u_indices = group_lists(counts, indices, m, group)
-    assert torch.equal(listed, block_mask_from_lists(counts, indices, m))
+    assert torch.equal(listed, mask_from_lists(counts, indices, m))
     n_groups = -(-m // group)
     assert u_counts.shape == (B, H, n_groups) and u_indices.shape == (B, H, n_groups, m)
     for gi in range(n_groups):
@@ -154,7 +154,7 @@ def test_ragged_keys_with_a_positive_bound_are_not_counted(n, bs, stride):
 def test_key_split_does_not_change_the_map(restricted):
     """The key loop split into parts of 1, 2, ... key blocks (separate programs) gives the same
     map, bit for bit, as one part per program."""
-    from modcompile.kernels.block_sparsity import SparsityKernelConfig
+    from modcompile.kernels.tuning import LaunchConfig
     B, H, n, bs = 1, 2, 150, 16
     q, k, lse = _inputs(B, H, n, 16, torch.float32, 3)
     m = num_blocks(n, bs)
@@ -163,7 +163,7 @@ def test_key_split_does_not_change_the_map(restricted):
         counts, indices = _random_lists(B, H, m, m, 5)
         lists = dict(kv_counts=counts, kv_indices=indices)
     maps = [block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=4, **lists,
-                           config=SparsityKernelConfig(16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
+                           config=LaunchConfig(32, 16, 4, 1, key_blocks=kb)) for kb in (m, 4, 1)]
     assert torch.equal(maps[0].isnan(), maps[1].isnan()) and torch.equal(maps[0].isnan(), maps[2].isnan())
     assert torch.equal(maps[0].nan_to_num(-1), maps[1].nan_to_num(-1))
     assert torch.equal(maps[0].nan_to_num(-1), maps[2].nan_to_num(-1))
@@ -336,6 +336,80 @@ def test_bad_row_sampling_arguments_raise():
         block_sparsity_ref(q, k, lse.float(), block_size=16, row_phase=-1)
 
 
+# ----------------------------------------------------------------------------- key bias (text padding)
+
+def _padding_bias(B, n, valid, g):
+    """(B, n) float32: 0 or a small finite bias on the first ``valid[b]`` keys, -inf after."""
+    bias = torch.where(torch.rand(B, n, generator=g) < 0.3, -torch.rand(B, n, generator=g) * 2, torch.zeros(B, n))
+    return bias.masked_fill(torch.arange(n)[None, :] >= torch.tensor(valid)[:, None], float("-inf"))
+
+
+def _explicit_map(q, k, lse, bias, bs, thr, margin, rows, listed=None):
+    """Float64 map from the probabilities themselves: per tile, the share of (sampled row, key)
+    entries with ``s * scale + bias - lse < ln(thr) + margin`` (a hidden key's probability is 0:
+    sparse). Independent of the kernel's and the reference's arithmetic."""
+    B, H, n, D = q.shape
+    logp = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D) + bias.double()[:, None, None, :] \
+        - lse.double()[..., None]
+    sparse = (logp < math.log(thr) + margin) | (bias == float("-inf"))[:, None, None, :]
+    m = num_blocks(n, bs)
+    out = torch.empty(B, H, m, m, dtype=torch.float64)
+    for i in range(m):
+        r = rows[(rows >= i * bs) & (rows < (i + 1) * bs)]
+        for j in range(m):
+            out[:, :, i, j] = sparse[:, :, r, j * bs:(j + 1) * bs].double().mean((-2, -1))
+    return out if listed is None else torch.where(listed, out, float("nan"))
+
+
+@pytest.mark.parametrize("n,bs,stride", [(100, 32, 1), (100, 32, 4), (70, 16, 2)])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_key_bias_map_matches_the_float64_probabilities(n, bs, stride, restricted):
+    """Padded keys (bias -inf) have probability 0 and count as sparse; finite biases move the
+    probabilities; a tile of padding is exactly 1.0. Kernel and torch reference alike."""
+    from modcompile.kernels.block_lists import full_block_lists
+    from modcompile.kernels.reference import block_sparse_attention_ref
+    g = torch.Generator().manual_seed(n + stride)
+    B, H, D = 2, 2, 16
+    q, k, _ = _inputs(B, H, n, D, torch.float32, n)
+    m = num_blocks(n, bs)
+    bias = _padding_bias(B, n, [n, bs * (m - 2) + 3], g)     # batch 1: its last block is all padding
+    counts, indices = _random_lists(B, H, m, m, n) if restricted else full_block_lists(B, H, m, m)
+    # the lse of the attention that ran, with the bias (a sparse call's in restricted mode)
+    _, lse = block_sparse_attention_ref(q.double(), k.double(), k.double(), counts, indices, block_size=bs,
+                                        key_bias=bias.double())
+    lists = dict(kv_counts=counts, kv_indices=indices) if restricted else {}
+    listed = mask_from_lists(counts, indices, m) if restricted else None
+    rows = sampled_rows(n, bs, stride)
+    lo, hi = (_explicit_map(q, k, lse, bias, bs, 1e-2, mg, rows, listed) for mg in (-MARGIN, MARGIN))
+    kw = dict(block_size=bs, threshold=1e-2, row_stride=stride, key_bias=bias, **lists)
+    for got in (block_sparsity(q, k, lse.float(), **kw), block_sparsity_ref(q, k, lse.float(), **kw)):
+        written = ~got.isnan()
+        assert torch.equal(written, torch.ones_like(written) if listed is None else listed)
+        assert (got[written] >= lo[written] - 1e-6).all() and (got[written] <= hi[written] + 1e-6).all()
+        padding = written[1, :, :, m - 1]
+        assert torch.equal(got[1, :, :, m - 1][padding], torch.ones_like(got[1, :, :, m - 1][padding]))
+    # the bias matters: without it the padded keys of batch 1 count by their scores
+    plain = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-2, row_stride=stride, **lists)
+    assert not torch.equal(plain.nan_to_num(-1), got.nan_to_num(-1))
+
+
+def test_key_bias_rows_that_attended_only_padding():
+    """Sparse lists that hold only a block of padding give the row lse -inf: its hidden keys still
+    count as sparse, no other key does, and nothing is NaN."""
+    n, bs, D = 64, 16, 16
+    q, k, _ = _inputs(1, 1, n, D, torch.float32, 7)
+    bias = torch.zeros(1, n).masked_fill(torch.arange(n)[None, :] >= 48, float("-inf"))
+    counts = torch.tensor([[[1, 1, 1, 1]]], dtype=torch.int32)
+    indices = torch.tensor([[[[3, 0, 0, 0], [1, 0, 0, 0], [3, 0, 0, 0], [3, 0, 0, 0]]]], dtype=torch.int32)
+    from modcompile.kernels.reference import block_sparse_attention_ref
+    _, lse = block_sparse_attention_ref(q, k, k, counts, indices, block_size=bs, key_bias=bias)
+    assert (lse[0, 0, :16] == float("-inf")).all()
+    for fn in (block_sparsity, block_sparsity_ref):
+        full = fn(q, k, lse, block_size=bs, threshold=1e-3, key_bias=bias)
+        assert not full.isnan().any()
+        assert torch.equal(full[0, 0, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))   # lse -inf: only padding counts
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -352,7 +426,7 @@ def test_gpu_matches_reference(dtype, bs):
     m = num_blocks(n, bs)
     counts, indices = _random_lists(B, H, m, m, 3)
     got = block_sparsity(q, k, lse.float(), block_size=bs, kv_counts=counts.cuda(), kv_indices=indices.cuda())
-    assert torch.equal(~got.isnan(), block_mask_from_lists(counts, indices, m).cuda())
+    assert torch.equal(~got.isnan(), mask_from_lists(counts, indices, m).cuda())
     # Row sampling at the real block sizes (per program 16 query blocks of 8 rows at block 128 and
     # stride 16, 8 blocks of 16 rows at stride 8), the key loop split as on the GPU, also restricted.
     for stride, phase in ((16, 5), (8, 3), (2, 1)):
@@ -364,5 +438,5 @@ def test_gpu_matches_reference(dtype, bs):
         part = block_sparsity(q, k, lse.float(), block_size=bs, threshold=1e-4, row_stride=stride,
                               row_phase=phase, kv_counts=counts.cuda(), kv_indices=indices.cuda())
         listed = ~part.isnan()
-        assert torch.equal(listed, block_mask_from_lists(counts, indices, m).cuda())
+        assert torch.equal(listed, mask_from_lists(counts, indices, m).cuda())
         assert torch.equal(part[listed], got[listed]), (stride, phase)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import modcompile
 from modcompile.config import SparsityConfig
-from modcompile.kernels.reference import block_mask_from_lists
+from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.policies import SiteContext
 from modcompile.policies.mod import ModPolicy, summary
 from modcompile.runtime import REGISTRY, SiteInfo, SiteState
@@ -108,7 +108,7 @@ def test_schedule_cheap_refresh_and_history_rule():
     # The sparse steps use the mask: block lists sorted, full width, own block and lines present.
     plan = drv.plans[10]
     assert plan.kv_indices.shape == (1, 2, 16, 16) and plan.kv_counts.dtype == torch.int32
-    mask = block_mask_from_lists(plan.kv_counts, plan.kv_indices, 16)
+    mask = mask_from_lists(plan.kv_counts, plan.kv_indices, 16)
     assert mask.diagonal(dim1=-2, dim2=-1).all()
     assert mask.float().mean() < 0.9                               # local attention: sparse
 
@@ -131,7 +131,7 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
             st = drv.state.policy_state
             plan = drv.plans[17]
             assert not plan.dense and plan.observe
-            assert torch.equal(block_mask_from_lists(plan.kv_counts, plan.kv_indices, 16)[0], mask_before)
+            assert torch.equal(mask_from_lists(plan.kv_counts, plan.kv_indices, 16)[0], mask_before)
             ctx = SiteContext(info=drv.info, state=drv.state, step=17, num_steps=20, config=cfg)
             _, lse = drv.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 0.25)
             want = block_sparsity_ref(q, k, lse, block_size=16, threshold=cfg.threshold, scale=0.25,
@@ -172,7 +172,7 @@ def test_text_tokens_always_attended():
     q, k, v = _local_qkv(drv.n)
     for s in range(8):
         drv.step(s, q, k, v)
-    mask = block_mask_from_lists(drv.plans[-1].kv_counts, drv.plans[-1].kv_indices, 10)
+    mask = mask_from_lists(drv.plans[-1].kv_counts, drv.plans[-1].kv_indices, 10)
     assert mask[..., 8:].all() and mask[..., 8:, :].all()
 
 
@@ -255,7 +255,7 @@ def test_compiled_loop_with_denoising_step(fresh_modcompile, monkeypatch):
         calls = [c for c in rec.calls if c[0] == site]
         assert [c[2] for c in calls] == list(range(20))
         for (_, _, step, plan), dens in zip(calls, densities):
-            used = block_mask_from_lists(plan.kv_counts, plan.kv_indices, 16).float().mean().item()
+            used = mask_from_lists(plan.kv_counts, plan.kv_indices, 16).float().mean().item()
             assert dens[site] == pytest.approx(used, abs=1e-6), step
             assert plan.kv_indices.shape[-1] == 16
         assert all(c[3].dense for c in calls[:5]) and not any(c[3].dense for c in calls[5:9])

@@ -68,6 +68,47 @@ def test_every_layer_is_its_own_site_in_both_compile_styles(style):
     assert [REGISTRY.sites[r.site].layer for r in rows] == [0, 1, 2]
 
 
+def _rows_by_site(style, models=1):
+    torch._dynamo.reset()
+    modcompile.reset(forget_sites=True)
+    compiled = []
+    for seed in range(models):
+        model = tiny_wan(seed)
+        if style == "whole":
+            model = torch.compile(model, backend="modsparse", options={"policy": "vmoba", "warmup_steps": 1, **OPTS})
+        else:
+            model.compile_repeated_blocks(backend="modsparse", options={"policy": "vmoba", "warmup_steps": 1, **OPTS})
+        compiled.append(model)
+    for model in compiled:
+        denoise(model, steps=(999, 749))
+    return {r.site: (r.status, r.reason, r.rewritten, r.seq_len, r.heads, r.head_dim, r.steps)
+            for r in modcompile.report(print_table=False)}
+
+
+def test_dense_sites_get_one_row_per_layer_in_both_compile_styles():
+    """Cross-attention stays dense: no op of ours runs for it, yet report() names each layer's
+    instance under the model, as for the rewritten sites, whichever way the model was compiled
+    (not one row per compiled block keyed by the configuration's hash)."""
+    whole, regional = _rows_by_site("whole"), _rows_by_site("regional")
+    assert whole == regional
+    model = "WanTransformer3DModel#0"
+    assert set(whole) == {f"{model}/blocks.{i}.attn{a}#0" for i in range(3) for a in (1, 2)}
+    for i in range(3):
+        status, reason, rewritten, seq, *_ = whole[f"{model}/blocks.{i}.attn2#0"]
+        assert (status, rewritten, seq) == ("dense", False, 3 * 8 * 8) and reason.startswith("cross-attention")
+    assert [REGISTRY.sites[f"{model}/blocks.{i}.attn2#0"].layer for i in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_dense_rows_of_a_second_model_that_reuses_the_compiled_code():
+    """Two models of one architecture (Wan2.2's experts): the second runs the first one's compiled
+    code without a compile, and still gets its own dense rows, in both styles."""
+    whole, regional = _rows_by_site("whole", models=2), _rows_by_site("regional", models=2)
+    assert whole == regional
+    assert set(whole) == {f"WanTransformer3DModel#{m}/blocks.{i}.attn{a}#0"
+                          for m in range(2) for i in range(3) for a in (1, 2)}
+
+
 def test_regional_vmoba_gives_each_layer_its_partition():
     model = tiny_wan()
     model.compile_repeated_blocks(backend="modsparse", options={"policy": "vmoba", "warmup_steps": 1, **OPTS})
@@ -176,3 +217,5 @@ def test_nested_compile_region_blocks_keep_per_layer_state(monkeypatch):
     assert all(r.status == "sparse" and r.steps == 4 and r.passes == 2 and r.density < 1.0 for r in rows)
     assert len({r.note for r in rows}) == 3                   # 1d, 2d, 3d partitions by layer
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dense = [r.site for r in modcompile.report(print_table=False) if not r.rewritten]   # the region's cross-attention
+    assert dense == [f"WanTransformer3DModel#0/blocks.{i}.attn2#0" for i in range(3)]

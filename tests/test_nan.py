@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import modcompile
 from modcompile import dispatch
 from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref
-from modcompile.kernels.reference import block_mask_from_lists, lists_from_block_mask, num_blocks
+from modcompile.kernels.block_lists import lists_from_mask, mask_from_lists, num_blocks
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 from models import TinyVideoDiT
@@ -46,7 +46,7 @@ def qkv(seed, inject=None, dtype=torch.float32):
 def sparse_lists(seed, density=0.5):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.rand(B, H, MB, MB, generator=g) < density) | torch.eye(MB, dtype=torch.bool)
-    return lists_from_block_mask(mask)
+    return lists_from_mask(mask)
 
 
 def dense_lse(q, k):
@@ -93,7 +93,7 @@ def test_block_sparsity_map_is_nan_where_the_tile_has_nan_probabilities(inject):
 def test_restricted_map_marks_nan_only_on_listed_blocks_and_keeps_its_fill(inject):
     q, k, v = qkv(2, inject)
     counts, indices = sparse_lists(3)
-    listed = block_mask_from_lists(counts, indices, MB)
+    listed = mask_from_lists(counts, indices, MB)
     _, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE)  # the sparse call's lse
     want = expected_nan_map(q, k, lse, listed)
     fns = [block_sparsity_ref] + ([block_sparsity] if INTERP else [])
@@ -108,7 +108,7 @@ def test_observed_coverage_is_nan_for_heads_with_nan_and_unchanged_elsewhere():
     from modcompile.policies.mod import observed_coverage
     q, k, v = qkv(4)
     counts, indices = sparse_lists(5)
-    kept = block_mask_from_lists(counts, indices, MB)
+    kept = mask_from_lists(counts, indices, MB)
     _, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE)
     clean = observed_coverage(q, k, lse, kept, BLOCK, SCALE)
     assert torch.isfinite(clean).all() and (clean > 0).all() and (clean <= 1).all()

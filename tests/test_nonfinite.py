@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from modcompile import dispatch
 from modcompile.kernels import nonfinite
-from modcompile.kernels.reference import block_sparse_attention_ref, lists_from_block_mask, num_blocks
+from modcompile.kernels.block_lists import lists_from_mask, num_blocks
+from modcompile.kernels.reference import block_sparse_attention_ref
 
 INTERP = not torch.cuda.is_available()  # conftest runs Triton under the interpreter on CPU
 triton_only = pytest.mark.skipif(not INTERP, reason="Triton runs here only under the interpreter")
@@ -118,7 +119,7 @@ def test_forward_kernel_writes_poisoned_blocks_as_nan_and_leaves_the_rest_bit_ex
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
     mb = num_blocks(n, bs)
-    counts, indices = lists_from_block_mask((torch.rand(B, H, mb, mb, generator=g) < 0.5) | torch.eye(mb).bool())
+    counts, indices = lists_from_mask((torch.rand(B, H, mb, mb, generator=g) < 0.5) | torch.eye(mb).bool())
     poison = (torch.rand(B, H, mb, generator=g) < 0.4).to(torch.int8)
     assert poison.any() and not poison.all()
     for rows in (None, torch.randperm(n, generator=g).to(torch.int32)):
@@ -159,7 +160,7 @@ def rule_inputs(case, seed, density, permuted, dtype):
     for name, b, h, n, value in CASES[case]:
         t[name][b, h, n, int(torch.randint(D, (1,), generator=g))] = value
     mask = (torch.rand(B, H, MB, MB, generator=g) < density) | torch.eye(MB, dtype=torch.bool)
-    counts, indices = lists_from_block_mask(mask)
+    counts, indices = lists_from_mask(mask)
     rows = torch.randperm(N, generator=g).to(torch.int32) if permuted else None
     return [t[n].to(dtype) for n in "qkv"], counts, indices, rows
 
@@ -245,7 +246,7 @@ def test_dense_rule_on_the_gpu_matches_the_torch_rule():
     v[0, 2, N_ - 1, 0] = float("inf")
     mb = num_blocks(N_, bs)
     mask = (torch.rand(B_, H_, mb, mb, device="cuda", generator=g) < 0.3) | torch.eye(mb, device="cuda").bool()
-    counts, indices = lists_from_block_mask(mask)
+    counts, indices = lists_from_mask(mask)
     out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D_ ** -0.5, like_dense=True)
     want, want_lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D_ ** -0.5)
     poison = nonfinite.poisoned_query_blocks_ref(nonfinite.block_flags_ref(k, v, bs), counts, indices)

@@ -43,7 +43,7 @@ def tiny_pipeline(two_experts, boundary=BOUNDARY):
     return pipe
 
 
-def generate(pipe, on_step=None):
+def generate(pipe, on_step=None, steps=STEPS, guidance=4.0):
     g = torch.Generator().manual_seed(2)
     prompt, negative = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
     callback = None
@@ -52,7 +52,7 @@ def generate(pipe, on_step=None):
             on_step(i, t)
             return {}
     return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=128, width=128, num_frames=9,
-                num_inference_steps=STEPS, guidance_scale=4.0, output_type="latent",
+                num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                 generator=torch.Generator().manual_seed(3), callback_on_step_end=callback).frames
 
 
@@ -72,7 +72,7 @@ def compile_pipeline(pipe, style, options, compiles):
         compiles.append(gm)
         return modcompile.modsparse(gm, inputs, **kw)
     for name in ("transformer", "transformer_2"):
-        model = getattr(pipe, name)
+        model = getattr(pipe, name, None)
         if model is None:
             continue
         if style == "whole":
@@ -183,3 +183,81 @@ def test_wan22_two_experts_run_mod_sparse_from_the_pipeline_schedule(style):
     high, low = steps["WanTransformer3DModel#0"], steps["WanTransformer3DModel#1"]
     # warm-up: 2 of 6 dense steps; the low-noise expert's first step observes densely (its own fit)
     assert all(d == 1.0 for i, *_, d in seen if i in high[:2] or i == low[0])
+
+
+def densities_by_step(model="WanTransformer3DModel#0"):
+    """on_step callback and its record: step -> [(density, planned num_steps)] of the self-attention sites."""
+    seen = {}
+
+    def on_step(i, t):
+        for (key, _), s in REGISTRY.states.items():
+            if ".attn1" in key and s.info.model == model and s.last_step == i and s.density is not None:
+                seen.setdefault(i, []).append((float(s.density), s.context.num_steps))
+    return seen, on_step
+
+
+@pytest.mark.parametrize("policy,warmup", [("vmoba", 1), pytest.param("mod", 2, marks=pytest.mark.slow)])
+def test_a_four_step_distilled_schedule_runs_sparse_after_the_warm_up(policy, warmup):
+    """A distilled model's short schedule (4 steps, no CFG): the pipeline's timesteps give the step
+    count (no num_steps option), so the policy's warm-up is scaled to 4 steps (vmoba: 25%, 1 step;
+    mod: its 2 observed steps) and every later step runs sparse."""
+    pipe = tiny_pipeline(False)
+    compiles = []
+    compile_pipeline(pipe, "regional", {"policy": policy, "density": 0.5, **OPTS}, compiles)
+    seen, on_step = densities_by_step()
+    assert torch.isfinite(generate(pipe, on_step, steps=4, guidance=1.0)).all()
+    assert sorted(seen) == [0, 1, 2, 3] and all(len(v) == LAYERS for v in seen.values())   # one pass per step
+    assert all(n == 4 for v in seen.values() for _, n in v)
+    assert all(d == 1.0 for i in range(warmup) for d, _ in seen[i])
+    assert all(d < 1.0 for i in range(warmup, 4) for d, _ in seen[i])
+    assert len(compiles) == 1
+
+
+@pytest.mark.slow                   # 24 forwards per call, two calls: about 20 s on 2 cores
+def test_skyreels_v2_diffusion_forcing_per_frame_timesteps_keep_state_bounded(monkeypatch):
+    """SkyReels-V2's diffusion forcing denoises frames asynchronously: a (B, frames) timestep per
+    forward, more forwards (12) than schedule steps (6), the newest frame at full noise for the first
+    ones. Each forward is one step (its CFG call a second pass), MOD runs sparse after its warm-up,
+    the state stays one per (layer, pass) over two calls of the pipeline, and MOD's history lists
+    keep their last HISTORY entries."""
+    from modcompile.policies import mod
+    monkeypatch.setattr(mod, "HISTORY", 3)
+    torch.manual_seed(0)
+    transformer = diffusers.SkyReelsV2Transformer3DModel.from_config(tiny_wan(0).config).eval()   # Wan's blocks
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    pipe = diffusers.SkyReelsV2DiffusionForcingPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                                        scheduler=scheduler, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    compiles = []
+    # a refresh every step (history grows fastest); no dense refresh on a low coverage (random weights)
+    compile_pipeline(pipe, "regional", {"policy": "mod", "density": 0.5, "refresh_interval": 1,
+                                        "min_observed_coverage": 0.0, **OPTS, "block_size": 16}, compiles)
+    g = torch.Generator().manual_seed(2)
+    prompt, negative = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    name = "SkyReelsV2Transformer3DModel#0"
+    for _ in range(2):
+        timesteps, steps = [], []
+
+        def callback(pipe, i, t, kwargs):
+            timesteps.append(t.clone())
+            steps.append(REGISTRY.runs[id(transformer)].tracker.step)
+            return {}
+        seen, on_step = densities_by_step(name)
+        out = pipe(prompt=None, prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64,
+                   num_frames=13, num_inference_steps=6, guidance_scale=4.0, output_type="latent", ar_step=2,
+                   causal_block_size=1, base_num_frames=13, generator=torch.Generator().manual_seed(3),
+                   callback_on_step_end=lambda p, i, t, kw: (on_step(i, t), callback(p, i, t, kw))[1]).frames
+        assert torch.isfinite(out).all()
+        assert len(timesteps) == 12 and timesteps[0].numel() == 4 and len(set(map(tuple, map(torch.Tensor.tolist, timesteps)))) == 12
+        assert steps == list(range(12))                               # one step per forward, from 0 again
+        assert all(d == 1.0 for i in (0, 1) for d, _ in seen[i]) and all(d < 1.0 for i in range(2, 12) for d, _ in seen[i])
+        rows = [r for r in modcompile.report(print_table=False) if r.site.startswith(name) and ".attn1" in r.site]
+        assert len(rows) == LAYERS and all(r.status == "sparse" and r.steps == 12 and r.passes == 2 for r in rows)
+        states = [s for (key, _), s in REGISTRY.states.items() if key.startswith(name)]
+        assert len(states) == LAYERS * 2                              # (layer, pass): nothing per step
+        histories = [s.policy_state for s in states]
+        assert all(len(h.events) == len(h.fit_steps) == 3 and h.fit_steps[-1] == 11 for h in histories)
+    assert len(compiles) == 1

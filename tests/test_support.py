@@ -10,7 +10,8 @@ import torch.nn as nn
 import modcompile
 from modcompile import dispatch
 from modcompile.kernels._common import attention_path
-from modcompile.kernels.reference import block_sparse_attention_ref, lists_from_block_mask
+from modcompile.kernels.reference import block_sparse_attention_ref
+from modcompile.kernels.block_lists import lists_from_mask
 from modcompile.report import run_status
 
 from models import SelfAttention, TinyVideoDiT
@@ -49,7 +50,7 @@ def test_use_triton_follows_the_predicate_and_the_public_op_runs_an_unsupported_
     q, k, v = (torch.randn(1, 2, 40, 256, generator=g) for _ in range(3))
     mask = torch.rand(1, 2, 3, 3, generator=g) < 0.5
     mask |= torch.eye(3, dtype=torch.bool)
-    counts, indices = lists_from_block_mask(mask)
+    counts, indices = lists_from_mask(mask)
     out = modcompile.block_sparse_attention(q, k, v, counts, indices, block_size=16)
     want, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), counts, indices, block_size=16)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from modcompile.kernels import _common
-from modcompile.kernels import block_sparse_attention_bwd as bwd
+from modcompile.kernels import tuning
+from modcompile.kernels.state import KERNEL_STATE
 
 NAMES = ("MODCOMPILE_TUNE", "MODCOMPILE_BSA_NO_TUNE", "MODCOMPILE_BWD_AUTOTUNE")
 
@@ -15,7 +15,7 @@ NAMES = ("MODCOMPILE_TUNE", "MODCOMPILE_BSA_NO_TUNE", "MODCOMPILE_BWD_AUTOTUNE")
 def env(monkeypatch):
     for name in NAMES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(_common, "_WARNED_ENVS", set())
+    monkeypatch.setattr(KERNEL_STATE, "warned_envs", set())
 
     def set_env(**values):
         for name, value in values.items():
@@ -26,7 +26,7 @@ def env(monkeypatch):
 def _both():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state = (_common.tuning_enabled("forward"), _common.tuning_enabled("backward"))
+        state = (tuning.tuning_enabled("forward"), tuning.tuning_enabled("backward"))
     return state, [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
 
@@ -38,7 +38,7 @@ def test_modcompile_tune_switches_forward_and_backward_without_warning(env, valu
 
 def test_tuning_is_on_by_default(env):
     assert _both() == ((True, True), [])
-    assert bwd._autotune_enabled()
+    assert tuning.tuning_enabled("map")
 
 
 @pytest.mark.parametrize("name, value, state", [
@@ -60,7 +60,7 @@ def test_new_name_wins_over_a_deprecated_one(env):
     assert _both() == ((True, True), [])
     env(MODCOMPILE_TUNE="0", MODCOMPILE_BSA_NO_TUNE="0", MODCOMPILE_BWD_AUTOTUNE="1")
     assert _both() == ((False, False), [])
-    assert not bwd._autotune_enabled()
+    assert not tuning.tuning_enabled("map")
 
 
 @pytest.mark.gpu
@@ -70,10 +70,10 @@ def test_forward_times_nothing_with_tuning_off(env, monkeypatch):
     import triton.testing
 
     from modcompile.kernels import block_sparse_attention as bsa
-    from modcompile.kernels.reference import full_block_lists, num_blocks
+    from modcompile.kernels.block_lists import full_block_lists, num_blocks
 
     env(MODCOMPILE_TUNE="0")
-    monkeypatch.setattr(bsa, "_TUNED", {})
+    monkeypatch.setattr(KERNEL_STATE, "tuned", {})
     monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed a candidate"))
     q, k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     m = num_blocks(300, 128)
@@ -81,4 +81,4 @@ def test_forward_times_nothing_with_tuning_off(env, monkeypatch):
     out, _ = bsa.block_sparse_attention_fwd(q, k, v, counts, indices, block_size=128)
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert (out.float() - ref).abs().max() < 3e-2
-    assert list(bsa._TUNED.values()) == [bsa.candidate_configs(128, 64, tma=bsa.tma_usable(k, v))[0]]
+    assert list(KERNEL_STATE.tuned.values()) == [tuning.forward_configs(128, 64, tma=bsa.tma_usable(k, v))[0]]

@@ -37,8 +37,8 @@ def _ctx(config, grid, n, layer, step=30, num_steps=40):
 def _token_mask(plan, layout, block):
     """Token-level (B, H, N, N) mask in the original order from kernel lists in permuted order."""
     mk = plan.kv_indices.shape[-1]
-    from modcompile.kernels.reference import block_mask_from_lists
-    bmask = block_mask_from_lists(plan.kv_counts, plan.kv_indices, mk)
+    from modcompile.kernels.block_lists import mask_from_lists
+    bmask = mask_from_lists(plan.kv_counts, plan.kv_indices, mk)
     kb = layout.partition.inv // block  # kernel block of each original token
     return bmask[:, :, kb][:, :, :, kb]
 

@@ -1,23 +1,41 @@
 """Small host-side helpers shared by the kernels' launch wrappers.
 
-Torch only (no triton import): pooling.py must stay importable without triton, and modcompile/ops.py
-reuses the block-list value check (:func:`validate_block_lists`) on its CPU path.
+Torch only (no triton import at module level): pooling.py and block_lists.py must stay importable
+without triton.
 """
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from functools import lru_cache
 
 import torch
 
+from .state import KERNEL_STATE
+
 LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e))
+
+# What the attention kernels (forward and backward) and the sparsity map kernel take.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def interpreting() -> bool:
     """Whether TRITON_INTERPRET asks for the Triton interpreter (any value but empty or "0")."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@KERNEL_STATE.memo
+@lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    """Whether the Triton the kernels need imports here (tensor descriptors are their newest need)."""
+    try:
+        import triton  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -33,19 +51,17 @@ def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
     device = torch.device(device)
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return "reference", f"no Triton on {device.type} without TRITON_INTERPRET=1"
-    try:
-        from . import block_sparse_attention as kernel
-    except ImportError:
+    if not triton_importable():
         if device.type == "cuda":
             return "none", "no Triton block-sparse kernel available (triton not importable)"
         return "reference", "triton not importable"
-    if dtype not in kernel.SUPPORTED_DTYPES:
-        names = ", ".join(str(d).replace("torch.", "") for d in kernel.SUPPORTED_DTYPES)
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
         return "none", f"dtype {str(dtype).replace('torch.', '')} not supported by the kernel (supported: {names})"
-    if head_dim not in kernel.SUPPORTED_HEAD_DIMS:
-        return "none", f"head_dim {head_dim} not supported by the kernel (supported: {kernel.SUPPORTED_HEAD_DIMS})"
-    if block_size is not None and block_size not in kernel.SUPPORTED_BLOCK_SIZES:
-        return "none", f"block_size {block_size} not supported by the kernel (supported: {kernel.SUPPORTED_BLOCK_SIZES})"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return "none", f"head_dim {head_dim} not supported by the kernel (supported: {SUPPORTED_HEAD_DIMS})"
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
+        return "none", f"block_size {block_size} not supported by the kernel (supported: {SUPPORTED_BLOCK_SIZES})"
     if device.type == "cpu" and dtype == torch.bfloat16:
         return "reference", "bfloat16 under the Triton interpreter (its bf16 dot is wrong)"
     if (device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available()
@@ -55,13 +71,13 @@ def attention_path(device: torch.device, dtype: torch.dtype, head_dim: int,
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """``torch.cuda.get_device_capability`` cached per device: the launch wrappers ask on every call."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    """``torch.cuda.get_device_capability`` cached per device (``KERNEL_STATE.capability``): the
+    launch wrappers ask on every call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = KERNEL_STATE.capability.get(index)
+    if cap is None:
+        cap = KERNEL_STATE.capability[index] = torch.cuda.get_device_capability(index)
+    return cap
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -90,34 +106,6 @@ def empty_heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(B, N, H, D).transpose(1, 2)
 
 
-TUNE_ENV = "MODCOMPILE_TUNE"
-# Older names, one per direction, with their opposite polarities: still read when MODCOMPILE_TUNE is
-# not set, with a warning the first time each is seen. name -> whether its value turns tuning on.
-DEPRECATED_TUNE_ENVS = {
-    "forward": ("MODCOMPILE_BSA_NO_TUNE", lambda v: v in ("", "0")),
-    "backward": ("MODCOMPILE_BWD_AUTOTUNE", lambda v: v != "0"),
-}
-_WARNED_ENVS: set = set()
-
-
-def tuning_enabled(direction: str) -> bool:
-    """Whether the ``direction`` ("forward" or "backward") kernels time their candidate launch
-    configurations on a GPU. ``MODCOMPILE_TUNE=0`` (or empty) turns tuning off for both; unset, the
-    deprecated per-direction name decides (``MODCOMPILE_BSA_NO_TUNE=1`` / ``MODCOMPILE_BWD_AUTOTUNE=0``
-    turn it off), else tuning is on."""
-    if TUNE_ENV in os.environ:
-        return os.environ[TUNE_ENV] not in ("", "0")
-    name, turns_on = DEPRECATED_TUNE_ENVS[direction]
-    if name not in os.environ:
-        return True
-    value = os.environ[name]
-    if name not in _WARNED_ENVS:
-        _WARNED_ENVS.add(name)
-        warnings.warn(f"{name}={value!r} is deprecated: set {TUNE_ENV}=0 to turn kernel tuning off "
-                      f"(forward and backward) or {TUNE_ENV}=1 to keep it on", FutureWarning, stacklevel=2)
-    return turns_on(value)
-
-
 VALIDATE_ENV = "MODCOMPILE_VALIDATE"
 
 
@@ -127,41 +115,6 @@ def validation_requested(validate: bool | None) -> bool:
     if validate is not None:
         return bool(validate)
     return os.environ.get(VALIDATE_ENV, "0") not in ("", "0")
-
-
-def validate_block_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_key_blocks: int,
-                         max_count: int | None = None, q_rows: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming the fault unless every count is in ``[0, max_count]`` (default: the
-    lists' width, at most ``num_key_blocks``), every listed entry is in ``[0, num_key_blocks)``, no
-    row lists a block twice (the kernel's softmax would count it twice) and ``q_rows``, when given,
-    is a permutation of ``range(len(q_rows))``.
-
-    The one value check of the block lists. The faults are reduced on the device and read back
-    together: one host sync per call, so it runs only where asked for (``validate=True`` or
-    ``MODCOMPILE_VALIDATE=1``), never on the default path."""
-    width = kv_indices.shape[-1]
-    max_count = min(width, num_key_blocks) if max_count is None else max_count
-    counts = kv_counts.long()
-    bad_count = ((counts < 0) | (counts > max_count)).any()
-    valid = torch.arange(width, device=kv_indices.device) < counts.clamp(0, width).unsqueeze(-1)
-    idx = kv_indices.long()
-    bad_entry = (valid & ((idx < 0) | (idx >= num_key_blocks))).any()
-    # Duplicates: sort each row with the unused slots pushed past every valid id.
-    keyed = torch.where(valid, idx, torch.full_like(idx, num_key_blocks + width))
-    ordered = keyed.sort(dim=-1).values
-    duplicate = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] < num_key_blocks)).any()
-    faults = [bad_count, bad_entry, duplicate]
-    if q_rows is not None:
-        expected = torch.arange(q_rows.numel(), device=q_rows.device, dtype=torch.long)
-        faults.append((q_rows.long().sort().values != expected).any())
-    found = torch.stack(faults).tolist()  # the one host read
-    messages = (f"kv_counts must lie in [0, {max_count}] (kv_indices width {width}, {num_key_blocks} key blocks)",
-                f"kv_indices has entries outside [0, {num_key_blocks})",
-                "kv_indices lists a key block twice in one row",
-                "q_rows must be a permutation of range(N) (every row written exactly once)")
-    for fault, message in zip(found, messages):
-        if fault:
-            raise ValueError(message)
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:

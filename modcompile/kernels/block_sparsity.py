@@ -7,6 +7,12 @@ log-sum-exp from the attention that just ran (a second pass over the q.k tiles, 
 entry of a tile is ``sparse entries / valid entries``: rows and columns past the end of a ragged last
 block do not count.
 
+Key bias (``key_bias`` (B, Nk) float32, the attention's key-padding mask as an additive bias,
+modcompile/passes/masks.py): the probability is ``exp(s_ij * scale + bias_j - lse_i)``, so a hidden
+key (``-inf``) has probability 0 and counts as sparse, also in a row whose ``lse`` is ``-inf`` (every
+key it attended was hidden). A tile of hidden keys is 1.0 (fully sparse). ``lse`` must come from
+the attention with the same bias.
+
 Restricted mode (``kv_counts``/``kv_indices`` given): only the listed (query block, key block)
 entries are written; every other entry of ``out`` is left as it was (the caller pre-fills it, by
 default with NaN, so that "not observed" is visible). That is the cheap refresh of the MOD policy:
@@ -22,7 +28,7 @@ Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows 
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
 The kernel loads and multiplies only the sampled rows (grouping ``s`` query blocks per program into
 one tile of ``block_size`` rows), so its work drops by about s for power-of-two strides. The key
-loop of every program is split into parts of about ``SparsityKernelConfig.key_blocks`` key blocks
+loop of every program is split into parts of about ``LaunchConfig.key_blocks`` key blocks
 (separate programs; the entries of different key blocks are independent), so that a short
 sampled pass still has enough programs for the GPU.
 ``row_stride=1`` is the exact map.
@@ -36,22 +42,19 @@ so that successive observations see different rows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import default_scale, dot_precision, interpreting, padded_head_dim, unit_last_stride
-from .reference import block_mask_from_lists, num_blocks
-
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
+                      padded_head_dim, unit_last_stride)
+from .block_lists import BlockLists, mask_from_lists, num_blocks
+from .tuning import LaunchConfig, choose, map_configs, tuning_key
 
 
 @triton.jit(do_not_specialize=["row_phase"])
 def _block_sparsity_kernel(
-    Q, K, Lse, Out, Counts, Indices, Listed,
+    Q, K, Lse, Out, Counts, Indices, Listed, KeyBias,
     inv_scale, log_threshold, row_phase,
     N_Q, N_K, H, MQ, MK,
     stride_qb, stride_qh, stride_qn,
@@ -61,6 +64,7 @@ def _block_sparsity_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ij,
     stride_fb, stride_fh, stride_fm,
+    stride_bb,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -70,6 +74,7 @@ def _block_sparsity_kernel(
     GROUP: tl.constexpr,
     SPLITS: tl.constexpr,
     RESTRICTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # One program per GROUP consecutive query blocks, one (batch, head) and one of SPLITS parts of
@@ -111,7 +116,13 @@ def _block_sparsity_kernel(
     # product, s_ij < (lse_i + ln(threshold)) / scale, which saves a multiply per entry (the
     # rounding differs only for scores on the bound). Unsampled / invalid slots get bound -inf:
     # no score is below it, so they never count.
-    bound = tl.where(row_ok, (lse + log_threshold) * inv_scale, float("-inf"))
+    bound = (lse + log_threshold) * inv_scale
+    if HAS_BIAS:
+        # A hidden key's score is -inf: below any finite bound. Sampled rows whose lse is -inf
+        # (every key they attended was hidden) get the lowest finite bound, so that hidden keys
+        # still count there and no other key does.
+        bound = tl.maximum(bound, -3.4028234663852886e38)
+    bound = tl.where(row_ok, bound, float("-inf"))
     # Key columns past N_K were loaded as zeros: their product is exactly 0, counted iff the
     # row's bound is above 0. Subtracting those after the key block's loop (only the last block
     # is ragged) keeps the per-entry work to one comparison and one add.
@@ -123,6 +134,7 @@ def _block_sparsity_kernel(
     block_ok = out_blocks < MQ
 
     k_base = K + b * stride_kb + h * stride_kh
+    bias_base = KeyBias + b * stride_bb
     out_base = Out + b * stride_ob + h * stride_oh + out_blocks.to(tl.int64) * stride_om
     listed_base = Listed + b * stride_fb + h * stride_fh + out_blocks.to(tl.int64) * stride_fm
     if RESTRICTED:
@@ -148,8 +160,13 @@ def _block_sparsity_kernel(
             k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
                         mask=(cols < N_K)[None, :] & d_ok[:, None], other=0.0)
             s = tl.dot(q, k, input_precision=DOT_PRECISION)
-            below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
-            total += tl.sum(s, 1)
+            if HAS_BIAS:
+                # columns past N_K load 0: the ragged-tail correction below stays right
+                kb = tl.load(bias_base + cols, mask=cols < N_K, other=0.0) * inv_scale
+                below += tl.sum((s + kb[None, :] < bound[:, None]).to(tl.int32), 1)
+            else:
+                below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
+            total += tl.sum(s, 1)   # the raw scores: non-finite q or k, hidden or not
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
         below -= (BLOCK_SIZE - cols_valid) * zero_hit
         below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
@@ -179,7 +196,7 @@ def group_lists(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int, grou
     """Restricted mode's work lists: ``listed`` (B, H, Mq, Mk) bool from the block lists, and per
     group of ``group`` consecutive query blocks the union of their lists as (counts (B, H, G),
     indices (B, H, G, Mk)) int32, in increasing key-block order. On device, no host sync."""
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     B, H, mq, _ = listed.shape
     n_groups = -(-mq // group)
     padded = listed.new_zeros(B, H, n_groups * group, mk)
@@ -205,24 +222,13 @@ def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 
     return rows[keep]
 
 
-@dataclass(frozen=True)
-class SparsityKernelConfig:
-    block_n: int
-    num_warps: int
-    num_stages: int
-    # Key blocks per program at most (the key loop is split into parts of about this many):
-    # enough programs to fill the GPU's waves once sampling has made each one short.
-    key_blocks: int = 32
-
-
-def _config(block_size: int) -> SparsityKernelConfig:
-    if interpreting():
-        # Two chunks per key block and small key parts, so that the chunk loop and the key split
-        # are exercised under the interpreter.
-        return SparsityKernelConfig(max(16, block_size // 2), 4, 1, key_blocks=3)
-    if block_size >= 128:
-        return SparsityKernelConfig(64, 8, 3)
-    return SparsityKernelConfig(min(64, block_size), 4, 3)
+def _pick_config(q, n_k: int, block_size: int, row_stride: int, restricted: bool) -> LaunchConfig:
+    """The map kernel's configuration: its one candidate, kept per key (:mod:`.tuning`)."""
+    if interpreting() or not q.is_cuda:
+        return map_configs(block_size, interpreter=True)[0]
+    B, H, N, _ = q.shape
+    key = tuning_key("map", q, block_size, N, n_k, B * H * num_blocks(N, block_size), False, row_stride, restricted)
+    return choose(key, map_configs(block_size, interpreter=False), None, direction="map")
 
 
 def key_splits(mk: int, key_blocks: int) -> int:
@@ -230,7 +236,7 @@ def key_splits(mk: int, key_blocks: int) -> int:
     return max(1, -(-mk // max(1, key_blocks)))
 
 
-def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase):
+def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias=None):
     for name, value, low in (("row_stride", row_stride, 1), ("row_phase", row_phase, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"block_sparsity: {name} must be an int, got {type(value).__name__}")
@@ -252,13 +258,17 @@ def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_ph
         raise ValueError("block_sparsity: give both kv_counts and kv_indices, or neither")
     mq, mk = num_blocks(N, block_size), num_blocks(k.shape[2], block_size)
     if kv_counts is not None:
-        if tuple(kv_counts.shape) != (B, H, mq) or kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, mq):
-            raise ValueError(f"block_sparsity: block lists must be (B, H, Mq[, W]) with Mq = {mq}")
-        if kv_counts.dtype != torch.int32 or kv_indices.dtype != torch.int32:
-            raise TypeError("block_sparsity: kv_counts and kv_indices must be int32")
+        lists = BlockLists(kv_counts, kv_indices, block_size, N, k.shape[2])
+        try:
+            lists.check(B, H)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"block_sparsity: {err}") from None
     if out is not None and (tuple(out.shape) != (B, H, mq, mk) or out.dtype != torch.float32):
         raise ValueError(f"block_sparsity: out must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
-    devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out) if t is not None}
+    if key_bias is not None and (not isinstance(key_bias, torch.Tensor) or tuple(key_bias.shape) != (B, k.shape[2])
+                                 or key_bias.dtype != torch.float32):
+        raise ValueError(f"block_sparsity: key_bias must be float32 (B, Nk) = {(B, k.shape[2])}")
+    devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out, key_bias) if t is not None}
     if len(devices) != 1:
         raise ValueError("block_sparsity: all inputs must be on one device")
 
@@ -267,15 +277,17 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                    threshold: float = 1e-4, scale: float | None = None,
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, fill: float = float("nan"),
-                   row_stride: int = 1, row_phase: int = 0,
-                   config: SparsityKernelConfig | None = None) -> torch.Tensor:
+                   row_stride: int = 1, row_phase: int = 0, key_bias: torch.Tensor | None = None,
+                   config: LaunchConfig | None = None) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
     each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``.
-    ``config`` forces a launch configuration (benchmarks); ``block_n`` must divide the block."""
-    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
+    ``key_bias`` (B, Nk) float32: added to the scaled scores (``-inf``: a hidden key, probability 0).
+    ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
+    the block) and ``key_blocks`` per program part; ``tile`` is ignored (the sampling layout sets it)."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias)
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "use block_sparsity_ref on CPU")
@@ -294,9 +306,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
         return out
-    cfg = config or _config(block_size)
-    if block_size % cfg.block_n:
-        raise ValueError(f"block_sparsity: config block_n {cfg.block_n} does not divide block_size {block_size}")
+    cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted)
+    if block_size % cfg.sub or cfg.key_blocks < 1:
+        raise ValueError(f"block_sparsity: config {cfg.label()}: sub must divide block_size {block_size} and "
+                         "key_blocks be >= 1")
     block_d = padded_head_dim(D)
     sample_rows, group = sample_layout(block_size, row_stride)
     listed = torch.zeros(1, 1, 1, 1, dtype=torch.int8, device=q.device)  # dummy: never read
@@ -307,8 +320,9 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         listed, kv_counts, kv_indices = group_lists(kv_counts, kv_indices, mk, group)
         listed = listed.view(torch.int8)
     splits = key_splits(mk, cfg.key_blocks)
+    bias = lse if key_bias is None else unit_last_stride(key_bias)   # dummy when absent: never read
     _block_sparsity_kernel[(triton.cdiv(mq, group), B * H, splits)](
-        q, k, lse, out, kv_counts, kv_indices, listed,
+        q, k, lse, out, kv_counts, kv_indices, listed, bias,
         1.0 / scale, math.log(threshold), row_phase % row_stride,
         N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
@@ -318,9 +332,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n,
+        bias.stride(0),
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.sub,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
-        DOT_PRECISION=dot_precision(q.dtype),
+        HAS_BIAS=key_bias is not None, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -330,12 +345,13 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
                        threshold: float = 1e-4, scale: float | None = None,
                        kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, fill: float = float("nan"),
-                       row_stride: int = 1, row_phase: int = 0,
+                       row_stride: int = 1, row_phase: int = 0, key_bias: torch.Tensor | None = None,
                        margin: float = 0.0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Torch reference of :func:`block_sparsity` (any device), the same estimator: only the rows
     of :func:`sampled_rows` count. ``margin`` shifts the bound
-    (``s * scale < lse + ln(threshold) + margin``): tests use +-margin to bracket rounding."""
-    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase)
+    (``s * scale + bias < lse + ln(threshold) + margin``): tests use +-margin to bracket rounding."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase,
+           None if key_bias is None else key_bias.float())
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
@@ -351,11 +367,15 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     lse_rows = lse[:, :, rows]
     row_bad = (lse_rows.isnan() | (lse_rows == float("inf"))).unsqueeze(-1)
     kc = k.to(compute_dtype)
+    if key_bias is not None:
+        bias = key_bias.to(compute_dtype)[:, None, None, :]
+        hidden = bias == float("-inf")          # probability 0: sparse whatever the row's lse
     step = 16 * block_size  # chunks of sampled rows bound the memory
     for r0 in range(0, rows.numel(), step):
         r1 = min(rows.numel(), r0 + step)
         s = torch.matmul(q[:, :, rows[r0:r1]].to(compute_dtype), kc.transpose(-1, -2)) * scale
-        below = (s < bound[:, :, r0:r1]).to(compute_dtype)
+        below = s < bound[:, :, r0:r1] if key_bias is None else (s + bias < bound[:, :, r0:r1]) | hidden
+        below = below.to(compute_dtype)
         below = torch.nn.functional.pad(below, (0, mk * block_size - n_k))
         per_col_block = below.view(B, H, r1 - r0, mk, block_size).sum(-1)
         sums.index_add_(2, row_blocks[r0:r1], per_col_block)
@@ -369,7 +389,7 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
             out.copy_(frac)
             return out
         return frac
-    listed = block_mask_from_lists(kv_counts, kv_indices, mk)
+    listed = mask_from_lists(kv_counts, kv_indices, mk)
     if out is None:
         out = torch.full((B, H, mq, mk), fill, dtype=torch.float32, device=q.device)
     out.copy_(torch.where(listed, frac, out))

@@ -43,6 +43,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .state import KERNEL_STATE
+
 KINDS = ("1d", "2d", "3d")
 _SHAPE_LEN = {"1d": 1, "2d": 2, "3d": 3}
 
@@ -255,6 +257,7 @@ def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position:
                      align)
 
 
+@KERNEL_STATE.memo
 @lru_cache(maxsize=128)
 def cached_partition(grid: tuple, kind: str, shape: tuple, text_tokens: int, text_position: str,
                      align: int | None = None) -> Partition:

@@ -15,6 +15,11 @@ owns one segment of one (batch, head), sums its rows in fp32 and adds ``sum / bl
 pooled output with one atomic add per channel, so long blocks (1D: thousands of tokens) still spread
 over many programs. The order of the atomic adds is not fixed: pooled values may differ in the last
 bits from run to run when a block has several segments.
+
+Key bias (``key_bias`` (B, N) float32, the attention's key-padding mask as an additive bias): the
+pooled k of a block is the mean over its visible keys only (bias ``> -inf``), and a fifth output
+gives each block's mean bias over them, ``-inf`` for a block of hidden keys (no visible key: its
+pooled k is 0). q is pooled over every token (padded queries still attend).
 """
 from __future__ import annotations
 
@@ -90,10 +95,11 @@ def _write_flags(write_permuted) -> tuple[bool, bool]:
 
 
 def permute_pool_ref(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, starts: torch.Tensor,
-                     write_permuted=True):
+                     write_permuted=True, key_bias: torch.Tensor | None = None):
     """Reference: ``(q_perm, k_perm, q_pool, k_pool)``; pools (B, H, P, D) float32 means over each
     partition block's tokens. A permuted copy not asked for by ``write_permuted`` (bool, or a
-    (q, k) pair) is None, as in :func:`permute_pool`."""
+    (q, k) pair) is None, as in :func:`permute_pool`. With ``key_bias`` (B, N, original order):
+    k pooled over visible keys and a fifth output, the mean bias (B, P) (see the module docstring)."""
     _check_qk(q, k, perm.numel())
     write_q, write_k = _write_flags(write_permuted)
     perm = perm.to(q.device, torch.int64)
@@ -109,7 +115,29 @@ def permute_pool_ref(q: torch.Tensor, k: torch.Tensor, perm: torch.Tensor, start
         total.index_add_(2, ids, x[:, :, lo:hi].float())
         return total / sizes.to(torch.float32)[:, None]
 
-    return qp if write_q else None, kp if write_k else None, pool(qp), pool(kp)
+    out = (qp if write_q else None, kp if write_k else None, pool(qp))
+    if key_bias is None:
+        return (*out, pool(kp))
+    return (*out, *masked_pool(kp, key_bias.index_select(1, perm), ids, lo, hi, sizes.numel()))
+
+
+def masked_pool(kp: torch.Tensor, bias_p: torch.Tensor, ids: torch.Tensor, lo: int, hi: int, parts: int):
+    """(k pooled over visible keys (B, H, P, D), mean bias (B, P)) from permuted k and bias: the
+    video positions ``lo:hi`` belong to partition ``ids``. Torch, any device."""
+    B, H, _, D = kp.shape
+    bias = bias_p[:, lo:hi].float()
+    visible = bias > float("-inf")
+    total = torch.zeros(B, H, parts, D, dtype=torch.float32, device=kp.device)
+    total.index_add_(2, ids, kp[:, :, lo:hi].float() * visible[:, None, :, None])
+    stats = torch.zeros(2, B, parts, dtype=torch.float32, device=kp.device)
+    stats.index_add_(2, ids, torch.stack([visible.float(), torch.where(visible, bias, 0.0)]))
+    return finish_masked_pool(total, stats[0], stats[1])
+
+
+def finish_masked_pool(k_sum: torch.Tensor, count: torch.Tensor, bias_sum: torch.Tensor):
+    """Sums over the visible keys -> (means (B, H, P, D), mean bias (B, P), -inf with no visible key)."""
+    denom = count.clamp_min(1.0)
+    return k_sum / denom[:, None, :, None], torch.where(count > 0, bias_sum / denom, float("-inf"))
 
 
 def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,18 +154,20 @@ def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | No
 if triton is not None:
     @triton.jit
     def _permute_pool_kernel(
-        Q, K, QP, KP, QPool, KPool, Perm, SegPart, SegStart, SegLen, InvCount,
+        Q, K, QP, KP, QPool, KPool, Perm, SegPart, SegStart, SegLen, InvCount, Bias, Stats,
         H,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_qpb, stride_qph, stride_qpn,
         stride_kpb, stride_kph, stride_kpn,
         stride_pb, stride_ph, stride_pp,
+        stride_bb, stride_sk, stride_sb,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_T: tl.constexpr,
         WRITE_Q: tl.constexpr,     # store the permuted q
         WRITE_K: tl.constexpr,     # store the permuted k
+        HAS_BIAS: tl.constexpr,    # KPool gets sums over visible keys; Stats (2, B, P) their count and bias sum
     ):
         seg = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -156,6 +186,8 @@ if triton is not None:
         kp_base = KP + b * stride_kpb + h * stride_kph
         acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
         acc_k = tl.zeros([BLOCK_D], dtype=tl.float32)
+        n_visible = tl.zeros([BLOCK_T], dtype=tl.float32)
+        bias_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
         for t0 in range(0, length, BLOCK_T):
             row_ok = (t0 + offs_t) < length
             rows = (start + t0 + offs_t).to(tl.int64)
@@ -168,12 +200,26 @@ if triton is not None:
             if WRITE_K:
                 tl.store(kp_base + rows[:, None] * stride_kpn + offs_d[None, :], k, mask=mask)
             acc_q += tl.sum(q.to(tl.float32), 0)
-            acc_k += tl.sum(k.to(tl.float32), 0)
+            if HAS_BIAS:
+                kb = tl.load(Bias + b * stride_bb + src, mask=row_ok, other=float("-inf"))
+                visible = kb > float("-inf")
+                acc_k += tl.sum(tl.where(visible[:, None], k.to(tl.float32), 0.0), 0)
+                n_visible += visible.to(tl.float32)
+                bias_sum += tl.where(visible, kb, 0.0)
+            else:
+                acc_k += tl.sum(k.to(tl.float32), 0)
         if part >= 0:
             w = tl.load(InvCount + part)
             p_off = b * stride_pb + h * stride_ph + part.to(tl.int64) * stride_pp + offs_d
             tl.atomic_add(QPool + p_off, acc_q * w, mask=d_ok)
-            tl.atomic_add(KPool + p_off, acc_k * w, mask=d_ok)
+            if HAS_BIAS:  # sums: divided by the visible count after the kernel
+                tl.atomic_add(KPool + p_off, acc_k, mask=d_ok)
+                if h == 0:
+                    s_off = b * stride_sb + part.to(tl.int64)
+                    tl.atomic_add(Stats + s_off, tl.sum(n_visible, 0))
+                    tl.atomic_add(Stats + stride_sk + s_off, tl.sum(bias_sum, 0))
+            else:
+                tl.atomic_add(KPool + p_off, acc_k * w, mask=d_ok)
 
     @triton.jit
     def _gather_rows_kernel(
@@ -209,11 +255,15 @@ def triton_available(x: torch.Tensor) -> bool:
 
 
 def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_permuted=True,
-                 block_t: int | None = None):
+                 block_t: int | None = None, key_bias: torch.Tensor | None = None):
     """Triton: ``(q_perm, k_perm, q_pool, k_pool)`` in one pass over q and k. ``write_permuted``: a
     bool for both copies or a (q, k) pair; a copy not written is None (identity permutations need
-    only the pools; VMoBA's attention gathers q in the kernel and needs only k permuted)."""
+    only the pools; VMoBA's attention gathers q in the kernel and needs only k permuted). With
+    ``key_bias`` (B, N) float32 in the original order: k pooled over the visible keys and a fifth
+    output, the mean bias (B, P) (module docstring)."""
     _check_qk(q, k, segments.seq_len)
+    if key_bias is not None and (tuple(key_bias.shape) != (q.shape[0], q.shape[2]) or key_bias.dtype != torch.float32):
+        raise ValueError(f"permute_pool: key_bias must be float32 (B, N) = {(q.shape[0], q.shape[2])}")
     write_q, write_k = _write_flags(write_permuted)
     if not triton_available(q):
         raise ValueError(f"permute_pool: the Triton kernel cannot run on {q.device} {q.dtype}; use permute_pool_ref")
@@ -224,22 +274,30 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
     qp = empty_heads_last(q) if write_q else q  # the input itself stands in for an unwritten copy
     kp = empty_heads_last(k) if write_k else k
     n_seg = segments.part.numel()
+    stats = torch.zeros(2, B, segments.num_parts, dtype=torch.float32, device=q.device) if key_bias is not None \
+        else pool_q  # dummy when absent: never read
+    bias = unit_last_stride(key_bias) if key_bias is not None else pool_q
     if B * H * N == 0 or n_seg == 0:
-        return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
+        return (qp if write_q else None), (kp if write_k else None), pool_q, \
+            *(finish_masked_pool(pool_k, stats[0], stats[1]) if key_bias is not None else (pool_k,))
     if block_t is None:
         block_t = 32 if interpreting() else 64
     _permute_pool_kernel[(n_seg, B * H)](
         q, k, qp, kp, pool_q, pool_k, segments.perm, segments.part, segments.start, segments.length,
-        segments.inv_count, H,
+        segments.inv_count, bias, stats, H,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         qp.stride(0), qp.stride(1), qp.stride(2),
         kp.stride(0), kp.stride(1), kp.stride(2),
         pool_q.stride(0), pool_q.stride(1), pool_q.stride(2),
+        bias.stride(0), stats.stride(0), stats.stride(1),
         HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_T=block_t, WRITE_Q=write_q, WRITE_K=write_k,
-        num_warps=4,
+        HAS_BIAS=key_bias is not None, num_warps=4,
     )
-    return (qp if write_q else None), (kp if write_k else None), pool_q, pool_k
+    out = (qp if write_q else None), (kp if write_k else None), pool_q
+    if key_bias is None:
+        return (*out, pool_k)
+    return (*out, *finish_masked_pool(pool_k, stats[0], stats[1]))
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None,
@@ -272,4 +330,4 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None =
 
 
 __all__ = ["Segments", "make_segments", "permute_pool", "permute_pool_ref", "gather_rows", "gather_rows_ref",
-           "triton_available"]
+           "masked_pool", "finish_masked_pool", "triton_available"]

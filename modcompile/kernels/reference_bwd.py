@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._common import default_scale
+from .block_lists import BlockLists, as_block_lists
 from .reference import default_compute_dtype, masked_block_matmul, query_chunks
 
 
@@ -26,20 +27,23 @@ def block_sparse_attention_bwd_ref(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor | BlockLists,
+    kv_indices: torch.Tensor | None = None,
     *,
-    block_size: int = 128,
+    block_size: int | None = None,
     scale: float | None = None,
     compute_dtype: torch.dtype | None = None,
     chunk_blocks: int = 16,
 ):
-    """Returns ``(dq, dk, dv)`` in q's dtype (float64 when computing in float64).
+    """Returns ``(dq, dk, dv)`` in q's dtype (float64 when computing in float64). The lists as in
+    the forward reference.
 
     ``compute_dtype`` defaults to float32 for half inputs and to the input dtype otherwise; pass
     the input's own half dtype to get the "torch in the same dtype" error baseline of the tests."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
+    lists = as_block_lists(kv_counts, kv_indices, block_size, N, Nk)
+    block_size = lists.block_size
     scale = default_scale(D, scale)
     if compute_dtype is None:
         compute_dtype = default_compute_dtype(q.dtype)
@@ -51,7 +55,7 @@ def block_sparse_attention_bwd_ref(
     dq = torch.empty(B, H, N, D, dtype=compute_dtype, device=q.device)
     dk = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
     dv = torch.zeros(B, H, Nk, D, dtype=compute_dtype, device=q.device)
-    for r0, r1, allowed in query_chunks(kv_counts, kv_indices, N, Nk, block_size, chunk_blocks, q.device):
+    for r0, r1, allowed in query_chunks(lists, chunk_blocks):
         s = torch.matmul(qc[:, :, r0:r1], kc.transpose(-1, -2)).to(lse_c.dtype) * scale
         # where() keeps empty rows (lse = -inf) at exactly 0 instead of exp(-inf + inf) = NaN.
         p = torch.where(allowed, torch.exp(s - lse_c[:, :, r0:r1, None]), 0.0)

@@ -72,6 +72,7 @@ def _rewrite_nested_regions(gm: fx.GraphModule, config, scope: str, token, grid)
             if source is not None:
                 placeholder.meta["modcompile_source"] = source
                 placeholder.meta["modcompile_prefix"] = prefix
+                placeholder.meta["modcompile_example"] = _example(operand)
         sites = find_attention_sites(sub)
         if not sites:
             continue
@@ -82,16 +83,18 @@ def _rewrite_nested_regions(gm: fx.GraphModule, config, scope: str, token, grid)
             for call in nodes:
                 call.args = (*call.args, token)
         infos += _rewrite_sites(sub, sites, config, scope, sub_token, grid,
-                                tuple(config.video_grid) if config.video_grid else (-1, -1, -1), prefix=prefix)
+                                tuple(config.video_grid) if config.video_grid else (-1, -1, -1), prefix=prefix,
+                                calls=[module_path(n) for n in nodes])
         sub.graph.lint()
         sub.recompile()
     return infos
 
 
 def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, grid_args,
-                   prefix: str = "") -> list[SiteInfo]:
+                   prefix: str = "", calls: list | None = None) -> list[SiteInfo]:
     """Register every site of ``gm`` and replace the eligible ones. ``prefix``: the module path of
-    the call that the graph's module paths start with (a nested region's first call)."""
+    the call that the graph's module paths start with (a nested region's first call); ``calls``:
+    the module paths of all of a nested region's calls (the instances of its dense sites)."""
     graph = gm.graph
     infos, misfits = [], {}
     support = _support_check(config.block_size)
@@ -114,6 +117,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
         infos.append(info)
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
+            REGISTRY.place_dense(info, _example(anchor), calls)
             continue
         _replace_with_sparse(graph, site, info.key, token, anchor, grid_args)
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
@@ -139,6 +143,20 @@ def _source_name(node) -> str | None:
         return node.meta["modcompile_source"]
     source = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
     return source() if callable(source) else source
+
+
+def _example(node) -> torch.Tensor | None:
+    """The real tensor a graph input held when Dynamo compiled (a nested region's input: its first
+    call's operand), or None."""
+    if not isinstance(node, fx.Node) or node.op != "placeholder":
+        return None
+    if "modcompile_example" in node.meta:
+        return node.meta["modcompile_example"]
+    try:
+        value = node.meta["grapharg"].example
+    except (KeyError, AttributeError, AssertionError):
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _grid_misfit(seq_len: int, grid: tuple) -> str:
@@ -189,15 +207,16 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, 
     q, k, v = a["query"], a["key"], a["value"]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
     with graph.inserting_before(node):
-        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args))
+        # the key bias goes to the plan (VMoBA scores) and observe (MOD's map) too: padding has no mass
+        bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
+        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args, bias))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
-        bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,
                                    (q, k, v, counts, indices, key, float(scale), bias, anchor))
         out = graph.call_function(operator.getitem, (attn, 0))
         lse = graph.call_function(operator.getitem, (attn, 1))
-        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key))
+        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key, bias))
         if site.key_mask is not None and site.key_mask.zero_padded_rows:
             out = graph.call_function(masks.zero_padded_rows, (out, site.key_mask.keys))
     out.meta.update(node.meta)

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from .. import dispatch
 from ..config import SparsityConfig
-from ..kernels.reference import full_block_lists, num_blocks
+from ..kernels.block_lists import full_block_lists, num_blocks
+from ..kernels.block_lists import lists_from_mask  # noqa: F401  (mod and vmoba import it from here)
 from ..runtime import SiteInfo, SiteState
 
 
@@ -57,26 +59,6 @@ def full_lists(batch: int, heads: int, mq: int, mk: int, device: torch.device):
     return full_block_lists(batch, heads, mq, mk, device)
 
 
-def lists_from_mask(mask: torch.Tensor):
-    """(counts int32 (..., Mq), indices int32 (..., Mq, Mk)) of a bool block mask, on device, without
-    a host sync: selected blocks first in increasing order, then the skipped ones (ignored).
-
-    One sort of ``id`` (selected) / ``Mk + id`` (not selected), then ``% Mk``: 4 ops. The constants
-    are cached device tensors (a Python scalar in ``torch.where`` would be copied host -> device on
-    every call)."""
-    mk = mask.shape[-1]
-    ids, shifted = _list_keys(mk, mask.device)
-    counts = mask.sum(-1, dtype=torch.int32)
-    ordered = torch.where(mask, ids, shifted).sort(dim=-1).values
-    return counts, ordered.remainder_(mk)
-
-
-@lru_cache(maxsize=None)  # never evicted: captured CUDA graphs hold the addresses (cuda_graphs.py)
-def _list_keys(mk: int, device: torch.device):
-    ids = torch.arange(mk, device=device, dtype=torch.int32)
-    return ids, ids + mk
-
-
 def block_token_counts(n: int, block_size: int, device=None) -> torch.Tensor:
     """(nb,) float32 tokens per block of an ``n``-token sequence (the last block may be ragged).
     Cached per (n, block_size, device): treat it as read-only."""
@@ -107,6 +89,23 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / block_token_counts(N, block_size, x.device).view(nb, 1)
 
 
+def masked_block_means(x: torch.Tensor, key_bias: torch.Tensor, block_size: int):
+    """Block statistics over the keys a key bias does not hide (``-inf``): ``(means (B, H, nb, D)
+    float32 of x over each block's visible keys, the mean bias over them (B, nb) (-inf for a block
+    of hidden keys), visible keys per block (B, nb) float32)``. A block of hidden keys has mean 0
+    and count 0. One masked copy of x (used on masked sites' observations only)."""
+    B, H, N, D = x.shape
+    nb = num_blocks(N, block_size)
+    pad = nb * block_size - N
+    visible = key_bias > float("-inf")
+    count = F.pad(visible.float(), (0, pad)).view(B, nb, block_size).sum(-1)
+    bias_sum = F.pad(torch.where(visible, key_bias.float(), 0.0), (0, pad)).view(B, nb, block_size).sum(-1)
+    sums = F.pad(x * visible[:, None, :, None].to(x.dtype), (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    denom = count.clamp_min(1.0)
+    return (sums.sum(3, dtype=torch.float32) / denom[:, None, :, None],
+            torch.where(count > 0, bias_sum / denom, float("-inf")), count)
+
+
 def like_dense(ctx: SiteContext) -> bool:
     """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_poison``, written by
     the kernel's epilogue)."""
@@ -119,7 +118,9 @@ class Policy:
     def __init__(self, config: SparsityConfig):
         self.config = config
 
-    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, key_bias=None) -> Plan:
+        """This call's block lists. ``key_bias`` (B, Nk) float32: the site's key-padding mask as an
+        additive bias (``-inf``: a hidden key), given on masked sites only."""
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -140,8 +141,9 @@ class Policy:
         return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
 
     def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-                kv_counts: torch.Tensor, kv_indices: torch.Tensor) -> None:
-        """Called after the attention of a call whose plan had ``observe=True``."""
+                kv_counts: torch.Tensor, kv_indices: torch.Tensor, key_bias=None) -> None:
+        """Called after the attention of a call whose plan had ``observe=True`` (``key_bias`` as
+        in :meth:`plan`; ``lse`` includes it)."""
 
     def warmup_steps(self, ctx: SiteContext) -> int:
         """Dense steps at the start of a run (config override, else the policy's default)."""
@@ -159,12 +161,3 @@ _POLICIES: dict[str, type[Policy]] = {}
 def register_policy(cls: type[Policy]) -> type[Policy]:
     _POLICIES[cls.name] = cls
     return cls
-
-
-def make_policy(config: SparsityConfig) -> Policy:
-    # Importing the built-in policies registers them; here, not at the top, because they import this module.
-    from . import dense, mod, vmoba  # noqa: F401
-    if config.policy not in _POLICIES:
-        raise ValueError(f"modsparse: policy {config.policy!r} is not available "
-                         f"(have {sorted(_POLICIES)})")
-    return _POLICIES[config.policy](config)

@@ -6,5 +6,5 @@ from .base import Plan, Policy, SiteContext, register_policy
 class DensePolicy(Policy):
     name = "dense"
 
-    def plan(self, ctx: SiteContext, q, k) -> Plan:
+    def plan(self, ctx: SiteContext, q, k, key_bias=None) -> Plan:
         return ctx.full_plan(q, k, why="policy dense")

@@ -63,7 +63,7 @@ import torch
 
 from .. import cuda_graphs, dispatch
 from .base import (Plan, Policy, SiteContext, block_means, block_token_counts, lists_from_mask,
-                   register_policy)
+                   masked_block_means, register_policy)
 from .mod_fit import FitGeometry, Geometry, fit_geometry
 
 log = logging.getLogger("modcompile")
@@ -110,7 +110,7 @@ class ModState:
     cheap_since_full: int = 0                      # cheap refreshes since the last full or dense one
     coverage_flag: DeferredScalar | None = None
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
-    events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...)
+    events: list = field(default_factory=list)     # (step, "observe-dense"|"refresh-dense"|...), the last HISTORY
     fit_steps: list = field(default_factory=list)
     nonfinite_flag: DeferredScalar | None = None   # whether the last observed map held NaN
     nonfinite_steps: list = field(default_factory=list)  # steps whose observation saw non-finite inputs
@@ -129,17 +129,28 @@ class ModState:
 
 
 def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
-                row_stride: int = 1, row_phase: int = 0):
+                row_stride: int = 1, row_phase: int = 0, key_bias=None):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
     with block lists only the listed blocks are written, the others are ``NOT_OBSERVED`` (-1), so
     that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
     ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
-    ``row_phase`` on."""
+    ``row_phase`` on. ``key_bias`` (B, Nk): a hidden key has probability 0 (sparse)."""
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
     fn = block_sparsity if dispatch.use_triton(q) else block_sparsity_ref
     return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
-              fill=NOT_OBSERVED)
+              fill=NOT_OBSERVED, key_bias=key_bias)
+
+
+# Entries kept of each ModState history list (events, fits, coverage): a run without generations
+# (diffusion forcing's long videos, a loop without step metadata) must not grow them without bound.
+HISTORY = 256
+
+
+def _record(history: list, item) -> None:
+    history.append(item)
+    if len(history) > HISTORY:
+        del history[: len(history) - HISTORY]
 
 
 # The restricted map's value for blocks it did not compute (a fraction is never negative).
@@ -180,7 +191,8 @@ class ModPolicy(Policy):
         return st
 
     # ------------------------------------------------------------------ schedule
-    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, key_bias=None) -> Plan:
+        # the lists come from the last observation (which saw the bias), not from this call's inputs
         if q.shape[2] != k.shape[2]:  # not self-attention: nothing to predict
             return ctx.full_plan(q, k, why="not self-attention")
         st = self._state(ctx, q)
@@ -206,14 +218,14 @@ class ModPolicy(Policy):
             st.cheap_since_full = 0 if full else st.cheap_since_full + 1
             counts, indices = self._batch_lists(st, q.shape[0])
             st.observing = "full" if full else "cheap"
-            st.events.append((step, "refresh-full" if full else "refresh-cheap"))
+            _record(st.events, (step, "refresh-full" if full else "refresh-cheap"))
             return Plan(counts, indices, dense=False, observe=True)
         counts, indices = self._batch_lists(st, q.shape[0])
         return Plan(counts, indices, dense=False, observe=False)
 
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
         st.observing = kind
-        st.events.append((ctx.step, event))
+        _record(st.events, (ctx.step, event))
         # observations before the first mask are still the warm-up; later ones are refreshes
         return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh")
 
@@ -226,7 +238,7 @@ class ModPolicy(Policy):
             return False
         st.coverage_flag = None
         value = flag.value()
-        st.observed_coverage.append((st.fit_steps[-1] if st.fit_steps else -1, value))
+        _record(st.observed_coverage, (st.fit_steps[-1] if st.fit_steps else -1, value))
         return value < self.config.min_observed_coverage
 
     def _poll_nonfinite(self, ctx: SiteContext, st: ModState) -> None:
@@ -245,8 +257,8 @@ class ModPolicy(Policy):
             log.warning("modcompile mod: %s saw NaN/Inf attention inputs at step %d; its output is NaN "
                         "there as in dense attention, and the mask predictor skipped those blocks "
                         "(kept their older values, or counted them dense)", ctx.info.key, step)
-        st.nonfinite_steps.append(step)
-        st.events.append((step, "observe-nonfinite"))
+        _record(st.nonfinite_steps, step)
+        _record(st.events, (step, "observe-nonfinite"))
         ctx.state.note = f"mod: NaN/Inf attention inputs at step(s) {st.nonfinite_steps[:5]}"
 
     def _batch_lists(self, st: ModState, batch: int):
@@ -259,7 +271,7 @@ class ModPolicy(Policy):
         return lists
 
     # ------------------------------------------------------------------ observation
-    def observe(self, ctx, q, k, lse, kv_counts, kv_indices) -> None:
+    def observe(self, ctx, q, k, lse, kv_counts, kv_indices, key_bias=None) -> None:
         st = ctx.state.policy_state
         if st is None or st.observing is None:
             return
@@ -270,7 +282,7 @@ class ModPolicy(Policy):
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_stride(), row_phase=0)
+                        row_stride=cfg.observe_stride(), row_phase=0, key_bias=key_bias)
         cheap = kind == "cheap" and st.smap is not None
         if cheap:
             raw = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
@@ -281,7 +293,8 @@ class ModPolicy(Policy):
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
             st.coverage_flag = DeferredScalar(observed_coverage(
-                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride()).mean())
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride(),
+                key_bias=key_bias).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw]
         if cheap:
@@ -291,7 +304,7 @@ class ModPolicy(Policy):
         outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
         st.smap, coef = outputs[0], outputs[1]
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
-        st.fit_steps.append(ctx.step)
+        _record(st.fit_steps, ctx.step)
         if build:
             st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[2:]
             st.head_lists = (counts[0], indices[0])
@@ -370,7 +383,8 @@ def _device_scalars(values, device: torch.device) -> torch.Tensor:
 _COVERAGE_CHUNK = 1 << 25
 
 
-def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride: int = 1) -> torch.Tensor:
+def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride: int = 1,
+                      key_bias=None) -> torch.Tensor:
     """Per (batch, head): estimated fraction of the dense attention mass that a sparse call kept,
     mean over the query rows of :func:`..kernels.block_sparsity.sampled_rows` (every
     ``row_stride``-th row of each block, phase 0: those the observation samples), (B, H) float.
@@ -379,11 +393,17 @@ def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride
     A skipped block b holds about ``|b| * exp(q . mean(k_b) * scale)`` unnormalised mass (a lower
     bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
     The estimate errs high (coverage overestimated), so a value under the bound is a real drop.
+    With ``key_bias`` (B, Nk) only visible keys count: ``|b|``, the mean key and the mean bias are
+    over them (Jensen again), and a block of hidden keys misses nothing.
     Cost: one pass over k (block means) and a (rows x nb) product per head, in a few batched ops
     (chunked over heads to bound memory)."""
     B, H, N, _ = q.shape
-    sizes = block_token_counts(k.shape[2], block_size, k.device)
-    pooled = block_means(k, block_size)                                        # (B, H, nbk, D)
+    if key_bias is None:
+        sizes = block_token_counts(k.shape[2], block_size, k.device).unsqueeze(-1)   # (nbk, 1)
+        pooled = block_means(k, block_size)                                    # (B, H, nbk, D)
+    else:
+        pooled, bias, sizes = masked_block_means(k, key_bias, block_size)
+        bias, hidden, sizes = bias[:, None, None, :], (sizes == 0)[:, None, None, :], sizes[:, None, :, None]
     rows, row_blocks = _coverage_rows(N, block_size, row_stride, q.device)
     qs = q.index_select(2, rows)
     ls = lse.index_select(2, rows).float().unsqueeze(-1)
@@ -394,9 +414,14 @@ def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride
     for h0 in range(0, H, heads):
         h1 = min(H, h0 + heads)
         s = torch.matmul(qs[:, h0:h1].float(), pooled[:, h0:h1].transpose(-1, -2))   # (B, h, R, nbk)
-        mass = s.mul_(scale).sub_(ls[:, h0:h1]).exp_()
+        s.mul_(scale)
+        if key_bias is not None:
+            s.add_(bias)
+        mass = s.sub_(ls[:, h0:h1]).exp_()
+        if key_bias is not None:
+            mass.masked_fill_(hidden, 0.0)                                      # even where lse is -inf
         mass.masked_fill_(kept[:, h0:h1].index_select(2, row_blocks), 0.0)      # kept blocks: not missing
-        missing = torch.matmul(mass, sizes)                                     # (B, h, R)
+        missing = torch.matmul(mass, sizes)[..., 0]                             # (B, h, R)
         out.append(missing.add_(1.0).reciprocal_().mean(-1))
     return torch.cat(out, 1) if len(out) > 1 else out[0]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.reference import num_blocks
+from ..kernels.block_lists import num_blocks
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ Threshold rule (global and row): rank the set by ``w`` descending and keep the s
 cumulative mass reaches ``tau`` of the set's total, i.e. keep an entry iff the mass ranked strictly
 before it is ``< tau * total`` (``tau = 0`` keeps nothing but the own blocks; ties rank in sort
 order). Top-k keeps the ``k`` highest scores of each row. A NaN / Inf score is always kept (with
-the own block) and left out of the normalisation. In every mode the own block (diagonal) is
+the own block) and left out of the normalisation. A *hidden* block (``hidden``: a key block of
+padding, no visible key) has no mass: it is left out of the normalisation, ranks last and is never
+kept, not even as the own block or by the density floor. In every mode the own block (diagonal) is
 kept and counts first; then the per-row density guard: at least ``ceil(min_density * Mk)`` and at
 most ``max(1, floor(max_density * Mk))`` blocks per row, filled / trimmed by score rank.
 """
@@ -87,10 +89,11 @@ def own_blocks(mq: int, mk: int, device) -> torch.Tensor:
 def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.25,
                   normalization: str = "minmax", topk: int | None = None, density: float | None = None,
                   min_density: float = 0.0, max_density: float = 1.0, scale: float = 1.0,
-                  keep_own: bool = True) -> torch.Tensor:
+                  keep_own: bool = True, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """The kept-block mask (..., Mq, Mk) of ``scores`` (..., Mq, Mk); see the module docstring.
 
-    ``topk`` mode keeps ``topk`` blocks per row, or ``ceil(density * Mk)`` when ``topk`` is None."""
+    ``topk`` mode keeps ``topk`` blocks per row, or ``ceil(density * Mk)`` when ``topk`` is None.
+    ``hidden``: bool, broadcast to ``scores``: blocks of padding (their scores are ignored)."""
     if scores.dim() < 2:
         raise ValueError(f"scores must be (..., Mq, Mk), got shape {tuple(scores.shape)}")
     if mode not in MODES:
@@ -107,12 +110,19 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
     # attention meets the bad values as dense SDPA would, and the other scores are normalised
     # without it (it stands at the set's lowest finite score).
     bad = scores.isfinite().logical_not_()
+    if hidden is not None:
+        bad &= ~hidden
+    out = bad if hidden is None else bad | hidden          # left out of the normalisation
     dims = (-2, -1) if mode == "global" else (-1,)
     s = scores.float()
-    low = s.masked_fill(bad, float("inf")).amin(dim=dims, keepdim=True)
-    scores = torch.where(bad, low.masked_fill_(low.isinf(), 0.0), s)
+    low = s.masked_fill(out, float("inf")).amin(dim=dims, keepdim=True)
+    scores = torch.where(out, low.masked_fill_(low.isinf(), 0.0), s)
+    ranked = scores if hidden is None else scores.masked_fill(hidden, float("-inf"))   # hidden: last
     # ranks cost a sort: only top-k and the density guard need them
-    rank = rank_in_row(scores, bad if own is None else own | bad) if (mode == "topk" or floor > 0 or ceiling < mk) else None
+    rank = None
+    if mode == "topk" or floor > 0 or ceiling < mk:
+        first = bad if own is None else own | bad if hidden is None else (own & ~hidden) | bad
+        rank = rank_in_row(ranked, first)
     if mode == "topk":
         if topk is None:
             if density is None:
@@ -124,6 +134,8 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
     else:
         dims = (-2, -1) if mode == "global" else (-1,)
         weights = normalize_scores(scores, normalization, dims, scale)
+        if hidden is not None:  # no mass (minmax gave them 0 already; softmax did not)
+            weights = weights.masked_fill(hidden, 0.0)
         if mode == "global":
             keep = threshold_prefix(weights.flatten(-2), tau).view_as(weights)
         else:
@@ -135,7 +147,7 @@ def select_blocks(scores: torch.Tensor, *, mode: str = "global", tau: float = 0.
         keep = keep | (rank < floor)
     if ceiling < mk:
         keep = keep & (rank < ceiling)
-    return keep
+    return keep if hidden is None else keep & ~hidden
 
 
 __all__ = ["MODES", "NORMALIZATIONS", "normalize_scores", "own_blocks", "rank_in_row", "select_blocks",

@@ -8,7 +8,9 @@ Per call of a sparse step:
    makes every partition block contiguous (kernels/partition.py; cached per geometry and device);
 2. one fused pass reads q and k in permuted order, mean-pools them per partition block in fp32 and
    writes the permuted copy of k (kernels/pooling.py), kept for the attention op of the same call;
-3. pooled scores ``mean(q) . mean(k)`` are selected per head (modcompile/policies/selection.py:
+3. pooled scores ``mean(q) . mean(k)`` (with a key-padding mask: k pooled over the visible keys
+   plus their mean bias over the scale, so a block of padding scores -inf and is never selected)
+   are selected per head (modcompile/policies/selection.py:
    global / row threshold on the normalized mass, or top-k; own block kept; density guard);
 4. the partition-level selection becomes kernel block lists in permuted order (a kernel block
    straddling two partition blocks belongs to both; text blocks attend and are attended by all);
@@ -155,7 +157,7 @@ class VmobaPolicy(Policy):
                           ctx.info.text_position, self.config.block_size, device)
 
     # ------------------------------------------------------------------ plan
-    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor) -> Plan:
+    def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, key_bias=None) -> Plan:
         call = ctx.state.policy_state = CallState()  # drops permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
         if layout is None:
@@ -165,34 +167,38 @@ class VmobaPolicy(Policy):
             return ctx.full_plan(q, k, why="warm-up")
         ctx.state.note = layout.describe()
         call.dense = False
-        _, kp, q_pool, k_pool = self.permute_pool(q, k, layout)
+        _, kp, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias)
         if not layout.identity:
             call.stash = (_tensor_key(k), kp)
-        counts, indices = self.lists_fn(layout, q_pool)(q_pool, k_pool)
+        counts, indices = self.lists_fn(layout, q_pool, masked=key_bias is not None)(q_pool, *pooled_k)
         return Plan(counts, indices, dense=False)
 
-    def lists_fn(self, layout: Layout, q_pool: torch.Tensor):
-        """``(q_pool, k_pool) -> (counts, indices)`` for this layout and pooled shape: on CUDA
-        replayed from a CUDA graph after the first call (the selection is ~30 tiny kernels whose
-        launches cost more host time than their GPU time), else :meth:`block_lists`."""
+    def lists_fn(self, layout: Layout, q_pool: torch.Tensor, masked: bool = False):
+        """``(q_pool, k_pool[, bias_pool]) -> (counts, indices)`` for this layout and pooled shape
+        (``bias_pool`` on masked sites): on CUDA replayed from a CUDA graph after the first call
+        (the selection is ~30 tiny kernels whose launches cost more host time than their GPU
+        time), else :meth:`block_lists`."""
         scale = 1.0 / math.sqrt(q_pool.shape[-1])
         if not cuda_graphs.enabled(q_pool.device):
-            return lambda qp, kp: self.block_lists(qp, kp, layout, scale)
-        key = (id(layout), tuple(q_pool.shape), q_pool.dtype, q_pool.device)
+            return lambda qp, kp, *bp: self.block_lists(qp, kp, layout, scale, *bp)
+        key = (id(layout), tuple(q_pool.shape), q_pool.dtype, q_pool.device, masked)
         entry = self._graphs.get(key)
         if entry is None or entry[0] is not layout:  # `is`: an evicted layout's id may be reused
             if len(self._graphs) >= _MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
-            call = cuda_graphs.GraphedCall(lambda qp, kp: self.block_lists(qp, kp, layout, scale),
+            call = cuda_graphs.GraphedCall(lambda qp, kp, *bp: self.block_lists(qp, kp, layout, scale, *bp),
                                            name=f"the {layout.describe()} selection")
             entry = self._graphs[key] = (layout, call)
         return entry[1]
 
-    def permute_pool(self, q, k, layout: Layout):
+    def permute_pool(self, q, k, layout: Layout, key_bias=None):
         """``(None, permuted k or None, q_pool, k_pool)``: the attention kernel gathers q rows itself,
-        so only k is permuted (and only when the permutation is not the identity)."""
+        so only k is permuted (and only when the permutation is not the identity). With
+        ``key_bias`` (B, N): k pooled over the visible keys and a fifth output, the mean bias of
+        each partition block (B, P), -inf for a block of padding (kernels/pooling.py)."""
         if _use_triton(q):
-            return pooling.permute_pool(q, k, layout.segments, write_permuted=(False, not layout.identity))
+            return pooling.permute_pool(q, k, layout.segments, write_permuted=(False, not layout.identity),
+                                        key_bias=key_bias)
         # torch path (CPU): pooling.permute_pool_ref's arithmetic with the layout's cached index tensors
         lo, hi = layout.video
         qp, kp = q.index_select(2, layout.perm), k.index_select(2, layout.perm)
@@ -203,21 +209,33 @@ class VmobaPolicy(Policy):
             total.index_add_(2, layout.pool_ids, x[:, :, lo:hi].float())
             return total / layout.block_sizes[:, None]
 
-        return (None, None, pool(q), pool(k)) if layout.identity else (None, kp, pool(qp), pool(kp))
+        if key_bias is None:
+            pooled_k = (pool(kp),)
+        else:
+            pooled_k = pooling.masked_pool(kp, key_bias.index_select(1, layout.perm), layout.pool_ids, lo, hi,
+                                           layout.block_sizes.numel())
+        return (None, None if layout.identity else kp, pool(qp), *pooled_k)
 
-    def select(self, scores: torch.Tensor, scale: float) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, scale: float, hidden=None) -> torch.Tensor:
         c = self.config
         return select_blocks(scores, mode=c.selection, tau=c.tau, normalization=c.normalization, topk=c.topk,
                              density=c.density, min_density=c.min_density, max_density=c.max_density,
-                             scale=scale)
+                             scale=scale, hidden=hidden)
 
-    def select_partition(self, q_pool, k_pool, scale: float) -> torch.Tensor:
-        """Partition-level selection (B, H, P, P) bool from the pooled blocks."""
-        return self.select(torch.matmul(q_pool, k_pool.transpose(-1, -2)), scale)
+    def select_partition(self, q_pool, k_pool, scale: float, bias_pool=None) -> torch.Tensor:
+        """Partition-level selection (B, H, P, P) bool from the pooled blocks. ``bias_pool`` (B, P):
+        each key block's mean bias over its visible keys, added in score units (a score is q . k,
+        the logit that times ``scale``); -inf marks a block of padding, which is never selected."""
+        scores = torch.matmul(q_pool, k_pool.transpose(-1, -2))
+        if bias_pool is None:
+            return self.select(scores, scale)
+        hidden = bias_pool.isneginf()[:, None, None, :]
+        scores = scores + (bias_pool / scale).masked_fill(hidden[:, 0, 0], 0.0)[:, None, None, :]
+        return self.select(scores, scale, hidden=hidden)
 
-    def block_lists(self, q_pool, k_pool, layout: Layout, scale: float):
+    def block_lists(self, q_pool, k_pool, layout: Layout, scale: float, bias_pool=None):
         """Kernel block lists (permuted order) from the pooled blocks; width exactly Mk."""
-        chosen = self.select_partition(q_pool, k_pool, scale)
+        chosen = self.select_partition(q_pool, k_pool, scale, bias_pool)
         mask = part_lib.kernel_block_mask(chosen, layout.incidence, layout.text_pairs)
         return lists_from_mask(mask)
 

@@ -1,0 +1,130 @@
+"""Every zoo model (tests/clients.py), compiled as its users compile it (whole-model torch.compile
+and regional ``compile_repeated_blocks``), runs its video self-attention block-sparse with ``mod``
+and ``vmoba``; on every call, sparse steps included, each rewritten site's output equals a float64
+attention over exactly the block lists its plan returned for that call (with the key bias of a
+padded text, in VMoBA's permuted order), with no recompile per step.
+
+The site's inputs and lists are caught where the compiled graph hands them to the policy
+(``ops.site_attention``, the body of the site attention op)."""
+import pytest
+import torch
+
+import modcompile
+from modcompile import dispatch, ops
+
+pytest.importorskip("diffusers")
+
+from clients import BY_NAME, CLIENTS, small_inputs  # noqa: E402
+from site_check import Checker  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fresh_modcompile")
+
+BLOCK = 32
+STEPS = (900.0, 800.0, 700.0, 600.0, 500.0, 400.0)
+POLICIES = {
+    # density 0.5: random weights spread attention evenly, and MOD's coverage rule would keep almost
+    # every block; a refresh every 2 steps puts a cheap (sparse, observing) refresh at step 4
+    # (min_observed_coverage 0: no dense refresh after it, whatever the random weights' coverage)
+    "mod": {"policy": "mod", "warmup_steps": 2, "num_steps": len(STEPS), "refresh_interval": 2, "density": 0.5,
+            "min_observed_coverage": 0.0},
+    "vmoba": {"policy": "vmoba", "warmup_steps": 1},
+}
+# sites that run block-sparse per forward: the video self-attention sites, except where Dynamo
+# skips the attention (Mochi's processor gathers the valid text with nonzero in a per-batch loop)
+SPARSE_SITES = {c.name: 0 if c.name == "mochi" else c.sites.count("video") for c in CLIENTS}
+
+
+def inputs_at(client, step, t):
+    inputs = small_inputs(client, seed=1 + step, t=t)
+    if client.masked:                                  # HunyuanVideo: 3 padded text tokens
+        inputs["encoder_attention_mask"] = torch.tensor([[1.0] * 5 + [0.0] * 3])
+    return inputs
+
+
+def compile_model(model, style, backend, options):
+    """Whole-model torch.compile, or regional: diffusers' compile_repeated_blocks where the class
+    names its blocks, else each block of its block lists compiled alike (what that method does)."""
+    if style == "whole":
+        return torch.compile(model, backend=backend, options=options)
+    if getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks(backend=backend, options=options)
+        return model
+    for blocks in (m for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and "blocks" in name):
+        for block in blocks:
+            block.compile(backend=backend, options=options)
+    return model
+
+
+def run_matrix_case(name, style, policy, monkeypatch, triton=False):
+    if not triton:              # the torch reference paths (the interpreter would take minutes)
+        monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
+    client = BY_NAME[name]
+    compiles = []
+
+    def backend(gm, example_inputs, **kw):
+        compiles.append(gm)
+        return modcompile.modsparse(gm, example_inputs, **kw)
+
+    checker = Checker(monkeypatch, BLOCK)
+    options = {**POLICIES[policy], "block_size": BLOCK, "min_seq_len": 64}
+    model = compile_model(client.build(), style, backend, options)
+    first = None
+    with torch.no_grad():
+        for step, t in enumerate(STEPS):
+            out = model(**inputs_at(client, step, t))[0]
+            assert torch.isfinite(out).all()
+            first = len(compiles) if first is None else first
+    assert len(compiles) == first                                  # no recompile per step
+    rows = [r for r in modcompile.report(print_table=False) if r.status == "sparse"]
+    assert len(rows) == SPARSE_SITES[name], [r.site for r in rows]
+    sparse = {key for key, step, dense, d in checker.calls if not dense and d < 1.0}
+    assert sparse == {r.site for r in rows}                        # every sparse site checked on sparse lists
+    for r in rows:                                                  # every step, every sparse step after the warm-up
+        mine = [(step, dense) for key, step, dense, _ in checker.calls if key == r.site]
+        assert [s for s, _ in mine] == list(range(len(STEPS))), mine
+        assert all(not dense for s, dense in mine if s >= options["warmup_steps"]), mine
+    return rows, checker
+
+
+# fast: each policy, both styles, text first and the masked joint attention; Allegro regional, whose
+# forward rebinds ``timestep`` before the blocks that find the model run (its first step counted once)
+FAST = {("wan", "regional", "vmoba"), ("hunyuan_video", "whole", "mod"), ("cogvideox", "regional", "mod"),
+        ("allegro", "regional", "vmoba")}
+CASES = [pytest.param(c.name, style, policy, id=f"{c.name}-{style}-{policy}",
+                      marks=[] if (c.name, style, policy) in FAST else [pytest.mark.slow])
+         for c in CLIENTS for style in ("whole", "regional") for policy in POLICIES]
+
+
+@pytest.mark.parametrize("name,style,policy", CASES)
+def test_sparse_steps_equal_float64_attention_over_the_lists_used(name, style, policy, monkeypatch):
+    run_matrix_case(name, style, policy, monkeypatch)
+
+
+@pytest.mark.slow                   # the interpreter: 10-25 s per policy on 2 cores
+@pytest.mark.parametrize("policy", ["mod", "vmoba"])
+def test_triton_kernels_on_a_real_model(policy, monkeypatch):
+    """The same check with the Triton kernels (interpreter on CPU): attention, MOD's map kernel,
+    VMoBA's pooling and its q-row gather, with HunyuanVideo's padded text."""
+    if not dispatch.use_triton(torch.empty(1, 1, 1, 32)):
+        pytest.skip("Triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
+    run_matrix_case("hunyuan_video", "regional", policy, monkeypatch, triton=True)
+
+
+def test_the_check_fails_on_lists_other_than_the_plans(monkeypatch):
+    """A site whose attention ran other lists than its plan returned fails the check."""
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
+    original = ops.site_attention
+
+    def swapped(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=None):
+        if not ctx.state.dense_now:                    # sparse steps: attend one block fewer per row
+            kv_counts = (kv_counts - 1).clamp_min(1)
+        return original(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias)
+    monkeypatch.setattr(ops, "site_attention", swapped)
+    checker = Checker(monkeypatch, BLOCK, broken=False)       # wraps the swapped body: sees the plan's lists
+    client = BY_NAME["wan"]
+    model = compile_model(client.build(), "regional", "modsparse",
+                          {**POLICIES["vmoba"], "block_size": BLOCK, "min_seq_len": 64})
+    with torch.no_grad(), pytest.raises(AssertionError, match="Mismatch|not close"):
+        for step, t in enumerate(STEPS[:3]):
+            model(**inputs_at(client, step, t))
+    assert checker.calls                                # the dense warm-up step passed
