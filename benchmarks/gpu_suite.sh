@@ -5,7 +5,7 @@
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
 #   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
 #   fidelity_long policy policy_long e2e
-#   bench_observe);
+#   bench_observe nonfinite);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to benchmarks.bench_mod / benchmarks.bench_observe.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
@@ -76,6 +76,8 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     bench_mod) part bench_mod 110 $PY -m benchmarks.bench_mod --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
     bench_observe) part bench_observe 200 $PY -m benchmarks.bench_observe --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY -m benchmarks.bench_vmoba --out "$R/vmoba" ;;
+    # issue 16: the fused dense-like non-finite rule against the old torch rule (stops itself under 3 min)
+    nonfinite) part nonfinite 200 $PY -m benchmarks.bench_nonfinite --out "$R/nonfinite" ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \
            diffusers > "$R/e2e_wheels.log" 2>&1

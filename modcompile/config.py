@@ -193,8 +193,8 @@ class SparsityConfig:
     # per block (the estimate's quality depends on rows per block; BENCHMARKS.md, MOD overhead)
     observe_row_stride: int | None = option(None, "int", low=1, optional=True)
     # where a NaN / Inf in k or v shows: listed (the rows whose lists hold its block, always its own
-    # block's rows: free) | dense (every row dense SDPA would spoil: one more pass over k, v and out
-    # per sparse call, BENCHMARKS.md)
+    # block's rows: free) | dense (every row dense SDPA would spoil: one more read of k and v per sparse
+    # call, the NaN written by the kernel's epilogue; kernels/nonfinite.py)
     nonfinite: str = option("listed", "str", choices=("listed", "dense"))
 
     def __post_init__(self):

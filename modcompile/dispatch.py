@@ -8,11 +8,10 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import nonfinite
 from .kernels._common import attention_path, empty_heads_last
-from .kernels.block_lists import num_blocks
 from .kernels.reference import block_sparse_attention_ref
 from .kernels.state import KERNEL_STATE
 
@@ -64,11 +63,14 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     the returned out / lse in the original one; permuted row ``r`` is token ``q_rows[r]``. The kernel
     gathers q and scatters out / lse itself; the torch path permutes q and un-permutes around the
     reference. ``like_dense`` (the rewritten sites): NaN also on the rows that dense SDPA would make
-    non-finite through a key or value block they do not list (:func:`nonfinite_like_dense`)."""
+    non-finite through a key or value block they do not list (:mod:`.kernels.nonfinite`: flags from
+    one read of k and v, written as NaN by the kernel's epilogue; no host sync)."""
     out = out_like(q)
-    if use_triton(q):
+    triton_path = use_triton(q)
+    poison = nonfinite_poison(k, v, kv_counts, kv_indices, block_size, triton_path) if like_dense else None
+    if triton_path:
         out, lse = _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
-                                     q_rows=q_rows, key_bias=key_bias)
+                                     q_rows=q_rows, key_bias=key_bias, poison=poison)
     else:
         rows = None if q_rows is None else q_rows.to(torch.int64)
         q_in = q if rows is None else q.index_select(2, rows)
@@ -78,39 +80,21 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
             out = out.copy_(ref_out)
         else:
             out, lse = out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
-    if like_dense:
-        nonfinite_like_dense(out, lse, k, v, kv_counts, kv_indices, block_size, q_rows)
+        if poison is not None:
+            nonfinite.poison_rows_(out, lse, poison, block_size, q_rows)
     return out, lse
 
 
-def nonfinite_like_dense(out: Tensor, lse: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                         block_size: int, q_rows: Optional[Tensor] = None) -> None:
-    """Write NaN into the rows of ``out`` / ``lse`` whose query block does not list every key
-    block holding a NaN / Inf in k or v (in place, on device, no host sync).
-
-    Dense SDPA reads every key: one NaN key or value makes every row NaN, an infinite one makes
-    the rows that meet it NaN or Inf. Block-sparse attention propagates what its listed blocks
-    hold; without this a NaN outside a row's list would vanish into a finite output. Rows that
-    list all such blocks keep the kernel's own result (NaN where dense is NaN); for Inf the rule
-    is conservative (a row that dense SDPA leaves finite through a -inf score becomes NaN). Cost:
-    one read of k and v and a few small ops on the lists."""
-    B, H, Nk, _ = k.shape
-    N = out.shape[2]
-    mk = num_blocks(Nk, block_size)
-    # A row sum is non-finite iff the row holds a NaN or Inf (finite values would have to overflow).
-    token_bad = (k.sum(-1, dtype=torch.float32) + v.sum(-1, dtype=torch.float32)).isfinite().logical_not_()
-    block_bad = F.pad(token_bad, (0, mk * block_size - Nk)).view(B, H, mk, block_size).any(-1)  # (B, H, Mk)
-    width = kv_indices.shape[-1]
-    listed = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
-    ids = kv_indices.long().clamp(0, mk - 1)
-    mq = ids.shape[2]
-    listed_bad = (block_bad.unsqueeze(2).expand(B, H, mq, mk).gather(-1, ids) & listed).sum(-1)
-    missing = listed_bad < block_bad.sum(-1, keepdim=True)                                      # (B, H, Mq)
-    rows = missing.unsqueeze(-1).expand(B, H, mq, block_size).reshape(B, H, mq * block_size)[..., :N]
-    if q_rows is not None:  # permuted row r is token q_rows[r]
-        rows = torch.empty_like(rows).index_copy_(2, q_rows.long(), rows)
-    out.masked_fill_(rows.unsqueeze(-1), float("nan"))
-    lse.masked_fill_(rows, float("nan"))
+def nonfinite_poison(k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, block_size: int,
+                     triton_path: bool) -> Tensor:
+    """(B, H, Mq) int8 (Triton) or bool: whether each query block's list skips a key block holding a NaN / Inf in k or v
+    (in the lists' token order). Dense SDPA reads every key, so such a block makes those rows
+    non-finite; rows that list every such block keep the kernel's own result. Triton: two small
+    launches (:func:`.kernels.nonfinite.block_flags`, :func:`.kernels.nonfinite.poisoned_query_blocks`);
+    else their torch references."""
+    if triton_path:
+        return nonfinite.poisoned_query_blocks(nonfinite.block_flags(k, v, block_size), kv_counts, kv_indices)
+    return nonfinite.poisoned_query_blocks_ref(nonfinite.block_flags_ref(k, v, block_size), kv_counts, kv_indices)
 
 
 def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):

@@ -12,7 +12,9 @@ has a torch reference of the same contract, the CPU execution path and the tests
   :func:`.reference_bwd.block_sparse_attention_bwd_ref`;
 * the block sparsity map (:mod:`.block_sparsity`): :func:`.block_sparsity.block_sparsity_ref`;
 * permute + pool and the row gather (:mod:`.pooling`): :func:`.pooling.permute_pool_ref`,
-  :func:`.pooling.gather_rows_ref`.
+  :func:`.pooling.gather_rows_ref`;
+* the dense-like non-finite rule's key-block flags and poisoned query blocks (:mod:`.nonfinite`):
+  :func:`.nonfinite.block_flags_ref`, :func:`.nonfinite.poisoned_query_blocks_ref`.
 
 Launch configurations of every kernel and the one tuner: :mod:`.tuning`; what the kernels remember
 between calls (tuned configs, capabilities, memo caches): :mod:`.state`.

@@ -13,7 +13,8 @@ maximum starts at a large finite negative number instead of -inf, so a chunk tha
 the end of the sequence contributes exp2(-inf) = 0 without a NaN guard in the loop. Rows whose list
 is empty end with l = 0 and are written as out = 0, lse = -inf. NaN / Inf in q, k, v propagate as in
 the reference (a NaN score makes l NaN, so the row's out and lse are NaN); unlisted blocks are never
-loaded, so they cannot reach a row.
+loaded, so they cannot reach a row. The optional ``poison`` (B, H, Mq) flags (the dense-like rule,
+kernels/nonfinite.py) make the epilogue write a query block's rows as NaN instead.
 
 Launch configuration: on CUDA the first call per tuning key (:func:`.tuning.tuning_key`) compiles
 and times the candidates (:func:`.tuning.forward_configs`) once and keeps the fastest; later calls
@@ -71,7 +72,7 @@ def _check_tensors(q, k, v):
             raise ValueError(f"{name} must be (B, H, N, D), got shape {tuple(t.shape)}")
 
 
-def _check_inputs(q, k, v, lists: BlockLists, out, lse, q_rows=None, key_bias=None):
+def _check_inputs(q, k, v, lists: BlockLists, out, lse, q_rows=None, key_bias=None, poison=None):
     ok, reason = supports(q)
     if not ok:
         raise ValueError(f"block_sparse_attention_fwd: {reason}")
@@ -106,10 +107,15 @@ def _check_inputs(q, k, v, lists: BlockLists, out, lse, q_rows=None, key_bias=No
         if tuple(key_bias.shape) != (B, k.shape[2]) or key_bias.dtype != torch.float32 or key_bias.device != q.device:
             raise ValueError(f"key_bias must be (B, Nk) = {(B, k.shape[2])} float32 on {q.device}, got "
                              f"{tuple(key_bias.shape)} {key_bias.dtype} on {key_bias.device}")
+    if poison is not None:
+        mq = lists.mq
+        if tuple(poison.shape) != (B, H, mq) or poison.dtype != torch.int8 or poison.device != q.device:
+            raise ValueError(f"poison must be (B, H, Mq) = {(B, H, mq)} int8 on {q.device}, got "
+                             f"{tuple(poison.shape)} {poison.dtype} on {poison.device}")
 
 
 def _launch(cfg: LaunchConfig, q, k, v, out, lse, counts, indices, block_size, scale, q_rows=None,
-            key_bias=None):
+            key_bias=None, poison=None):
     if cfg.tma and not cfg.host_tma and not interpreting():
         ensure_tma_allocator()  # per thread: autograd may recompute the forward on its own thread
     B, H, N, D = q.shape
@@ -131,6 +137,7 @@ def _launch(cfg: LaunchConfig, q, k, v, out, lse, counts, indices, block_size, s
         q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
         q_rows if q_rows is not None else counts,  # unread when None (and the two below)
         key_bias if key_bias is not None else lse, _bias_from(key_bias) if key_bias is not None else counts,
+        poison if poison is not None else counts,
         scale * LOG2E, 1.0 / scale,
         N, n_k, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -156,6 +163,7 @@ def _launch(cfg: LaunchConfig, q, k, v, out, lse, counts, indices, block_size, s
         GATHER_Q=q_rows is not None,
         QO_TMA=qo_tma,
         HAS_BIAS=key_bias is not None,
+        HAS_POISON=poison is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -199,6 +207,7 @@ def block_sparse_attention_fwd(
     validate: bool = False,
     q_rows: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
 ):
     """Block-sparse attention forward: returns ``(out, lse)``.
 
@@ -217,6 +226,8 @@ def block_sparse_attention_fwd(
     ``validate`` checks it too.
     ``key_bias`` (B, Nk) float32: added to every query's scaled score of that key, in the lists'
     key order (``-inf`` removes the key: text padding), as in the reference.
+    ``poison`` (B, H, Mq) int8, per query block of the lists' order: nonzero writes that block's rows
+    of out and lse as NaN (the dense-like non-finite rule, :mod:`.nonfinite`), in the epilogue.
     """
     if isinstance(kv_counts, torch.Tensor) and kv_counts.dtype == torch.int64:
         kv_counts = kv_counts.to(torch.int32)
@@ -224,7 +235,7 @@ def block_sparse_attention_fwd(
         kv_indices = kv_indices.to(torch.int32)
     _check_tensors(q, k, v)
     lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
-    _check_inputs(q, k, v, lists, out, lse, q_rows, key_bias)
+    _check_inputs(q, k, v, lists, out, lse, q_rows, key_bias, poison)
     block_size, counts, indices = lists.block_size, lists.counts, lists.indices
     B, H, N, D = q.shape
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
@@ -232,6 +243,8 @@ def block_sparse_attention_fwd(
         q_rows = unit_last_stride(q_rows)  # the kernel reads it at offset r
     if key_bias is not None:
         key_bias = unit_last_stride(key_bias)
+    if poison is not None:
+        poison = poison.contiguous()  # the kernel reads it at (b * H + h) * Mq + query block
     scale = default_scale(D, scale)
     if validate:
         lists.validate(q_rows=q_rows)
@@ -243,7 +256,7 @@ def block_sparse_attention_fwd(
         return out, lse
 
     def run(cfg):
-        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows, key_bias)
+        _launch(cfg, q, k, v, out, lse, counts, indices, block_size, scale, q_rows, key_bias, poison)
 
     if config is None:
         config = _pick_config(q, k, v, block_size, run, biased=key_bias is not None)

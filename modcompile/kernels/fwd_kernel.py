@@ -78,7 +78,7 @@ def _softmax_step(s, v, start, offs_n, m_i, l_i, acc, qk_scale_log2, N_K, BLOCK_
 
 @triton.jit
 def _block_sparse_attention_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias, BiasFrom,
+    Q, K, V, Out, Lse, Counts, Indices, QRows, KeyBias, BiasFrom, Poison,
     qk_scale_log2, bias_to_raw,
     N_Q, N_K, H,
     stride_qb, stride_qh, stride_qn,
@@ -104,6 +104,7 @@ def _block_sparse_attention_fwd_kernel(
     GATHER_Q: tl.constexpr,    # row r reads q / writes out and lse at token QRows[r] (else at r)
     QO_TMA: tl.constexpr,      # with HOST_TMA and no GATHER_Q: q loaded / out stored by descriptors
     HAS_BIAS: tl.constexpr,    # KeyBias (B, N_K) float32 is added to the scores of each key
+    HAS_POISON: tl.constexpr,  # Poison (B, H, Mq) int8: nonzero writes the block's rows as NaN
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -183,6 +184,11 @@ def _block_sparse_attention_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if HAS_POISON:
+        # The list skips a key block holding NaN / Inf (kernels/nonfinite.py): NaN, as in dense SDPA.
+        hit = tl.load(Poison + pid_bh * tl.cdiv(N_Q, BLOCK_SIZE) + q_block) != 0
+        out = tl.where(hit, float("nan"), out)
+        lse = tl.where(hit, float("nan"), lse)
 
     l_ptrs = Lse + b * stride_lb + h * stride_lh + tok_m
     if QO_TMA:  # the copy engine clips rows past N and columns past HEAD_DIM

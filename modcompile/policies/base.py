@@ -107,7 +107,8 @@ def masked_block_means(x: torch.Tensor, key_bias: torch.Tensor, block_size: int)
 
 
 def like_dense(ctx: SiteContext) -> bool:
-    """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_like_dense``)."""
+    """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_poison``, written by
+    the kernel's epilogue)."""
     return ctx.config.nonfinite == "dense" and not ctx.state.dense_now
 
 
