@@ -32,7 +32,7 @@ try:
 except ImportError:  # the references still work
     triton = None
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: jitted code may read only those globals
 
 
 # ----------------------------------------------------------------------------- references
