@@ -56,12 +56,13 @@ from .common import bench, log, parse_dtype, write_results
 from .metrics import relative_l2
 from .synthetic import make_synthetic_attention
 from modcompile.config import SparsityConfig
-from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.kernels.block_lists import full_block_lists, lists_from_mask, num_blocks
 from modcompile.dispatch import attention_forward
 from modcompile.ops import site_attention
 from modcompile.policies import SiteContext
-from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.policies.mod import ModPolicy
+from modcompile.policies.mod_observe import observe_map
+from modcompile.sites import SiteInfo, SiteState
 
 
 class Timer:

@@ -37,7 +37,7 @@ from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.dispatch import attention_forward, out_like
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy, _use_triton
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 PAPER_BLOCKS = {"1d": (3,), "2d": (5, 13), "3d": (7, 5, 13)}
 KIND_OF_LAYER = {0: "1d", 1: "2d", 2: "3d"}

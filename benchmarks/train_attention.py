@@ -38,7 +38,7 @@ def capture_qkv(model, cfg, batch: int, seed: int, device) -> list:
 
 def _site_context(config, grid, n: int, layer: int):
     from modcompile.policies.base import SiteContext
-    from modcompile.runtime import SiteInfo, SiteState
+    from modcompile.sites import SiteInfo, SiteState
     info = SiteInfo(key=f"train-attention/layer{layer}", layer=layer, module_path="train-attention", config=config,
                     status="sparse", seq_len=n, grid=tuple(grid), text_tokens=n - math.prod(grid), training=True)
     # one step of a one-step "schedule" past any warm-up: every call is a sparse training call

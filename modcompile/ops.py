@@ -24,7 +24,8 @@ from torch import Tensor
 from .dispatch import dense_attention_with_lse, outputs_like
 from .kernels.block_lists import num_blocks
 from .policies import Plan, SiteContext, make_policy
-from .runtime import REGISTRY, timestep_value
+from .runtime import REGISTRY
+from .steps import timestep_value
 
 log = logging.getLogger("modcompile")
 

@@ -383,7 +383,7 @@ def test_opcheck_public_op():
 
 def test_opcheck_graph_ops():
     from modcompile.config import SparsityConfig
-    from modcompile.runtime import SiteInfo
+    from modcompile.sites import SiteInfo
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
                                     status="sparse"))
     q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
@@ -403,7 +403,7 @@ def test_opcheck_graph_ops():
 def test_opcheck_training_site_attention_fully():
     """A training site: the whole opcheck, autograd registration and AOT dispatch included."""
     from modcompile.config import SparsityConfig
-    from modcompile.runtime import SiteInfo
+    from modcompile.sites import SiteInfo
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
                                     status="sparse", training=True))
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))

@@ -11,7 +11,7 @@ from modcompile.config import SparsityConfig
 from modcompile.kernels import pooling
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -148,7 +148,8 @@ def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
 
 
 def test_mod_tail_graph_cache_key(monkeypatch):
-    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod import ModPolicy
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=16)
     policy = ModPolicy(cfg)
@@ -177,7 +178,8 @@ def test_mod_tail_graph_cache_key(monkeypatch):
 @pytest.mark.parametrize("cheap,build", [(False, False), (False, True), (True, True)])
 def test_mod_tail_replay_equals_eager(cheap, build, monkeypatch):
     monkeypatch.delenv(cuda_graphs.ENV, raising=False)
-    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod import ModPolicy
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=64, coverage=0.85, min_density=0.05, max_density=0.7)
     policy = ModPolicy(cfg)

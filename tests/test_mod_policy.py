@@ -13,7 +13,8 @@ from modcompile.config import SparsityConfig
 from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.policies import SiteContext
 from modcompile.policies.mod import ModPolicy, summary
-from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+from modcompile.runtime import REGISTRY
+from modcompile.sites import SiteInfo, SiteState
 
 from models import TinyVideoDiT
 
@@ -300,7 +301,9 @@ def test_compiled_timestep_tensors_new_generation_and_cfg(fresh_modcompile):
 def test_observe_tail_is_the_eager_sequence_of_steps():
     """CPU runs :func:`observe_tail` eagerly: merge, fit, :func:`extrapolate`, :func:`predict_mask`
     and the block lists exactly as the policy composed them before the tail was graphed."""
-    from modcompile.policies.mod import extrapolate, lists_from_mask, observe_tail, predict_mask
+    from modcompile.kernels.block_lists import lists_from_mask
+    from modcompile.policies.mod_mask import extrapolate, predict_mask
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
@@ -360,7 +363,7 @@ def _coverage_brute(q, k, lse, kept, bs, scale, rows):
 @pytest.mark.parametrize("stride", [1, 4])
 def test_observed_coverage_is_the_mean_over_the_sampled_rows(stride, monkeypatch):
     from modcompile.kernels.block_sparsity import sampled_rows
-    from modcompile.policies import mod
+    from modcompile.policies import mod_observe
     B, H, N, D, bs = 2, 3, 70, 16, 16
     g = torch.Generator().manual_seed(stride)
     q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
@@ -373,12 +376,12 @@ def test_observed_coverage_is_the_mean_over_the_sampled_rows(stride, monkeypatch
     lse = torch.logsumexp(s.masked_fill(~cols, float("-inf")), -1).float()
     rows = sampled_rows(N, bs, stride, 0).tolist()
     want = _coverage_brute(q, k, lse, kept, bs, scale, rows)
-    got = mod.observed_coverage(q, k, lse, kept, bs, scale, row_stride=stride)
+    got = mod_observe.observed_coverage(q, k, lse, kept, bs, scale, row_stride=stride)
     assert got.shape == (B, H) and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
     assert (want < 0.999).any()                                   # something is missing somewhere
     # a per-head mask broadcasts over the batch; chunking over heads changes nothing
-    monkeypatch.setattr(mod, "_COVERAGE_CHUNK", 1)
-    per_head = mod.observed_coverage(q, k, lse, kept[0], bs, scale, row_stride=stride)
+    monkeypatch.setattr(mod_observe, "_COVERAGE_CHUNK", 1)
+    per_head = mod_observe.observed_coverage(q, k, lse, kept[0], bs, scale, row_stride=stride)
     want0 = _coverage_brute(q, k, lse, kept[:1].expand(B, -1, -1, -1), bs, scale, rows)
     assert torch.allclose(per_head.double(), want0, rtol=1e-5, atol=1e-6)
 

@@ -105,7 +105,7 @@ def test_restricted_map_marks_nan_only_on_listed_blocks_and_keeps_its_fill(injec
 
 
 def test_observed_coverage_is_nan_for_heads_with_nan_and_unchanged_elsewhere():
-    from modcompile.policies.mod import observed_coverage
+    from modcompile.policies.mod_observe import observed_coverage
     q, k, v = qkv(4)
     counts, indices = sparse_lists(5)
     kept = mask_from_lists(counts, indices, MB)

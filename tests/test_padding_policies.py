@@ -14,10 +14,11 @@ from modcompile.kernels.block_sparsity import sampled_rows
 from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 from modcompile.kernels.reference import block_sparse_attention_ref
 from modcompile.policies.base import SiteContext, lists_from_mask
-from modcompile.policies.mod import ModPolicy, observed_coverage
+from modcompile.policies.mod import ModPolicy
+from modcompile.policies.mod_observe import observed_coverage
 from modcompile.policies.selection import select_blocks
 from modcompile.policies.vmoba import VmobaPolicy, layout_for
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 NEG = float("-inf")
 

@@ -13,7 +13,7 @@ from modcompile.kernels import partition as P
 from modcompile.policies.base import SiteContext
 from modcompile.policies import vmoba as vmoba_module
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 
 @settings(max_examples=40, deadline=None)

@@ -13,7 +13,8 @@ from modcompile.kernels import partition as P
 from modcompile.kernels import pooling as PL
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+from modcompile.runtime import REGISTRY
+from modcompile.sites import SiteInfo, SiteState
 
 from models import TinyVideoDiT
 

@@ -10,7 +10,8 @@ import torch.fx as fx
 
 from ..kernels._common import attention_path
 from ..owners import source_path
-from ..runtime import REGISTRY, SiteInfo
+from ..runtime import REGISTRY
+from ..sites import SiteInfo
 from . import masks
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites, module_path
 from .step_metadata import find_timestep_input

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import dispatch
 from ..config import SparsityConfig
 from ..kernels.block_lists import full_block_lists, num_blocks
-from ..kernels.block_lists import lists_from_mask  # noqa: F401  (mod and vmoba import it from here)
-from ..runtime import SiteInfo, SiteState
+from ..kernels.block_lists import lists_from_mask  # noqa: F401  (vmoba imports it from here)
+from ..sites import SiteInfo, SiteState
 
 
 @dataclass
