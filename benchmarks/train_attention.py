@@ -69,12 +69,12 @@ def layer_timings(model, cfg, options: dict, batch: int, seed: int, device, quic
 
         def site():
             plan = policy.plan(ctx, q, k)
-            out, lse = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, scale)
-            policy.attention_backward(ctx, do, q, k, v, out, lse, plan.kv_counts, plan.kv_indices, scale)
+            out, lse = policy.attention(ctx, q, k, v, plan, scale)
+            policy.attention_backward(ctx, do, q, k, v, out, lse, plan, scale)
             return plan
 
         plan = site()  # warm caches, graphs and tuned configs
-        counts, indices = plan.kv_counts, plan.kv_indices
+        counts, indices = plan.lists.counts, plan.lists.indices
 
         def kernel():
             modcompile.block_sparse_attention(*leaves, counts, indices, block_size=config.block_size, scale=scale,

@@ -233,7 +233,7 @@ class Registry:
                                        inferred_text_position=position)
         if state.geometry != (seq_len, grid):
             if state.geometry is not None:
-                state.policy_state, state.kv_counts, state.kv_indices = None, None, None
+                state.policy_state, state.plan = None, None
             state.geometry = (seq_len, grid)
         return info
 

@@ -35,6 +35,7 @@ class SiteInfo:
     spec_key: str = ""              # a site instance's compiled site (its key before it ran)
     inferred_text_position: str | None = None  # the model's (modcompile/layout.py), when known
     mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
+    scale: float | None = None      # softmax scale of a rewritten site: its attention op's argument (observe has none)
 
     @property
     def text_position(self) -> str:
@@ -49,14 +50,10 @@ class SiteState:
     info: SiteInfo
     pass_index: int
     policy_state: Any = None
-    kv_counts: torch.Tensor | None = None
-    kv_indices: torch.Tensor | None = None
-    dense_now: bool = True          # this step's attention runs dense
-    observe_now: bool = False       # the observe node must run this step
+    context: Any = None             # the policy's SiteContext of the last plan (policies/base.py)
+    plan: Any = None                # the last plan (policies/base.py): read by its attention and observe ops
     steps_seen: int = 0
     last_step: int = -1
-    scale: float | None = None      # softmax scale of the last attention call (observe has none)
-    context: Any = None             # the policy's SiteContext of the last plan (read by observe)
     geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
     note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
     sparse_calls: int = 0           # calls whose plan was not dense (report(): status "sparse" once > 0)
@@ -66,11 +63,12 @@ class SiteState:
     def density(self):
         """Block density of the last call's lists (1.0 for dense plans; a 0-dim device tensor
         otherwise, read by report()). Computed on read: the plan op would pay two launches per call."""
-        if self.kv_counts is None:
+        if self.plan is None:
             return None
-        if self.dense_now:
+        if self.plan.dense:
             return 1.0
-        return self.kv_counts.sum(dtype=torch.float32) / (self.kv_counts.numel() * self.kv_indices.shape[-1])
+        counts = self.plan.lists.counts
+        return counts.sum(dtype=torch.float32) / (counts.numel() * self.plan.lists.width)
 
 
 __all__ = ["SiteInfo", "SiteState"]

@@ -178,7 +178,7 @@ def test_sparse_path_with_full_lists_matches_eager(monkeypatch):
 
     def full_but_sparse(self, ctx, q, k):
         full = ctx.full_plan(q, k)
-        return Plan(full.kv_counts, full.kv_indices, dense=False)
+        return Plan(full.lists, dense=False)
 
     monkeypatch.setattr(DensePolicy, "plan", full_but_sparse)
     torch.manual_seed(1)

@@ -210,12 +210,11 @@ def _run_mod_generation(policy, state, info, qkv, num_steps, check_sync: bool):
         ctx = SiteContext(info=info, state=state, step=step, num_steps=num_steps, config=info.config)
         with _sync_mode("error" if check_sync else "default"):
             plan = policy.plan(ctx, q, k)
-        state.dense_now, state.observe_now = plan.dense, plan.observe
-        _, lse = site_attention(policy, ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(q.shape[-1]))
+        _, lse = site_attention(policy, ctx, q, k, v, plan, 1 / math.sqrt(q.shape[-1]))
         if plan.observe:
             with _sync_mode("error" if check_sync else "default"):
-                policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
-        lists.append((plan.dense, plan.kv_counts.clone(), plan.kv_indices.clone()))
+                policy.observe(ctx, q, k, lse, plan)
+        lists.append((plan.dense, plan.lists.counts.clone(), plan.lists.indices.clone()))
     return lists
 
 

@@ -80,7 +80,6 @@ class ModState:
     lines: torch.Tensor | None = None              # (H,) lines kept per head
     keep_frame: torch.Tensor | None = None         # (H,) bool
     predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
-    observing: str | None = None                   # "dense" / "cheap" while an observed call runs
     cheap_since_full: int = 0                      # cheap refreshes since the last full or dense one
     coverage_flag: DeferredScalar | None = None
     observed_coverage: list = field(default_factory=list)  # (step, value) of cheap refreshes
@@ -157,7 +156,6 @@ class ModPolicy(Policy):
         self._poll_nonfinite(ctx, st)
         step, cfg = ctx.step, self.config
         warmup = self.warmup_steps(ctx)
-        st.observing = None
         if step < warmup:
             if step >= warmup - 2:
                 return self._observed(ctx, st, q, k, "dense", "observe-dense")
@@ -174,18 +172,16 @@ class ModPolicy(Policy):
                 st.cheap_since_full = 0
                 return self._observed(ctx, st, q, k, "dense", "refresh-dense" if due else "refresh-dense-low")
             st.cheap_since_full = 0 if full else st.cheap_since_full + 1
-            counts, indices = self._batch_lists(st, q.shape[0])
-            st.observing = "full" if full else "cheap"
             _record(st.events, (step, "refresh-full" if full else "refresh-cheap"))
-            return Plan(counts, indices, dense=False, observe=True)
-        counts, indices = self._batch_lists(st, q.shape[0])
-        return Plan(counts, indices, dense=False, observe=False)
+            return Plan(ctx.lists(*self._batch_lists(st, q.shape[0]), q, k), dense=False, observe=True,
+                        data="full" if full else "cheap")
+        return Plan(ctx.lists(*self._batch_lists(st, q.shape[0]), q, k), dense=False, observe=False)
 
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
-        st.observing = kind
+        """An observed call: ``data`` tells observe the kind ("dense" / "cheap" / "full")."""
         _record(st.events, (ctx.step, event))
         # observations before the first mask are still the warm-up; later ones are refreshes
-        return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh")
+        return ctx.full_plan(q, k, observe=True, why="warm-up" if st.mask is None else "refresh", data=kind)
 
     def _poll_coverage(self, st: ModState) -> bool:
         """True when a cheap refresh's coverage has reached the host and is below the bound. A NaN
@@ -229,13 +225,12 @@ class ModPolicy(Policy):
         return lists
 
     # ------------------------------------------------------------------ observation
-    def observe(self, ctx, q, k, lse, kv_counts, kv_indices, key_bias=None) -> None:
-        st = ctx.state.policy_state
-        if st is None or st.observing is None:
+    def observe(self, ctx, q, k, lse, plan: Plan, key_bias=None) -> None:
+        st, kind = ctx.state.policy_state, plan.data if plan.observe else None
+        if st is None or kind is None:
             return
-        kind, st.observing = st.observing, None
         cfg = self.config
-        scale = ctx.state.scale if ctx.state.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scale = ctx.info.scale if ctx.info.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         fg = fit_geometry(st.geometry, cfg.ridge_lambda, q.device)
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
@@ -243,7 +238,7 @@ class ModPolicy(Policy):
                         row_stride=cfg.observe_stride(), row_phase=0, key_bias=key_bias)
         cheap = kind == "cheap" and st.smap is not None
         if cheap:
-            raw = observe_map(q, k, lse, kv_counts=kv_counts, kv_indices=kv_indices, **sampling)
+            raw = observe_map(q, k, lse, kv_counts=plan.lists.counts, kv_indices=plan.lists.indices, **sampling)
         else:
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw = observe_map(q, k, lse, **sampling)
