@@ -226,7 +226,7 @@ def test_backward_nan_pattern_matches_dense_autograd_and_the_reference(inject):
         if counts is full_counts:
             for w, d in zip(want, dense_grads):
                 assert torch.equal(w.isnan(), d.isnan())
-        got = backward_grads(do, q, k, v, out, lse, counts, indices, BLOCK, SCALE)  # Triton under the interpreter
+        got = backward_grads(do, q, k, v, out, lse, BlockLists(counts, indices, BLOCK, N, N), SCALE)  # Triton under the interpreter
         for a, w in zip(got, want):
             assert torch.equal(a.isnan(), w.isnan())
             fine = ~w.isnan()
