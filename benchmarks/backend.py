@@ -112,13 +112,13 @@ def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
     sparse_sites.sort(key=lambda i: i.layer)
     for fallback, info in enumerate(sparse_sites):
         state = reg.states.get((info.key, 0))
-        if state is None or state.kv_counts is None:
+        if state is None or state.plan is None:
             continue
         density = state.density
         density = float(density) if density is not None else None
         plans[_layer_of(info, fallback)] = {
-            "site": info.key, "kv_counts": state.kv_counts, "kv_indices": state.kv_indices,
-            "dense": bool(state.dense_now), "density": density, "block_size": info.config.block_size,
+            "site": info.key, "kv_counts": state.plan.lists.counts, "kv_indices": state.plan.lists.indices,
+            "dense": bool(state.plan.dense), "density": density, "block_size": info.config.block_size,
             "policy": info.config.policy, "attend": _attend_fn(info, state),
         }
     return plans
@@ -129,5 +129,5 @@ def _attend_fn(info, state):
         from modcompile.ops import policy_for
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         policy = policy_for(info.config)
-        return policy.attention(state.context, q, k, v, state.kv_counts, state.kv_indices, scale)
+        return policy.attention(state.context, q, k, v, state.plan, scale)
     return attend

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from modcompile import dispatch
+from modcompile.kernels.block_lists import BlockLists
 from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 from modcompile.kernels.reference import block_sparse_attention_ref
 
@@ -61,11 +62,12 @@ def main():
     rows = []
     for density in (1.0, 0.2, 0.1):
         c, i, _ = random_block_lists(B, H, N, density, "cuda", 2, 128)
+        lists = BlockLists(c, i, 128, N, N)
         fns = {
             "kernel": lambda: block_sparse_attention_fwd(q, k, v, c, i, block_size=128),
             "kernel + key bias": lambda: block_sparse_attention_fwd(q, k, v, c, i, block_size=128, key_bias=bias),
-            "attention_forward": lambda: dispatch.attention_forward(q, k, v, c, i, 128, scale),
-            "attention_forward like_dense": lambda: dispatch.attention_forward(q, k, v, c, i, 128, scale, like_dense=True),
+            "attention_forward": lambda: dispatch.attention_forward(q, k, v, lists, scale),
+            "attention_forward like_dense": lambda: dispatch.attention_forward(q, k, v, lists, scale, like_dense=True),
         }
         for name, fn in fns.items():
             fn()

@@ -56,12 +56,13 @@ from .common import bench, log, parse_dtype, write_results
 from .metrics import relative_l2
 from .synthetic import make_synthetic_attention
 from modcompile.config import SparsityConfig
-from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.kernels.block_lists import BlockLists, full_block_lists, lists_from_mask, num_blocks
 from modcompile.dispatch import attention_forward
 from modcompile.ops import site_attention
-from modcompile.policies import SiteContext
-from modcompile.policies.mod import ModPolicy, lists_from_mask, observe_map
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.policies import Plan, SiteContext
+from modcompile.policies.mod import ModPolicy
+from modcompile.policies.mod_observe import observe_map
+from modcompile.sites import SiteInfo, SiteState
 
 
 class Timer:
@@ -101,14 +102,11 @@ class Site:
         ctx = self.context(self.state, step)
         plan, t_plan = timer(lambda: self.policy.plan(ctx, q, k))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        self.state.dense_now, self.state.observe_now = plan.dense, plan.observe
-        (out, lse), t_attn = timer(lambda: site_attention(self.policy, ctx, q, k, v, plan.kv_counts,
-                                                          plan.kv_indices, scale))
+        (out, lse), t_attn = timer(lambda: site_attention(self.policy, ctx, q, k, v, plan, scale))
         times = {"plan": t_plan, "attn": t_attn, "observe": 0.0}
         if plan.observe:
             before = self._snapshot(q.shape[0]) if repeat else None
-            _, times["observe"] = timer(lambda: self.policy.observe(ctx, q, k, lse, plan.kv_counts,
-                                                                    plan.kv_indices))
+            _, times["observe"] = timer(lambda: self.policy.observe(ctx, q, k, lse, plan))
             if repeat:
                 times.update(self._repeats(before, step, q, k, v, lse, plan, scale, repeat))
         return out, plan, times
@@ -144,22 +142,20 @@ class Site:
 
         def observe():
             restore()
-            self.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+            self.policy.observe(ctx, q, k, lse, plan)
 
         # The map kernel alone, as this observation calls it (restricted on cheap refreshes): the
         # rest of observe_rep is the coverage estimate and the tail.
         cfg = self.policy.config
-        restricted = before["fields"]["observing"] == "cheap" and before["fields"]["smap"] is not None
-        lists = dict(kv_counts=plan.kv_counts, kv_indices=plan.kv_indices) if restricted else {}
+        restricted = plan.data == "cheap" and before["fields"]["smap"] is not None
+        lists = dict(kv_counts=plan.lists.counts, kv_indices=plan.lists.indices) if restricted else {}
 
         def map_only():
             observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
                         row_stride=cfg.observe_stride(), **lists)
 
-        state.dense_now, state.observe_now = plan.dense, plan.observe
         out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
-               "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan.kv_counts,
-                                                         plan.kv_indices, scale))}
+               "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan, scale))}
         in_force = before["in_force"]
         warmup = self.policy.warmup_steps(ctx)
         if step < warmup or in_force is None:
@@ -167,11 +163,10 @@ class Site:
         elif not plan.dense:
             out["baseline"] = out["attn_rep"]            # a cheap refresh: the sparse step's own call
         else:
-            base = copy.copy(self.state)
-            base.dense_now, base.observe_now = False, False
-            counts, indices = in_force
-            out["baseline"] = repeat(lambda: site_attention(self.policy, self.context(base, step), q, k, v,
-                                                            counts, indices, scale))
+            # the sparse step this observation replaced: the lists in force, not observed
+            base = Plan(BlockLists(*in_force, self.policy.config.block_size, q.shape[2], k.shape[2]), dense=False)
+            out["baseline"] = repeat(lambda: site_attention(self.policy, self.context(self.state, step), q, k, v,
+                                                            base, scale))
         return out
 
 
@@ -194,7 +189,7 @@ def oracle_lists(q, k, v, counts_used, block, threshold):
     B, H, N, _ = q.shape
     m = num_blocks(N, block)
     fc, fi = full_block_lists(B, H, m, m, q.device)
-    _, lse = attention_forward(q, k, v, fc, fi, block, 1.0 / math.sqrt(q.shape[-1]))
+    _, lse = attention_forward(q, k, v, BlockLists(fc, fi, block, q.shape[2], k.shape[2]), 1.0 / math.sqrt(q.shape[-1]))
     smap = observe_map(q, k, lse, block_size=block, threshold=threshold, scale=1.0 / math.sqrt(q.shape[-1])).mean(0)
     score = smap - 2.0 * torch.eye(m, device=q.device)             # own block first
     keep = counts_used[0].sum(-1).long()                            # (H,) blocks per head
@@ -213,8 +208,8 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
     for step in range(args.steps):
         q, k, v = inputs(step)
         out, plan, t = site.run(step, q, k, v, timer, repeat=repeat)
-        m = plan.kv_indices.shape[-1]
-        density = 1.0 if plan.dense else float(plan.kv_counts.float().mean() / m)
+        m = plan.lists.indices.shape[-1]
+        density = 1.0 if plan.dense else float(plan.lists.counts.float().mean() / m)
         row = {"variant": name, "step": step, "kind": "dense" if plan.dense else "sparse",
                "observe": plan.observe, "density": density,
                **{f"{k}_ms": (dense_ms if k == "baseline" and v is None else v) for k, v in t.items()}}
@@ -222,8 +217,8 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
             ref = F.scaled_dot_product_attention(q, k, v)
             row["rel_l2"] = relative_l2(out, ref)
             if not plan.dense:
-                oc, oi = oracle_lists(q, k, v, plan.kv_counts, config.block_size, config.threshold)
-                o_out, _ = attention_forward(q, k, v, oc, oi, config.block_size, 1.0 / math.sqrt(q.shape[-1]))
+                oc, oi = oracle_lists(q, k, v, plan.lists.counts, config.block_size, config.threshold)
+                o_out, _ = attention_forward(q, k, v, BlockLists(oc, oi, config.block_size, q.shape[2], k.shape[2]), 1.0 / math.sqrt(q.shape[-1]))
                 row["oracle_rel_l2"] = relative_l2(o_out, ref)
                 row["oracle_density"] = float(oc.float().mean() / m)
         rows.append(row)

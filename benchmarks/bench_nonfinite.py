@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from modcompile.kernels.block_lists import BlockLists
+
 SHAPES = [(1, 12, 32760, 128), (1, 24, 75600, 128)]
 DENSITIES = [0.05, 0.1, 0.25, 1.0]
 BLOCK = 128
@@ -122,7 +124,8 @@ def compare(q, k, v, counts, indices, block_size, rows=None, config=None):
     want, want_lse = plain.clone(), plain_lse.clone()
     old_torch_rule(want, want_lse, k, v, counts, indices, block_size, rows)
     triton_path = dispatch.use_triton(q)
-    poison = dispatch.nonfinite_poison(k, v, counts, indices, block_size, triton_path)
+    poison = dispatch.nonfinite_poison(k, v, BlockLists(counts, indices, block_size, q.shape[2], k.shape[2]),
+                                       triton_path)
     got, got_lse = block_sparse_attention_fwd(q, k, v, counts, indices, poison=poison, **kw)
     want_nan, got_nan = want.isnan().any(-1), got.isnan().any(-1)
     fine = ~want_nan
@@ -189,6 +192,7 @@ def time_shape(shape, dtype, device, block_size, timer, deadline, log):
             rows.append(dict(shape=str(shape), density=density, note="skipped: time budget"))
             continue
         c, i, real = random_block_lists(B, H, N, density, device, 5, block_size)
+        lists = BlockLists(c, i, block_size, N, N)
         if density == 0.1:  # the planted check at full size, default configuration
             kp, vp, _ = plant(k, v, seed=6)
             checks.append(dict(config=f"{shape} density {density} config default q_rows none",
@@ -197,13 +201,13 @@ def time_shape(shape, dtype, device, block_size, timer, deadline, log):
             del kp, vp
 
         def old():
-            out, lse = dispatch.attention_forward(q, k, v, c, i, block_size, scale)
+            out, lse = dispatch.attention_forward(q, k, v, lists, scale)
             old_torch_rule(out, lse, k, v, c, i, block_size)
 
-        fns = {"off": lambda: dispatch.attention_forward(q, k, v, c, i, block_size, scale),
+        fns = {"off": lambda: dispatch.attention_forward(q, k, v, lists, scale),
                "old": old,
-               "fused": lambda: dispatch.attention_forward(q, k, v, c, i, block_size, scale, like_dense=True),
-               "flags+poison": lambda: dispatch.nonfinite_poison(k, v, c, i, block_size, True),
+               "fused": lambda: dispatch.attention_forward(q, k, v, lists, scale, like_dense=True),
+               "flags+poison": lambda: dispatch.nonfinite_poison(k, v, lists, True),
                "flags": lambda: nonfinite.block_flags(k, v, block_size)}
         ms = {name: [] for name in fns}
         for _ in range(2):  # interleaved rounds: clock drift hits every variant alike

@@ -37,7 +37,7 @@ from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.dispatch import attention_forward, out_like
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy, _use_triton
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 PAPER_BLOCKS = {"1d": (3,), "2d": (5, 13), "3d": (7, 5, 13)}
 KIND_OF_LAYER = {0: "1d", 1: "2d", 2: "3d"}
@@ -53,7 +53,7 @@ def make_ctx(config: SparsityConfig, grid, n: int, layer: int) -> SiteContext:
 
 def run_policy(policy, ctx, q, k, v, scale):
     plan = policy.plan(ctx, q, k)
-    out, lse = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, scale)
+    out, lse = policy.attention(ctx, q, k, v, plan, scale)
     return plan, out, lse
 
 
@@ -61,7 +61,7 @@ def old_flow(policy, layout, q, k, v, plan, block, scale):
     """The previous permutation flow, for comparison: permuted q, k, v into the kernel, out and lse
     un-permuted after it. Returns ``(out, lse, fns)``, fns = the timed pieces of the flow."""
     qp, kp, vp = (policy.gather(t, layout.perm) for t in (q, k, v))
-    out_p, lse_p = attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, block, scale)
+    out_p, lse_p = attention_forward(qp, kp, vp, plan.lists, scale)
     out = policy.gather(out_p, layout.inv, out=out_like(q))
     lse = lse_p.index_select(2, layout.inv)
 
@@ -77,7 +77,7 @@ def old_flow(policy, layout, q, k, v, plan, block, scale):
         lse_p.index_select(2, layout.inv)
 
     def kernel():
-        attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, block, scale)
+        attention_forward(qp, kp, vp, plan.lists, scale)
 
     return out, lse, {"pool": pool, "permute": permute, "kernel": kernel}
 
@@ -112,7 +112,7 @@ def overhead_rows(args, sa, device) -> list[dict]:
             ctx.state.policy_state = None
             row = {"blocks": blocks_name, "kind": kind, "block_shape": "x".join(map(str, layout.partition.block)),
                    "partitions": layout.partition.num_blocks, "identity_perm": layout.identity,
-                   "density": achieved_density(plan.kv_counts, plan.kv_indices.shape[-1]), "dense_ms": dense_ms,
+                   "density": achieved_density(plan.lists.counts, plan.lists.indices.shape[-1]), "dense_ms": dense_ms,
                    "plan_ms": plan_ms}
             if layout.identity:
                 kp, vp, q_rows = k, v, None
@@ -132,8 +132,8 @@ def overhead_rows(args, sa, device) -> list[dict]:
                            old_kernel_ms=bench(old["kernel"], device=device)["ms"],
                            pool_ms=pool_ms, old_pool_ms=bench(old["pool"], device=device)["ms"],
                            out_diff_old=out_diff, lse_diff_old=lse_diff, check="ok" if ok else "FAILED")
-            row["kernel_ms"] = bench(lambda: attention_forward(q, kp, vp, plan.kv_counts, plan.kv_indices,
-                                                               args.block, scale, q_rows=q_rows), device=device)["ms"]
+            row["kernel_ms"] = bench(lambda: attention_forward(q, kp, vp, plan.lists, scale, q_rows=q_rows),
+                                     device=device)["ms"]
             row["total_ms"] = bench(lambda: run_policy(policy, ctx, q, k, v, scale), device=device)["ms"]
             row["overhead_frac"] = (plan_ms + row["permute_ms"]) / dense_ms
             row["old_overhead_frac"] = (plan_ms - pool_ms + row["old_pool_ms"] + row["old_permute_ms"]) / dense_ms
@@ -173,11 +173,11 @@ def fidelity_rows(args, sa, device) -> list[dict]:
                     plan, out, _ = run_policy(policy, ctx, q, k, v, scale)
                     _, _, q_pool, k_pool = policy.permute_pool(q, k, layout)
                     chosen = policy.select_partition(q_pool, k_pool, scale)
-                    bmask = mask_from_lists(plan.kv_counts, plan.kv_indices, mass.shape[-1])
+                    bmask = mask_from_lists(plan.lists.counts, plan.lists.indices, mass.shape[-1])
                     rows.append({
                         "blocks": blocks_name, "kind": kind, "selection": mode, "norm": norm, "tau": tau,
                         "partition_density": chosen.double().mean().item(),
-                        "density": achieved_density(plan.kv_counts, plan.kv_indices.shape[-1]),
+                        "density": achieved_density(plan.lists.counts, plan.lists.indices.shape[-1]),
                         "mass_recall": mass_recall_from_mass(mass, bmask),
                         "rel_err": relative_l2(out, ref), "dense_rel_err": dense_err,
                     })

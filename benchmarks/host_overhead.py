@@ -43,10 +43,10 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 
 
 def _phase(site: str) -> str:
-    state = REGISTRY.current(site)
-    if state.observe_now:
+    plan = REGISTRY.current(site).plan
+    if plan.observe:
         return "observe"
-    return "dense" if state.dense_now else "sparse"
+    return "dense" if plan.dense else "sparse"
 
 
 class CallLog:

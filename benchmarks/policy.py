@@ -25,7 +25,7 @@ def _phase(plan) -> str:
         return "unknown"
     runtime, _ = mb.try_import("modcompile.runtime")
     state = runtime.REGISTRY.states.get((plan["site"], 0)) if runtime else None
-    observe = bool(getattr(state, "observe_now", False))
+    observe = bool(state is not None and state.plan is not None and state.plan.observe)
     return ("dense" if plan["dense"] else "sparse") + ("+observe" if observe else "")
 
 

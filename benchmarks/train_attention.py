@@ -38,7 +38,7 @@ def capture_qkv(model, cfg, batch: int, seed: int, device) -> list:
 
 def _site_context(config, grid, n: int, layer: int):
     from modcompile.policies.base import SiteContext
-    from modcompile.runtime import SiteInfo, SiteState
+    from modcompile.sites import SiteInfo, SiteState
     info = SiteInfo(key=f"train-attention/layer{layer}", layer=layer, module_path="train-attention", config=config,
                     status="sparse", seq_len=n, grid=tuple(grid), text_tokens=n - math.prod(grid), training=True)
     # one step of a one-step "schedule" past any warm-up: every call is a sparse training call
@@ -69,12 +69,12 @@ def layer_timings(model, cfg, options: dict, batch: int, seed: int, device, quic
 
         def site():
             plan = policy.plan(ctx, q, k)
-            out, lse = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, scale)
-            policy.attention_backward(ctx, do, q, k, v, out, lse, plan.kv_counts, plan.kv_indices, scale)
+            out, lse = policy.attention(ctx, q, k, v, plan, scale)
+            policy.attention_backward(ctx, do, q, k, v, out, lse, plan, scale)
             return plan
 
         plan = site()  # warm caches, graphs and tuned configs
-        counts, indices = plan.kv_counts, plan.kv_indices
+        counts, indices = plan.lists.counts, plan.lists.indices
 
         def kernel():
             modcompile.block_sparse_attention(*leaves, counts, indices, block_size=config.block_size, scale=scale,

@@ -15,7 +15,7 @@ from .kernels.block_lists import BlockLists, as_block_lists
 @torch.library.custom_op("modcompile::block_sparse_attention", mutates_args=())
 def _block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
                                block_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, kv_counts, kv_indices, block_size, scale)
+    return attention_forward(q, k, v, BlockLists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2]), scale)
 
 
 @_block_sparse_attention_op.register_fake

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .dispatch import use_triton_backward  # one place decides CUDA / interpreter / reference
+from .kernels.block_lists import BlockLists
 from .kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 BACKWARD_OP_NAME = "modcompile::block_sparse_attention_backward"
@@ -37,12 +38,14 @@ def block_sparse_attention_backward(
     scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in q's dtype: Triton on CUDA / under the interpreter, else torch."""
-    return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
+    return backward_grads(grad_out, q, k, v, out, lse,
+                          BlockLists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2]), scale)
 
 
-def backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size: int, scale):
+def backward_grads(grad_out, q, k, v, out, lse, lists: BlockLists, scale):
     """The body of the backward op, callable directly from code that already runs inside an opaque op
     (the site backward): saves a second custom-op dispatch per call."""
+    kv_counts, kv_indices, block_size = lists.counts, lists.indices, lists.block_size
     if use_triton_backward(q, block_size):
         try:
             from .kernels.block_sparse_attention_bwd import block_sparse_attention_bwd

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .kernels import nonfinite
 from .kernels._common import attention_path, empty_heads_last
+from .kernels.block_lists import BlockLists
 from .kernels.reference import block_sparse_attention_ref
 from .kernels.state import KERNEL_STATE
 
@@ -51,10 +52,10 @@ def use_triton_backward(q: Tensor, block_size: int) -> bool:
 out_like = empty_heads_last
 
 
-def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: float,
-                      q_rows: Optional[Tensor] = None, key_bias: Optional[Tensor] = None,
-                      like_dense: bool = False):
-    """Block-sparse attention on the best available path; returns ``(out, lse)``.
+def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional[Tensor] = None,
+                      key_bias: Optional[Tensor] = None, like_dense: bool = False):
+    """Block-sparse attention of q to the key blocks ``lists`` names, on the best available path;
+    returns ``(out, lse)``.
 
     ``key_bias`` (B, Nk) float32, in k's order: added to the scaled scores of each key (``-inf``
     removes it), as SDPA adds a (B, 1, 1, Nk) float mask.
@@ -67,7 +68,8 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     one read of k and v, written as NaN by the kernel's epilogue; no host sync)."""
     out = out_like(q)
     triton_path = use_triton(q)
-    poison = nonfinite_poison(k, v, kv_counts, kv_indices, block_size, triton_path) if like_dense else None
+    kv_counts, kv_indices, block_size = lists.counts, lists.indices, lists.block_size
+    poison = nonfinite_poison(k, v, lists, triton_path) if like_dense else None
     if triton_path:
         out, lse = _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
                                      q_rows=q_rows, key_bias=key_bias, poison=poison)
@@ -85,16 +87,17 @@ def attention_forward(q, k, v, kv_counts, kv_indices, block_size: int, scale: fl
     return out, lse
 
 
-def nonfinite_poison(k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor, block_size: int,
-                     triton_path: bool) -> Tensor:
+def nonfinite_poison(k: Tensor, v: Tensor, lists: BlockLists, triton_path: bool) -> Tensor:
     """(B, H, Mq) int8 (Triton) or bool: whether each query block's list skips a key block holding a NaN / Inf in k or v
     (in the lists' token order). Dense SDPA reads every key, so such a block makes those rows
     non-finite; rows that list every such block keep the kernel's own result. Triton: two small
     launches (:func:`.kernels.nonfinite.block_flags`, :func:`.kernels.nonfinite.poisoned_query_blocks`);
     else their torch references."""
     if triton_path:
-        return nonfinite.poisoned_query_blocks(nonfinite.block_flags(k, v, block_size), kv_counts, kv_indices)
-    return nonfinite.poisoned_query_blocks_ref(nonfinite.block_flags_ref(k, v, block_size), kv_counts, kv_indices)
+        return nonfinite.poisoned_query_blocks(nonfinite.block_flags(k, v, lists.block_size), lists.counts,
+                                               lists.indices)
+    return nonfinite.poisoned_query_blocks_ref(nonfinite.block_flags_ref(k, v, lists.block_size), lists.counts,
+                                               lists.indices)
 
 
 def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):

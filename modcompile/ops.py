@@ -10,6 +10,12 @@ Per rewritten SDPA site the graph holds::
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
 Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the
 ``cudagraph_unsafe`` tag so that ``mode="reduce-overhead"`` keeps running their bodies.
+
+The policy's :class:`Plan` is the one channel from the plan op to the attention and observe ops of
+the same call: the plan op keeps it in the site's state (with its ``SiteContext``) and hands the
+graph its lists as tensors (custom ops return tensors only); the later ops take the plan back with
+the lists the graph passes them (:func:`graph_lists` / :func:`plan_with_lists`, the one conversion
+each way).
 """
 from __future__ import annotations
 
@@ -22,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import dense_attention_with_lse, outputs_like
-from .kernels.block_lists import num_blocks
+from .kernels.block_lists import BlockLists, num_blocks
 from .policies import Plan, SiteContext, make_policy
-from .runtime import REGISTRY, timestep_value
+from .runtime import REGISTRY
+from .steps import timestep_value
 
 log = logging.getLogger("modcompile")
 
@@ -32,6 +39,20 @@ _TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t
 
 
 # ----------------------------------------------------------------------------- graph ops
+
+def graph_lists(lists: BlockLists) -> tuple[Tensor, Tensor]:
+    """The plan op's outputs. Policies keep their lists across calls (cached full lists, MOD's
+    interval masks), but the compiled graph owns an op's outputs and may reuse their memory once
+    they are dead: hand it copies (two small device copies per call)."""
+    return lists.counts.clone(), lists.indices.clone()
+
+
+def plan_with_lists(plan: Plan, kv_counts: Tensor, kv_indices: Tensor) -> Plan:
+    """The call's plan with the lists the graph passed this op (copies of the plan's own;
+    metadata only)."""
+    lists = plan.lists
+    return plan.with_lists(BlockLists(kv_counts, kv_indices, lists.block_size, lists.q_len, lists.kv_len))
+
 
 @functools.lru_cache(maxsize=None)
 def policy_for(config):
@@ -66,17 +87,12 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
                       num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
     # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
     result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
-    state.context = ctx
-    state.kv_counts, state.kv_indices = result.kv_counts, result.kv_indices
-    state.dense_now, state.observe_now = result.dense, result.observe
+    state.context, state.plan = ctx, result
     if result.dense:
         state.dense_why = result.why or "dense plan"
     else:
         state.sparse_calls += 1
-    # Policies keep their lists across calls (cached full lists, MOD's interval masks), but the
-    # compiled graph owns an op's outputs and may reuse their memory once they are dead: hand it
-    # copies (two small device copies per call).
-    return result.kv_counts.clone(), result.kv_indices.clone()
+    return graph_lists(result.lists)
 
 
 @plan.register_fake
@@ -97,17 +113,15 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     ``anchor``: the plan node's, saved for the backward, which runs after every layer's forward
     and must find the state of its own instance (one compiled block serves every layer)."""
     state = REGISTRY.current(site)
-    return site_attention(policy_for(state.info.config), state.context, q, k, v, kv_counts, kv_indices, scale,
-                          key_bias)
+    return site_attention(policy_for(state.info.config), state.context, q, k, v,
+                          plan_with_lists(state.plan, kv_counts, kv_indices), scale, key_bias)
 
 
-def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float, key_bias=None):
-    """The body of the site attention op for the step its plan set up (``ctx.state.dense_now`` /
-    ``observe_now``); benchmarks that drive a policy by hand call it too."""
-    state = ctx.state
-    state.scale = scale
-    if state.dense_now and not state.info.training:
-        if not state.observe_now:
+def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None):
+    """The body of the site attention op for the call that ``plan`` set up; benchmarks that drive a
+    policy by hand call it too."""
+    if plan.dense and not ctx.info.training:
+        if not plan.observe:
             out, lse = outputs_like(q)
             mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
             out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
@@ -115,7 +129,7 @@ def site_attention(policy, ctx, q, k, v, kv_counts, kv_indices, scale: float, ke
         dense = dense_attention_with_lse(q, k, v, scale) if key_bias is None else None
         if dense is not None:
             return dense
-    return policy.attention(ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=key_bias)
+    return policy.attention(ctx, q, k, v, plan, scale, key_bias=key_bias)
 
 
 @sparse_attention.register_fake
@@ -131,7 +145,7 @@ def sparse_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     the selection), in the state of the instance that ``anchor`` names."""
     state = REGISTRY.instance_state(site, anchor)
     grads = policy_for(state.info.config).attention_backward(
-        state.context, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
+        state.context, grad_out, q, k, v, out, lse, plan_with_lists(state.plan, kv_counts, kv_indices), scale)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -168,9 +182,10 @@ sparse_attention.register_autograd(_site_backward, setup_context=_site_setup_con
 def observe(q: Tensor, k: Tensor, lse: Tensor, kv_counts: Tensor, kv_indices: Tensor, site: str,
             key_bias: Optional[Tensor] = None) -> None:
     state = REGISTRY.current(site)
-    if state.observe_now:
+    if state.plan.observe:
         extra = {} if key_bias is None else {"key_bias": key_bias}
-        policy_for(state.info.config).observe(state.context, q, k, lse, kv_counts, kv_indices, **extra)
+        policy_for(state.info.config).observe(state.context, q, k, lse, plan_with_lists(state.plan, kv_counts, kv_indices),
+                                              **extra)
 
 
 @observe.register_fake

@@ -1,4 +1,4 @@
-"""Run-time state of the rewritten attention sites: the step tracker and the per-site registry.
+"""Run-time state of the rewritten attention sites: the registry of sites, models and their state.
 
 The compiled graph never branches on the denoising step; the custom ops (modcompile/ops.py) read and
 update this state instead, so a new step never recompiles. State is keyed by the site's stable key
@@ -11,134 +11,19 @@ import contextlib
 import dataclasses
 import logging
 import weakref
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .config import SparsityConfig
 from .layout import frame_layout, model_layout
+from .owners import find_owner, layer_index, pipeline_timesteps, site_path
 from .passes.video_grid import text_tokens_for
-from .owners import find_owner, layer_index, pipeline_timesteps, schedule_values, site_path
+from .sites import SiteInfo, SiteState
+from .steps import StepTracker, timestep_value
 
 log = logging.getLogger("modcompile")
 
 DEFAULT_NUM_STEPS = 50
-
-
-@dataclass
-class SiteInfo:
-    """What the compiler pass learnt about one SDPA call site (static across steps)."""
-
-    key: str
-    layer: int                      # attention layer index: order of registration within its scope
-    module_path: str
-    config: SparsityConfig
-    status: str                     # "sparse" (rewritten) or "dense" (left as SDPA)
-    reason: str = ""                # why a site stayed dense
-    seq_len: int | None = None
-    heads: int | None = None
-    head_dim: int | None = None
-    dtype: str | None = None
-    grid: tuple | None = None       # latent (T, H, W) of the video tokens, when known
-    text_tokens: int = 0            # joint-attention text tokens (the rest of the sequence)
-    training: bool = False          # q/k/v require grad: every call keeps a valid lse for backward
-    ordinal: int = 0                # index among the sites of one module
-    module_rel: str = ""            # the site's module path below the compiled frame's module
-    anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)
-    model: str = ""                 # the model instance a site instance belongs to (report)
-    spec_key: str = ""              # a site instance's compiled site (its key before it ran)
-    inferred_text_position: str | None = None  # the model's (modcompile/layout.py), when known
-    mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
-
-    @property
-    def text_position(self) -> str:
-        """Where joint-attention text sits: the option when given, else the model's, else last."""
-        return self.config.text_position or self.inferred_text_position or "last"
-
-
-@dataclass
-class SiteState:
-    """Mutable state of one (site, pass): what the policy remembers and what it used last."""
-
-    info: SiteInfo
-    pass_index: int
-    policy_state: Any = None
-    kv_counts: torch.Tensor | None = None
-    kv_indices: torch.Tensor | None = None
-    dense_now: bool = True          # this step's attention runs dense
-    observe_now: bool = False       # the observe node must run this step
-    steps_seen: int = 0
-    last_step: int = -1
-    scale: float | None = None      # softmax scale of the last attention call (observe has none)
-    context: Any = None             # the policy's SiteContext of the last plan (read by observe)
-    geometry: tuple | None = None   # (seq_len, grid) of the last call: policy state is per geometry
-    note: str = ""                  # the policy's word on this site (e.g. why it planned dense), shown by report()
-    sparse_calls: int = 0           # calls whose plan was not dense (report(): status "sparse" once > 0)
-    dense_why: str = ""             # the last dense plan's reason (report(): "dense (warm-up)")
-
-    @property
-    def density(self):
-        """Block density of the last call's lists (1.0 for dense plans; a 0-dim device tensor
-        otherwise, read by report()). Computed on read: the plan op would pay two launches per call."""
-        if self.kv_counts is None:
-            return None
-        if self.dense_now:
-            return 1.0
-        return self.kv_counts.sum(dtype=torch.float32) / (self.kv_counts.numel() * self.kv_indices.shape[-1])
-
-
-class StepTracker:
-    """The current denoising step of one model, from its timestep inputs or the explicit context
-    manager. A timestep is read as (max, mean) over its entries, so per-token (Wan2.2 TI2V) and
-    per-frame (diffusion forcing) timesteps advance the step when any entry moves."""
-
-    def __init__(self):
-        self.step = -1                  # -1: no step metadata seen in this generation
-        self.num_steps: int | None = None
-        self.last_timestep: tuple | None = None
-        self.schedule: list | None = None  # the pipeline's timesteps, when one is on the stack
-        self.source = None              # the pipeline call's timesteps object (identity only)
-        self.generation = 0
-        self.explicit = False           # inside denoising_step(): timestep inputs are ignored
-
-    def on_timestep(self, t, pipeline_ts=None) -> bool:
-        """Advance from a timestep value (a float or (max, mean)); True when a new generation starts.
-        ``pipeline_ts``: the ``timesteps`` object of the pipeline call on the stack, or None. A new
-        pipeline call is a new generation even when its first timestep equals the last one seen
-        (a second expert that ran only the last step, or one step per call)."""
-        if self.explicit:
-            return False
-        t = (float(t), float(t)) if not isinstance(t, tuple) else t
-        last = self.last_timestep
-        self.last_timestep = t
-        new = last is None or t[0] > last[0] or (t[0] == last[0] and t[1] > last[1])
-        new = new or pipeline_ts is not self.source
-        if new:
-            self.source = pipeline_ts
-            self.schedule = schedule_values(pipeline_ts)  # one host read per generation
-            self.num_steps = len(self.schedule) if self.schedule else None
-            self.step = self._index(t[0], -1)
-            return True
-        if t != last:
-            self.step = self._index(t[0], self.step)
-        return False                    # equal: another pass (e.g. CFG) of the same step
-
-    def _index(self, t: float, previous: int) -> int:
-        """The step of timestep ``t``: its position in the pipeline's schedule when it is one of its
-        values (a step-caching hook or a second expert then keeps the pipeline's numbering), else
-        the next step after ``previous``."""
-        if self.schedule:
-            tol = 1e-3 * max(1.0, abs(self.schedule[0]))
-            best = min(range(len(self.schedule)), key=lambda i: abs(self.schedule[i] - t))
-            if abs(self.schedule[best] - t) <= tol and best > previous:
-                return best
-        return previous + 1
-
-    def set_explicit(self, step: int, num_steps: int | None) -> bool:
-        new_generation = step < self.step or (step == 0 and self.step != 0)
-        self.step, self.num_steps, self.explicit = step, num_steps, True
-        return new_generation
 
 
 class ModelRun:
@@ -348,7 +233,7 @@ class Registry:
                                        inferred_text_position=position)
         if state.geometry != (seq_len, grid):
             if state.geometry is not None:
-                state.policy_state, state.kv_counts, state.kv_indices = None, None, None
+                state.policy_state, state.plan = None, None
             state.geometry = (seq_len, grid)
         return info
 
@@ -458,11 +343,6 @@ def _runs_compiled(name: str, module) -> bool:
     does) or wrapped in ``torch.compile`` (its ``_orig_mod``)."""
     return getattr(module, "_compiled_call_impl", None) is not None or name.rsplit(".", 1)[-1] == "_orig_mod"
 
-
-def timestep_value(t: torch.Tensor) -> tuple:
-    """(max, mean) of a timestep tensor: one host read."""
-    t = t.detach().float().reshape(-1)
-    return tuple(torch.stack([t.max(), t.mean()]).tolist())
 
 
 def _given_grid_check(given: tuple, layout) -> str:

@@ -17,17 +17,17 @@ class Checker:
         self.calls, self.block, self.broken = [], block_size, broken
         original = ops.site_attention
 
-        def checked(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=None):
-            out, lse = original(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias)
-            self.check(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias, out)
+        def checked(policy, ctx, q, k, v, plan, scale, key_bias=None):
+            out, lse = original(policy, ctx, q, k, v, plan, scale, key_bias)
+            self.check(policy, ctx, q, k, v, plan, scale, key_bias, out)
             return out, lse
         monkeypatch.setattr(ops, "site_attention", checked)
 
-    def check(self, policy, ctx, q, k, v, counts, indices, scale, bias, out):
-        state = ctx.state
-        assert torch.equal(counts, state.kv_counts) and torch.equal(indices, state.kv_indices)
+    def check(self, policy, ctx, q, k, v, plan, scale, bias, out):
+        state, counts, indices = ctx.state, plan.lists.counts, plan.lists.indices
+        assert torch.equal(counts, state.plan.lists.counts) and torch.equal(indices, state.plan.lists.indices)
         perm = None
-        if isinstance(policy, VmobaPolicy) and not state.dense_now:   # sparse VMoBA lists: permuted order
+        if isinstance(policy, VmobaPolicy) and not plan.dense:   # sparse VMoBA lists: permuted order
             layout = policy.layout(ctx, q.shape[2], q.device)
             perm = None if layout.identity else layout.perm.long()
         want = reference(q, k, v, counts, indices, scale, bias, perm, self.block)
@@ -36,7 +36,7 @@ class Checker:
             wrong = reference(q, k, v, (counts - 1).clamp_min(1), indices, scale, bias, perm, self.block)
             assert (out.double() - wrong).abs().max() > 1e-2, "the reference cannot tell the lists apart"
         density = float(counts.sum()) / (counts.numel() * indices.shape[-1])
-        self.calls.append((state.info.key, ctx.step, state.dense_now, density))
+        self.calls.append((state.info.key, ctx.step, plan.dense, density))
 
 
 def reference(q, k, v, counts, indices, scale, bias, perm, block):

@@ -178,7 +178,7 @@ def test_sparse_path_with_full_lists_matches_eager(monkeypatch):
 
     def full_but_sparse(self, ctx, q, k):
         full = ctx.full_plan(q, k)
-        return Plan(full.kv_counts, full.kv_indices, dense=False)
+        return Plan(full.lists, dense=False)
 
     monkeypatch.setattr(DensePolicy, "plan", full_but_sparse)
     torch.manual_seed(1)
@@ -383,7 +383,7 @@ def test_opcheck_public_op():
 
 def test_opcheck_graph_ops():
     from modcompile.config import SparsityConfig
-    from modcompile.runtime import SiteInfo
+    from modcompile.sites import SiteInfo
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
                                     status="sparse"))
     q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
@@ -403,7 +403,7 @@ def test_opcheck_graph_ops():
 def test_opcheck_training_site_attention_fully():
     """A training site: the whole opcheck, autograd registration and AOT dispatch included."""
     from modcompile.config import SparsityConfig
-    from modcompile.runtime import SiteInfo
+    from modcompile.sites import SiteInfo
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
                                     status="sparse", training=True))
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))

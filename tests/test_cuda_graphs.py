@@ -11,7 +11,7 @@ from modcompile.config import SparsityConfig
 from modcompile.kernels import pooling
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -148,7 +148,8 @@ def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
 
 
 def test_mod_tail_graph_cache_key(monkeypatch):
-    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod import ModPolicy
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=16)
     policy = ModPolicy(cfg)
@@ -177,7 +178,8 @@ def test_mod_tail_graph_cache_key(monkeypatch):
 @pytest.mark.parametrize("cheap,build", [(False, False), (False, True), (True, True)])
 def test_mod_tail_replay_equals_eager(cheap, build, monkeypatch):
     monkeypatch.delenv(cuda_graphs.ENV, raising=False)
-    from modcompile.policies.mod import ModPolicy, observe_tail
+    from modcompile.policies.mod import ModPolicy
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=64, coverage=0.85, min_density=0.05, max_density=0.7)
     policy = ModPolicy(cfg)
@@ -208,12 +210,11 @@ def _run_mod_generation(policy, state, info, qkv, num_steps, check_sync: bool):
         ctx = SiteContext(info=info, state=state, step=step, num_steps=num_steps, config=info.config)
         with _sync_mode("error" if check_sync else "default"):
             plan = policy.plan(ctx, q, k)
-        state.dense_now, state.observe_now = plan.dense, plan.observe
-        _, lse = site_attention(policy, ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(q.shape[-1]))
+        _, lse = site_attention(policy, ctx, q, k, v, plan, 1 / math.sqrt(q.shape[-1]))
         if plan.observe:
             with _sync_mode("error" if check_sync else "default"):
-                policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
-        lists.append((plan.dense, plan.kv_counts.clone(), plan.kv_indices.clone()))
+                policy.observe(ctx, q, k, lse, plan)
+        lists.append((plan.dense, plan.lists.counts.clone(), plan.lists.indices.clone()))
     return lists
 
 

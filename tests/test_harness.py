@@ -301,7 +301,7 @@ def test_fidelity_synthetic_with_a_sparse_policy(tmp_path, monkeypatch):
             mask = (i[:, None] == i[None]) | (i[:, None] == i[None] + 1)
             counts = mask.sum(-1).to(torch.int32).expand(B, H, mq).contiguous()
             idx = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-            return base.Plan(counts, idx.expand(B, H, mq, mk).contiguous(), dense=False)
+            return base.Plan(ctx.lists(counts, idx.expand(B, H, mq, mk).contiguous(), q, k), dense=False)
 
     try:
         import modcompile.policies.mod  # noqa: F401  (a real registration must not override ours)

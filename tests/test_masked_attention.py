@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import modcompile
 from modcompile import dispatch
 from modcompile.kernels.reference import block_sparse_attention_ref
-from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.kernels.block_lists import BlockLists, full_block_lists, num_blocks
 from modcompile.runtime import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
@@ -44,14 +44,14 @@ def test_key_bias_matches_float64_sdpa_with_the_mask(path, monkeypatch):
     bias = padding_bias([N, 61], N)
     bias[0, :7] = -1.5                                   # a float bias is added, not only -inf
     counts, indices = full_block_lists(B, H, num_blocks(N, bs), num_blocks(N, bs))
-    out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
+    out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D ** -0.5, key_bias=bias)
     q64, k64, v64 = (t.double() for t in (q, k, v))
     want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=bias.double()[:, None, None, :])
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     want_lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) * D ** -0.5 + bias.double()[:, None, None, :], -1)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
     # the bias matters: without it the padded keys change the rows of batch 1
-    plain, _ = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5)
+    plain, _ = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D ** -0.5)
     assert (plain[1] - out[1]).abs().max() > 1e-2
 
 
@@ -64,7 +64,7 @@ def test_key_bias_on_sparse_lists_and_rows_whose_listed_keys_are_all_hidden():
     counts, indices = random_lists(B, H, mq, mq, g)
     counts[1, 0, 2], indices[1, 0, 2, 0] = 1, 3          # lists only the last block ...
     bias = padding_bias([N, 96], N)                      # ... whose keys are all hidden in batch 1
-    out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D ** -0.5, key_bias=bias)
+    out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D ** -0.5, key_bias=bias)
     ref, ref_lse = block_sparse_attention_ref(*(t.double() for t in (q, k, v)), counts, indices, block_size=bs,
                                               key_bias=bias.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -84,7 +84,7 @@ def test_key_bias_follows_the_permuted_key_order():
     counts, indices = random_lists(B, H, 3, 3, g)
     bias = padding_bias([80], N)
     p = perm.long()
-    out, _ = dispatch.attention_forward(q, k[:, :, p], v[:, :, p], counts, indices, bs, D ** -0.5, q_rows=perm,
+    out, _ = dispatch.attention_forward(q, k[:, :, p], v[:, :, p], BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D ** -0.5, q_rows=perm,
                                    key_bias=bias[:, p])
     ref, _ = block_sparse_attention_ref(q[:, :, p].double(), k[:, :, p].double(), v[:, :, p].double(), counts,
                                         indices, block_size=bs, key_bias=bias[:, p].double())
@@ -147,7 +147,7 @@ def test_padding_masks_run_sparse_against_a_float64_reference_of_the_lists_used(
             q, k, v = (t_.double() for t_ in eager.proj(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4))
             valid = torch.arange(N)[None, :] < (N - TEXT + text_len)[:, None]
             bias = torch.zeros(2, N, dtype=torch.float64).masked_fill(~valid, NEG)
-            ref, _ = block_sparse_attention_ref(q, k, v, state.kv_counts, state.kv_indices, block_size=32,
+            ref, _ = block_sparse_attention_ref(q, k, v, state.plan.lists.counts, state.plan.lists.indices, block_size=32,
                                                 key_bias=bias)
             if form == "outer":
                 ref = ref * valid[:, None, :, None]

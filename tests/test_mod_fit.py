@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from modcompile.config import SparsityConfig
-from modcompile.kernels.block_lists import mask_from_lists
-from modcompile.policies.mod import extrapolate, lists_from_mask, predict_mask, FRAME_KEEP
+from modcompile.kernels.block_lists import lists_from_mask, mask_from_lists
+from modcompile.policies.mod_mask import FRAME_KEEP, extrapolate, predict_mask
 from modcompile.policies.mod_fit import (Geometry, design_matrix, diagonal_sums, fit_geometry, fit_maps,
                                          gram_matrix)
 

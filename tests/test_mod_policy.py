@@ -13,7 +13,8 @@ from modcompile.config import SparsityConfig
 from modcompile.kernels.block_lists import mask_from_lists
 from modcompile.policies import SiteContext
 from modcompile.policies.mod import ModPolicy, summary
-from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+from modcompile.runtime import REGISTRY
+from modcompile.sites import SiteInfo, SiteState
 
 from models import TinyVideoDiT
 
@@ -46,9 +47,9 @@ class Driver:
         self.plans.append(plan)
         if plan.dense and not plan.observe:
             return F.scaled_dot_product_attention(q, k, v)
-        out, lse = self.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(q.shape[-1]))
+        out, lse = self.policy.attention(ctx, q, k, v, plan, 1 / math.sqrt(q.shape[-1]))
         if plan.observe:
-            self.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+            self.policy.observe(ctx, q, k, lse, plan)
         return out
 
 
@@ -107,8 +108,8 @@ def test_schedule_cheap_refresh_and_history_rule():
     assert all(0.0 < c <= 1.0 for _, c in st.observed_coverage)
     # The sparse steps use the mask: block lists sorted, full width, own block and lines present.
     plan = drv.plans[10]
-    assert plan.kv_indices.shape == (1, 2, 16, 16) and plan.kv_counts.dtype == torch.int32
-    mask = mask_from_lists(plan.kv_counts, plan.kv_indices, 16)
+    assert plan.lists.indices.shape == (1, 2, 16, 16) and plan.lists.counts.dtype == torch.int32
+    mask = mask_from_lists(plan.lists.counts, plan.lists.indices, 16)
     assert mask.diagonal(dim1=-2, dim2=-1).all()
     assert mask.float().mean() < 0.9                               # local attention: sparse
 
@@ -131,9 +132,9 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
             st = drv.state.policy_state
             plan = drv.plans[17]
             assert not plan.dense and plan.observe
-            assert torch.equal(mask_from_lists(plan.kv_counts, plan.kv_indices, 16)[0], mask_before)
+            assert torch.equal(mask_from_lists(plan.lists.counts, plan.lists.indices, 16)[0], mask_before)
             ctx = SiteContext(info=drv.info, state=drv.state, step=17, num_steps=20, config=cfg)
-            _, lse = drv.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 0.25)
+            _, lse = drv.policy.attention(ctx, q, k, v, plan, 0.25)
             want = block_sparsity_ref(q, k, lse, block_size=16, threshold=cfg.threshold, scale=0.25,
                                       row_stride=2).mean(0)
             assert torch.equal(st.smap, want)                   # every block, also the skipped ones
@@ -172,7 +173,7 @@ def test_text_tokens_always_attended():
     q, k, v = _local_qkv(drv.n)
     for s in range(8):
         drv.step(s, q, k, v)
-    mask = mask_from_lists(drv.plans[-1].kv_counts, drv.plans[-1].kv_indices, 10)
+    mask = drv.plans[-1].lists.to_mask()
     assert mask[..., 8:].all() and mask[..., 8:, :].all()
 
 
@@ -255,9 +256,9 @@ def test_compiled_loop_with_denoising_step(fresh_modcompile, monkeypatch):
         calls = [c for c in rec.calls if c[0] == site]
         assert [c[2] for c in calls] == list(range(20))
         for (_, _, step, plan), dens in zip(calls, densities):
-            used = mask_from_lists(plan.kv_counts, plan.kv_indices, 16).float().mean().item()
+            used = mask_from_lists(plan.lists.counts, plan.lists.indices, 16).float().mean().item()
             assert dens[site] == pytest.approx(used, abs=1e-6), step
-            assert plan.kv_indices.shape[-1] == 16
+            assert plan.lists.indices.shape[-1] == 16
         assert all(c[3].dense for c in calls[:5]) and not any(c[3].dense for c in calls[5:9])
     rows = summary()
     assert len(rows) == 2
@@ -300,7 +301,9 @@ def test_compiled_timestep_tensors_new_generation_and_cfg(fresh_modcompile):
 def test_observe_tail_is_the_eager_sequence_of_steps():
     """CPU runs :func:`observe_tail` eagerly: merge, fit, :func:`extrapolate`, :func:`predict_mask`
     and the block lists exactly as the policy composed them before the tail was graphed."""
-    from modcompile.policies.mod import extrapolate, lists_from_mask, observe_tail, predict_mask
+    from modcompile.kernels.block_lists import lists_from_mask
+    from modcompile.policies.mod_mask import extrapolate, predict_mask
+    from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
     cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
@@ -360,7 +363,7 @@ def _coverage_brute(q, k, lse, kept, bs, scale, rows):
 @pytest.mark.parametrize("stride", [1, 4])
 def test_observed_coverage_is_the_mean_over_the_sampled_rows(stride, monkeypatch):
     from modcompile.kernels.block_sparsity import sampled_rows
-    from modcompile.policies import mod
+    from modcompile.policies import mod_observe
     B, H, N, D, bs = 2, 3, 70, 16, 16
     g = torch.Generator().manual_seed(stride)
     q, k = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
@@ -373,12 +376,12 @@ def test_observed_coverage_is_the_mean_over_the_sampled_rows(stride, monkeypatch
     lse = torch.logsumexp(s.masked_fill(~cols, float("-inf")), -1).float()
     rows = sampled_rows(N, bs, stride, 0).tolist()
     want = _coverage_brute(q, k, lse, kept, bs, scale, rows)
-    got = mod.observed_coverage(q, k, lse, kept, bs, scale, row_stride=stride)
+    got = mod_observe.observed_coverage(q, k, lse, kept, bs, scale, row_stride=stride)
     assert got.shape == (B, H) and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
     assert (want < 0.999).any()                                   # something is missing somewhere
     # a per-head mask broadcasts over the batch; chunking over heads changes nothing
-    monkeypatch.setattr(mod, "_COVERAGE_CHUNK", 1)
-    per_head = mod.observed_coverage(q, k, lse, kept[0], bs, scale, row_stride=stride)
+    monkeypatch.setattr(mod_observe, "_COVERAGE_CHUNK", 1)
+    per_head = mod_observe.observed_coverage(q, k, lse, kept[0], bs, scale, row_stride=stride)
     want0 = _coverage_brute(q, k, lse, kept[:1].expand(B, -1, -1, -1), bs, scale, rows)
     assert torch.allclose(per_head.double(), want0, rtol=1e-5, atol=1e-6)
 
@@ -405,14 +408,14 @@ def test_observe_has_no_host_sync_ops_and_a_bounded_op_count(kind, monkeypatch):
         drv.step(s, q, k, v)
     ctx = SiteContext(info=drv.info, state=drv.state, step=13, num_steps=drv.num_steps, config=cfg)
     plan = drv.policy.plan(ctx, q, k)
-    assert drv.state.policy_state.observing == kind
-    _, lse = drv.policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 0.25)
+    assert plan.observe and plan.data == kind
+    _, lse = drv.policy.attention(ctx, q, k, v, plan, 0.25)
     real = mod.observe_map(q, k, lse, block_size=16, threshold=cfg.threshold, scale=0.25,
-                           kv_counts=plan.kv_counts if kind == "cheap" else None,
-                           kv_indices=plan.kv_indices if kind == "cheap" else None)
+                           kv_counts=plan.lists.counts if kind == "cheap" else None,
+                           kv_indices=plan.lists.indices if kind == "cheap" else None)
     monkeypatch.setattr(mod, "observe_map", lambda *a, **kw: real.clone())
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        drv.policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices)
+        drv.policy.observe(ctx, q, k, lse, plan)
     assert drv.state.policy_state.fit_steps[-1] == 13
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]

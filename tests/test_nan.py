@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import modcompile
 from modcompile import dispatch
 from modcompile.kernels.block_sparsity import block_sparsity, block_sparsity_ref
-from modcompile.kernels.block_lists import lists_from_mask, mask_from_lists, num_blocks
+from modcompile.kernels.block_lists import BlockLists, lists_from_mask, mask_from_lists, num_blocks
 from modcompile.kernels.reference_bwd import block_sparse_attention_bwd_ref
 
 from models import TinyVideoDiT
@@ -94,7 +94,7 @@ def test_restricted_map_marks_nan_only_on_listed_blocks_and_keeps_its_fill(injec
     q, k, v = qkv(2, inject)
     counts, indices = sparse_lists(3)
     listed = mask_from_lists(counts, indices, MB)
-    _, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE)  # the sparse call's lse
+    _, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE)  # the sparse call's lse
     want = expected_nan_map(q, k, lse, listed)
     fns = [block_sparsity_ref] + ([block_sparsity] if INTERP else [])
     for fn in fns:
@@ -105,16 +105,16 @@ def test_restricted_map_marks_nan_only_on_listed_blocks_and_keeps_its_fill(injec
 
 
 def test_observed_coverage_is_nan_for_heads_with_nan_and_unchanged_elsewhere():
-    from modcompile.policies.mod import observed_coverage
+    from modcompile.policies.mod_observe import observed_coverage
     q, k, v = qkv(4)
     counts, indices = sparse_lists(5)
     kept = mask_from_lists(counts, indices, MB)
-    _, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE)
+    _, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE)
     clean = observed_coverage(q, k, lse, kept, BLOCK, SCALE)
     assert torch.isfinite(clean).all() and (clean > 0).all() and (clean <= 1).all()
     q_bad = q.clone()
     q_bad[1, 0, 17, 4] = float("nan")
-    _, lse_bad = dispatch.attention_forward(q_bad, k, v, counts, indices, BLOCK, SCALE)
+    _, lse_bad = dispatch.attention_forward(q_bad, k, v, BlockLists(counts, indices, BLOCK, q_bad.shape[2], k.shape[2]), SCALE)
     got = observed_coverage(q_bad, k, lse_bad, kept, BLOCK, SCALE)
     nan = torch.zeros(B, H, dtype=torch.bool)
     nan[1, 0] = True
@@ -138,7 +138,7 @@ def test_sparse_site_attention_is_non_finite_wherever_dense_sdpa_is(inject, perm
     paths = [False] + ([True] if INTERP else [])
     for triton_path in paths:
         monkeypatch.setattr(dispatch, "use_triton", lambda t, on=triton_path: on)
-        out, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE, q_rows=rows, like_dense=True)
+        out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE, q_rows=rows, like_dense=True)
         dense_bad = ~torch.isfinite(dense).all(-1)
         got_bad = ~torch.isfinite(out).all(-1)
         if math.isnan(inject[2]):
@@ -220,13 +220,13 @@ def test_backward_nan_pattern_matches_dense_autograd_and_the_reference(inject):
     F.scaled_dot_product_attention(*leaves, scale=SCALE).backward(do.double())
     dense_grads = [t.grad for t in leaves]
     for counts, indices in ((full_counts, full_idx), sparse_lists(13)):
-        out, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE)
+        out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE)
         want = block_sparse_attention_bwd_ref(do, q, k, v, out, lse, counts, indices, block_size=BLOCK, scale=SCALE,
                                               compute_dtype=torch.float64)
         if counts is full_counts:
             for w, d in zip(want, dense_grads):
                 assert torch.equal(w.isnan(), d.isnan())
-        got = backward_grads(do, q, k, v, out, lse, counts, indices, BLOCK, SCALE)  # Triton under the interpreter
+        got = backward_grads(do, q, k, v, out, lse, BlockLists(counts, indices, BLOCK, N, N), SCALE)  # Triton under the interpreter
         for a, w in zip(got, want):
             assert torch.equal(a.isnan(), w.isnan())
             fine = ~w.isnan()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from modcompile import dispatch
 from modcompile.kernels import nonfinite
-from modcompile.kernels.block_lists import lists_from_mask, num_blocks
+from modcompile.kernels.block_lists import BlockLists, lists_from_mask, num_blocks
 from modcompile.kernels.reference import block_sparse_attention_ref
 
 INTERP = not torch.cuda.is_available()  # conftest runs Triton under the interpreter on CPU
@@ -201,7 +201,7 @@ def test_dense_rule_is_non_finite_where_dense_sdpa_is(case, density, permuted, m
         assert not poisoned.any()
     for triton_path in [False] + ([True] if INTERP else []):
         monkeypatch.setattr(dispatch, "use_triton", lambda t, on=triton_path: on)
-        out, lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE, q_rows=rows, like_dense=True)
+        out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE, q_rows=rows, like_dense=True)
         got_bad = ~torch.isfinite(out).all(-1)
         assert torch.equal(got_bad, poisoned | listed_bad), triton_path
         assert (got_bad | ~dense_bad).all(), triton_path
@@ -213,7 +213,7 @@ def test_dense_rule_is_non_finite_where_dense_sdpa_is(case, density, permuted, m
         torch.testing.assert_close(out[fine].double(), want[fine], atol=2e-5, rtol=1e-5)
         if density == 1.0:
             torch.testing.assert_close(out[fine].double(), dense[fine], atol=2e-5, rtol=1e-5)
-        plain, plain_lse = dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE, q_rows=rows)
+        plain, plain_lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE, q_rows=rows)
         assert torch.equal(out[fine], plain[fine]) and torch.equal(lse[fine], plain_lse[fine])
 
 
@@ -223,7 +223,7 @@ def test_dense_rule_in_half_precision_matches_the_reference_path(monkeypatch):
     results = []
     for triton_path in (False, True):
         monkeypatch.setattr(dispatch, "use_triton", lambda t, on=triton_path: on)
-        results.append(dispatch.attention_forward(q, k, v, counts, indices, BLOCK, SCALE, q_rows=rows,
+        results.append(dispatch.attention_forward(q, k, v, BlockLists(counts, indices, BLOCK, q.shape[2], k.shape[2]), SCALE, q_rows=rows,
                                                   like_dense=True))
     (ref, ref_lse), (got, got_lse) = results
     # lse: a +inf score gives the reference's logsumexp +inf and the kernel NaN (both non-finite)
@@ -247,8 +247,8 @@ def test_dense_rule_on_the_gpu_matches_the_torch_rule():
     mb = num_blocks(N_, bs)
     mask = (torch.rand(B_, H_, mb, mb, device="cuda", generator=g) < 0.3) | torch.eye(mb, device="cuda").bool()
     counts, indices = lists_from_mask(mask)
-    out, lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D_ ** -0.5, like_dense=True)
-    want, want_lse = dispatch.attention_forward(q, k, v, counts, indices, bs, D_ ** -0.5)
+    out, lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D_ ** -0.5, like_dense=True)
+    want, want_lse = dispatch.attention_forward(q, k, v, BlockLists(counts, indices, bs, q.shape[2], k.shape[2]), D_ ** -0.5)
     poison = nonfinite.poisoned_query_blocks_ref(nonfinite.block_flags_ref(k, v, bs), counts, indices)
     assert poison.any() and not poison.all()
     nonfinite.poison_rows_(want, want_lse, poison, bs)

@@ -14,10 +14,11 @@ from modcompile.kernels.block_sparsity import sampled_rows
 from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 from modcompile.kernels.reference import block_sparse_attention_ref
 from modcompile.policies.base import SiteContext, lists_from_mask
-from modcompile.policies.mod import ModPolicy, observed_coverage
+from modcompile.policies.mod import ModPolicy
+from modcompile.policies.mod_observe import observed_coverage
 from modcompile.policies.selection import select_blocks
 from modcompile.policies.vmoba import VmobaPolicy, layout_for
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 NEG = float("-inf")
 
@@ -171,16 +172,16 @@ def test_vmoba_plan_skips_padding_and_attention_matches_float64(layer, triton_on
     assert unmasked[1, :, :, 1].any()                             # pooled over every key, it would be
     # no video query block lists a kernel block made only of padding (permuted order); rows of text
     # blocks list every key block (VMoBA's text rule: wasted work there, never a wrong result)
-    listed = mask_from_lists(plan.kv_counts, plan.kv_indices, num_blocks(N, block))
+    listed = mask_from_lists(plan.lists.counts, plan.lists.indices, num_blocks(N, block))
     bias_p = bias.index_select(1, layout.perm.long())
     all_hidden = F.pad(bias_p.isneginf(), (0, -N % block), value=True).view(2, -1, block).all(-1)
     video_rows = ~layout.text_blocks[None, None, :, None]
     assert all_hidden[1].any() and not (listed & all_hidden[:, None, None, :] & video_rows).any()
     # the attention is exact on those lists, with the bias: float64 reference in permuted order
-    out, _ = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(D), key_bias=bias)
+    out, _ = policy.attention(ctx, q, k, v, plan, 1 / math.sqrt(D), key_bias=bias)
     p = layout.perm.long()
     ref, _ = block_sparse_attention_ref(q[:, :, p].double(), k[:, :, p].double(), v[:, :, p].double(),
-                                        plan.kv_counts, plan.kv_indices, block_size=block, key_bias=bias_p.double())
+                                        plan.lists.counts, plan.lists.indices, block_size=block, key_bias=bias_p.double())
     want_out = torch.empty_like(ref).index_copy_(2, p, ref)
     torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out).all()
@@ -218,8 +219,8 @@ def test_mod_observed_map_gives_padding_no_mass(triton_on, monkeypatch):
     bias = _bias(2, N, [torch.arange(N - 9, N), torch.arange(N - 16, N)], 5)   # batch 1: the last block is padding
     plan = policy.plan(ctx, q, k, key_bias=bias)
     assert plan.dense and plan.observe
-    out, lse = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(32), key_bias=bias)
-    policy.observe(ctx, q, k, lse, plan.kv_counts, plan.kv_indices, key_bias=bias)
+    out, lse = policy.attention(ctx, q, k, v, plan, 1 / math.sqrt(32), key_bias=bias)
+    policy.observe(ctx, q, k, lse, plan, key_bias=bias)
     smap = ctx.state.policy_state.smap
     lo, hi = (_explicit_map64(q, k, lse, bias, block, 1e-2, m, stride).mean(0) for m in (-2e-3, 2e-3))
     assert ((smap >= lo - 1e-6) & (smap <= hi + 1e-6)).all()
@@ -228,7 +229,7 @@ def test_mod_observed_map_gives_padding_no_mass(triton_on, monkeypatch):
     plain = ModPolicy(cfg)
     ctx2 = _ctx(cfg, GRID, N, step=0, num_steps=10)
     plain.plan(ctx2, q, k)
-    plain.observe(ctx2, q, k, lse, plan.kv_counts, plan.kv_indices)
+    plain.observe(ctx2, q, k, lse, plan)
     assert not torch.allclose(ctx2.state.policy_state.smap, smap)
 
 

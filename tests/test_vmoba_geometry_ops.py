@@ -13,7 +13,7 @@ from modcompile.kernels import partition as P
 from modcompile.policies.base import SiteContext
 from modcompile.policies import vmoba as vmoba_module
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import SiteInfo, SiteState
+from modcompile.sites import SiteInfo, SiteState
 
 
 @settings(max_examples=40, deadline=None)
@@ -77,7 +77,7 @@ def test_plan_call_stays_within_op_budget_and_has_no_host_sync(layer, monkeypatc
     first = policy.plan(ctx, q, k)  # builds the cached layout
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         again = policy.plan(ctx, q, k)
-    assert torch.equal(first.kv_counts, again.kv_counts) and torch.equal(first.kv_indices, again.kv_indices)
+    assert torch.equal(first.lists.counts, again.lists.counts) and torch.equal(first.lists.indices, again.lists.indices)
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     names = collections.Counter(e.name for e in events)

@@ -13,7 +13,8 @@ from modcompile.kernels import partition as P
 from modcompile.kernels import pooling as PL
 from modcompile.policies.base import SiteContext
 from modcompile.policies.vmoba import VmobaPolicy
-from modcompile.runtime import REGISTRY, SiteInfo, SiteState
+from modcompile.runtime import REGISTRY
+from modcompile.sites import SiteInfo, SiteState
 
 from models import TinyVideoDiT
 
@@ -36,9 +37,9 @@ def _ctx(config, grid, n, layer, step=30, num_steps=40):
 
 def _token_mask(plan, layout, block):
     """Token-level (B, H, N, N) mask in the original order from kernel lists in permuted order."""
-    mk = plan.kv_indices.shape[-1]
+    mk = plan.lists.indices.shape[-1]
     from modcompile.kernels.block_lists import mask_from_lists
-    bmask = mask_from_lists(plan.kv_counts, plan.kv_indices, mk)
+    bmask = mask_from_lists(plan.lists.counts, plan.lists.indices, mk)
     kb = layout.partition.inv // block  # kernel block of each original token
     return bmask[:, :, kb][:, :, :, kb]
 
@@ -60,11 +61,11 @@ def test_policy_attention_is_exact_on_its_block_lists(layer, text, position, tor
     ctx = _ctx(cfg, grid, q.shape[2], layer)
     policy = VmobaPolicy(cfg)
     plan = policy.plan(ctx, q, k)
-    assert not plan.dense and plan.kv_indices.shape[-1] == math.ceil(q.shape[2] / block)
+    assert not plan.dense and plan.lists.indices.shape[-1] == math.ceil(q.shape[2] / block)
     layout = policy.layout(ctx, q.shape[2], q.device)
     assert layout.identity == (layer == 0 and position == "last")
     scale = 1 / math.sqrt(D)
-    out, lse = policy.attention(ctx, q, k, v, plan.kv_counts, plan.kv_indices, scale)
+    out, lse = policy.attention(ctx, q, k, v, plan, scale)
     mask = _token_mask(plan, layout, block)
     assert mask.float().mean() < 1  # really sparse
     ref, ref_lse = _masked_attention64(q, k, v, mask, scale)
@@ -87,8 +88,8 @@ def test_full_selection_equals_dense_through_the_permutation(layer, torch_path):
     ctx = _ctx(cfg, grid, sa.seq_len, layer)
     policy = VmobaPolicy(cfg)
     plan = policy.plan(ctx, sa.q, sa.k)
-    assert not plan.dense and bool((plan.kv_counts == plan.kv_indices.shape[-1]).all())
-    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
+    assert not plan.dense and bool((plan.lists.counts == plan.lists.indices.shape[-1]).all())
+    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.25)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(sa.q, sa.k, sa.v, scale=0.25), atol=1e-5, rtol=1e-5)
 
 
@@ -102,9 +103,9 @@ def test_sparse_output_close_to_dense_on_structured_inputs(torch_path):
         ctx = _ctx(cfg, grid, sa.seq_len, layer=2)
         policy = VmobaPolicy(cfg)
         plan = policy.plan(ctx, sa.q, sa.k)
-        out, _ = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 1 / math.sqrt(32))
+        out, _ = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 1 / math.sqrt(32))
         errors[tau] = relative_l2(out, dense)
-        densities[tau] = plan.kv_counts.double().mean().item() / plan.kv_indices.shape[-1]
+        densities[tau] = plan.lists.counts.double().mean().item() / plan.lists.indices.shape[-1]
     assert errors[0.5] < 0.1 and densities[0.5] < 0.5
     assert errors[0.9] < errors[0.5] < errors[0.15]
     assert densities[0.15] < densities[0.5] < densities[0.9]
@@ -121,8 +122,8 @@ def test_triton_interpreter_path_matches_torch_path(monkeypatch):
         ctx = _ctx(cfg, grid, sa.seq_len, layer=1)
         policy = VmobaPolicy(cfg)
         plan = policy.plan(ctx, sa.q, sa.k)
-        out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
-        results.append((plan.kv_counts, out, lse))
+        out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.25)
+        results.append((plan.lists.counts, out, lse))
     assert torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], atol=2e-5, rtol=1e-5)
@@ -145,18 +146,18 @@ def test_kernel_q_gather_equals_permute_unpermute_path(layer, triton_on, monkeyp
     layout = policy.layout(ctx, sa.seq_len, sa.q.device)
     assert not layout.identity
     plan = policy.plan(ctx, sa.q, sa.k)
-    stash = ctx.state.policy_state.stash
+    stash = plan.data.stash
     assert len(stash) == 2 and torch.equal(stash[1], sa.k[:, :, layout.partition.perm])  # permuted k only
-    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
-    assert ctx.state.policy_state.stash is None
+    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.25)
+    assert plan.data.stash is None
     qp, kp, vp = (policy.gather(t, layout.perm) for t in (sa.q, sa.k, sa.v))
-    out_p, lse_p = dispatch.attention_forward(qp, kp, vp, plan.kv_counts, plan.kv_indices, 16, 0.25)
+    out_p, lse_p = dispatch.attention_forward(qp, kp, vp, plan.lists, 0.25)
     assert torch.equal(out, policy.gather(out_p, layout.inv))
     assert torch.equal(lse, lse_p.index_select(2, layout.inv))
     assert out.stride() == dispatch.out_like(sa.q).stride()
     # a k that is not the plan's (stash miss): attention permutes it itself, same result
     plan = policy.plan(ctx, sa.q, sa.k)
-    out2, lse2 = policy.attention(ctx, sa.q, sa.k.clone(), sa.v, plan.kv_counts, plan.kv_indices, 0.25)
+    out2, lse2 = policy.attention(ctx, sa.q, sa.k.clone(), sa.v, plan, 0.25)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
 
 
@@ -209,7 +210,8 @@ def test_compiled_schedule_densities_and_report(fresh_modcompile):
                 continue
             for key, r in rows.items():
                 s = states[key]
-                used = s.kv_counts.double().sum().item() / (s.kv_counts.numel() * s.kv_indices.shape[-1])
+                counts = s.plan.lists.counts
+                used = counts.double().sum().item() / (counts.numel() * s.plan.lists.indices.shape[-1])
                 assert r.density == pytest.approx(used, abs=1e-6) and used < 1.0
                 kind = P.kind_for_layer(s.info.layer)
                 assert r.note.startswith(f"vmoba {kind} blocks")
@@ -258,10 +260,9 @@ def test_policy_backward_matches_masked_reference(torch_path):
     ctx = _ctx(cfg, grid, sa.seq_len, layer=2)
     policy = VmobaPolicy(cfg)
     plan = policy.plan(ctx, sa.q, sa.k)
-    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.25)
+    out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.25)
     grad = torch.randn_like(out)
-    dq, dk, dv = policy.attention_backward(ctx, grad, sa.q, sa.k, sa.v, out, lse, plan.kv_counts,
-                                           plan.kv_indices, 0.25)
+    dq, dk, dv = policy.attention_backward(ctx, grad, sa.q, sa.k, sa.v, out, lse, plan, 0.25)
     mask = _token_mask(plan, policy.layout(ctx, sa.seq_len, sa.q.device), block)
     assert mask.float().mean() < 1
     q64, k64, v64 = (t.double().requires_grad_() for t in (sa.q, sa.k, sa.v))
@@ -289,9 +290,9 @@ def test_gpu_policy_matches_torch_path(dtype, monkeypatch):
         torch.testing.assert_close(q_pool, rq_pool, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(k_pool, rk_pool, atol=1e-3, rtol=1e-4)
         plan = policy.plan(ctx, sa.q, sa.k)
-        out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
+        out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.125)
         with monkeypatch.context() as m:
             m.setattr(dispatch, "use_triton", lambda t: False)
-            ref, ref_lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan.kv_counts, plan.kv_indices, 0.125)
+            ref, ref_lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.125)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)

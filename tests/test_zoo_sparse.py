@@ -11,6 +11,7 @@ import torch
 
 import modcompile
 from modcompile import dispatch, ops
+from modcompile.kernels.block_lists import BlockLists
 
 pytest.importorskip("diffusers")
 
@@ -115,10 +116,12 @@ def test_the_check_fails_on_lists_other_than_the_plans(monkeypatch):
     monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     original = ops.site_attention
 
-    def swapped(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias=None):
-        if not ctx.state.dense_now:                    # sparse steps: attend one block fewer per row
-            kv_counts = (kv_counts - 1).clamp_min(1)
-        return original(policy, ctx, q, k, v, kv_counts, kv_indices, scale, key_bias)
+    def swapped(policy, ctx, q, k, v, plan, scale, key_bias=None):
+        if not plan.dense:                             # sparse steps: attend one block fewer per row
+            lists = plan.lists
+            plan = plan.with_lists(BlockLists((lists.counts - 1).clamp_min(1), lists.indices, lists.block_size,
+                                              lists.q_len, lists.kv_len))
+        return original(policy, ctx, q, k, v, plan, scale, key_bias)
     monkeypatch.setattr(ops, "site_attention", swapped)
     checker = Checker(monkeypatch, BLOCK, broken=False)       # wraps the swapped body: sees the plan's lists
     client = BY_NAME["wan"]

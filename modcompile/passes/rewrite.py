@@ -10,7 +10,8 @@ import torch.fx as fx
 
 from ..kernels._common import attention_path
 from ..owners import source_path
-from ..runtime import REGISTRY, SiteInfo
+from ..runtime import REGISTRY
+from ..sites import SiteInfo
 from . import masks
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites, module_path
 from .step_metadata import find_timestep_input
@@ -113,13 +114,14 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
             grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site),
-            mask=site.key_mask.description if site.eligible and site.key_mask else ""))
+            mask=site.key_mask.description if site.eligible and site.key_mask else "",
+            scale=_softmax_scale(site) if site.eligible else None))
         infos.append(info)
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
             REGISTRY.place_dense(info, _example(anchor), calls)
             continue
-        _replace_with_sparse(graph, site, info.key, token, anchor, grid_args)
+        _replace_with_sparse(graph, site, info.key, info.scale, token, anchor, grid_args)
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
                  site.seq_len, site.heads, site.head_dim)
     for reason, keys in misfits.items():
@@ -202,10 +204,17 @@ def _anchor(site: AttentionSite, prefix: str = "") -> tuple:
     return None, None
 
 
-def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, token, anchor, grid_args) -> None:
+def _softmax_scale(site: AttentionSite) -> float:
+    """The site's softmax scale (SDPA's ``scale``, else 1/sqrt(head_dim)): its attention op's
+    argument and ``SiteInfo.scale``, which the observe op reads (its schema has no scale)."""
+    scale = site.args["scale"]
+    return float(scale if scale is not None else 1.0 / math.sqrt(site.head_dim))
+
+
+def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, scale: float, token, anchor,
+                         grid_args) -> None:
     a, node = site.args, site.node
     q, k, v = a["query"], a["key"], a["value"]
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(site.head_dim)
     with graph.inserting_before(node):
         # the key bias goes to the plan (VMoBA scores) and observe (MOD's map) too: padding has no mass
         bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))

@@ -3,29 +3,41 @@
 A policy decides, per site and per call, which key blocks each query block attends (``plan``) and,
 when its plan asks for it, learns from the attention that just ran (``observe``). Policies never
 touch the graph; the custom ops call them with the site's state.
+
+Per call, the :class:`Plan` is the one channel from ``plan`` to ``attention`` and ``observe``: its
+block lists, whether the call is dense or observes, and the policy's own per-call data.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch
 from ..config import SparsityConfig
-from ..kernels.block_lists import full_block_lists, num_blocks
-from ..kernels.block_lists import lists_from_mask  # noqa: F401  (mod and vmoba import it from here)
-from ..runtime import SiteInfo, SiteState
+from ..kernels.block_lists import BlockLists, full_block_lists, num_blocks
+from ..kernels.block_lists import lists_from_mask  # noqa: F401  (vmoba imports it from here)
+from ..sites import SiteInfo, SiteState
 
 
 @dataclass
 class Plan:
-    kv_counts: torch.Tensor        # (B, H, Mq) int32
-    kv_indices: torch.Tensor       # (B, H, Mq, Mk) int32 (width fixed to Mk: the graph's fake shape)
+    """What a policy decided for one call, and everything the call's attention and observation need
+    from its plan."""
+
+    lists: BlockLists              # counts (B, H, Mq), indices (B, H, Mq, Mk): width fixed to Mk (the graph's fake shape)
     dense: bool                    # every block: the attention node may call dense SDPA
     observe: bool = False          # the observe node must run on this call
     why: str = ""                  # dense plans: a few words on why (report() status: "dense (warm-up)")
+    data: Any = None               # the policy's own per-call data for its attention / observe
+
+    def with_lists(self, lists: BlockLists) -> Plan:
+        """This plan with other lists of the same shape (the graph hands the ops copies)."""
+        return dataclasses.replace(self, lists=lists)
 
 
 @dataclass
@@ -45,10 +57,14 @@ class SiteContext:
     def blocks(self, n: int) -> int:
         return num_blocks(n, self.config.block_size)
 
-    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False, why: str = "") -> Plan:
+    def lists(self, counts: torch.Tensor, indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> BlockLists:
+        """This call's :class:`BlockLists` of ``(counts, indices)`` (metadata only)."""
+        return BlockLists(counts, indices, self.config.block_size, q.shape[2], k.shape[2])
+
+    def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False, why: str = "", data=None) -> Plan:
         counts, indices = full_lists(q.shape[0], q.shape[1], self.blocks(q.shape[2]),
                                      self.blocks(k.shape[2]), q.device)
-        return Plan(counts, indices, dense=True, observe=observe, why=why)
+        return Plan(self.lists(counts, indices, q, k), dense=True, observe=observe, why=why, data=data)
 
 
 @lru_cache(maxsize=64)
@@ -106,10 +122,10 @@ def masked_block_means(x: torch.Tensor, key_bias: torch.Tensor, block_size: int)
             torch.where(count > 0, bias_sum / denom, float("-inf")), count)
 
 
-def like_dense(ctx: SiteContext) -> bool:
+def like_dense(ctx: SiteContext, plan: Plan) -> bool:
     """Whether this call applies the dense non-finite rule (``dispatch.nonfinite_poison``, written by
     the kernel's epilogue)."""
-    return ctx.config.nonfinite == "dense" and not ctx.state.dense_now
+    return ctx.config.nonfinite == "dense" and not plan.dense
 
 
 class Policy:
@@ -123,27 +139,27 @@ class Policy:
         additive bias (``-inf``: a hidden key), given on masked sites only."""
         raise NotImplementedError
 
-    def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kv_counts: torch.Tensor, kv_indices: torch.Tensor, scale: float, key_bias=None):
-        """The block-sparse attention of a non-dense call; returns ``(out, lse)`` in the original
-        token order. Policies whose blocks are not contiguous in that order (VMoBA's 2D/3D
-        partitions) permute around the kernel here (k, v and ``key_bias`` (B, Nk) alike). With
+    def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
+                  scale: float, key_bias=None):
+        """The block-sparse attention of ``plan.lists`` (the call's plan, with the lists the graph
+        passed); returns ``(out, lse)`` in the original token order. Policies whose blocks are not
+        contiguous in that order (VMoBA's 2D/3D partitions) permute around the kernel here (k, v and
+        ``key_bias`` (B, Nk) alike), with what their plan left in ``plan.data``. With
         ``nonfinite="dense"`` sparse calls pass ``like_dense``: a NaN / Inf in a key or value block
         a row skips still makes that row NaN, as dense SDPA would."""
-        return dispatch.attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
-                                 like_dense=like_dense(ctx))
+        return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias,
+                                          like_dense=like_dense(ctx, plan))
 
-    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
-                           scale: float):
-        """(dq, dk, dv) of :meth:`attention` for the same lists (training). Policies that permute
+    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
+        """(dq, dk, dv) of :meth:`attention` for the same plan (training). Policies that permute
         in :meth:`attention` permute here too."""
         from ..autograd import backward_grads  # already inside the opaque site op: no second dispatch
-        return backward_grads(grad_out, q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, scale)
+        return backward_grads(grad_out, q, k, v, out, lse, plan.lists, scale)
 
-    def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-                kv_counts: torch.Tensor, kv_indices: torch.Tensor, key_bias=None) -> None:
+    def observe(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, plan: Plan,
+                key_bias=None) -> None:
         """Called after the attention of a call whose plan had ``observe=True`` (``key_bias`` as
-        in :meth:`plan`; ``lse`` includes it)."""
+        in :meth:`plan`; ``lse`` includes it). The softmax scale is the site's (``ctx.info.scale``)."""
 
     def warmup_steps(self, ctx: SiteContext) -> int:
         """Dense steps at the start of a run (config override, else the policy's default)."""

@@ -7,7 +7,8 @@ Per call of a sparse step:
    ``config.partition_blocks`` or defaults of about ``block_size`` tokens) gives a permutation that
    makes every partition block contiguous (kernels/partition.py; cached per geometry and device);
 2. one fused pass reads q and k in permuted order, mean-pools them per partition block in fp32 and
-   writes the permuted copy of k (kernels/pooling.py), kept for the attention op of the same call;
+   writes the permuted copy of k (kernels/pooling.py), handed with the layout to the attention op of
+   the same call in the plan (``Plan.data``: a :class:`Permuted`);
 3. pooled scores ``mean(q) . mean(k)`` (with a key-padding mask: k pooled over the visible keys
    plus their mean bias over the scale, so a block of padding scores -inf and is never selected)
    are selected per head (modcompile/policies/selection.py:
@@ -117,11 +118,18 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 @dataclass
-class CallState:
-    """What the plan of the current call leaves for its attention (``ctx.state.policy_state``)."""
+class Permuted:
+    """What a sparse plan with a permuting layout hands its attention (``Plan.data``): the lists are
+    in the layout's token order."""
 
-    dense: bool = True              # full lists: the token order does not matter
-    stash: tuple | None = None      # (key of k, permuted k) from the fused pass
+    layout: Layout
+    stash: tuple | None = None      # (key of k, permuted k) from the fused pass; the attention takes it
+
+    def take_k(self, k: torch.Tensor) -> torch.Tensor | None:
+        """The plan's permuted copy of ``k``, once (its memory goes with the attention), or None
+        when it is gone or was made from another tensor."""
+        stash, self.stash = self.stash, None
+        return stash[1] if stash is not None and stash[0] == _tensor_key(k) else None
 
 
 @register_policy
@@ -158,7 +166,6 @@ class VmobaPolicy(Policy):
 
     # ------------------------------------------------------------------ plan
     def plan(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, key_bias=None) -> Plan:
-        call = ctx.state.policy_state = CallState()  # drops permuted copies of an earlier call
         layout = self.layout(ctx, q.shape[2], q.device)
         if layout is None:
             return ctx.full_plan(q, k, why="no grid" if ctx.info.grid is None else "grid does not fit")
@@ -166,12 +173,10 @@ class VmobaPolicy(Policy):
             ctx.state.note = layout.describe() + "; dense warm-up step"
             return ctx.full_plan(q, k, why="warm-up")
         ctx.state.note = layout.describe()
-        call.dense = False
         _, kp, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias)
-        if not layout.identity:
-            call.stash = (_tensor_key(k), kp)
         counts, indices = self.lists_fn(layout, q_pool, masked=key_bias is not None)(q_pool, *pooled_k)
-        return Plan(counts, indices, dense=False)
+        permuted = None if layout.identity else Permuted(layout, (_tensor_key(k), kp))
+        return Plan(ctx.lists(counts, indices, q, k), dense=False, data=permuted)
 
     def lists_fn(self, layout: Layout, q_pool: torch.Tensor, masked: bool = False):
         """``(q_pool, k_pool[, bias_pool]) -> (counts, indices)`` for this layout and pooled shape
@@ -240,47 +245,35 @@ class VmobaPolicy(Policy):
         return lists_from_mask(mask)
 
     # ------------------------------------------------------------------ attention
-    def _permuted_call(self, ctx: SiteContext, q) -> tuple[Layout, CallState] | None:
-        """(layout, call state) when this call's lists are in permuted order, else None: no grid,
-        an identity permutation, or full lists (dense plans, e.g. warm-up steps of training), which
-        do not depend on the token order."""
-        layout = self.layout(ctx, q.shape[2], q.device)
-        call = ctx.state.policy_state if isinstance(ctx.state.policy_state, CallState) else CallState(dense=False)
-        if layout is None or layout.identity or call.dense:
-            return None
-        return layout, call
-
-    def attention(self, ctx: SiteContext, q, k, v, kv_counts, kv_indices, scale: float, key_bias=None):
-        """(out, lse) in the original order: k and v permuted, q gathered by the kernel (``q_rows``)."""
-        permuted = self._permuted_call(ctx, q)
-        dense_rule = like_dense(ctx)
+    def attention(self, ctx: SiteContext, q, k, v, plan: Plan, scale: float, key_bias=None):
+        """(out, lse) in the original order. Lists in a permuted order (``plan.data``, a
+        :class:`Permuted`): k and v permuted, q gathered by the kernel (``q_rows``). Other plans (no
+        grid, an identity permutation, full lists: dense plans such as warm-up steps of training,
+        which do not depend on the token order) run as they are."""
+        permuted = plan.data
+        dense_rule = like_dense(ctx, plan)
         if permuted is None:
-            return dispatch.attention_forward(q, k, v, kv_counts, kv_indices, ctx.block_size, scale, key_bias=key_bias,
-                                     like_dense=dense_rule)
-        layout, call = permuted
-        stash, call.stash = call.stash, None
-        if stash is not None and stash[0] == _tensor_key(k):
-            kp = stash[1]
-        else:  # the plan's copy does not match (should not happen in a rewritten graph)
+            return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias, like_dense=dense_rule)
+        layout = permuted.layout
+        kp = permuted.take_k(k)
+        if kp is None:  # the plan's copy does not match (should not happen in a rewritten graph)
             kp = self.gather(k, layout.perm)
         vp = self.gather(v, layout.perm)
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
-        return dispatch.attention_forward(q, kp, vp, kv_counts, kv_indices, ctx.block_size, scale, q_rows=layout.perm,
-                                 key_bias=key_bias, like_dense=dense_rule)
+        return dispatch.attention_forward(q, kp, vp, plan.lists, scale, q_rows=layout.perm, key_bias=key_bias,
+                                          like_dense=dense_rule)
 
-    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, kv_counts, kv_indices,
-                           scale: float):
+    def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         """(dq, dk, dv) in the original order: the backward kernel runs on the permuted tensors with
         the lists the forward used."""
-        permuted = self._permuted_call(ctx, q)
-        if permuted is None:
-            return super().attention_backward(ctx, grad_out, q, k, v, out, lse, kv_counts, kv_indices, scale)
-        perm, inv = permuted[0].perm, permuted[0].inv
+        if plan.data is None:
+            return super().attention_backward(ctx, grad_out, q, k, v, out, lse, plan, scale)
+        perm, inv = plan.data.layout.perm, plan.data.layout.inv
         from ..autograd import backward_grads  # already inside the opaque site op: no second dispatch
         dq, dk, dv = backward_grads(
             self.gather(grad_out, perm), self.gather(q, perm), self.gather(k, perm), self.gather(v, perm),
-            self.gather(out, perm), lse.index_select(2, perm), kv_counts, kv_indices, ctx.block_size, scale)
+            self.gather(out, perm), lse.index_select(2, perm), plan.lists, scale)
         return self.gather(dq, inv), self.gather(dk, inv), self.gather(dv, inv)
 
     @staticmethod
@@ -290,4 +283,4 @@ class VmobaPolicy(Policy):
         return pooling.gather_rows_ref(x, index, out=out)
 
 
-__all__ = ["VmobaPolicy", "Layout", "layout_for", "lists_from_mask", "parse_partition_blocks"]
+__all__ = ["VmobaPolicy", "Layout", "Permuted", "layout_for", "lists_from_mask", "parse_partition_blocks"]

@@ -1,0 +1,113 @@
+"""MOD's mask: from fitted coefficients to the kept blocks of the coming interval.
+
+Mask (built once per fit, on device): coefficients extrapolated linearly from the last two fits to
+the middle of the coming interval; predicted map ``S^ = M x`` clipped to [0, 1]; mass proxy
+``w = 1 - S^``. Lines (diagonals and key columns) are ranked by their mean ``w`` (densest first);
+per head the first k lines are kept, with k = ``lines_per_head``, or the smallest k whose kept
+blocks reach ``density``, or else whose predicted kept mass reaches ``coverage`` (reported as
+``predicted_coverage``). Always kept: the own block, text key blocks (every query) and text query
+blocks (every key), and the frame block diagonal when its coefficient lowers the predicted sparsity
+by more than ``FRAME_KEEP``. With ``mask_rule="lines"`` (the paper) those lines are the mask. With
+``mask_rule="blocks"`` (the default, our addition) they only set each head's block budget, filled
+with the densest blocks of the last observed map (the lines average away block detail that the
+observation has; measured MOD-vs-oracle error in BENCHMARKS.md). ``min_density``/``max_density`` then bound every row.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mod_fit import FitGeometry
+
+# The frame block diagonal is kept when its fitted coefficient is below -FRAME_KEEP: being in the
+# same latent frame lowers a block's predicted sparsity by more than this (fraction of entries).
+FRAME_KEEP = 0.05
+
+
+def extrapolate(fits: list, interval: int) -> torch.Tensor:
+    """Coefficients at the middle of the coming interval, linear in the step from the last two fits."""
+    step2, coef2 = fits[-1]
+    if len(fits) < 2 or fits[-2][0] == step2:
+        return coef2
+    step1, coef1 = fits[-2]
+    slope = (coef2 - coef1) / float(step2 - step1)
+    return coef2 + slope * ((interval + 1) / 2.0)
+
+
+def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Tensor | None = None):
+    """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept,
+    whether the frame diagonal is kept and the predicted kept mass fraction. All on device.
+
+    With ``observed`` (the last observed map, (H, nb, nb), history merged) and
+    ``config.mask_rule == "blocks"``, the line selection only sets each head's block budget; the
+    blocks themselves are the densest of the observed map, which keeps the block detail that lines
+    average away. (Moving the map by the lines' extrapolated drift was tried: its masks were further
+    from the oracle's on the synthetic benchmark.)"""
+    geom = fg.geom
+    nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
+    H = coef.shape[0]
+    dev = coef.device
+    w = (1.0 - fg.reconstruct(coef).clamp(0.0, 1.0))              # predicted mass proxy
+    # Rank lines, densest first; a block's rank is that of its densest line.
+    order = fg.line_means(w).argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_lines, device=dev).expand(H, -1))
+    rank_diag = rank[:, :nd].gather(1, fg.diag_index.reshape(1, -1).expand(H, -1)).view(H, nb, nb)
+    block_rank = torch.minimum(rank_diag, rank[:, nd:].unsqueeze(1))
+
+    eye = torch.eye(nb, dtype=torch.bool, device=dev)
+    text = fg.text_blocks
+    forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
+    if fg.frame is not None:
+        keep_frame = coef[:, -1] < -FRAME_KEEP
+        forced = forced | (fg.frame & keep_frame.view(H, 1, 1))
+    else:
+        keep_frame = torch.zeros(H, dtype=torch.bool, device=dev)
+    free = (~forced).float()
+
+    flat_rank = block_rank.reshape(H, -1)
+    mass = torch.zeros(H, n_lines, device=dev).scatter_add_(1, flat_rank, (w * free).reshape(H, -1))
+    count = torch.zeros(H, n_lines, device=dev).scatter_add_(1, flat_rank, free.reshape(H, -1))
+    total = w.sum((-2, -1))
+    if config.lines_per_head is not None:
+        lines = torch.full((H,), min(config.lines_per_head, n_lines), dtype=torch.long, device=dev)
+    elif config.density is not None:
+        before = (nb * nb - free.sum((-2, -1))).unsqueeze(-1) + count.cumsum(-1) - count
+        lines = (before < config.density * nb * nb).sum(-1)
+    else:
+        before = (w * forced).sum((-2, -1)).unsqueeze(-1) + mass.cumsum(-1) - mass
+        lines = (before < config.coverage * total.unsqueeze(-1)).sum(-1)
+    mask = forced | (block_rank < lines.view(H, 1, 1))
+    if observed is not None and config.mask_rule == "blocks":
+        w = 1.0 - observed.clamp(0.0, 1.0)
+        total = w.sum((-2, -1))
+        budget = mask.sum((-2, -1))
+        score = (w + 2.0 * forced.float()).reshape(H, -1)          # forced blocks first
+        order = score.argsort(-1, descending=True)
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(nb * nb, device=dev).expand(H, -1))
+        mask = (ranks < budget.view(H, 1)).view(H, nb, nb)
+    mask = bound_rows(mask, w, forced, text, config.min_density, config.max_density)
+    coverage = (w * mask).sum((-2, -1)) / total.clamp_min(1e-12)
+    return mask, lines, keep_frame, coverage
+
+
+def bound_rows(mask, w, forced, text, min_density: float, max_density: float):
+    """Per query block at least ceil(min_density * nb) and at most ceil(max_density * nb) key
+    blocks (text query rows are exempt from the ceiling); extra blocks are the densest predicted,
+    dropped ones the least dense, forced blocks last. The k of each top-k is static: no sync."""
+    nb = mask.shape[-1]
+    low = math.ceil(min_density * nb)
+    if low > 0:
+        score = w + 2.0 * mask.float()
+        top = score.topk(min(low, nb), -1).indices
+        mask = mask | torch.zeros_like(mask).scatter_(-1, top, True)
+    high = max(1, math.ceil(max_density * nb))
+    if high < nb:
+        score = mask.float() * (2.0 + 2.0 * forced.float() + w)
+        top = score.topk(high, -1).indices
+        capped = mask & torch.zeros_like(mask).scatter_(-1, top, True)
+        mask = torch.where(text.view(1, nb, 1), mask, capped)
+    return mask
+
+
+__all__ = ["FRAME_KEEP", "bound_rows", "extrapolate", "predict_mask"]

@@ -1,0 +1,153 @@
+"""MOD's observation: the block sparsity map of a call, the tail that fits it and builds the
+mask, and the coverage estimate of a sparse refresh. Pure functions of their tensors (no
+policy state): :class:`.mod.ModPolicy` decides when they run and keeps what they return.
+
+Cost of an observation: the map kernel (a cheap refresh's restricted map visits, per group of query
+blocks, the union of their lists: at most the full map's work), the coverage estimate (sparse
+refreshes), then :func:`observe_tail`: merge, fit, extrapolation, mask and block lists, dozens of
+small kernels on (H, nb, nb) maps. On CUDA the tail is replayed from a CUDA graph per (geometry,
+batch, heads, kind), shared by all sites and CFG passes of that shape (first call eager, second
+captures; ``MODCOMPILE_CUDA_GRAPHS=0`` keeps it eager); its inputs and outputs are copied in and out,
+so the state holds ordinary tensors. No observation waits for the host.
+
+Observation estimates ``S`` from every ``config.observe_stride()``-th query row of each block (1 =
+exact; by default ``block_size // 8``: 8 rows per block), always the same rows (phase 0,
+:func:`..kernels.block_sparsity.sampled_rows`): the mask extrapolates the difference of the last
+two fits, and rotating rows would put sampling noise into that difference (the warm-up pair is
+one step apart, so the true drift is small).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import dispatch
+from ..kernels.block_lists import lists_from_mask
+from .base import block_means, block_token_counts, masked_block_means
+from .mod_fit import FitGeometry
+from .mod_mask import predict_mask
+
+# The restricted map's value for blocks it did not compute (a fraction is never negative).
+NOT_OBSERVED = -1.0
+
+
+def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
+                row_stride: int = 1, row_phase: int = 0, key_bias=None):
+    """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
+    with block lists only the listed blocks are written, the others are ``NOT_OBSERVED`` (-1), so
+    that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
+    ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
+    ``row_phase`` on. ``key_bias`` (B, Nk): a hidden key has probability 0 (sparse)."""
+    from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
+    fn = block_sparsity if dispatch.use_triton(q) else block_sparsity_ref
+    return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
+              kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
+              fill=NOT_OBSERVED, key_bias=key_bias)
+
+
+
+def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, raw: torch.Tensor, *rest):
+    """Everything an observation does after its map kernel, on device, as a pure function of its
+    tensor inputs (static shapes, no host sync, no state): replayable from a CUDA graph.
+
+    ``raw`` (B, H, nb, nb) is the observed map. Cheap (``rest`` starts with the old map): entries
+    the restricted map did not compute (``NOT_OBSERVED``) keep the old map's values. NaN entries
+    (tiles with NaN probabilities: non-finite inputs) are never fitted: they keep the old map's
+    value in a cheap refresh and count as dense (sparsity 0: kept) otherwise, so one bad input
+    does not make the predictor NaN for the rest of the run. The map is fitted; with
+    ``build`` (``rest`` ends with the previous coefficients and the (step gap, (T+1)/2) device
+    tensor of :meth:`.mod.ModPolicy._extrapolation_inputs`) the coefficients are extrapolated as
+    :func:`.mod_mask.extrapolate` does, the mask predicted and its block lists built for ``batch``.
+    Returns ``(smap, coef)`` or ``(smap, coef, mask, lines, keep_frame, predicted_coverage,
+    counts (batch, H, nb), indices (batch, H, nb, nb))``."""
+    rest = list(rest)
+    if cheap:
+        # The policy's lists are the same for every batch entry: unobserved entries are -1 in all.
+        fresh = raw.mean(0) if raw.shape[0] > 1 else raw[0]
+        smap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
+    else:
+        smap = raw.mean(0).nan_to_num(nan=0.0)
+    coef = fg.solve(smap)
+    if not build:
+        return smap, coef
+    coef_prev, steps = rest
+    slope = (coef - coef_prev) / steps[0]
+    mask, lines, keep_frame, coverage = predict_mask(coef + slope * steps[1], fg, config, smap)
+    counts, indices = lists_from_mask(mask)
+    H, nb = counts.shape
+    return (smap, coef, mask, lines, keep_frame, coverage,
+            counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous())
+
+
+def device_scalars(values, device: torch.device) -> torch.Tensor:
+    """A small float32 tensor on ``device`` from host numbers, without a host sync on CUDA (a
+    pageable host-to-device copy would wait for the stream: pinned memory, non-blocking)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+# Elements of the (B, heads, rows, nb) intermediates of observed_coverage per chunk of heads.
+_COVERAGE_CHUNK = 1 << 25
+
+
+def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride: int = 1,
+                      key_bias=None) -> torch.Tensor:
+    """Per (batch, head): estimated fraction of the dense attention mass that a sparse call kept,
+    mean over the query rows of :func:`..kernels.block_sparsity.sampled_rows` (every
+    ``row_stride``-th row of each block, phase 0: those the observation samples), (B, H) float.
+    ``kept`` is the call's block mask, (B, H, nb, nb) or (H, nb, nb).
+
+    A skipped block b holds about ``|b| * exp(q . mean(k_b) * scale)`` unnormalised mass (a lower
+    bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
+    The estimate errs high (coverage overestimated), so a value under the bound is a real drop.
+    With ``key_bias`` (B, Nk) only visible keys count: ``|b|``, the mean key and the mean bias are
+    over them (Jensen again), and a block of hidden keys misses nothing.
+    Cost: one pass over k (block means) and a (rows x nb) product per head, in a few batched ops
+    (chunked over heads to bound memory)."""
+    B, H, N, _ = q.shape
+    if key_bias is None:
+        sizes = block_token_counts(k.shape[2], block_size, k.device).unsqueeze(-1)   # (nbk, 1)
+        pooled = block_means(k, block_size)                                    # (B, H, nbk, D)
+    else:
+        pooled, bias, sizes = masked_block_means(k, key_bias, block_size)
+        bias, hidden, sizes = bias[:, None, None, :], (sizes == 0)[:, None, None, :], sizes[:, None, :, None]
+    rows, row_blocks = _coverage_rows(N, block_size, row_stride, q.device)
+    qs = q.index_select(2, rows)
+    ls = lse.index_select(2, rows).float().unsqueeze(-1)
+    if kept.dim() == 3:
+        kept = kept.unsqueeze(0)
+    heads = max(1, _COVERAGE_CHUNK // max(1, B * rows.numel() * pooled.shape[2]))
+    out = []
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        s = torch.matmul(qs[:, h0:h1].float(), pooled[:, h0:h1].transpose(-1, -2))   # (B, h, R, nbk)
+        s.mul_(scale)
+        if key_bias is not None:
+            s.add_(bias)
+        mass = s.sub_(ls[:, h0:h1]).exp_()
+        if key_bias is not None:
+            mass.masked_fill_(hidden, 0.0)                                      # even where lse is -inf
+        mass.masked_fill_(kept[:, h0:h1].index_select(2, row_blocks), 0.0)      # kept blocks: not missing
+        missing = torch.matmul(mass, sizes)[..., 0]                             # (B, h, R)
+        out.append(missing.add_(1.0).reciprocal_().mean(-1))
+    return torch.cat(out, 1) if len(out) > 1 else out[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _coverage_rows(n: int, block_size: int, row_stride: int, device: torch.device):
+    """The sampled rows and their query blocks, built on the host (the selection is a boolean
+    index: a sync on a GPU) and copied without waiting; cached."""
+    from ..kernels.block_sparsity import sampled_rows
+    rows = sampled_rows(n, block_size, row_stride, 0)
+    both = torch.stack([rows, rows // block_size])
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    else:
+        both = both.to(device)
+    return both[0], both[1]
+
+
+__all__ = ["NOT_OBSERVED", "device_scalars", "observe_map", "observe_tail", "observed_coverage"]
