@@ -34,8 +34,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modcompile.kernels.block_lists import BlockLists
-
 SHAPES = [(1, 12, 32760, 128), (1, 24, 75600, 128)]
 DENSITIES = [0.05, 0.1, 0.25, 1.0]
 BLOCK = 128
@@ -116,6 +114,7 @@ def compare(q, k, v, counts, indices, block_size, rows=None, config=None):
     the NaN rows of out and lse are the same and every other row is the plain call's (up to
     rounding: the two are separate compiles of the kernel)."""
     from modcompile import dispatch
+    from modcompile.kernels.block_lists import BlockLists
     from modcompile.kernels.block_sparse_attention import block_sparse_attention_fwd
 
     scale = q.shape[-1] ** -0.5
@@ -182,6 +181,7 @@ def time_shape(shape, dtype, device, block_size, timer, deadline, log):
     from benchmarks.common import bnhd_randn, random_block_lists
     from modcompile import dispatch
     from modcompile.kernels import nonfinite
+    from modcompile.kernels.block_lists import BlockLists
 
     B, H, N, D = shape
     q, k, v = bnhd_randn(shape, dtype, device, seed=0)
