@@ -163,3 +163,18 @@ def small_inputs(client: Client, seed: int = 1, t: float = 500.0) -> dict:
 
 
 small_inputs.__test__ = False
+
+
+def compile_model(model, style, backend, options):
+    """Whole-model torch.compile, or regional: diffusers' compile_repeated_blocks where the class
+    names its blocks, else each block of its block lists compiled alike (what that method does)."""
+    if style == "whole":
+        return torch.compile(model, backend=backend, options=options)
+    if getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks(backend=backend, options=options)
+        return model
+    blocks = [m for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and "blocks" in name]
+    assert blocks, f"{type(model).__name__}: no block list"
+    for block in (b for blocks_ in blocks for b in blocks_):
+        block.compile(backend=backend, options=options)
+    return model

@@ -13,7 +13,7 @@ from modcompile.runtime import REGISTRY
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, small_inputs  # noqa: E402
+from clients import BY_NAME, CLIENTS, compile_model, small_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
@@ -67,21 +67,6 @@ def _counting(compiles):
         compiles.append(len(REGISTRY.runs))
         return modcompile.modsparse(gm, example_inputs, **kw)
     return backend
-
-
-def compile_model(model, style, backend, options):
-    """Whole-model torch.compile, or regional: diffusers' compile_repeated_blocks where the class
-    names its blocks, else each block of its block lists compiled alike (what that method does)."""
-    if style == "whole":
-        return torch.compile(model, backend=backend, options=options)
-    if getattr(model, "_repeated_blocks", None):
-        model.compile_repeated_blocks(backend=backend, options=options)
-        return model
-    blocks = [m for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and "blocks" in name]
-    assert blocks, f"{type(model).__name__}: no block list"
-    for block in (b for blocks_ in blocks for b in blocks_):
-        block.compile(backend=backend, options=options)
-    return model
 
 
 test_inputs = small_inputs

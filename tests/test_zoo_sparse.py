@@ -15,7 +15,7 @@ from modcompile.kernels.block_lists import BlockLists
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, small_inputs  # noqa: E402
+from clients import BY_NAME, CLIENTS, compile_model, small_inputs  # noqa: E402
 from site_check import Checker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
@@ -40,20 +40,6 @@ def inputs_at(client, step, t):
     if client.masked:                                  # HunyuanVideo: 3 padded text tokens
         inputs["encoder_attention_mask"] = torch.tensor([[1.0] * 5 + [0.0] * 3])
     return inputs
-
-
-def compile_model(model, style, backend, options):
-    """Whole-model torch.compile, or regional: diffusers' compile_repeated_blocks where the class
-    names its blocks, else each block of its block lists compiled alike (what that method does)."""
-    if style == "whole":
-        return torch.compile(model, backend=backend, options=options)
-    if getattr(model, "_repeated_blocks", None):
-        model.compile_repeated_blocks(backend=backend, options=options)
-        return model
-    for blocks in (m for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList) and "blocks" in name):
-        for block in blocks:
-            block.compile(backend=backend, options=options)
-    return model
 
 
 def run_matrix_case(name, style, policy, monkeypatch, triton=False):
