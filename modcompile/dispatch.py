@@ -71,8 +71,8 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
     kv_counts, kv_indices, block_size = lists.counts, lists.indices, lists.block_size
     poison = nonfinite_poison(k, v, lists, triton_path) if like_dense else None
     if triton_path:
-        out, lse = _triton_forward()(q, k, v, kv_counts, kv_indices, block_size=block_size, scale=scale, out=out,
-                                     q_rows=q_rows, key_bias=key_bias, poison=poison)
+        out, lse = _triton_forward()(q, k, v, lists, scale=scale, out=out, q_rows=q_rows, key_bias=key_bias,
+                                     poison=poison)
     else:
         rows = None if q_rows is None else q_rows.to(torch.int64)
         q_in = q if rows is None else q.index_select(2, rows)

@@ -43,6 +43,7 @@ from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_
                       padded_head_dim, tma_usable, unit_last_stride)
 from .block_lists import BlockLists, as_block_lists
 from .fwd_kernel import _block_sparse_attention_fwd_kernel
+from .launcher import launch
 from .tuning import LaunchConfig, choose, forward_configs, forward_interpreter_config, tuning_key
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _launch(cfg: LaunchConfig, q, k, v, out, lse, counts, indices, block_size, s
     if qo_tma:  # loads past N read 0, stores past N are dropped by the copy engine
         q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.tile, block_d])
                           for t in (q, out))
-    _block_sparse_attention_fwd_kernel[grid](
+    launch(_block_sparse_attention_fwd_kernel, grid,
         q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
         q_rows if q_rows is not None else counts,  # unread when None (and the two below)
         key_bias if key_bias is not None else lse, _bias_from(key_bias) if key_bias is not None else counts,
@@ -188,8 +189,8 @@ def _pick_config(q, k, v, block_size, run, biased: bool = False) -> LaunchConfig
     if interpreting() or not q.is_cuda:
         return forward_interpreter_config(block_size)
     tma = tma_usable(k, v)
-    return choose(_tuning_key(q, k, block_size, tma, biased), forward_configs(block_size, q.shape[-1], tma=tma),
-                  run, direction="forward")
+    return choose(_tuning_key(q, k, block_size, tma, biased),
+                  lambda: forward_configs(block_size, q.shape[-1], tma=tma), run, direction="forward")
 
 
 def block_sparse_attention_fwd(

@@ -244,10 +244,13 @@ def choose(key: tuple, candidates, run, *, direction: str, default: LaunchConfig
     """The configuration for ``key`` (GPU): the cached choice, else the fastest candidate timed with
     ``run(config)`` (each call writes, never accumulates, its outputs, so repeated runs are
     harmless), or ``default`` (else the first candidate) without timing when tuning is off or one
-    candidate is left. Decided once per key."""
+    candidate is left. Decided once per key. ``candidates``: a sequence, or a function returning
+    one (then built only on a cache miss: the launch wrappers call this on every launch)."""
     cfg = KERNEL_STATE.tuned.get(key)
     if cfg is not None:
         return cfg
+    if callable(candidates):
+        candidates = candidates()
     live = [c for c in candidates if c not in KERNEL_STATE.disabled] or list(candidates)
     if not tuning_enabled(direction) or len(live) == 1:
         cfg = default if default is not None else live[0]
