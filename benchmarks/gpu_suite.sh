@@ -3,7 +3,7 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead train_compare fidelity_dit
+#   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead launch_overhead train_compare fidelity_dit
 #   fidelity_long policy policy_long e2e
 #   bench_observe nonfinite);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
@@ -52,6 +52,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     backward_quick) part backward_quick 200 $PY -m benchmarks.bench_backward --out "$R/backward" --quick --no-flex --quick-check --no-sweep ;;
     backward_sweep) part backward_sweep 280 $PY -m benchmarks.bench_backward --sweep-only --jobs 12 --out "$R/bwd_sweep" ;;
     host_overhead) part host_overhead 150 $PY -m benchmarks.host_overhead --out "$R/host" ${HOST_ARGS:-} ;;
+    launch_overhead) part launch_overhead 90 $PY -m benchmarks.launch_overhead ;;
     # issue 7 (B): the long DiT (16384 tokens, head_dim 128), dense (Inductor) vs vmoba from step 0 and after a
     # 25% dense warm-up; kernel configs pinned to the H100 tuner's picks so the run does not compile ~25 candidates
     train_compare) part train_compare 570 env MODCOMPILE_TUNE=0 \
