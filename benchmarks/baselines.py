@@ -143,8 +143,15 @@ def temporal_scores(geom: BlockGeometry) -> torch.Tensor:
 
 
 def static_mask(method: str, geom: BlockGeometry, batch: int, heads: int, density: float, device) -> torch.Tensor:
-    scores = {"sta": sta_scores, "radial": radial_scores}[method](geom)
-    return top_budget_mask(scores, density).to(device).expand(batch, heads, geom.nb, geom.nb)
+    """The method's one map for every (batch, head), built once per geometry, density and device."""
+    return _static_map(method, geom.grid, geom.block_size, density, torch.device(device)).expand(
+        batch, heads, geom.nb, geom.nb)
+
+
+@lru_cache(maxsize=64)
+def _static_map(method: str, grid: tuple, block_size: int, density: float, device: torch.device) -> torch.Tensor:
+    scores = {"sta": sta_scores, "radial": radial_scores}[method](block_geometry(grid, block_size))
+    return top_budget_mask(scores, density).to(device)
 
 
 # ---------------------------------------------------------------- SVG: per-head choice

@@ -66,9 +66,10 @@ class BaselineAttention:
     """``VideoDiT`` attention override: dense SDPA during the warm-up, then the block-sparse kernel on
     ``method``'s mask at ``density``. While ``record`` is on, each sparse call appends its metrics."""
 
-    def __init__(self, method: str, density: float, grid: tuple, block_size: int, warmup: int, clock: StepClock):
+    def __init__(self, method: str, density: float, grid: tuple, block_size: int, warmup: int, clock: StepClock,
+                 metric_every: int = 1):
         self.method, self.density, self.grid, self.block_size = method, density, tuple(grid), block_size
-        self.warmup, self.clock = warmup, clock
+        self.warmup, self.clock, self.metric_every = warmup, clock, metric_every
         self.record = False
         self.rows: list[dict] = []
 
@@ -80,7 +81,7 @@ class BaselineAttention:
         mask = method_mask(self.method, q, k, v, self.grid, self.block_size, self.density)
         lists = BlockLists.from_mask(mask, self.block_size, q.shape[2], k.shape[2])
         out, _ = dispatch.attention_forward(q, k, v, lists, 1.0 / math.sqrt(q.shape[-1]))
-        if self.record:
+        if self.record and (self.clock.step - self.warmup) % self.metric_every == 0:
             mass = block_attention_mass(q, k, self.block_size)
             density = float(mask.float().mean())
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
@@ -133,6 +134,7 @@ def run(args) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    every = max(1, getattr(args, "metric_every", 1) or 1)
     shape = (1, cfg.in_channels, *cfg.latent)
     seeds = list(range(args.seed, args.seed + args.seeds))
     noises = {s: make_noise(shape, s, device, dtype) for s in seeds}
@@ -174,6 +176,10 @@ def run(args) -> dict:
         rows.append({"method": "dense (inductor)", "target_density": 1.0, "density": 1.0, "sample_ms": base_ms})
     skipped, step_rows = {}, []
 
+    def write(final: bool) -> dict:  # after every method: a run cut short by a time limit keeps its rows
+        return _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warmup, densities, methods,
+                      seeds, base_ms is not None and device.startswith("cuda"), every, final)
+
     def finish_row(method, d, samples, times, metric_rows, compiled):
         sparse = [r for r in metric_rows if r["step"] >= warmup]
         ms = timed(times)
@@ -203,14 +209,15 @@ def run(args) -> dict:
                     metric_rows = []
 
                     def on_step(i, _r=metric_rows, _p=opts["policy"]):
-                        _r.extend(_modsparse_step_rows(captures, _p, i, bs))
+                        if i >= warmup and (i - warmup) % every == 0:
+                            _r.extend(_modsparse_step_rows(captures, _p, i, bs))
                         captures.clear()
                     samples, times = sample_seeds(mb.compile_model(model, "modsparse", opts),
                                                   step_context=mb.step_context(), on_step=on_step, capture=True)
                     finish_row(method, d, samples, times, metric_rows, compiled=True)
                 else:
                     clock = StepClock()
-                    attn = BaselineAttention(method, d, cfg.grid, bs, warmup, clock)
+                    attn = BaselineAttention(method, d, cfg.grid, bs, warmup, clock, every)
 
                     def first_seed(first, _a=attn):
                         _a.record = first
@@ -224,8 +231,8 @@ def run(args) -> dict:
                 log(f"{name} FAILED: {type(exc).__name__}: {exc}")
                 skipped[name] = f"failed: {type(exc).__name__}: {exc}"
             log(f"{name} done")
-    return _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warmup, densities, methods, seeds,
-                  base_ms is not None and device.startswith("cuda"))
+            write(final=False)
+    return write(final=True)
 
 
 COLUMNS = ["method", "target_density", "density", "psnr_db", "ssim", "recall", "oracle_recall", "rel_err", "sample_ms",
@@ -233,13 +240,14 @@ COLUMNS = ["method", "target_density", "density", "psnr_db", "ssim", "recall", "
 
 
 def _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warmup, densities, methods, seeds,
-           measured_speed) -> dict:
+           measured_speed, every, final) -> dict:
     settings = {"mode": "equal-density", "config": cfg.to_dict(), "checkpoint": ckpt, "trained": trained,
-                "block_size": bs, "steps": args.steps, "warmup_steps": warmup, "densities": densities,
+                "block_size": bs, "steps": args.steps, "warmup_steps": warmup, "metric_every": every,
+                "densities": densities,
                 "methods": methods, "seeds": seeds, "skipped": skipped}
     notes = [f"every method: {args.steps} steps, the first {warmup} dense, the same seeds; PSNR/SSIM mean over "
-             f"{len(seeds)} seeds vs eager dense; recall / oracle_recall / density / rel_err: mean over the sparse "
-             f"steps and layers of seed {seeds[0]}",
+             f"{len(seeds)} seeds vs eager dense; recall / oracle_recall / density / rel_err: mean over the layers "
+             f"and the sparse steps (the first and every {every}th after it) of seed {seeds[0]}",
              "oracle_recall: the true densest blocks of each call with as many blocks as the method kept (over all "
              "heads together): the ceiling for any raw-order mask of that density; VMoBA's permuted blocks are not "
              "bounded by it",
@@ -248,11 +256,13 @@ def _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warm
              "not a speed claim; speedup_vs_inductor = Inductor-compiled dense sample time / the row's"]
     if not trained:
         notes.append("RANDOM weights (no checkpoint): attention near-uniform, fidelity numbers not meaningful")
+    if not final:
+        notes.append("partial: written after each method; the run has not finished")
     notes.extend(f"skipped {k}: {v}" for k, v in skipped.items())
     payload = write_results(out_dir, "fidelity_equal_density",
                             f"Fidelity at equal density: video DiT ({cfg.seq_len} tokens, {cfg.depth} layers, "
                             f"{cfg.heads} heads x {cfg.head_dim})", rows, settings=settings, columns=COLUMNS,
-                            notes=notes, extra={"per_step": step_rows},
+                            notes=notes, extra={"per_step": step_rows}, quiet=not final,
                             timing="CUDA-synchronised wall time per sample, mean over the seeds after the first")
     _plot(out_dir, rows, measured_speed)
     return payload
