@@ -197,6 +197,8 @@ def run_level(args):
         return _run_kernel(args)
     module = {"policy": "benchmarks.policy", "e2e": "benchmarks.e2e", "fidelity": "benchmarks.fidelity",
               "train-dit": "benchmarks.train_dit", "attention-stats": "benchmarks.attention_stats"}[level]
+    if level == "fidelity" and getattr(args, "equal_density", None):
+        module = "benchmarks.equal_density"
     return importlib.import_module(module).run(_fill_defaults(args))
 
 

@@ -119,6 +119,8 @@ def run(args) -> dict:
     from .fidelity import _load_or_train
     from .video_dit import kernel_block_size, make_noise, sample
 
+    if getattr(args, "synthetic", False):
+        raise SystemExit("--equal-density runs on a DiT checkpoint, not with --synthetic")
     device = args.device or default_device()
     dtype = parse_dtype(args.dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     out_dir = Path(args.out)

@@ -573,7 +573,4 @@ def run_synthetic(args) -> dict:
 
 
 def run(args) -> dict:
-    if getattr(args, "equal_density", None):
-        from .equal_density import run as run_equal_density
-        return run_equal_density(args)
     return run_synthetic(args) if args.synthetic else run_dit(args)
