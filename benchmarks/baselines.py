@@ -99,16 +99,16 @@ def top_budget_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return mask.scatter_(-1, order, True).view(s.shape)
 
 
-def oracle_mask(mass: torch.Tensor, density: float) -> torch.Tensor:
+def oracle_mask(mass: torch.Tensor, density: float | None = None, *, blocks: int | None = None) -> torch.Tensor:
     """The pairs of largest true mass ``(B, H, Mq, Mk)`` over all heads of the call together, own
-    blocks first, with as many blocks in all as :func:`top_budget_mask` gives every head: the mean
-    recall over heads is the kept share of the total mass (every head's mass sums to its query
-    count), so no mask with as many blocks, own blocks included, has a higher one."""
+    blocks first: ``blocks`` pairs in all, or as many as :func:`top_budget_mask` gives every head at
+    ``density``. The mean recall over heads is the kept share of the total mass (every head's mass
+    sums to its query count), so no mask with as many blocks, own blocks included, has a higher one."""
     B, H, mq, mk = mass.shape
     s = mass.float().clone()
     diag = torch.arange(min(mq, mk), device=s.device)
     s[..., diag, diag] = float("inf")
-    keep = B * H * budget_per_head(mq, mk, density)
+    keep = B * H * budget_per_head(mq, mk, density) if blocks is None else min(int(blocks), s.numel())
     order = torch.sort(s.flatten(), descending=True, stable=True).indices[:keep]
     return torch.zeros(s.numel(), dtype=torch.bool, device=s.device).scatter_(0, order, True).view(s.shape)
 
@@ -150,8 +150,11 @@ def static_mask(method: str, geom: BlockGeometry, batch: int, heads: int, densit
 
 @lru_cache(maxsize=64)
 def _static_map(method: str, grid: tuple, block_size: int, density: float, device: torch.device) -> torch.Tensor:
-    scores = {"sta": sta_scores, "radial": radial_scores}[method](block_geometry(grid, block_size))
+    scores = STATIC_SCORES[method](block_geometry(grid, block_size))
     return top_budget_mask(scores, density).to(device)
+
+
+STATIC_SCORES = {"sta": sta_scores, "radial": radial_scores, "spatial": spatial_scores, "temporal": temporal_scores}
 
 
 # ---------------------------------------------------------------- SVG: per-head choice
@@ -171,7 +174,7 @@ def svg_mask(q, k, v, geom: BlockGeometry, density: float, *, rows: int = 64, re
     smaller output error on ``rows`` evenly spaced query rows (exact attention on those rows)."""
     B, H, N, D = q.shape
     scale = 1.0 / math.sqrt(D)
-    candidates = [top_budget_mask(f(geom), density).to(q.device) for f in (spatial_scores, temporal_scores)]
+    candidates = [_static_map(kind, geom.grid, geom.block_size, density, q.device) for kind in ("spatial", "temporal")]
     r = _sampled_rows(N, rows, q.device)
     qr, kf, vf = q[:, :, r].float(), k.float(), v.float()
     dense = _masked_output(qr, kf, vf, torch.ones(1, dtype=torch.bool, device=q.device), scale)
