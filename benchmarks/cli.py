@@ -10,6 +10,8 @@ Levels:
              video DiT (or --synthetic: structured synthetic attention, no training)
   train-dit  train the small video DiT on procedural videos, save a checkpoint; --compare POLICY trains
              the same model through modsparse too (same data, seeds and schedule) and compares
+  attention-stats  per layer / head / step: key blocks covering 90% / 95% of the attention mass and
+             how local it is (own frame, spatial window, sink columns), from a trained DiT
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ LEVELS = {
     "e2e": "Wan2.1-1.3B-shaped transformer: inductor vs modsparse denoising steps",
     "fidelity": "policy fidelity vs dense on the trained small DiT (or --synthetic)",
     "train-dit": "train the small video DiT on procedural videos",
+    "attention-stats": "attention concentration and locality per layer, head and step of a trained DiT",
 }
 
 
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--heatmap-heads", type=int, default=4)
     # DiT mode
     f.add_argument("--config", default="small", help="DiT config: small (2048 tokens) | long (16384 tokens, "
-                   "head_dim 128) | tiny | tiny-text")
+                   "head_dim 128) | tiny | tiny-text | tiny-video")
     f.add_argument("--checkpoint", default=None, help="checkpoint path (default OUT/dit_CONFIG.pt)")
     f.add_argument("--no-inductor-baseline", action="store_true", help="time against eager dense SDPA instead "
                    "of the Inductor-compiled dense model (one compile fewer)")
@@ -118,6 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--head-dim", type=int, default=None)
     f.add_argument("--text-len", type=int, default=0)
     f.add_argument("--baseline-densities", type=_floats, default=[0.1, 0.2, 0.3])
+    # equal-density mode (benchmarks/equal_density.py)
+    f.add_argument("--equal-density", type=_floats, default=None, help="DiT mode: run every --methods entry at "
+                   "these block densities (e.g. 0.1,0.2,0.3,0.5) with the same steps and dense warm-up")
+    f.add_argument("--methods", type=_csv, default=None, help="--equal-density methods (default all: mod, "
+                   "mod-lines, vmoba, oracle, sta, radial, svg)")
+    f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
+                   "method (default: mod's rule, 12 of 50)")
+
+    a = levels.add_parser("attention-stats", help=LEVELS["attention-stats"])
+    _common(a)
+    a.add_argument("--config", default="small", help="DiT config when training here or without a checkpoint")
+    a.add_argument("--checkpoint", default=None, help="checkpoint path (default OUT/dit_CONFIG.pt)")
+    a.add_argument("--train-minutes", type=float, default=0.0, help="train this long when the checkpoint is missing")
+    a.add_argument("--batch-size", type=int, default=16, help="training batch when training here")
+    a.add_argument("--steps", type=int, default=30, help="denoising steps of the sample")
+    a.add_argument("--stats-steps", type=_ints, default=None, help="steps analysed (default: first, middle, last)")
+    a.add_argument("--block-size", type=int, default=None, help="key block (default: the kernel block for the "
+                   "DiT's length, 128 from 8192 tokens on)")
+    a.add_argument("--query-rows", type=int, default=512, help="queries for the token-level shares")
+    a.add_argument("--window", type=int, default=None, help="spatial window half-width in latent tokens "
+                   "(default: 1/8 of the smaller of H, W)")
+    a.add_argument("--sinks", type=int, default=16, help="key columns counted as sinks")
 
     t = levels.add_parser("train-dit", help=LEVELS["train-dit"])
     _common(t)
@@ -171,7 +196,9 @@ def run_level(args):
     if level == "kernel":
         return _run_kernel(args)
     module = {"policy": "benchmarks.policy", "e2e": "benchmarks.e2e", "fidelity": "benchmarks.fidelity",
-              "train-dit": "benchmarks.train_dit"}[level]
+              "train-dit": "benchmarks.train_dit", "attention-stats": "benchmarks.attention_stats"}[level]
+    if level == "fidelity" and getattr(args, "equal_density", None):
+        module = "benchmarks.equal_density"
     return importlib.import_module(module).run(_fill_defaults(args))
 
 

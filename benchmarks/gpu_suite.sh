@@ -3,8 +3,8 @@
 # fidelity run; each part under its own time limit, logs into $OUT/gpu_suite.tgz.
 # Usage (repo root, not pip-installed): OUT=results bash benchmarks/gpu_suite.sh
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
-#   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead launch_overhead train_compare fidelity_dit
-#   fidelity_long policy policy_long e2e
+#   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead
+#   launch_overhead train_compare fidelity_dit fidelity_long fidelity_equal policy policy_long e2e
 #   bench_observe nonfinite);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to benchmarks.bench_mod / benchmarks.bench_observe.
@@ -15,12 +15,14 @@
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
-PY=python3
+PY=${PY:-python3}
 # knob values of the fidelity_long part's sweep (JSON per policy)
 KNOB_VALUES=${KNOB_VALUES:-'{"vmoba": [0.5, 0.75], "mod": [0.8, 0.95]}'}
 # every command runs as `python -m` from the repo root, so modcompile and benchmarks import from the
 # checkout; the entry point (backend="modsparse" without an import) needs the editable install
-$PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
+# (SKIP_INSTALL=1: a CPU smoke run in an environment that must not change)
+[ -n "${SKIP_INSTALL:-}" ] ||
+  $PY -m pip install -q --no-build-isolation --no-deps -e . > "$R/install.log" 2>&1 || { cat "$R/install.log"; exit 1; }
 # pytest/hypothesis from wheels carried in .whl/ when the machine lacks them
 $PY -c "import pytest, hypothesis" 2>/dev/null || { [ -d .whl ] &&
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$R/wheels.log" 2>&1 &&
@@ -70,6 +72,19 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
          part fidelity_long 380 env MODCOMPILE_TUNE=0 $PY -m benchmarks run fidelity \
              --checkpoint /tmp/dit_long.pt --policies vmoba,mod --sweep --knob-values "$KNOB_VALUES" --seeds 3 \
              --out "$R/fidelity_long" --no-progress ;;
+    # issue 19: the long DiT trained here for a fixed number of steps (seed 0: the same model every run), its
+    # attention statistics (early / mid / late steps), then mod, mod-lines, vmoba, the oracle and the static peers
+    # at equal densities, 3 seeds; per-step metrics every 5th step. EQUAL_CONFIG / EQUAL_TRAIN_STEPS /
+    # EQUAL_DENSITIES / EQUAL_ARGS change it (CPU smoke: EQUAL_CONFIG=tiny-video EQUAL_TRAIN_STEPS=2 ...)
+    fidelity_equal) ckpt=/tmp/dit_${EQUAL_CONFIG:-long}_equal.pt
+         part train_equal 170 $PY -m benchmarks run train-dit --config "${EQUAL_CONFIG:-long}" \
+             --steps "${EQUAL_TRAIN_STEPS:-600}" --batch-size 2 --compile --checkpoint "$ckpt" --out "$R/train_equal" \
+             --no-progress
+         part attention_stats 60 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" \
+             --out "$R/attention_stats" --no-progress ${STATS_ARGS:-}
+         part fidelity_equal 330 env MODCOMPILE_TUNE=0 $PY -m benchmarks run fidelity --checkpoint "$ckpt" \
+             --equal-density "${EQUAL_DENSITIES:-0.1,0.2,0.3,0.5}" --seeds 3 --metric-every 5 \
+             --out "$R/fidelity_equal" --no-progress ${EQUAL_ARGS:-} ;;
     # issue 6 level 2: one attention layer per policy over a 50-step schedule, Wan 480p shape and the long DiT's
     policy) part policy 150 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
     policy_long) part policy_long 120 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --grid 16,32,32 \

@@ -50,6 +50,8 @@ CONFIGS = {
     # CPU tests: a few hundred tokens at most
     "tiny": DiTConfig(latent=(2, 8, 8), dim=64, depth=2, heads=2, text_len=0, freq_dim=32),
     "tiny-text": DiTConfig(latent=(2, 8, 8), dim=64, depth=2, heads=2, text_len=4, text_dim=16, freq_dim=32),
+    # CPU tests of the block-level harness: 4 x 8 x 8 = 256 tokens (16 blocks of 16)
+    "tiny-video": DiTConfig(latent=(4, 16, 16), dim=64, depth=2, heads=2, text_len=0, freq_dim=32),
     # GPU fidelity runs: 8 x 16 x 16 = 2048 tokens
     "small": DiTConfig(latent=(8, 32, 32), dim=384, depth=6, heads=6),
     # GPU training comparison in the kernels' efficient regime: 16 x 32 x 32 = 16384 tokens, head_dim 128
@@ -124,6 +126,7 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
         self.capture = None  # a list: (layer, q, k, v, out) tuples are appended when set
+        self.attention_override = None  # callable (layer, q, k, v) -> out in place of SDPA when set
 
     def forward(self, x, cos, sin):
         B, N, C = x.shape
@@ -132,7 +135,10 @@ class SelfAttention(nn.Module):
         # explicit so that a rewritten site sees one dtype even where autocast keeps the norms in fp32.
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.attention_override is not None:
+            out = self.attention_override(self.layer_index, q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         if self.capture is not None:
             self.capture.append((self.layer_index, q, k, v, out))
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -206,6 +212,11 @@ class VideoDiT(nn.Module):
         """Record (layer, q, k, v, out) of every self-attention call into ``store`` (None to stop)."""
         for blk in self.blocks:
             blk.attn.capture = store
+
+    def set_attention_override(self, fn):
+        """Run ``fn(layer, q, k, v) -> out`` instead of SDPA in every self-attention (None: SDPA)."""
+        for blk in self.blocks:
+            blk.attn.attention_override = fn
 
     def forward(self, x, timestep, encoder_hidden_states=None):
         cfg = self.cfg
