@@ -243,6 +243,10 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tune", action="store_true", help="forward kernel tunes its launch config per key")
     p.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny fp16 shapes")
+    p.add_argument("--timing-budget", type=float, default=TIMING_BUDGET_S,
+                   help="seconds from the start after which timing rows are skipped")
+    p.add_argument("--check-budget", type=float, default=CHECK_BUDGET_S,
+                   help="seconds from the start after which the all-configuration check stops")
     a = p.parse_args(argv)
     if a.smoke:
         # before triton is imported (modcompile's kernels are imported lazily below)
@@ -273,7 +277,7 @@ def main(argv=None):
     rows, errors = [], []
     for shape in shapes:
         try:
-            r, c = time_shape(shape, dtype, device, block, timer, t0 + TIMING_BUDGET_S, log)
+            r, c = time_shape(shape, dtype, device, block, timer, t0 + a.timing_budget, log)
             rows += r
             checks += c
         except Exception as err:  # noqa: BLE001  keep the other shape's numbers
@@ -281,7 +285,7 @@ def main(argv=None):
             log(f"ERROR {errors[-1]}")
         if device == "cuda":
             torch.cuda.empty_cache()
-    checks += correctness(device, dtype, check_shape, block, log, all_configs=True, deadline=t0 + CHECK_BUDGET_S)
+    checks += correctness(device, dtype, check_shape, block, log, all_configs=True, deadline=t0 + a.check_budget)
 
     all_checks = checks
     failed = [c for c in all_checks if c.get("ok") is False]

@@ -93,7 +93,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     bench_observe) part bench_observe 200 $PY -m benchmarks.bench_observe --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY -m benchmarks.bench_vmoba --out "$R/vmoba" ;;
     # issue 16: the fused dense-like non-finite rule against the old torch rule (stops itself under 3 min)
-    nonfinite) part nonfinite 200 $PY -m benchmarks.bench_nonfinite --out "$R/nonfinite" ;;
+    nonfinite) part nonfinite 200 $PY -m benchmarks.bench_nonfinite --out "$R/nonfinite" ${NONFINITE_ARGS:-} ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \
            diffusers > "$R/e2e_wheels.log" 2>&1
