@@ -6,6 +6,7 @@ Per rewritten SDPA site the graph holds::
     counts, indices = modcompile::plan(q, k, token, site, T, H, W, key_bias) # the policy's masks for this call
     out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale, key_bias)
     modcompile::observe(q, k, lse, counts, indices, site, key_bias)          # predictor fitting, when asked
+                                                                             # (only policies that observe)
 
 All of them are opaque ``torch.library.custom_op``s: the step-dependent control flow runs in their
 Python bodies, so the compiled graph is the same at every step (no recompiles). They carry the

@@ -166,9 +166,20 @@ def test_dense_policy_matches_eager_and_rewrites_every_block(keywords, compiles)
     targets = [n.target for n in compiles[0].graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.modcompile.sparse_attention.default) == 3
     assert targets.count(torch.ops.modcompile.plan.default) == 3
-    assert targets.count(torch.ops.modcompile.observe.default) == 3
+    assert targets.count(torch.ops.modcompile.observe.default) == 0  # the dense policy never observes
     assert targets.count(torch.ops.modcompile.step.default) == 1
     assert torch._C._nn.scaled_dot_product_attention not in targets
+
+
+@pytest.mark.parametrize("policy, observes", [("mod", True), ("vmoba", False)])
+def test_observe_op_only_where_the_policy_observes(policy, observes, compiles):
+    """The observe op is a custom-op call per site call: graphs of policies that never observe lack it."""
+    model = torch.compile(TinyVideoDiT(layers=2).eval(), backend="modsparse", options={**OPTS, "policy": policy})
+    with torch.no_grad():
+        model(video(), torch.tensor([900.0]))
+    targets = [n.target for n in compiles[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.modcompile.sparse_attention.default) == 2
+    assert targets.count(torch.ops.modcompile.observe.default) == (2 if observes else 0)
 
 
 def test_sparse_path_with_full_lists_matches_eager(monkeypatch):

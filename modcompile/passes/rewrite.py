@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from ..kernels._common import attention_path
 from ..owners import source_path
+from ..policies import policy_observes
 from ..runtime import REGISTRY
 from ..sites import SiteInfo
 from . import masks
@@ -121,7 +122,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
             REGISTRY.place_dense(info, _example(anchor), calls)
             continue
-        _replace_with_sparse(graph, site, info.key, info.scale, token, anchor, grid_args)
+        _replace_with_sparse(graph, site, info.key, info.scale, token, anchor, grid_args, policy_observes(config))
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
                  site.seq_len, site.heads, site.head_dim)
     for reason, keys in misfits.items():
@@ -212,7 +213,7 @@ def _softmax_scale(site: AttentionSite) -> float:
 
 
 def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, scale: float, token, anchor,
-                         grid_args) -> None:
+                         grid_args, observe: bool) -> None:
     a, node = site.args, site.node
     q, k, v = a["query"], a["key"], a["value"]
     with graph.inserting_before(node):
@@ -225,7 +226,8 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, scale: 
                                    (q, k, v, counts, indices, key, float(scale), bias, anchor))
         out = graph.call_function(operator.getitem, (attn, 0))
         lse = graph.call_function(operator.getitem, (attn, 1))
-        graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key, bias))
+        if observe:  # only for policies that learn from the call (MOD): one op call less per site call
+            graph.call_function(torch.ops.modcompile.observe.default, (q, k, lse, counts, indices, key, bias))
         if site.key_mask is not None and site.key_mask.zero_padded_rows:
             out = graph.call_function(masks.zero_padded_rows, (out, site.key_mask.keys))
     out.meta.update(node.meta)

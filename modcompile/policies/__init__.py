@@ -15,5 +15,13 @@ def make_policy(config: SparsityConfig) -> Policy:
     return _POLICIES[config.policy](config)
 
 
-__all__ = ["Plan", "Policy", "SiteContext", "full_lists", "make_policy", "register_policy",
+def policy_observes(config: SparsityConfig) -> bool:
+    """Whether the policy that ``config.policy`` names ever observes (the rewrite pass adds the
+    observe op only then)."""
+    if config.policy not in _POLICIES:
+        make_policy(config)  # raises the error that names the available policies
+    return _POLICIES[config.policy].observes
+
+
+__all__ = ["Plan", "Policy", "SiteContext", "full_lists", "make_policy", "policy_observes", "register_policy",
            "DensePolicy", "ModPolicy", "VmobaPolicy"]

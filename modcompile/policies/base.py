@@ -130,6 +130,8 @@ def like_dense(ctx: SiteContext, plan: Plan) -> bool:
 
 class Policy:
     name = "base"
+    # Whether plans may ask for the observe op: the rewrite pass leaves it out of the graph otherwise.
+    observes = False
 
     def __init__(self, config: SparsityConfig):
         self.config = config

@@ -117,6 +117,7 @@ def _record(history: list, item) -> None:
 @register_policy
 class ModPolicy(Policy):
     name = "mod"
+    observes = True
 
     def __init__(self, config):
         super().__init__(config)
