@@ -4,7 +4,8 @@
 
 H100/H200, bf16, non-causal, 128x128 blocks, random block lists that always keep the query
 block's own key block. For each shape and density it times (triton.testing.do_bench medians):
-our kernel, FlexAttention with the same blocks (a BlockMask built from our lists, compiled once),
+our kernel's raw entry (``block_sparse_attention_fwd``), the public ``modcompile.block_sparse_attention``
+(default arguments: its custom op and checks, no value check), FlexAttention with the same blocks (a BlockMask built from our lists, compiled once),
 and dense SDPA (default dispatch, cuDNN, flash). Effective TFLOP/s = 4*B*H*N*N*D*density / t.
 Before timing, the kernel is checked against a float64 reference and SDPA-with-mask on a smaller
 ragged shape, with every candidate launch configuration.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from . import common
 from .common import compiled_variants, cuda_environment as environment
 from .common import fmt_or_dash as fmt
+import modcompile
 from modcompile.kernels import block_sparse_attention as bsa
 from modcompile.kernels import tuning
 from modcompile.kernels.reference import block_sparse_attention_ref
@@ -179,6 +181,7 @@ def time_shape(shape, densities, device, flex_fn):
         counts, indices, eff = random_block_lists(B, H, N, density, device, seed=6)
         ours = bench_ms(lambda: bsa.block_sparse_attention_fwd(q, k, v, counts, indices,
                                                                block_size=BLOCK, out=out))
+        public = bench_ms(lambda: modcompile.block_sparse_attention(q, k, v, counts, indices, block_size=BLOCK))
         flex = None
         if flex_fn is not None:
             try:
@@ -186,7 +189,7 @@ def time_shape(shape, densities, device, flex_fn):
                 flex = bench_ms(lambda: flex_fn(q, k, v, block_mask=mask))
             except Exception as e:  # noqa: BLE001
                 log(f"  flex failed: {type(e).__name__}: {str(e)[:200]}")
-        row = dict(row_common, density=eff, ours_ms=ours, flex_ms=flex,
+        row = dict(row_common, density=eff, ours_ms=ours, public_ms=public, flex_ms=flex,
                    sdpa_ms=dense["sdpa"], cudnn_ms=dense["cudnn"], flash_ms=dense["flash"],
                    ours_tflops=tflops(shape, eff, ours),
                    flex_tflops=tflops(shape, eff, flex) if flex else None,
@@ -204,12 +207,13 @@ def time_shape(shape, densities, device, flex_fn):
 
 # ------------------------------------------------------------------------------ reporting
 def markdown_table(rows):
-    lines = ["| shape (B,H,N,D) | density | ours ms | ours TFLOP/s | Flex ms | Flex TFLOP/s | SDPA ms "
+    lines = ["| shape (B,H,N,D) | density | ours ms | public API ms | ours TFLOP/s | Flex ms | Flex TFLOP/s | SDPA ms "
              "| cuDNN ms | flash ms | ours speedup vs SDPA | Flex speedup vs SDPA | ours / cuDNN |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {tuple(r['shape'])} | {r['density']:.3f} | {fmt(r['ours_ms'])} | {fmt(r['ours_tflops'], '.0f')} "
+            f"| {tuple(r['shape'])} | {r['density']:.3f} | {fmt(r['ours_ms'])} | {fmt(r.get('public_ms'))} "
+            f"| {fmt(r['ours_tflops'], '.0f')} "
             f"| {fmt(r['flex_ms'])} | {fmt(r['flex_tflops'], '.0f')} | {fmt(r['sdpa_ms'])} | {fmt(r['cudnn_ms'])} "
             f"| {fmt(r['flash_ms'])} | {fmt(r['speedup_vs_sdpa'])}x | {fmt(r['flex_speedup_vs_sdpa'])}x "
             f"| {fmt(r['ours_vs_cudnn'])} |")
