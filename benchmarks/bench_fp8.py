@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -58,24 +57,6 @@ def make_inputs(B, H, N, D, seed, dtype=torch.float32, device="cpu", structured=
         code = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], -1) * 2.5
         q, k = q * 0.5 + code, k * 0.5 + code
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
-def make_timer(device: str):
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median(fn, reps=3):  # smoke only: not a performance claim
-        fn()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-
-    return cpu_median
 
 
 def accuracy(device, dtype, shape, block, seed, log):
@@ -199,6 +180,7 @@ def main(argv=None):
     from modcompile import dispatch
     from modcompile.kernels import fp8_kernel, fp8_quant
 
+    from .bench_nonfinite import make_timer
     from .common import compiled_flex_attention, compiled_variants
 
     dtype = torch.float16 if a.smoke else torch.bfloat16

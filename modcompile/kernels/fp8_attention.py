@@ -13,6 +13,11 @@ lower precision:
    unrounded p; out = acc / (448 l);
 4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
 
+Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores) or ``BLOCK_N`` (P.V) products; the P.V
+products are added to the float32 accumulator outside the dot (they carry v's per-block scale), so
+Triton's default fp8 accumulation on sm_90 (the tensor core's reduced-precision sum within one dot)
+never spans more than one chunk.
+
 The kernel runs on CUDA devices of compute capability 8.9 or newer (e4m3 tensor cores).
 :func:`fp8_path` says where it cannot run and why: under the Triton interpreter (its float8
 conversion is wrong: values that round up to the next power of two come out halved) and on CPU the
