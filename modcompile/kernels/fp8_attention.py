@@ -18,7 +18,8 @@ products are added to the float32 accumulator outside the dot (they carry v's pe
 Triton's default fp8 accumulation on sm_90 (the tensor core's reduced-precision sum within one dot)
 never spans more than one chunk.
 
-The kernel runs on CUDA devices of compute capability 8.9 or newer (e4m3 tensor cores).
+The kernel runs on CUDA devices of compute capability 8.9 or newer (e4m3 tensor cores), head dims
+32 to 128 of the bf16 kernel's set, blocks of 32 to 128 tokens.
 :func:`fp8_path` says where it cannot run and why: under the Triton interpreter (its float8
 conversion is wrong: values that round up to the next power of two come out halved) and on CPU the
 torch reference :func:`block_sparse_attention_fp8_ref` runs instead, which quantizes exactly as the
@@ -34,7 +35,8 @@ import math
 
 import torch
 
-from ._common import LOG2E, default_scale, device_capability, interpreting, padded_head_dim
+from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default_scale, device_capability,
+                      interpreting, padded_head_dim)
 from .block_lists import BlockLists, as_block_lists
 from .fp8_quant import E4M3_MAX, dequantize, quantize, quantize_ref
 from .reference import masked_block_matmul, query_chunks
@@ -51,8 +53,10 @@ def fp8_path(q: torch.Tensor, block_size: int) -> tuple[str, str]:
         return "reference", f"fp8 kernel not run on {where}: fp8 torch reference"
     if device_capability(q.device) < (8, 9):
         return "none", "fp8 needs compute capability 8.9 or newer"
-    if q.shape[-1] < 32 or block_size < 32:
-        return "none", f"fp8 kernel needs head_dim >= 32 and block_size >= 32, got {q.shape[-1]}, {block_size}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or q.shape[-1] < 32 or block_size not in SUPPORTED_BLOCK_SIZES \
+            or block_size < 32:
+        return "none", (f"fp8 kernel needs head_dim in {tuple(d for d in SUPPORTED_HEAD_DIMS if d >= 32)} and "
+                        f"block_size >= 32, got {q.shape[-1]}, {block_size}")
     try:
         import triton  # noqa: F401
     except ImportError:
