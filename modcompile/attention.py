@@ -7,19 +7,20 @@ import torch
 from torch import Tensor
 
 from .autograd import attach_autograd
-from .dispatch import attention_forward, outputs_like
+from .dispatch import PRECISIONS, attention_forward, outputs_like
 from .kernels._common import validation_requested
 from .kernels.block_lists import BlockLists, as_block_lists
 
 
 @torch.library.custom_op("modcompile::block_sparse_attention", mutates_args=())
 def _block_sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indices: Tensor,
-                               block_size: int, scale: float) -> tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, BlockLists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2]), scale)
+                               block_size: int, scale: float, precision: str = "auto") -> tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, BlockLists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2]), scale,
+                             precision=precision)
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, kv_counts, kv_indices, block_size, scale):
+def _(q, k, v, kv_counts, kv_indices, block_size, scale, precision="auto"):
     return outputs_like(q)
 
 
@@ -50,7 +51,8 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, lists: BlockLists) -
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor | BlockLists,
                            kv_indices: Tensor | None = None, *, block_size: int | None = None,
-                           scale: float | None = None, return_lse: bool = False, validate: bool | None = None):
+                           scale: float | None = None, return_lse: bool = False, validate: bool | None = None,
+                           precision: str = "auto"):
     """Attention of every query block to its listed key blocks only.
 
     q, k, v: (B, H, N, D). The lists: a :class:`BlockLists` (``kv_indices`` None), or kv_counts
@@ -60,7 +62,17 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor | 
     checked (no host sync). The list values (counts in range, entries in range and distinct per
     row) are trusted unless ``validate=True``, or ``validate=None`` with ``MODCOMPILE_VALIDATE=1``:
     then :meth:`BlockLists.validate` raises a ValueError naming the fault, at the cost of one host
-    sync."""
+    sync.
+
+    ``precision``: ``"auto"`` computes in the inputs' dtype; ``"fp8"`` quantizes q, k, v per block
+    to e4m3 and runs the fp8 kernel (compute capability 8.9+; the fp8 torch reference on CPU and
+    under TRITON_INTERPRET=1; elsewhere the input-dtype kernel, with a logged reason). Forward only:
+    a ValueError when gradients are needed."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"block_sparse_attention: precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp8" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("block_sparse_attention: precision='fp8' has no backward; call it under "
+                         "torch.no_grad() or with inputs that do not require grad")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
@@ -69,5 +81,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor | 
         lists.validate()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = torch.ops.modcompile.block_sparse_attention(q, k, v, lists.counts, lists.indices,
-                                                           lists.block_size, scale)
+                                                           lists.block_size, scale, precision)
     return (out, lse) if return_lse else out

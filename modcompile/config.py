@@ -196,6 +196,10 @@ class SparsityConfig:
     # block's rows: free) | dense (every row dense SDPA would spoil: one more read of k and v per sparse
     # call, the NaN written by the kernel's epilogue; kernels/nonfinite.py)
     nonfinite: str = option("listed", "str", choices=("listed", "dense"))
+    # --- precision (inference calls; training keeps the inputs' dtype: fp8 has no backward) ---
+    # auto: the inputs' dtype | fp8: sparse calls on the e4m3 kernel (kernels/fp8_attention.py)
+    precision: str = option("auto", "str", choices=("auto", "fp8"))
+    fp8_dense: bool = option(False, "bool")  # dense calls (warm-up, dense refreshes) on the fp8 kernel at density 1
 
     def __post_init__(self):
         for f in fields(self):

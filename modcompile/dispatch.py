@@ -13,6 +13,7 @@ from torch import Tensor
 from .kernels import nonfinite
 from .kernels._common import attention_path, empty_heads_last
 from .kernels.block_lists import BlockLists
+from .kernels.fp8_attention import block_sparse_attention_fp8, block_sparse_attention_fp8_ref, fp8_path
 from .kernels.reference import block_sparse_attention_ref
 from .kernels.state import KERNEL_STATE
 
@@ -52,8 +53,25 @@ def use_triton_backward(q: Tensor, block_size: int) -> bool:
 out_like = empty_heads_last
 
 
+PRECISIONS = ("auto", "fp8")
+
+
+def fp8_route(q: Tensor, block_size: int, key_bias: Optional[Tensor] = None) -> tuple[str, str]:
+    """Where a ``precision="fp8"`` call runs: ``("kernel", "")``, ``("reference", why)`` (CPU and
+    the interpreter: the fp8 torch reference) or ``("none", why)``: the input-dtype path instead."""
+    if key_bias is not None:
+        return "none", "fp8 attention takes no key-padding mask"
+    return fp8_path(q, block_size)
+
+
+@KERNEL_STATE.memo
+@functools.lru_cache(maxsize=None)
+def _warn_fp8(why: str) -> None:
+    log.warning("modcompile: precision='fp8': %s", why)  # once per reason (reset(kernels=True) re-arms it)
+
+
 def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional[Tensor] = None,
-                      key_bias: Optional[Tensor] = None, like_dense: bool = False):
+                      key_bias: Optional[Tensor] = None, like_dense: bool = False, precision: str = "auto"):
     """Block-sparse attention of q to the key blocks ``lists`` names, on the best available path;
     returns ``(out, lse)``.
 
@@ -65,7 +83,19 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
     gathers q and scatters out / lse itself; the torch path permutes q and un-permutes around the
     reference. ``like_dense`` (the rewritten sites): NaN also on the rows that dense SDPA would make
     non-finite through a key or value block they do not list (:mod:`.kernels.nonfinite`: flags from
-    one read of k and v, written as NaN by the kernel's epilogue; no host sync)."""
+    one read of k and v, written as NaN by the kernel's epilogue; no host sync).
+
+    ``precision="fp8"``: the e4m3 kernel (:mod:`.kernels.fp8_attention`) where :func:`fp8_route`
+    allows it, its torch reference on CPU and under the interpreter, else this function's usual
+    path; the reason is logged once (a warning). ``"auto"``: the inputs' dtype."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp8":
+        route, why = fp8_route(q, lists.block_size, key_bias)
+        if why:
+            _warn_fp8(why)
+        if route != "none":
+            return _fp8_forward(q, k, v, lists, scale, q_rows, like_dense, route == "kernel")
     out = out_like(q)
     triton_path = use_triton(q)
     kv_counts, kv_indices, block_size = lists.counts, lists.indices, lists.block_size
@@ -84,6 +114,20 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
             out, lse = out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
         if poison is not None:
             nonfinite.poison_rows_(out, lse, poison, block_size, q_rows)
+    return out, lse
+
+
+def _fp8_forward(q, k, v, lists: BlockLists, scale: float, q_rows, like_dense: bool, on_kernel: bool):
+    """The fp8 path of :func:`attention_forward`; the dense-like non-finite rule as on the torch path
+    (a masked fill after the call)."""
+    if on_kernel:
+        out, lse = block_sparse_attention_fp8(q, k, v, lists, scale=scale, q_rows=q_rows, out=out_like(q))
+    else:
+        ref, lse = block_sparse_attention_fp8_ref(q, k, v, lists, scale=scale, q_rows=q_rows)
+        out = out_like(q).copy_(ref)
+    if like_dense:
+        poison = nonfinite_poison(k, v, lists, on_kernel)
+        nonfinite.poison_rows_(out, lse, poison != 0, lists.block_size, q_rows)
     return out, lse
 
 

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import dense_attention_with_lse, outputs_like
+from .dispatch import dense_attention_with_lse, fp8_route, outputs_like
 from .kernels.block_lists import BlockLists, num_blocks
 from .policies import Plan, SiteContext, make_policy
+from .policies.base import call_precision
 from .runtime import REGISTRY
 from .steps import timestep_value
 
@@ -121,7 +122,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
 def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None):
     """The body of the site attention op for the call that ``plan`` set up; benchmarks that drive a
     policy by hand call it too."""
-    if plan.dense and not ctx.info.training:
+    fp8 = _fp8_runs(ctx, q, plan, key_bias)
+    if plan.dense and not ctx.info.training and not fp8:
         if not plan.observe:
             out, lse = outputs_like(q)
             mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
@@ -131,6 +133,20 @@ def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None
         if dense is not None:
             return dense
     return policy.attention(ctx, q, k, v, plan, scale, key_bias=key_bias)
+
+
+def _fp8_runs(ctx, q, plan: Plan, key_bias) -> bool:
+    """Whether this call runs at fp8 (``precision="fp8"`` on sparse calls, ``fp8_dense`` on dense
+    ones, then at density 1 instead of SDPA / cuDNN): the kernel, or its torch reference on CPU and
+    the interpreter. Where fp8 was asked for and does not run as the kernel, the site's note says why
+    (``report()``)."""
+    if call_precision(ctx, plan) != "fp8":
+        return False
+    route, why = fp8_route(q, plan.lists.block_size, key_bias)
+    note = f"fp8: {why}" if why else ""
+    if note and note not in ctx.state.note:
+        ctx.state.note = "; ".join(x for x in (ctx.state.note, note) if x)
+    return route != "none"
 
 
 @sparse_attention.register_fake

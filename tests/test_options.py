@@ -54,6 +54,8 @@ VALID = {
     "nonfinite": st.sampled_from(["listed", "dense"]),
     "min_observed_coverage": fractions,
     "observe_row_stride": none_or(st.integers(1, 512)),
+    "precision": st.sampled_from(["auto", "fp8"]),
+    "fp8_dense": st.booleans(),
 }
 
 OPTIONAL = {"video_grid", "text_position", "num_steps", "warmup_steps", "density", "topk", "partition_blocks", "lines_per_head",
@@ -62,7 +64,8 @@ INTS = {"block_size", "min_seq_len", "num_steps", "warmup_steps", "topk", "refre
         "full_refresh_every", "observe_row_stride"}
 FLOATS = {"density", "min_density", "max_density", "tau", "threshold", "ridge_lambda", "coverage",
           "min_observed_coverage"}
-ENUMS = {"policy", "text_position", "selection", "normalization", "mask_rule", "full_refresh", "nonfinite"}
+ENUMS = {"policy", "text_position", "selection", "normalization", "mask_rule", "full_refresh", "nonfinite",
+         "precision"}
 
 
 def _invalid_for(key: str) -> st.SearchStrategy:
@@ -77,7 +80,7 @@ def _invalid_for(key: str) -> st.SearchStrategy:
     if key in ENUMS:
         bad += [st.sampled_from(["", "Mod", "sparse ", "best", 1, True]), st.text(min_size=1).filter(
             lambda s: s not in {"mod", "vmoba", "dense", "first", "last", "global", "row", "topk", "minmax",
-                                "softmax", "blocks", "lines", "sparse"})]
+                                "softmax", "blocks", "lines", "sparse", "auto", "fp8"})]
     ranges = {  # out of range, right type
         "block_size": st.sampled_from([0, 8, 100, 256, 512, -64]),
         "min_seq_len": st.integers(max_value=-1),
@@ -95,7 +98,7 @@ def _invalid_for(key: str) -> st.SearchStrategy:
         ranges[key_] = st.floats(max_value=0.0, exclude_max=True) | st.floats(min_value=1.0, exclude_min=True)
     if key in ranges:
         bad.append(ranges[key])
-    if key == "cheap_refresh":
+    if key in ("cheap_refresh", "fp8_dense"):
         bad += [st.sampled_from(["no", "yes", "False", "", 0, 1, 0.0, None])]
     if key == "video_grid":
         bad += [st.sampled_from([(2, 8), (2, 8, 8, 1), (2, 0, 8), (2, -1, 8), (2, 8.0, 8), (True, 8, 8), "2x8x8", 256])]
@@ -185,6 +188,8 @@ def test_option_dicts_are_valid_or_a_clear_error(drawn):
     ("block_size", 256, "one of 16, 32, 64, 128"),
     ("block_size", 64.0, "one of 16, 32, 64, 128"),
     ("selection", "best", "one of 'global', 'row', 'topk'"),
+    ("precision", "fp16", "one of 'auto', 'fp8'"),
+    ("fp8_dense", 1, "True or False"),
     ("policy", None, "one of 'mod', 'vmoba', 'dense'"),
     ("video_grid", (2, 8), "None or three positive ints (T, H, W)"),
     ("video_grid", (2, 0, 8), "None or three positive ints (T, H, W)"),

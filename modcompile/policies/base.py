@@ -128,6 +128,15 @@ def like_dense(ctx: SiteContext, plan: Plan) -> bool:
     return ctx.config.nonfinite == "dense" and not plan.dense
 
 
+def call_precision(ctx: SiteContext, plan: Plan) -> str:
+    """The call's ``precision`` for :func:`dispatch.attention_forward`: ``"fp8"`` for inference calls
+    that the options put on the fp8 kernel (sparse ones with ``precision="fp8"``, dense ones with
+    ``fp8_dense``), else ``"auto"``."""
+    if ctx.info.training:
+        return "auto"
+    return "fp8" if (ctx.config.fp8_dense if plan.dense else ctx.config.precision == "fp8") else "auto"
+
+
 class Policy:
     name = "base"
     # Whether plans may ask for the observe op: the rewrite pass leaves it out of the graph otherwise.
@@ -150,7 +159,7 @@ class Policy:
         ``nonfinite="dense"`` sparse calls pass ``like_dense``: a NaN / Inf in a key or value block
         a row skips still makes that row NaN, as dense SDPA would."""
         return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias,
-                                          like_dense=like_dense(ctx, plan))
+                                          like_dense=like_dense(ctx, plan), precision=call_precision(ctx, plan))
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         """(dq, dk, dv) of :meth:`attention` for the same plan (training). Policies that permute

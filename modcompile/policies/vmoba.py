@@ -37,7 +37,7 @@ import torch
 from .. import cuda_graphs, dispatch
 from ..kernels import partition as part_lib
 from ..kernels import pooling
-from .base import Plan, Policy, SiteContext, like_dense, lists_from_mask, register_policy
+from .base import Plan, Policy, SiteContext, call_precision, like_dense, lists_from_mask, register_policy
 from .selection import select_blocks
 
 WARMUP_FRACTION = 0.25
@@ -253,7 +253,8 @@ class VmobaPolicy(Policy):
         permuted = plan.data
         dense_rule = like_dense(ctx, plan)
         if permuted is None:
-            return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias, like_dense=dense_rule)
+            return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias, like_dense=dense_rule,
+                                              precision=call_precision(ctx, plan))
         layout = permuted.layout
         kp = permuted.take_k(k)
         if kp is None:  # the plan's copy does not match (should not happen in a rewritten graph)
@@ -262,7 +263,7 @@ class VmobaPolicy(Policy):
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
         return dispatch.attention_forward(q, kp, vp, plan.lists, scale, q_rows=layout.perm, key_bias=key_bias,
-                                          like_dense=dense_rule)
+                                          like_dense=dense_rule, precision=call_precision(ctx, plan))
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         """(dq, dk, dv) in the original order: the backward kernel runs on the permuted tensors with

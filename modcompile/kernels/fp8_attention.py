@@ -1,0 +1,260 @@
+"""FP8 (e4m3) block-sparse attention forward: launch wrapper, torch reference and the error model.
+
+Same contract as :func:`.block_sparse_attention.block_sparse_attention_fwd` (block lists, ragged
+tails, ``q_rows``, out in q's dtype, natural-log lse with -inf and out 0 on empty lists), at
+lower precision:
+
+1. q, k (smoothed by its mean over tokens), v are quantized per block (:mod:`.fp8_quant`: one
+   launch each, counted in every call);
+2. scores = (q8 . k8) * q_scale * k_scale, fp32 accumulation;
+3. the online softmax keeps its running maximum rounded up to an integer (log2 units), so
+   p = exp2(s - m) lies in (0, 1]; p * 448 is rounded to e4m3 and multiplied with v8 (fp32
+   accumulation), each chunk's product scaled by v's per-(block, channel) scale; l sums the
+   unrounded p; out = acc / (448 l);
+4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
+
+Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores) or ``BLOCK_N`` (P.V) products; the P.V
+products are added to the float32 accumulator outside the dot (they carry v's per-block scale), so
+Triton's default fp8 accumulation on sm_90 (the tensor core's reduced-precision sum within one dot)
+never spans more than one chunk.
+
+The kernel runs on CUDA devices of compute capability 8.9 or newer (e4m3 tensor cores), head dims
+32 to 128 of the bf16 kernel's set, blocks of 32 to 128 tokens.
+:func:`fp8_path` says where it cannot run and why: under the Triton interpreter (its float8
+conversion is wrong: values that round up to the next power of two come out halved) and on CPU the
+torch reference :func:`block_sparse_attention_fp8_ref` runs instead, which quantizes exactly as the
+kernel does; on older GPUs, head dims under 32 or blocks under 32 the caller takes the bf16 kernel.
+
+:func:`predicted_relative_error` is the error model that the accuracy tests and the benchmark
+assert against: the first-order propagation of e4m3 rounding through the attention, derived from
+the format alone (module section "Error model").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default_scale, device_capability,
+                      interpreting, padded_head_dim)
+from .block_lists import BlockLists, as_block_lists
+from .fp8_quant import E4M3_MAX, dequantize, quantize, quantize_ref
+from .reference import masked_block_matmul, query_chunks
+from .tuning import LaunchConfig
+
+LN2 = math.log(2.0)
+
+
+def fp8_path(q: torch.Tensor, block_size: int) -> tuple[str, str]:
+    """``("kernel", "")``, ``("reference", why)`` (CPU, or the interpreter: the fp8 torch
+    reference runs) or ``("none", why)`` (a GPU the fp8 kernel cannot serve: take the bf16 kernel)."""
+    if interpreting() or not q.is_cuda:
+        where = "the Triton interpreter (its float8 conversion is wrong)" if interpreting() else q.device.type
+        return "reference", f"fp8 kernel not run on {where}: fp8 torch reference"
+    if device_capability(q.device) < (8, 9):
+        return "none", "fp8 needs compute capability 8.9 or newer"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or q.shape[-1] < 32 or block_size not in SUPPORTED_BLOCK_SIZES \
+            or block_size < 32:
+        return "none", (f"fp8 kernel needs head_dim in {tuple(d for d in SUPPORTED_HEAD_DIMS if d >= 32)} and "
+                        f"block_size >= 32, got {q.shape[-1]}, {block_size}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "none", "triton not importable"
+    return "kernel", ""
+
+
+def default_config(block_size: int) -> LaunchConfig:
+    """The fp8 kernel's launch configuration (fixed: not tuned)."""
+    tile = min(128, block_size)
+    return LaunchConfig(tile, tile, 8 if tile >= 128 else 4, 3)
+
+
+def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
+                               out=None, lse=None, q_rows=None, config: LaunchConfig | None = None):
+    """FP8 block-sparse attention on the GPU (module docstring); returns ``(out, lse)``.
+
+    Arguments as :func:`.block_sparse_attention.block_sparse_attention_fwd` (no key bias, no poison).
+    The quantization (three launches and k's mean) is part of every call."""
+    import triton
+
+    from .fp8_kernel import _fp8_attention_fwd_kernel
+
+    lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    _check(q, k, v, lists, q_rows)
+    B, H, N, D = q.shape
+    bs = lists.block_size
+    path, why = fp8_path(q, bs)
+    if path != "kernel":
+        raise ValueError(f"block_sparse_attention_fp8: {why}")
+    scale = default_scale(D, scale)
+    if out is None:
+        out = q.new_empty(B, N, H, D).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return out, lse
+    cfg = config or default_config(bs)
+    if not cfg.fits(bs):
+        raise ValueError(f"config {cfg} does not divide block_size {bs}")
+    ops = quantize(q, k, v, bs, q_rows)
+    counts, indices = lists.counts, lists.indices
+    _fp8_attention_fwd_kernel[(triton.cdiv(N, cfg.tile), B * H)](
+        ops.q, ops.q_scale, ops.k, ops.k_scale, ops.k_mean, ops.v_t, ops.v_scale, out, lse, counts, indices,
+        q_rows if q_rows is not None else counts,
+        scale * LOG2E, scale,
+        N, k.shape[2], H, lists.mq, lists.mk,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        counts.stride(0), counts.stride(1), counts.stride(2),
+        indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_SIZE=bs, BLOCK_M=cfg.tile, BLOCK_N=cfg.sub,
+        EVEN_K=k.shape[2] % bs == 0, GATHER_Q=q_rows is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def _check(q, k, v, lists: BlockLists, q_rows):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"fp8 attention: {name} must be a (B, H, N, D) tensor")
+    B, H, N, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"fp8 attention: k, v must be (B, H, Nk, D) matching q {tuple(q.shape)}; got "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8 attention: q, k, v must share a float16 / bfloat16 / float32 dtype; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    lists.check(B, H, q.device)
+    if q_rows is not None and (q_rows.dim() != 1 or q_rows.numel() != N or q_rows.dtype != torch.int32):
+        raise ValueError(f"fp8 attention: q_rows must be an ({N},) int32 permutation")
+
+
+# --------------------------------------------------------------------------------------- reference
+def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
+                                   q_rows=None, chunk_blocks: int = 8):
+    """The fp8 kernel's torch reference: the same quantized operands (:func:`.fp8_quant.quantize_ref`),
+    the same integer-rounded maximum and e4m3 rounding of ``448 p``, float32 arithmetic. Returns
+    ``(out, lse)`` like the kernel (out in q's dtype, at q's tokens when ``q_rows`` is given).
+
+    It rounds p against the row's final maximum where the kernel uses its running one: the two
+    differ by a power of two, so the rounded values agree wherever 448 p stays in e4m3's normal
+    range (p above 2^-6 / 448 of the row's maximum); below, only the subnormal rounding differs."""
+    lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    _check(q, k, v, lists, q_rows)
+    B, H, N, D = q.shape
+    n_k, bs = k.shape[2], lists.block_size
+    scale = default_scale(D, scale)
+    ops = quantize_ref(q, k, v, bs, q_rows)
+    qd, kd, vd = dequantize(ops)
+    qd, kd, vd = qd[:, :, :N], kd[:, :, :n_k], vd[:, :, :n_k]
+    out = torch.empty(B, H, N, padded_head_dim(D), dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    v8 = ops.v_t.transpose(2, 3)[:, :, :n_k].float()
+    v_scale = ops.v_scale.repeat_interleave(bs, 2)[:, :, :n_k]
+    for r0, r1, allowed in query_chunks(lists, chunk_blocks):
+        s = (qd[:, :, r0:r1] @ kd.transpose(-1, -2)) * (scale * LOG2E)
+        s = s.masked_fill(~allowed, float("-inf"))
+        m = torch.ceil(s.amax(-1, keepdim=True))
+        live = allowed & (s != float("-inf"))
+        p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(m), 0.0, m)), 0.0)
+        l = p.sum(-1)
+        p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn).float()
+        # per (block, channel) v scale: the rounded products of each key block, then its scale
+        num = masked_block_matmul(p8, v8 * v_scale, allowed[:, :, ::bs], bs)
+        has = l != 0
+        l_safe = torch.where(has, l, 1.0)
+        out[:, :, r0:r1] = num / (l_safe * E4M3_MAX)[..., None]
+        shift = (qd[:, :, r0:r1] * ops.k_mean[:, :, None, :]).sum(-1) * scale
+        lse[:, :, r0:r1] = torch.where(has, (m.squeeze(-1) + torch.log2(l_safe)) * LN2 + shift, float("-inf"))
+    out = out[..., :D].to(q.dtype)
+    if q_rows is not None:
+        rows = q_rows.long()
+        out = torch.empty_like(out).index_copy_(2, rows, out)
+        lse = torch.empty_like(lse).index_copy_(2, rows, lse)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------- error model
+# Error model. e4m3 keeps 3 mantissa bits: round to nearest moves a normal x by at most half a
+# spacing, |err| <= u |x| with u = 2^-4; below the smallest normal (2^-6, scaled) the spacing is the
+# subnormal one, 2^-9, so |err| <= 2^-10 in scaled units (eta = 2^-10 * scale of the block).
+# Modelled as independent, zero-mean and uniform within that half spacing, each rounding error has
+# variance at most (u^2 x^2 + eta^2) / 3, and at least u^2 x^2 / 12 for normal x (the half spacing is
+# at least u |x| / 2). First order in the errors, with pi the row's softmax weights over the listed
+# keys and o the exact output (kbar = k - mean(k), the tensor that is quantized):
+#   v:  d o   = sum_j pi_j dv_j                         E|do|^2 = sum_j pi_j^2 sum_d Var(dv_jd)
+#   p:  d o   = sum_j pi_j (dp_j / p_j) v_j             E|do|^2 = sum_j Var(dp_j / p_j) pi_j^2 |v_j|^2
+#   k:  d s_j = scale sum_i q_i dk_ji                   E|do|^2 = scale^2 sum_j pi_j^2 |v_j - o|^2 sum_i q_i^2 Var(dk_ji)
+#   q:  d s_j = scale sum_i dq_i kbar_ji (shared by all keys of the row, so summed before squaring)
+#                                                       E|do|^2 = scale^2 sum_i Var(dq_i) |sum_j pi_j kbar_ji (v_j - o)|^2
+# (a score error ds moves o by sum_j pi_j ds_j (v_j - o)). The predicted relative L2 error is
+# sqrt(sum of the four over all rows / sum |o|^2); upper with the variance bound, lower with u^2/12
+# and no subnormal term. Second-order terms are O(u^2) relative and left out.
+U = 2.0 ** -4
+ETA = 2.0 ** -10
+
+
+def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
+                             chunk_blocks: int = 2) -> tuple[float, float]:
+    """``(low, high)``: the error model's relative L2 error of the fp8 output against the exact
+    attention of the same lists (float64; see the comment above). Costs O(N^2 D^2) per head: meant
+    for test and benchmark shapes (a few thousand tokens)."""
+    lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
+    B, H, N, D = q.shape
+    bs = lists.block_size
+    scale = default_scale(D, scale)
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    kbar = kd - kd.mean(2, keepdim=True)
+
+    def block_eta(x):  # (B, H, n, D): eta * block scale, per element (per channel for v)
+        n = x.shape[2]
+        pad = -n % bs
+        xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, bs))
+        return xb.abs().amax(3, keepdim=True), n
+
+    def eta_of(x, per_channel):
+        amax, n = block_eta(x)
+        if not per_channel:
+            amax = amax.amax(-1, keepdim=True)
+        return (ETA * amax / E4M3_MAX).expand(-1, -1, -1, bs, x.shape[3]).flatten(2, 3)[:, :, :n]
+
+    var_q_hi = (U ** 2 * qd ** 2 + eta_of(qd, False) ** 2) / 3
+    var_k_hi = (U ** 2 * kbar ** 2 + eta_of(kbar, False) ** 2) / 3
+    var_v_hi = (U ** 2 * vd ** 2 + eta_of(vd, True) ** 2) / 3
+    terms_hi = torch.zeros((), dtype=torch.float64)
+    terms_lo = torch.zeros((), dtype=torch.float64)
+    norm = torch.zeros((), dtype=torch.float64)
+    for r0, r1, allowed in query_chunks(lists, chunk_blocks):
+        s = (qd[:, :, r0:r1] @ kd.transpose(-1, -2)) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        pi = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows: no keys, no error
+        o = pi @ vd
+        norm = norm + (o ** 2).sum()
+        pi2 = pi ** 2
+        # p: relative variance of 448 p rounded, plus its subnormal term relative to p
+        m2 = torch.exp2(torch.ceil(s.amax(-1, keepdim=True) * LOG2E) - s.amax(-1, keepdim=True) * LOG2E)
+        p_rel = torch.exp(s - s.amax(-1, keepdim=True)) / m2  # 448 p / 448 as the kernel rounds it
+        var_p_rel_hi = U ** 2 / 3 + torch.where(p_rel > 0, (ETA / E4M3_MAX) ** 2 / 3 / p_rel.clamp_min(1e-300) ** 2, 0.0)
+        var_p_rel_hi = torch.where(pi > 0, var_p_rel_hi, 0.0)
+        v2 = (vd ** 2).sum(-1)  # (B, H, Nk)
+        dev2 = (v2[:, :, None, :] - 2 * (o @ vd.transpose(-1, -2)) + (o ** 2).sum(-1, keepdim=True))  # |v_j - o|^2
+        term_v_hi = (pi2 @ var_v_hi).sum()
+        term_v_lo = U ** 2 / 12 * (pi2 @ vd ** 2).sum()
+        term_p_hi = (var_p_rel_hi * pi2 * v2[:, :, None, :]).sum()
+        term_p_lo = U ** 2 / 12 * (pi2 * v2[:, :, None, :]).sum()
+        qk_hi = (qd[:, :, r0:r1] ** 2) @ var_k_hi.transpose(-1, -2)   # sum_i q_i^2 Var(dk_ji)
+        qk_lo = U ** 2 / 12 * ((qd[:, :, r0:r1] ** 2) @ (kbar ** 2).transpose(-1, -2))
+        term_k_hi = scale ** 2 * (pi2 * dev2 * qk_hi).sum()
+        term_k_lo = scale ** 2 * (pi2 * dev2 * qk_lo).sum()
+        # sum_j pi_j kbar_ji (v_jd - o_d): (B, H, rows, D_i, D_d)
+        m_rows = torch.einsum("bhrj,bhji,bhjd->bhrid", pi, kbar, vd) - \
+            (pi @ kbar)[..., :, None] * o[..., None, :]
+        cross = (m_rows ** 2).sum(-1)  # (B, H, rows, D_i)
+        term_q_hi = scale ** 2 * (var_q_hi[:, :, r0:r1] * cross).sum()
+        term_q_lo = scale ** 2 * U ** 2 / 12 * (qd[:, :, r0:r1] ** 2 * cross).sum()
+        terms_hi = terms_hi + term_v_hi + term_p_hi + term_k_hi + term_q_hi
+        terms_lo = terms_lo + term_v_lo + term_p_lo + term_k_lo + term_q_lo
+    if norm == 0:
+        return 0.0, 0.0
+    return math.sqrt(terms_lo / norm), math.sqrt(terms_hi / norm)

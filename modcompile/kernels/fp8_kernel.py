@@ -1,0 +1,97 @@
+"""The Triton kernel of the FP8 (e4m3) block-sparse attention forward.
+
+Launched by :mod:`.fp8_attention`, whose docstring states the numerics; the operands come from
+:mod:`.fp8_quant` (zero-padded copies: no load needs a mask). The structure is the bf16 kernel's
+(:mod:`.fwd_kernel`): one program per ``BLOCK_M`` rows of one query block, the (list entry, chunk)
+pairs flattened into one loop (:func:`.fwd_kernel._chunk_start`), exp2, the ragged key tail masked
+in the chunk that crosses it, rows written to their tokens (``q_rows``), out = 0 and lse = -inf on
+empty lists.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fwd_kernel import _chunk_start
+
+
+@triton.jit
+def _fp8_attention_fwd_kernel(
+    Q8, QScale, K8, KScale, KMean, VT8, VScale, Out, Lse, Counts, Indices, QRows,
+    qk_scale_log2, scale,
+    N_Q, N_K, H, MQ, MK,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block
+    GATHER_Q: tl.constexpr,    # row r writes out and lse at token QRows[r] (q8 is already in row order)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    q_block = pid_m // (BLOCK_SIZE // BLOCK_M)
+    CHUNKS: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    NPAD_K = MK * BLOCK_SIZE
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < N_Q
+
+    q = tl.load(Q8 + (bh * MQ * BLOCK_SIZE + offs_m)[:, None] * BLOCK_D + offs_d[None, :])
+    q_scale = tl.load(QScale + bh * MQ + q_block)
+    s_scale = q_scale * qk_scale_log2  # raw fp8 products -> log2 units
+    k_base = K8 + bh * NPAD_K * BLOCK_D
+    v_base = VT8 + bh * BLOCK_D * NPAD_K
+    ks_base = KScale + bh * MK
+    vs_base = VScale + bh * MK * BLOCK_D
+    count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
+    idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for t in tl.range(0, count * CHUNKS):
+        start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
+        key_block = start // BLOCK_SIZE
+        k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
+        s = tl.dot(q, k) * (s_scale * tl.load(ks_base + key_block))
+        if not EVEN_K:
+            if start + BLOCK_N > N_K:
+                s = tl.where((start + offs_n < N_K)[None, :], s, float("-inf"))
+        # The running max rounded up to an integer: p = exp2(s - m) then differs between two maxima
+        # by a power of two only, which FP8 represents exactly (normal range), so p's rounding does
+        # not depend on the order in which the blocks arrive; alpha is an exact power of two.
+        m_new = tl.maximum(m_i, tl.math.ceil(tl.max(s, 1)))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_d[:, None].to(tl.int64) * NPAD_K + start + offs_n[None, :])  # (D, N), K-major
+        v_scale = tl.load(vs_base + key_block * BLOCK_D + offs_d)
+        pv = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v))
+        acc = acc * alpha[:, None] + pv * v_scale[None, :]
+        m_i = m_new
+
+    has_keys = l_i != 0.0  # a NaN sum (NaN scores) must give NaN out and lse, not an empty row
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / (l_safe * 448.0)[:, None]
+    # k was smoothed by its mean: every score of the row lacks q . mean, which the lse puts back
+    shift = tl.sum(q.to(tl.float32) * tl.load(KMean + bh * BLOCK_D + offs_d)[None, :], 1) * (q_scale * scale)
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453 + shift, float("-inf"))
+
+    if GATHER_Q:
+        tok_m = tl.load(QRows + offs_m, mask=row_ok, other=0)
+    else:
+        tok_m = offs_m
+    o_ptrs = Out + b * stride_ob + h * stride_oh + tok_m[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + tok_m, lse, mask=row_ok)

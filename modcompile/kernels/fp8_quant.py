@@ -1,0 +1,189 @@
+"""Per-block FP8 (e4m3) quantization of q, k and v for the FP8 attention forward (:mod:`.fp8_attention`).
+
+One layout for every quantized copy, padded so that the attention kernel loads whole tiles without
+masks: ``(B, H, Mb * block_size, BLOCK_D)`` float8_e4m3fn (q, k) with zeros past N and past the head
+dim, and v transposed, ``(B, H, BLOCK_D, Mb * block_size)`` (K-major: the B operand of Hopper's FP8
+``P @ V`` product must have its reduction dim contiguous).
+
+Scales (float32, ``amax / 448``, 448 the largest finite e4m3):
+
+* q: one per (batch, head, block of ``block_size`` rows), in the lists' row order: with ``rows``
+  (VMoBA's ``q_rows``) the copy holds row ``r`` = token ``rows[r]``, so the kernel reads it
+  contiguously and its blocks are the lists' query blocks;
+* k: one per (batch, head, key block), after subtracting k's mean over the tokens per (batch, head)
+  (``mean``, float32 (B, H, D)): it adds ``q . mean`` to every score of a row, which softmax ignores;
+  the kernel adds it back to the lse only;
+* v: one per (batch, head, key block, channel), shape (B, H, Mb, D).
+
+A block whose amax is 0 has scale 0 and quantizes to 0. A NaN / Inf in a block makes its scale
+non-finite, so the whole block dequantizes to NaN: non-finite values spread over their block (not
+further: other blocks keep their own scale).
+
+Each tensor is one launch of :func:`_quantize_kernel` (k's mean is one torch reduction before it);
+:func:`quantize_ref` is its torch reference, bit for bit: the scale is an IEEE division
+``amax / 448`` and the quantized value ``x / scale`` (correctly rounded division in both), rounded
+to nearest-even by the float8 conversion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import padded_head_dim
+
+E4M3_MAX = 448.0
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass
+class Fp8Operands:
+    """The quantized copies and scales one FP8 attention call reads (layouts: module docstring)."""
+
+    q: torch.Tensor          # (B, H, Npad_q, BLOCK_D) fp8, rows in the lists' order
+    q_scale: torch.Tensor    # (B, H, Mq) float32
+    k: torch.Tensor          # (B, H, Npad_k, BLOCK_D) fp8 of k - mean
+    k_scale: torch.Tensor    # (B, H, Mk) float32
+    k_mean: torch.Tensor     # (B, H, BLOCK_D) float32 (zeros past the head dim)
+    v_t: torch.Tensor        # (B, H, BLOCK_D, Npad_k) fp8, v transposed
+    v_scale: torch.Tensor    # (B, H, Mk, BLOCK_D) float32
+    block_size: int
+
+
+def _blocks(n: int, block_size: int) -> int:
+    return (n + block_size - 1) // block_size
+
+
+def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IEEE division of two float32 tensors (a tensor divisor: torch divides by a scalar through its
+    reciprocal on CUDA, which would not match the kernel's correctly rounded division)."""
+    return torch.div(a, b)
+
+
+def _quantize_block_ref(x: torch.Tensor, block_size: int, per_channel: bool):
+    """x (B, H, Npad, Dp) float32, zero padded -> (fp8 copy, scale (B, H, Mb) or (B, H, Mb, Dp))."""
+    B, H, npad, dp = x.shape
+    xb = x.view(B, H, npad // block_size, block_size, dp)
+    amax = xb.abs().amax(3) if per_channel else xb.abs().amax((3, 4))
+    # NaN in a block: amax propagates it (torch's amax does, as the kernel's max does)
+    scale = _div(amax, torch.full_like(amax, E4M3_MAX))
+    s = scale.unsqueeze(3) if per_channel else scale[..., None, None]
+    scaled = torch.where(s == 0, torch.zeros_like(xb), _div(xb, s.expand_as(xb).contiguous()))
+    return scaled.to(FP8).view(B, H, npad, dp), scale
+
+
+def _padded(x: torch.Tensor, block_size: int, rows: torch.Tensor | None) -> torch.Tensor:
+    B, H, n, d = x.shape
+    npad, dp = _blocks(n, block_size) * block_size, padded_head_dim(d)
+    if rows is not None:
+        x = x.index_select(2, rows.long())
+    out = x.new_zeros(B, H, npad, dp, dtype=torch.float32)
+    out[:, :, :n, :d] = x.float()
+    return out
+
+
+def k_mean(k: torch.Tensor) -> torch.Tensor:
+    """(B, H, BLOCK_D) float32: k's mean over the tokens, zero past the head dim."""
+    B, H, _, d = k.shape
+    mean = k.new_zeros(B, H, padded_head_dim(d), dtype=torch.float32)
+    mean[..., :d] = k.mean(2, dtype=torch.float32)
+    return mean
+
+
+def quantize_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+                 rows: torch.Tensor | None = None) -> Fp8Operands:
+    """The torch reference of :func:`quantize` (same layouts, same values)."""
+    q8, q_scale = _quantize_block_ref(_padded(q, block_size, rows), block_size, per_channel=False)
+    mean = k_mean(k)
+    kp = _padded(k, block_size, None)
+    n = k.shape[2]
+    kp[:, :, :n] -= mean[:, :, None, :]
+    k8, k_scale = _quantize_block_ref(kp, block_size, per_channel=False)
+    v8, v_scale = _quantize_block_ref(_padded(v, block_size, None), block_size, per_channel=True)
+    return Fp8Operands(q8, q_scale, k8, k_scale, mean, v8.transpose(2, 3).contiguous(), v_scale, block_size)
+
+
+def dequantize(ops: Fp8Operands):
+    """(q, k - mean, v) in float32 from the quantized copies, padded (B, H, Npad, BLOCK_D)."""
+    bs = ops.block_size
+    q = ops.q.float() * ops.q_scale.repeat_interleave(bs, 2)[..., None]
+    k = ops.k.float() * ops.k_scale.repeat_interleave(bs, 2)[..., None]
+    v = ops.v_t.transpose(2, 3).float() * ops.v_scale.repeat_interleave(bs, 2)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------- Triton
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references above stay usable without triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _quantize_kernel(X, Rows, Mean, Out, Scale, N,
+                         stride_xb, stride_xh, stride_xn, H,
+                         stride_on, stride_od,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         GATHER: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr):
+        """One (batch, head, block): read the block once (rows ``Rows[r]`` with GATHER), subtract
+        ``Mean`` (SMOOTH), write fp8 and the scale(s). Out is contiguous per (batch, head) with
+        strides (stride_on, stride_od): (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_r = pid_m * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (offs_r < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        if GATHER:
+            tok = tl.load(Rows + offs_r, mask=offs_r < N, other=0)
+        else:
+            tok = offs_r
+        x = tl.load(X + b * stride_xb + h * stride_xh + tok.to(tl.int64)[:, None] * stride_xn + offs_d[None, :],
+                    mask=ok, other=0.0).to(tl.float32)
+        if SMOOTH:
+            mean = tl.load(Mean + pid_bh * BLOCK_D + offs_d)
+            x = tl.where(ok, x - mean[None, :], 0.0)
+        n_blocks = tl.num_programs(0)
+        if PER_CHANNEL:
+            amax = tl.max(tl.abs(x), 0)
+            scale = tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32))
+            tl.store(Scale + (pid_bh * n_blocks + pid_m) * BLOCK_D + offs_d, scale)
+            s = scale[None, :]
+        else:
+            amax = tl.max(tl.max(tl.abs(x), 1), 0)
+            scale = tl.math.div_rn(amax, tl.full([], 448.0, tl.float32))
+            tl.store(Scale + pid_bh * n_blocks + pid_m, scale)
+            s = scale
+        # 0 / 0 is NaN: an all-zero block (scale 0) quantizes to 0; a NaN scale keeps its NaN
+        y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s + tl.zeros_like(x)))
+        base = Out + pid_bh.to(tl.int64) * n_blocks * BLOCK_SIZE * BLOCK_D
+        tl.store(base + offs_r[:, None] * stride_on + offs_d[None, :] * stride_od, y.to(tl.float8e4nv))
+
+    def _quantize_one(x, block_size, rows=None, mean=None, per_channel=False, transpose=False):
+        B, H, n, d = x.shape
+        mb, dp = _blocks(n, block_size), padded_head_dim(d)
+        npad = mb * block_size
+        out = torch.empty((B, H, dp, npad) if transpose else (B, H, npad, dp), dtype=FP8, device=x.device)
+        scale = torch.empty((B, H, mb, dp) if per_channel else (B, H, mb), dtype=torch.float32, device=x.device)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        _quantize_kernel[(mb, B * H)](
+            x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale, n,
+            x.stride(0), x.stride(1), x.stride(2), H,
+            1 if transpose else dp, npad if transpose else 1,
+            HEAD_DIM=d, BLOCK_D=dp, BLOCK_SIZE=block_size, GATHER=rows is not None, SMOOTH=mean is not None,
+            PER_CHANNEL=per_channel, num_warps=4 if block_size * dp <= 64 * 128 else 8)
+        return out, scale
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
+             rows: torch.Tensor | None = None) -> Fp8Operands:
+    """The quantized copies of one call on the GPU: one Triton launch per tensor (and k's mean)."""
+    if triton is None:
+        raise RuntimeError("fp8 quantization kernel needs triton")
+    q8, q_scale = _quantize_one(q, block_size, rows=rows)
+    mean = k_mean(k)
+    k8, k_scale = _quantize_one(k, block_size, mean=mean)
+    v_t, v_scale = _quantize_one(v, block_size, per_channel=True, transpose=True)
+    return Fp8Operands(q8, q_scale, k8, k_scale, mean, v_t, v_scale, block_size)
