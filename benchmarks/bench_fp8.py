@@ -168,6 +168,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny float16 shapes")
     p.add_argument("--seed", type=int, default=None, help="accuracy inputs' seed (default: drawn per run)")
+    p.add_argument("--timing-budget", type=float, default=TIMING_BUDGET_S,
+                   help="seconds from the start after which timing rows are skipped")
     a = p.parse_args(argv)
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lazily, below)
@@ -209,7 +211,7 @@ def main(argv=None):
     time_rows = []
     for shape in shapes:
         try:
-            time_rows += time_shape(shape, dtype, device, block, timer, t0 + TIMING_BUDGET_S, log, flex_fn)
+            time_rows += time_shape(shape, dtype, device, block, timer, t0 + a.timing_budget, log, flex_fn)
         except Exception as err:  # noqa: BLE001  keep the other shape's numbers
             errors.append(f"{shape}: {type(err).__name__}: {err}"[:500])
             log(f"ERROR {errors[-1]}")

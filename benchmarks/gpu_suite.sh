@@ -5,7 +5,7 @@
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
 #   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead
 #   launch_overhead train_compare fidelity_dit fidelity_long fidelity_equal policy policy_long e2e
-#   bench_observe nonfinite);
+#   bench_observe nonfinite fp8);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to benchmarks.bench_mod / benchmarks.bench_observe.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
@@ -93,6 +93,8 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     bench_observe) part bench_observe 200 $PY -m benchmarks.bench_observe --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY -m benchmarks.bench_vmoba --out "$R/vmoba" ;;
     # issue 16: the fused dense-like non-finite rule against the old torch rule (stops itself under 3 min)
+    # issue 18: the fp8 kernel's accuracy against float64 and its speed against our bf16 kernel, cuDNN and Flex
+    fp8) part fp8 240 $PY -m benchmarks.bench_fp8 --out "$R/fp8" ${FP8_ARGS:-} ;;
     nonfinite) part nonfinite 200 $PY -m benchmarks.bench_nonfinite --out "$R/nonfinite" ${NONFINITE_ARGS:-} ;;
     e2e) # diffusers and what it needs, from wheels carried in .whl/e2e/ when the machine lacks them
          $PY -c "import diffusers" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl/e2e \
