@@ -9,9 +9,7 @@ after), on the same q, k, v and lists, median of 5 repetitions, in microseconds 
 - the custom-op wrappers alone: an empty ``torch.library.custom_op``, one with ``register_autograd``;
 - ``modcompile.block_sparse_attention`` (the public function) and the raw entry
   ``block_sparse_attention_fwd`` (input checks, config pick, launch);
-- ``_launch`` (argument list, TMA descriptors, the launch) with a fixed config, through the fast
-  launcher (modcompile/kernels/launcher.py) and through Triton's ``kernel[grid](...)``
-  (``MODCOMPILE_FAST_LAUNCH=0``);
+- ``_launch`` (argument list, TMA descriptors, the JIT call) with a fixed config;
 - the JIT's binder alone (argument specialisation) and ``CompiledKernel.run`` alone (the C
   launcher with the arguments already bound).
 
@@ -20,7 +18,6 @@ The differences say where the host time of a call goes; it is no GPU time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -28,7 +25,6 @@ import torch
 
 import modcompile
 from modcompile.kernels import block_sparse_attention as bsa
-from modcompile.kernels import launcher
 from modcompile.kernels.block_lists import num_blocks
 
 
@@ -106,12 +102,10 @@ def main(argv=None) -> int:
             return kernel
 
         jit.run = spy
-        os.environ[launcher.ENV] = "0"  # through JITFunction.run, so that the spy sees the call
         try:
             bsa._launch(cfg, q, k, v, out, lse, counts, idx, 128, 0.1)
         finally:
             jit.run = original_run
-            del os.environ[launcher.ENV]
         kernel, kw = captured["kernel"], dict(captured["kwargs"])
         grid = kw.pop("grid")
         kw.pop("warmup")
@@ -131,21 +125,12 @@ def main(argv=None) -> int:
             "raw entry block_sparse_attention_fwd": lambda: bsa.block_sparse_attention_fwd(q, k, v, counts, idx,
                                                                                           out=out, lse=lse),
             "_launch (fixed config)": lambda: bsa._launch(cfg, q, k, v, out, lse, counts, idx, 128, 0.1),
-            "_launch (fixed config), Triton's kernel[grid]": lambda: bsa._launch(cfg, q, k, v, out, lse, counts,
-                                                                                   idx, 128, 0.1),
             "JIT binder only": lambda: binder(*captured["args"], **kw),
             "CompiledKernel.run only": direct,
         }
         with torch.no_grad():
             for name, fn in times.items():
-                plain = "kernel[grid]" in name
-                if plain:
-                    os.environ[launcher.ENV] = "0"
-                try:
-                    rows.append((spec, name, per_call_us(fn, args.calls)))
-                finally:
-                    if plain:
-                        del os.environ[launcher.ENV]
+                rows.append((spec, name, per_call_us(fn, args.calls)))
         ref = torch.empty_like(out)
         bsa._launch(cfg, q, k, v, ref, lse, counts, idx, 128, 0.1)
         out.zero_()

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import launch
-
 # Tile sizes: candidate ids per membership test and list entries compared at once. Small on purpose:
 # the work is tiny (Mq * Mk * density compares per head) and small tiles keep registers low.
 _IDS = 64
@@ -118,7 +116,7 @@ def block_lists_triton(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: in
         f_counts.zero_(), q_counts.zero_()
     else:
         grid = (mq + (mk if transposed else 0), B * H)
-        launch(_block_lists_kernel, grid,
+        _block_lists_kernel[grid](
             kv_counts, kv_indices, f_counts, f_lists, q_counts, q_lists,
             *kv_counts.stride(), *kv_indices.stride(), H, mq, mk, width,
             IDS=tiles[0], ENTRIES=tiles[1], num_warps=2,

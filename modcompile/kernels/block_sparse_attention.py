@@ -43,7 +43,6 @@ from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_
                       padded_head_dim, tma_usable, unit_last_stride)
 from .block_lists import BlockLists, as_block_lists
 from .fwd_kernel import _block_sparse_attention_fwd_kernel
-from .launcher import launch
 from .tuning import LaunchConfig, choose, forward_configs, forward_interpreter_config, tuning_key
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def _launch(cfg: LaunchConfig, q, k, v, out, lse, counts, indices, block_size, s
     if qo_tma:  # loads past N read 0, stores past N are dropped by the copy engine
         q_arg, out_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.tile, block_d])
                           for t in (q, out))
-    launch(_block_sparse_attention_fwd_kernel, grid,
+    _block_sparse_attention_fwd_kernel[grid](
         q_arg, k_arg, v_arg, out_arg, lse, counts, indices,
         q_rows if q_rows is not None else counts,  # unread when None (and the two below)
         key_bias if key_bias is not None else lse, _bias_from(key_bias) if key_bias is not None else counts,

@@ -25,7 +25,6 @@ from ._common import (LOG2E, default_scale, device_capability, dot_precision, en
                       padded_head_dim, tma_usable)
 from .block_lists import BlockLists, as_block_lists
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_prepass_kernel
-from .launcher import launch
 from .tuning import (LaunchConfig, as_config, backward_configs, backward_default, choose, pinned_configs,
                      tuning_key)
 
@@ -97,7 +96,7 @@ class BackwardLaunch:
     def prepass(self) -> None:
         B, H, N, D = self.q.shape
         rows_per_prog = 64 if self.on_gpu else 32
-        launch(_bwd_prepass_kernel, (triton.cdiv(self.row_stride, rows_per_prog), B * H),
+        _bwd_prepass_kernel[(triton.cdiv(self.row_stride, rows_per_prog), B * H)](
             self.out, self.do, self.lse, self.delta, self.lse2, *self.out.stride(), *self.do.stride(),
             *self.lse.stride(), H, N, D, self.row_stride, BLOCK_M=rows_per_prog, BLOCK_D=self.block_d,
         )
@@ -131,7 +130,7 @@ class BackwardLaunch:
         B, H, N, D = self.q.shape
         Nk = self.k.shape[2]
         q_counts, q_indices = self.q_lists
-        launch(_bwd_dkdv_kernel, (self.mk * (self.block_size // cfg.tile), B * H),
+        _bwd_dkdv_kernel[(self.mk * (self.block_size // cfg.tile), B * H)](
             self.q, self.k, self.v, self.do, self.lse2, self.delta, self.dk_out, self.dv_out, q_counts, q_indices,
             *self.strides, H, N, Nk, D, self.mk, q_indices.shape[-1], self.row_stride,
             self.scale * LOG2E, self.scale,
@@ -147,7 +146,7 @@ class BackwardLaunch:
         B, H, N, D = self.q.shape
         Nk = self.k.shape[2]
         f_counts, f_indices = self.f_lists
-        launch(_bwd_dq_kernel, (self.mq * (self.block_size // cfg.tile), B * H),
+        _bwd_dq_kernel[(self.mq * (self.block_size // cfg.tile), B * H)](
             self.q, self.k, self.v, self.do, self.lse2, self.delta, self.dq_out, f_counts, f_indices,
             *self.strides, H, N, Nk, D, self.mq, f_indices.shape[-1], self.row_stride,
             self.scale * LOG2E, self.scale,

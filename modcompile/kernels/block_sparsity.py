@@ -49,7 +49,6 @@ import triton.language as tl
 from ._common import (SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, default_scale, dot_precision, interpreting,
                       padded_head_dim, unit_last_stride)
 from .block_lists import BlockLists, mask_from_lists, num_blocks
-from .launcher import launch
 from .tuning import LaunchConfig, choose, map_configs, tuning_key
 
 
@@ -322,7 +321,7 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         listed = listed.view(torch.int8)
     splits = key_splits(mk, cfg.key_blocks)
     bias = lse if key_bias is None else unit_last_stride(key_bias)   # dummy when absent: never read
-    launch(_block_sparsity_kernel, (triton.cdiv(mq, group), B * H, splits),
+    _block_sparsity_kernel[(triton.cdiv(mq, group), B * H, splits)](
         q, k, lse, out, kv_counts, kv_indices, listed, bias,
         1.0 / scale, math.log(threshold), row_phase % row_stride,
         N, n_k, H, mq, mk,

@@ -39,7 +39,6 @@ from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default
                       interpreting, padded_head_dim)
 from .block_lists import BlockLists, as_block_lists
 from .fp8_quant import E4M3_MAX, dequantize, quantize, quantize_ref
-from .launcher import launch
 from .reference import masked_block_matmul, query_chunks
 from .tuning import LaunchConfig
 
@@ -100,7 +99,7 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
         raise ValueError(f"config {cfg} does not divide block_size {bs}")
     ops = quantize(q, k, v, bs, q_rows)
     counts, indices = lists.counts, lists.indices
-    launch(_fp8_attention_fwd_kernel, (triton.cdiv(N, cfg.tile), B * H),
+    _fp8_attention_fwd_kernel[(triton.cdiv(N, cfg.tile), B * H)](
         ops.q, ops.q_scale, ops.k, ops.k_scale, ops.k_mean, ops.v_t, ops.v_scale, out, lse, counts, indices,
         q_rows if q_rows is not None else counts,
         scale * LOG2E, scale,

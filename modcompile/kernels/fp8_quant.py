@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from ._common import padded_head_dim
-from .launcher import launch
 
 E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
@@ -169,7 +168,7 @@ if triton is not None:
         out = torch.empty((B, H, dp, npad) if transpose else (B, H, npad, dp), dtype=FP8, device=x.device)
         scale = torch.empty((B, H, mb, dp) if per_channel else (B, H, mb), dtype=torch.float32, device=x.device)
         x = x if x.stride(-1) == 1 else x.contiguous()
-        launch(_quantize_kernel, (mb, B * H),
+        _quantize_kernel[(mb, B * H)](
             x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale, n,
             x.stride(0), x.stride(1), x.stride(2), H,
             1 if transpose else dp, npad if transpose else 1,

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ._common import padded_head_dim
-from .launcher import launch
 
 try:
     import triton
@@ -136,7 +135,7 @@ def block_flags(k: torch.Tensor, v: torch.Tensor, block_size: int) -> torch.Tens
     block_d = padded_head_dim(D)
     # a block of k and v in registers: 8 warps keep that at 64 fp32 values per tensor per thread
     warps = 8 if block_size * block_d >= 128 * 128 else 4
-    launch(_block_flags_kernel, (mk, B * H), k, v, flags, Nk, H, *k.stride(), *v.stride(),
+    _block_flags_kernel[(mk, B * H)](k, v, flags, Nk, H, *k.stride(), *v.stride(),
                                      HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, num_warps=warps)
     return flags
 
@@ -151,7 +150,7 @@ def poisoned_query_blocks(flags: torch.Tensor, kv_counts: torch.Tensor, kv_indic
     if poison.numel() == 0:
         return poison
     rows = 16
-    launch(_poison_kernel, (triton.cdiv(mq, rows), B * H),
+    _poison_kernel[(triton.cdiv(mq, rows), B * H)](
         flags.contiguous(), kv_counts, kv_indices, poison, mq, mk, width, H,
         *kv_counts.stride(), *kv_indices.stride(), ROWS=rows, ENTRIES=32, IDS=1024)
     return poison

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from ._common import empty_heads_last, interpreting, padded_head_dim, unit_last_stride
-from .launcher import launch
 
 try:
     import triton
@@ -283,7 +282,7 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
             *(finish_masked_pool(pool_k, stats[0], stats[1]) if key_bias is not None else (pool_k,))
     if block_t is None:
         block_t = 32 if interpreting() else 64
-    launch(_permute_pool_kernel, (n_seg, B * H),
+    _permute_pool_kernel[(n_seg, B * H)](
         q, k, qp, kp, pool_q, pool_k, segments.perm, segments.part, segments.start, segments.length,
         segments.inv_count, bias, stats, H,
         q.stride(0), q.stride(1), q.stride(2),
@@ -321,7 +320,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None =
         return out
     if block_t is None:
         block_t = 32 if interpreting() else 64
-    launch(_gather_rows_kernel, (triton.cdiv(N, block_t), B * H),
+    _gather_rows_kernel[(triton.cdiv(N, block_t), B * H)](
         x, out, index, N, H,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 class KernelState:
     """The kernels' caches: tuned launch configurations, candidates left out, deprecation
-    warnings given, device capabilities, whether cuDNN's attention with lse failed here, the
-    compiled kernels the fast launcher has seen."""
+    warnings given, device capabilities, whether cuDNN's attention with lse failed here."""
 
     def __init__(self):
         self.tuned: dict = {}              # tuning key (tuning.tuning_key) -> LaunchConfig
@@ -22,8 +21,6 @@ class KernelState:
         self.warned_envs: set = set()      # deprecated environment variables already warned about
         self.capability: dict = {}         # CUDA device index -> (major, minor)
         self.cudnn_lse_broken = False      # cuDNN attention with lse raised once: dispatch skips it
-        self.launchers: dict = {}          # launch key -> compiled kernel (kernels/launcher.py)
-        self.fast_launch_broken = False    # a fast launch raised once: plain kernel[grid](...) from then on
         self._memos: list = []             # functools caches to empty on clear()
 
     def memo(self, fn):
@@ -37,8 +34,6 @@ class KernelState:
         self.warned_envs.clear()
         self.capability.clear()
         self.cudnn_lse_broken = False
-        self.launchers.clear()
-        self.fast_launch_broken = False
         for fn in self._memos:
             fn.cache_clear()
 
