@@ -74,7 +74,7 @@ def main():
             ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
             rows.append((density, name, ms))
     print(f"\ndense SDPA: {dense:.3f} ms; dense SDPA with the (B,1,1,N) bool mask: {dense_mask:.3f} ms\n")
-    # host time per call is section 8's measurement (benchmarks/host_overhead.py): at these sizes a
+    # host time per call is BENCHMARKS.md section 7's measurement (benchmarks/host_overhead.py): at these sizes a
     # launch loop is bound by the GPU, not the host
     print("| density | call | ms | vs dense SDPA |\n|---|---|---|---|")
     for density, name, ms in rows:
