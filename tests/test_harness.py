@@ -167,6 +167,7 @@ def test_training_smoke_and_checkpoint_roundtrip(tmp_path):
     assert torch.equal(loaded(x, timestep=t), res["model"].eval()(x, timestep=t))
 
 
+@pytest.mark.slow
 def test_training_runs_see_the_same_batches_and_compare_trains_sparse(tmp_path, fresh_modcompile):
     """Two dense runs are identical (data, noise and times fixed by seed and step); the comparison
     trains the same model through modsparse vmoba with a density below 1, from the first step and
@@ -248,6 +249,7 @@ def test_cli_help_lists_levels(capsys):
         assert level in text
 
 
+@pytest.mark.slow
 def test_fidelity_dit_level_end_to_end(tmp_path, fresh_modcompile):
     """The DiT fidelity level on a tiny checkpoint whose attention matters (random non-zero gates):
     the Inductor speed baseline and the speedup column exist, the sweep does not run the default

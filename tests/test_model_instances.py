@@ -119,6 +119,7 @@ def test_regional_vmoba_gives_each_layer_its_partition():
     assert notes == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_two_models_of_one_architecture_keep_separate_state():
     """Wan2.2's two experts (or two pipelines in one process): one compiled code, two states."""
     high, low = tiny_wan(0), tiny_wan(1)
@@ -179,6 +180,7 @@ def _vmoba_grads(style):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and ".attn1.to_q" in n}
 
 
+@pytest.mark.slow
 def test_regional_backward_uses_each_layers_own_lists():
     """One compiled block serves every layer; the backward of each layer must take the lists and
     partition its own forward used (VMoBA's partition cycles with the layer), as under whole-model

@@ -47,6 +47,7 @@ def test_compiled_training_step_gradients(options):
         assert all(torch.isfinite(gr).all() for gr in grads.values())
 
 
+@pytest.mark.slow
 def test_forward_state_advances_once_per_training_step():
     """The partitioner must not recompute plan nodes in backward: one plan per site and step."""
     eager = TinyVideoDiT(layers=2).train()
