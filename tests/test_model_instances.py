@@ -194,6 +194,7 @@ def test_regional_backward_uses_each_layers_own_lists():
         torch.testing.assert_close(regional[name], whole[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nested_compile_region_blocks_keep_per_layer_state(monkeypatch):
     """``torch.compiler.nested_compile_region`` on the block class: one subgraph serves every layer
     inside the whole-model graph. Its sites are rewritten, each layer resolves to its own state

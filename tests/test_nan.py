@@ -243,7 +243,7 @@ def _mod_fits(model_key_part=""):
 
 
 @pytest.mark.parametrize("nonfinite", ["dense", "listed"])
-@pytest.mark.parametrize("policy", ["mod", "vmoba"])
+@pytest.mark.parametrize("policy", [pytest.param("mod", marks=pytest.mark.slow), "vmoba"])
 def test_compiled_model_nan_at_a_sparse_step_matches_eager(policy, nonfinite, fresh_modcompile, caplog):
     """Batch 2, NaN in one pixel of the first sample at a sparse step: with ``nonfinite="dense"``
     the compiled output is NaN exactly where eager's is (all of sample 0, none of sample 1); with

@@ -177,7 +177,8 @@ def test_wan22_two_experts_run_vmoba_sparse_from_the_pipeline_schedule(style):
     assert low[0] != high[0]
 
 
-@pytest.mark.parametrize("style", ["regional", pytest.param("whole", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("style", [pytest.param("regional", marks=pytest.mark.slow),
+                                   pytest.param("whole", marks=pytest.mark.slow)])
 def test_wan22_two_experts_run_mod_sparse_from_the_pipeline_schedule(style):
     steps, seen = run_sparse("mod", style, {"density": 0.5})
     high, low = steps["WanTransformer3DModel#0"], steps["WanTransformer3DModel#1"]
