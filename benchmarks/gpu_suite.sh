@@ -12,6 +12,7 @@
 # .whl/e2e/, made beforehand with e.g. `pip download --only-binary=:all: --python-version 3.12
 #   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --no-deps -d .whl/e2e diffusers==0.42.1
 #   importlib_metadata==8.7.0 zipp` (the H200 image has the rest; importlib_metadata 10 needs lazy-importer).
+#   The suite part takes pytest-xdist from .whl/xdist/ (`pip download --no-deps -d .whl/xdist pytest-xdist execnet`).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-results}; R=$OUT/r; mkdir -p "$R"
@@ -45,6 +46,10 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # under the interpreter (tests/conftest.py); diffusers/transformers for the real-client tests
     suite) $PY -c "import diffusers, transformers" 2>/dev/null || $PY -m pip install -q --no-index \
              --find-links .whl --find-links .whl/e2e diffusers transformers > "$R/suite_wheels.log" 2>&1
+           # pytest-xdist spreads the CPU child over 8 workers (tests/conftest.py): wheels carried in .whl/xdist/
+           $PY -c "import xdist" 2>/dev/null || { [ -d .whl/xdist ] && $PY -m pip install -q --no-index --no-deps \
+             --target /tmp/site .whl/xdist/*.whl > "$R/xdist_wheels.log" 2>&1 &&
+             export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
            $PY -c "import numpy; print('numpy', numpy.__version__)" >> "$R/env.txt"
            part suite 560 $PY -m pytest -q -m "not slow" -p no:cacheprovider ${PYTEST_ARGS:-tests/} ;;
     demo) part demo 140 $PY -m benchmarks.demo --steps 20 ;;
