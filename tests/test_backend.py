@@ -66,8 +66,8 @@ def test_backend_resolves_without_importing_modcompile():
     code = ("import sys, torch\n"
             "assert 'modcompile' not in sys.modules\n"
             "f = torch.compile(lambda x: x.sin() + 1, backend='modsparse')\n"
-            "x = torch.randn(4)\n"
-            "assert torch.allclose(f(x), x.sin() + 1)\n"
+            "x = torch.randn(4, generator=torch.Generator().manual_seed(0))\n"
+            "torch.testing.assert_close(f(x), x.sin() + 1)\n"  # Inductor's sin may differ by an ulp
             "assert 'modcompile' in sys.modules\n"
             "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
