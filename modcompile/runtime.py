@@ -111,6 +111,12 @@ class Registry:
                 model = run.model_ref() if run.model_ref is not None else None
                 if model is None:
                     continue
+                grid, text = spec.grid, spec.text_tokens
+                if grid is None and spec.seq_len:  # a compiled block sees no patch embedding: the run's grid
+                    seen = run.last_grid or (run.layout.grid if run.layout is not None else None)
+                    seen_text = text_tokens_for(spec.seq_len, seen)
+                    if seen_text is not None:
+                        grid, text = seen, seen_text
                 for name, module in model.named_modules():
                     if type(module) is not cls or (compiled_only and not _runs_compiled(name, module)):
                         continue
@@ -121,7 +127,7 @@ class Registry:
                             layer = layer_index(path)
                             self.sites[row] = dataclasses.replace(
                                 spec, key=row, module_path=path, layer=spec.layer if layer is None else layer,
-                                model=run.name, spec_key=key)
+                                model=run.name, spec_key=key, grid=grid, text_tokens=text)
                         placed = True
             if placed:
                 self.sites.pop(key, None)

@@ -81,7 +81,7 @@ def _rows_by_site(style, models=1):
         compiled.append(model)
     for model in compiled:
         denoise(model, steps=(999, 749))
-    return {r.site: (r.status, r.reason, r.rewritten, r.seq_len, r.heads, r.head_dim, r.steps)
+    return {r.site: (r.status, r.reason, r.rewritten, r.seq_len, r.heads, r.head_dim, r.steps, r.grid)
             for r in modcompile.report(print_table=False)}
 
 
@@ -96,6 +96,7 @@ def test_dense_sites_get_one_row_per_layer_in_both_compile_styles():
     for i in range(3):
         status, reason, rewritten, seq, *_ = whole[f"{model}/blocks.{i}.attn2#0"]
         assert (status, rewritten, seq) == ("dense", False, 3 * 8 * 8) and reason.startswith("cross-attention")
+        assert whole[f"{model}/blocks.{i}.attn2#0"][-1] == (3, 8, 8)  # the grid, in both styles
     assert [REGISTRY.sites[f"{model}/blocks.{i}.attn2#0"].layer for i in range(3)] == [0, 1, 2]
 
 
