@@ -91,7 +91,7 @@ def time_shape(shape, dtype, device, block, timer, deadline, log, flex_fn):
     from modcompile.kernels.block_lists import BlockLists
     from modcompile.kernels.fp8_quant import quantize
 
-    from .bench_kernel import flex_block_mask, sdpa_backends, sdpa_call
+    from .bench_kernel import flex_ms, sdpa_backend_ms, sdpa_call
     from .common import bnhd_randn, random_block_lists
 
     B, H, N, D = shape
@@ -99,12 +99,7 @@ def time_shape(shape, dtype, device, block, timer, deadline, log, flex_fn):
     scale = 1.0 / math.sqrt(D)
     dense = {}
     if device == "cuda":
-        for name, backend in sdpa_backends().items():
-            try:
-                dense[name] = timer(sdpa_call(q, k, v, backend))
-            except Exception as e:  # noqa: BLE001
-                log(f"  sdpa {name} unavailable: {type(e).__name__}: {str(e)[:120]}")
-                dense[name] = None
+        dense.update(sdpa_backend_ms(q, k, v, timer))
     else:
         dense["sdpa (cpu)"] = timer(sdpa_call(q, k, v))
     rows = []
@@ -118,13 +113,7 @@ def time_shape(shape, dtype, device, block, timer, deadline, log, flex_fn):
         ours = timer(lambda: dispatch.attention_forward(q, k, v, lists, scale))
         fp8 = timer(lambda: dispatch.attention_forward(q, k, v, lists, scale, precision="fp8"))
         quant = timer(lambda: quantize(q, k, v, block)) if device == "cuda" else None
-        flex = None
-        if flex_fn is not None:
-            try:
-                mask = flex_block_mask(counts, indices, N)
-                flex = timer(lambda: flex_fn(q, k, v, block_mask=mask))
-            except Exception as e:  # noqa: BLE001
-                log(f"  flex failed: {type(e).__name__}: {str(e)[:200]}")
+        flex = flex_ms(flex_fn, q, k, v, counts, indices, timer)
         row = dict(shape=list(shape), density=round(eff, 3), bf16_ms=ours, fp8_ms=fp8, quant_ms=quant, flex_ms=flex,
                    **{f"{n}_dense_ms": t for n, t in dense.items()}, fp8_speedup_vs_bf16=ours / fp8)
         rows.append(row)

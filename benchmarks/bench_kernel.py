@@ -67,6 +67,30 @@ def flex_block_mask(counts, indices, N):
     return BlockMask.from_kv_blocks(zero, indices, counts, indices, BLOCK_SIZE=BLOCK, seq_lengths=(N, N))
 
 
+def sdpa_backend_ms(q, k, v, timer) -> dict:
+    """Dense SDPA's time per named backend (``timer(fn) -> ms``), None (logged) where one is unavailable."""
+    out = {}
+    for name, backend in sdpa_backends().items():
+        try:
+            out[name] = timer(sdpa_call(q, k, v, backend))
+        except Exception as e:  # noqa: BLE001
+            log(f"  sdpa {name} unavailable: {type(e).__name__}: {str(e)[:120]}")
+            out[name] = None
+    return out
+
+
+def flex_ms(flex_fn, q, k, v, counts, indices, timer):
+    """FlexAttention's time on the same blocks (``timer(fn) -> ms``), or None (logged) where it fails."""
+    if flex_fn is None:
+        return None
+    try:
+        mask = flex_block_mask(counts, indices, q.shape[2])
+        return timer(lambda: flex_fn(q, k, v, block_mask=mask))
+    except Exception as e:  # noqa: BLE001
+        log(f"  flex failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
 def sdpa_backends():
     from torch.nn.attention import SDPBackend
     return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
@@ -168,12 +192,7 @@ def time_shape(shape, densities, device, flex_fn):
     row_common = dict(shape=list(shape))
     dense = {}
     dense["sdpa"] = bench_ms(sdpa_call(q, k, v))
-    for name, backend in sdpa_backends().items():
-        try:
-            dense[name] = bench_ms(sdpa_call(q, k, v, backend))
-        except Exception as e:  # noqa: BLE001
-            log(f"  sdpa {name} unavailable: {type(e).__name__}: {str(e)[:120]}")
-            dense[name] = None
+    dense.update(sdpa_backend_ms(q, k, v, bench_ms))
     log(f"  dense {shape}: " + ", ".join(f"{n} {t:.2f} ms" for n, t in dense.items() if t))
     rows = []
     out = torch.empty(B, N, H, D, dtype=q.dtype, device=device).transpose(1, 2)
@@ -182,13 +201,7 @@ def time_shape(shape, densities, device, flex_fn):
         ours = bench_ms(lambda: bsa.block_sparse_attention_fwd(q, k, v, counts, indices,
                                                                block_size=BLOCK, out=out))
         public = bench_ms(lambda: modcompile.block_sparse_attention(q, k, v, counts, indices, block_size=BLOCK))
-        flex = None
-        if flex_fn is not None:
-            try:
-                mask = flex_block_mask(counts, indices, N)
-                flex = bench_ms(lambda: flex_fn(q, k, v, block_mask=mask))
-            except Exception as e:  # noqa: BLE001
-                log(f"  flex failed: {type(e).__name__}: {str(e)[:200]}")
+        flex = flex_ms(flex_fn, q, k, v, counts, indices, bench_ms)
         row = dict(row_common, density=eff, ours_ms=ours, public_ms=public, flex_ms=flex,
                    sdpa_ms=dense["sdpa"], cudnn_ms=dense["cudnn"], flash_ms=dense["flash"],
                    ours_tflops=tflops(shape, eff, ours),
