@@ -99,8 +99,10 @@ def pytest_sessionfinish(session, exitstatus):
     ids = getattr(session.config, "_modcompile_cpu_tests", None)
     if not ids:
         return
-    env = {**os.environ, _CPU_CHILD: "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     workers = _xdist_workers()
+    # one intra-op thread per worker: the workers already fill the cores
+    threads = {"OMP_NUM_THREADS": "1"} if workers else {}
+    env = {**threads, **os.environ, _CPU_CHILD: "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     print(f"\nmodcompile: {len(ids)} CPU tests in a child pytest without the GPU (TRITON_INTERPRET=1"
           f"{f', {workers} xdist workers' if workers else ''})", flush=True)
     parallel = ["-n", str(workers)] if workers else []
@@ -112,10 +114,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _xdist_workers() -> int:
     """Workers for the CPU child: the interpreter runs one core per test, so with pytest-xdist
-    installed the child spreads over up to 8 cores (0: run in one process)."""
+    installed the child spreads over all cores but two (0: run in one process)."""
     try:
         import xdist  # noqa: F401
     except ImportError:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if cores > 2 else 0
+    return cores - 2 if cores > 3 else 0
