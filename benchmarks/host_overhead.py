@@ -37,7 +37,7 @@ from modcompile.runtime import REGISTRY
 # short name -> (op, index of its site argument, profiler event name)
 OPS = {"plan": (ops.plan, 4, "modcompile::plan"), "attention": (ops.sparse_attention, 5, "modcompile::sparse_attention"),
        "observe": (ops.observe, 5, "modcompile::observe")}
-LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
 COPY_EVENTS = ("cudaMemcpyAsync", "cudaMemcpy")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
@@ -193,7 +193,17 @@ def measure(policy: str, device: str, steps: int, profile: bool = True, preset: 
     return {"policy": policy, "device": device, "steps": steps, "seq_len": cfg.seq_len, "heads": cfg.heads,
             "head_dim": cfg.head_dim, "layers": cfg.depth, "dtype": str(dtype).replace("torch.", ""),
             "block_size": options["block_size"], "schedule_s": total, "ops": rows,
-            "cuda_graphs": _graphs_on(device)}
+            "cuda_graphs": _graphs_on(device), "site_graphs": _graphs_on(device) and not _SITE_GRAPHS_OFF,
+            "last_schedule_site_calls": _site_calls()}
+
+
+def _site_calls() -> dict:
+    """The last schedule's site attention calls: eager, captured, replayed (modcompile.reset() clears)."""
+    from modcompile.cuda_graphs import SITE_CALLS
+    return {"eager": SITE_CALLS.eager_calls, "captured": SITE_CALLS.captures, "replayed": SITE_CALLS.replays}
+
+
+_SITE_GRAPHS_OFF = False  # --no-site-graphs
 
 
 def _graphs_on(device: str) -> bool:
@@ -212,7 +222,8 @@ def markdown(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"{label}; {r0['layers']} layers, {r0['seq_len']} tokens, {r0['heads']} heads x {r0['head_dim']}, "
              f"{r0['dtype']}, block {r0['block_size']}, {r0['steps']} steps, CUDA graphs "
-             f"{'on' if r0['cuda_graphs'] else 'off'}; median per layer call",
+             f"{'on' if r0['cuda_graphs'] else 'off'}, site attention replayed from graphs "
+             f"{'on' if r0.get('site_graphs') else 'off'}; median per layer call",
              "",
              "| policy | op | phase | calls | host ms (median) | host ms (mean) | " +
              " | ".join(f"{c} / call" for c in count_cols) + " |",
@@ -223,6 +234,8 @@ def markdown(results: list[dict]) -> str:
             cells = " | ".join(f"{row[c]:g}" if c in row else "-" for c in count_cols)
             lines.append(f"| {r['policy']} | {op} | {phase} | {row['calls']} | {row['median_ms']:.3f} | "
                          f"{row['mean_ms']:.3f} | {cells} |")
+    lines.append("")
+    lines += [f"{r['policy']}, last schedule's site attention calls: {r['last_schedule_site_calls']}" for r in results]
     return "\n".join(lines)
 
 
@@ -234,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=["small", "wan", "long"], default=None,
                         help="CUDA model: a demo preset (default small) or long (the long video DiT)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled schedule (op counts)")
+    parser.add_argument("--no-site-graphs", action="store_true",
+                        help="run every site attention call eagerly (no CallGraphs replay): the baseline of the same run")
     parser.add_argument("--tune", action="store_true",
                         help="CUDA: time kernel configurations (host time does not depend on the choice)")
     parser.add_argument("--out", default=None, help="directory for host_overhead.json / .md")
@@ -244,6 +259,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("MODCOMPILE_TUNE", "0")
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise (and suffer from a busy host)
+    if args.no_site_graphs:
+        global _SITE_GRAPHS_OFF
+        _SITE_GRAPHS_OFF = True
+        ops._replayable = lambda ctx, q: False
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
         results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset,

@@ -12,7 +12,7 @@ from .backend import modsparse
 from .config import SparsityConfig
 from .kernels.block_lists import BlockLists
 from .report import report
-from . import runtime as _runtime
+from . import cuda_graphs as _cuda_graphs, runtime as _runtime
 from .kernels.state import KERNEL_STATE as _KERNEL_STATE
 from .runtime import denoising_step
 
@@ -24,8 +24,10 @@ def reset(forget_sites: bool = False, kernels: bool = False) -> None:
     generation. ``forget_sites`` also drops what the compiler recorded (for tests). ``kernels``
     also forgets what the kernels remember (``modcompile.kernels.state.KERNEL_STATE``: tuned launch
     configurations, candidates left out, device capabilities, a failed cuDNN probe, memo caches):
-    the next GPU call times its candidates again, so a new generation does not ask for it."""
+    the next GPU call times its candidates again, so a new generation does not ask for it. Every
+    reset forgets the site calls' CUDA graphs (:data:`.cuda_graphs.SITE_CALLS`)."""
     _runtime.reset(forget_sites)
+    _cuda_graphs.SITE_CALLS.clear()
     if kernels:
         _KERNEL_STATE.clear()
 

@@ -1,4 +1,11 @@
-"""Replay small fixed-shape device computations from CUDA graphs, to save host launch overhead.
+"""Replay device computations from CUDA graphs, to save host launch overhead.
+
+Two kinds:
+
+* :class:`GraphedCall`: a small fixed-shape function of tensor *values*, replayed on copies of its
+  inputs (VMoBA's selection, MOD's mask tail).
+* :class:`CallGraphs`: whole calls keyed by the *addresses* (and shapes, strides, dtypes) of every
+  tensor they read or write, replayed in place (a site's attention call).
 
 A VMoBA plan ends in ~30 tiny kernels on the pooled blocks (scores, normalization, threshold, own
 blocks, block mask, list building) whose shapes are fixed per site: launched one by one they cost
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -71,23 +79,122 @@ class GraphedCall:
 
     def _capture_on_current_device(self, inputs) -> None:
         static_inputs = tuple(x.clone() for x in inputs)
-        graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        static_outputs: list = []
         try:
             # Warm up on the capture stream right before capturing: caches the function fills
             # lazily (cached constants, library workspaces) must exist outside the graph.
             with torch.cuda.stream(side):
                 self.fn(*static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph, stream=side):
-                static_outputs = tuple(self.fn(*static_inputs))
+            graph = capture(lambda: static_outputs.extend(self.fn(*static_inputs)), side)
         except Exception as exc:  # e.g. an op that synchronizes: stay eager
             self.failed = True
             log.warning("modcompile: CUDA graph capture of %s failed (%s: %s); it stays eager",
                         self.name, type(exc).__name__, exc)
             return
-        self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, static_outputs
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+        self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, tuple(static_outputs)
 
 
-__all__ = ["ENV", "GraphedCall", "enabled"]
+def capture(fn: Callable[[], None], stream, pool=None) -> torch.cuda.CUDAGraph:
+    """A graph of what ``fn`` launches on ``stream`` (``fn`` only records: nothing runs). Unlike
+    ``torch.cuda.graph`` this neither synchronizes the device nor empties the allocator's cache: the
+    first is a host sync, the second moves later allocations (and so :class:`CallGraphs`' keys)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            fn()
+        finally:
+            graph.capture_end()
+    return graph
+
+
+def tensors_key(*tensors) -> tuple:
+    """What a captured launch bakes in of each tensor: address, shape, strides, dtype (None stays None)."""
+    return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+
+
+_SEEN, _FAILED = "seen", "failed"
+
+
+class CallGraphs:
+    """CUDA graphs of whole calls, keyed by everything the call's device work depends on.
+
+    ``run(key, fn)``: ``fn()`` launches work that reads and writes only tensors that exist before
+    the call and that ``key`` names by address (:func:`tensors_key`), plus temporaries it frees
+    before returning; everything else it decides on the host must be in ``key`` too. A key's first
+    call runs ``fn`` eagerly (kernel tuning, lazily built caches); its second is captured and
+    replayed; later ones only replay, with no Python between the caller and the GPU. In a denoising
+    loop the caching allocator hands every step's activations the same addresses, so a site's
+    calls repeat their keys from the second step on; a key that never repeats costs one dict entry.
+
+    The temporaries of all graphs of one stream share one private memory pool: replays on one
+    stream never overlap, and no graph leaves anything alive in the pool. Capture runs on a side
+    stream without synchronizing (``torch.cuda.graph`` would synchronize and empty the cache, which
+    moves later allocations and so the keys). A capture that fails leaves its key eager for good.
+    """
+
+    def __init__(self, name: str, max_entries: int = 1024):
+        self.name = name
+        self.max_entries = max_entries
+        self.entries: OrderedDict = OrderedDict()   # key -> CUDAGraph, _SEEN or _FAILED
+        self._pools: dict = {}                      # stream -> pool handle
+        self._streams: dict = {}                    # device index -> capture stream
+        self.eager_calls = self.captures = self.replays = 0
+
+    def run(self, key, fn: Callable[[], None], device: torch.device) -> None:
+        stream = torch.cuda.current_stream(device)
+        key = (stream.cuda_stream, key)
+        entry = self.entries.get(key)
+        if entry is not None and entry not in (_SEEN, _FAILED):
+            self.entries.move_to_end(key)
+            entry.replay()
+            self.replays += 1
+            return
+        if entry is _SEEN and not torch.cuda.is_current_stream_capturing():
+            graph = self._capture(fn, device, stream)
+            self.entries[key] = graph if graph is not None else _FAILED
+            if graph is not None:
+                graph.replay()
+                self.replays += 1
+                return
+        elif entry is None:
+            self._remember(key, _SEEN)
+        self.eager_calls += 1
+        fn()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._pools.clear()
+        self.eager_calls = self.captures = self.replays = 0
+
+    def _remember(self, key, entry) -> None:
+        self.entries[key] = entry
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def _capture(self, fn, device: torch.device, stream):
+        pool = self._pools.get(stream.cuda_stream)
+        if pool is None:
+            pool = self._pools[stream.cuda_stream] = torch.cuda.graph_pool_handle()
+        side = self._streams.get(device.index)
+        if side is None:
+            side = self._streams[device.index] = torch.cuda.Stream(device)
+        try:
+            with torch.cuda.device(device):
+                graph = capture(fn, side, pool)
+        except Exception as exc:  # e.g. an op that synchronizes: this key stays eager
+            log.warning("modcompile: CUDA graph capture of %s failed (%s: %s); that call stays eager",
+                        self.name, type(exc).__name__, exc)
+            return None
+        self.captures += 1
+        return graph
+
+
+# The site attention ops' calls (modcompile/ops.py); modcompile.reset() forgets them.
+SITE_CALLS = CallGraphs("site attention")
+
+__all__ = ["ENV", "SITE_CALLS", "CallGraphs", "GraphedCall", "enabled", "tensors_key"]

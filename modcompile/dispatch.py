@@ -71,7 +71,8 @@ def _warn_fp8(why: str) -> None:
 
 
 def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional[Tensor] = None,
-                      key_bias: Optional[Tensor] = None, like_dense: bool = False, precision: str = "auto"):
+                      key_bias: Optional[Tensor] = None, like_dense: bool = False, precision: str = "auto",
+                      out: Optional[Tensor] = None, lse: Optional[Tensor] = None):
     """Block-sparse attention of q to the key blocks ``lists`` names, on the best available path;
     returns ``(out, lse)``.
 
@@ -87,7 +88,9 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
 
     ``precision="fp8"``: the e4m3 kernel (:mod:`.kernels.fp8_attention`) where :func:`fp8_route`
     allows it, its torch reference on CPU and under the interpreter, else this function's usual
-    path; the reason is logged once (a warning). ``"auto"``: the inputs' dtype."""
+    path; the reason is logged once (a warning). ``"auto"``: the inputs' dtype.
+
+    ``out`` (B, H, N, D) and ``lse`` (B, H, N) float32: where to write (allocated when None)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp8":
@@ -95,36 +98,39 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
         if why:
             _warn_fp8(why)
         if route != "none":
-            return _fp8_forward(q, k, v, lists, scale, q_rows, like_dense, route == "kernel")
-    out = out_like(q)
+            return _fp8_forward(q, k, v, lists, scale, q_rows, like_dense, route == "kernel", out, lse)
+    out = out_like(q) if out is None else out
     triton_path = use_triton(q)
     kv_counts, kv_indices, block_size = lists.counts, lists.indices, lists.block_size
     poison = nonfinite_poison(k, v, lists, triton_path) if like_dense else None
     if triton_path:
-        out, lse = _triton_forward()(q, k, v, lists, scale=scale, out=out, q_rows=q_rows, key_bias=key_bias,
-                                     poison=poison)
+        out, lse = _triton_forward()(q, k, v, lists, scale=scale, out=out, lse=lse, q_rows=q_rows,
+                                     key_bias=key_bias, poison=poison)
     else:
         rows = None if q_rows is None else q_rows.to(torch.int64)
         q_in = q if rows is None else q.index_select(2, rows)
-        ref_out, lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size,
-                                                  scale=scale, key_bias=key_bias)
+        ref_out, ref_lse = block_sparse_attention_ref(q_in, k, v, kv_counts, kv_indices, block_size=block_size,
+                                                      scale=scale, key_bias=key_bias)
+        lse = torch.empty_like(ref_lse) if lse is None else lse
         if rows is None:
-            out = out.copy_(ref_out)
+            out, lse = out.copy_(ref_out), lse.copy_(ref_lse)
         else:
-            out, lse = out.index_copy_(2, rows, ref_out.to(out.dtype)), torch.empty_like(lse).index_copy_(2, rows, lse)
+            out, lse = out.index_copy_(2, rows, ref_out.to(out.dtype)), lse.index_copy_(2, rows, ref_lse)
         if poison is not None:
             nonfinite.poison_rows_(out, lse, poison, block_size, q_rows)
     return out, lse
 
 
-def _fp8_forward(q, k, v, lists: BlockLists, scale: float, q_rows, like_dense: bool, on_kernel: bool):
+def _fp8_forward(q, k, v, lists: BlockLists, scale: float, q_rows, like_dense: bool, on_kernel: bool,
+                 out=None, lse=None):
     """The fp8 path of :func:`attention_forward`; the dense-like non-finite rule as on the torch path
     (a masked fill after the call)."""
+    out = out_like(q) if out is None else out
     if on_kernel:
-        out, lse = block_sparse_attention_fp8(q, k, v, lists, scale=scale, q_rows=q_rows, out=out_like(q))
+        out, lse = block_sparse_attention_fp8(q, k, v, lists, scale=scale, q_rows=q_rows, out=out, lse=lse)
     else:
-        ref, lse = block_sparse_attention_fp8_ref(q, k, v, lists, scale=scale, q_rows=q_rows)
-        out = out_like(q).copy_(ref)
+        ref, ref_lse = block_sparse_attention_fp8_ref(q, k, v, lists, scale=scale, q_rows=q_rows)
+        out, lse = out.copy_(ref), (ref_lse if lse is None else lse.copy_(ref_lse))
     if like_dense:
         poison = nonfinite_poison(k, v, lists, on_kernel)
         nonfinite.poison_rows_(out, lse, poison != 0, lists.block_size, q_rows)
@@ -144,13 +150,14 @@ def nonfinite_poison(k: Tensor, v: Tensor, lists: BlockLists, triton_path: bool)
                                                lists.indices)
 
 
-def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float):
+def dense_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, out=None, lse=None):
     """Dense attention and its natural-log lse (B, H, N) from cuDNN's fused SDPA, for dense calls
     that observe (MOD's dense steps): faster than our kernel at density 1. None where cuDNN cannot
-    run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel."""
+    run (CPU, unsupported shape or dtype): the caller then takes the block-sparse kernel. Writes
+    into ``out`` / ``lse`` when given."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or KERNEL_STATE.cudnn_lse_broken:
         return None
-    out, lse = outputs_like(q)
+    out, lse = outputs_like(q) if out is None else (out, lse)
     try:
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, False, False, scale=scale)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cuda_graphs
+from .cuda_graphs import SITE_CALLS, tensors_key
 from .dispatch import dense_attention_with_lse, fp8_route, outputs_like
 from .kernels.block_lists import BlockLists, num_blocks
 from .policies import Plan, SiteContext, make_policy
@@ -90,6 +92,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
     # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
     result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
     state.context, state.plan = ctx, result
+    state.record_density(result)
     if result.dense:
         state.dense_why = result.why or "dense plan"
     else:
@@ -115,24 +118,55 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     ``anchor``: the plan node's, saved for the backward, which runs after every layer's forward
     and must find the state of its own instance (one compiled block serves every layer)."""
     state = REGISTRY.current(site)
-    return site_attention(policy_for(state.info.config), state.context, q, k, v,
-                          plan_with_lists(state.plan, kv_counts, kv_indices), scale, key_bias)
+    policy, ctx = policy_for(state.info.config), state.context
+    plan = plan_with_lists(state.plan, kv_counts, kv_indices)
+    if not _replayable(ctx, q):
+        try:
+            return site_attention(policy, ctx, q, k, v, plan, scale, key_bias)
+        finally:
+            policy.attention_done(plan)
+    out, lse = outputs_like(q)
+
+    def call():
+        got, got_lse = site_attention(policy, ctx, q, k, v, plan, scale, key_bias, out=out, lse=lse)
+        if got is not out:  # a path (or a test's wrapper) that allocated its own
+            out.copy_(got)
+        if got_lse is not lse:
+            lse.copy_(got_lse)
+
+    # everything the call's device work depends on: the policy (hence the options), what the plan
+    # decided on the host, and every tensor it reads or writes (the policy's own among them)
+    key = (policy, plan.dense, plan.observe, scale,
+           tensors_key(q, k, v, kv_counts, kv_indices, key_bias, out, lse, *policy.attention_tensors(plan, k)))
+    try:
+        SITE_CALLS.run(key, call, q.device)
+    finally:
+        policy.attention_done(plan)
+        if not plan.observe:  # nothing reads the plan's lists later: nothing of this step outlives it
+            state.plan = state.plan.with_lists(None)
+    return out, lse
 
 
-def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None):
+def _replayable(ctx: SiteContext, q: Tensor) -> bool:
+    """Whether this call may replay from a CUDA graph (:data:`.cuda_graphs.SITE_CALLS`): inference calls on CUDA
+    (a training call's backward needs the Python state of its own forward)."""
+    return q.is_cuda and not ctx.info.training and cuda_graphs.enabled(q.device)
+
+
+def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None, out=None, lse=None):
     """The body of the site attention op for the call that ``plan`` set up; benchmarks that drive a
-    policy by hand call it too."""
+    policy by hand call it too. ``out`` / ``lse``: where to write (allocated when None)."""
     fp8 = _fp8_runs(ctx, q, plan, key_bias)
     if plan.dense and not ctx.info.training and not fp8:
         if not plan.observe:
-            out, lse = outputs_like(q)
+            out, lse = outputs_like(q) if out is None else (out, lse)
             mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
             out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
             return out, lse.fill_(float("nan"))
-        dense = dense_attention_with_lse(q, k, v, scale) if key_bias is None else None
+        dense = dense_attention_with_lse(q, k, v, scale, out=out, lse=lse) if key_bias is None else None
         if dense is not None:
             return dense
-    return policy.attention(ctx, q, k, v, plan, scale, key_bias=key_bias)
+    return policy.attention(ctx, q, k, v, plan, scale, key_bias=key_bias, out=out, lse=lse)
 
 
 def _fp8_runs(ctx, q, plan: Plan, key_bias) -> bool:

@@ -59,16 +59,29 @@ class SiteState:
     sparse_calls: int = 0           # calls whose plan was not dense (report(): status "sparse" once > 0)
     dense_why: str = ""             # the last dense plan's reason (report(): "dense (warm-up)")
 
+    density_sum: Any = None         # 0-dim float32 device tensor: the last sparse plan's listed blocks
+    density_blocks: int = 0         # ... out of this many
+
+    def record_density(self, plan) -> None:
+        """Keep a sparse plan's block density, but not its lists: those go after the call's attention
+        (``ops.sparse_attention``), so that nothing of one step outlives it and the next step's
+        tensors get the same addresses (the site calls' CUDA graphs are keyed by them). One small
+        reduction per sparse plan, into a buffer made once."""
+        if plan.dense:
+            return
+        counts = plan.lists.counts
+        if self.density_sum is None or self.density_sum.device != counts.device:
+            self.density_sum = torch.zeros((), dtype=torch.float32, device=counts.device)
+        torch.sum(counts, dim=tuple(range(counts.dim())), dtype=torch.float32, out=self.density_sum)
+        self.density_blocks = counts.numel() * plan.lists.width
+
     @property
     def density(self):
         """Block density of the last call's lists (1.0 for dense plans; a 0-dim device tensor
-        otherwise, read by report()). Computed on read: the plan op would pay two launches per call."""
+        otherwise, read by report())."""
         if self.plan is None:
             return None
-        if self.plan.dense:
-            return 1.0
-        counts = self.plan.lists.counts
-        return counts.sum(dtype=torch.float32) / (counts.numel() * self.plan.lists.width)
+        return 1.0 if self.plan.dense else self.density_sum / self.density_blocks
 
 
 __all__ = ["SiteInfo", "SiteState"]

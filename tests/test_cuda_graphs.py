@@ -278,3 +278,146 @@ def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
             assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]), step
     sparse = [c for dense, c, _ in runs["1"][-1] if not dense]
     assert sparse and all((c < c.new_tensor(n // 64)).any() for c in sparse)  # really sparse
+
+
+# ----------------------------------------------------------------------------- site calls (CallGraphs)
+
+class _FakeGraph:
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+def _fake_cuda(monkeypatch, fail_capture=False):
+    """CallGraphs on CPU: a fake current stream, and a 'capture' that records fn for replay."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def capture(self, fn, device, stream):
+        return None if fail_capture else _FakeGraph(fn)
+    monkeypatch.setattr(cuda_graphs.CallGraphs, "_capture", capture)
+
+
+def test_call_graphs_eager_then_capture_then_replay(monkeypatch):
+    _fake_cuda(monkeypatch)
+    calls = cuda_graphs.CallGraphs("test", max_entries=3)
+    ran = []
+    for i in range(4):
+        calls.run(("a",), lambda: ran.append("a"), torch.device("cpu"))
+    # first call eager, second captured and replayed, the rest replayed; every call did the work once
+    assert ran == ["a"] * 4 and calls.eager_calls == 1 and calls.replays == 3
+    calls.run(("b",), lambda: ran.append("b"), torch.device("cpu"))
+    assert calls.eager_calls == 2                    # a new key starts eager
+    for key in ("c", "d", "e"):                      # bounded: the oldest keys go first
+        calls.run((key,), lambda: None, torch.device("cpu"))
+    assert len(calls.entries) == 3 and (7, ("a",)) not in calls.entries
+    calls.clear()
+    assert not calls.entries
+
+
+def test_call_graphs_failed_capture_stays_eager(monkeypatch):
+    _fake_cuda(monkeypatch, fail_capture=True)
+    calls = cuda_graphs.CallGraphs("test")
+    ran = []
+    for _ in range(3):
+        calls.run(("a",), lambda: ran.append(1), torch.device("cpu"))
+    assert len(ran) == 3 and calls.eager_calls == 3 and calls.replays == 0
+
+
+def test_tensors_key_names_address_shape_strides_dtype():
+    x = torch.randn(4, 6)
+    key = cuda_graphs.tensors_key(x, None)
+    assert key == ((x.data_ptr(), x.shape, x.stride(), x.dtype), None)
+    assert cuda_graphs.tensors_key(x.t())[0] != key[0]            # same address, other strides
+    assert cuda_graphs.tensors_key(x[1:])[0] != key[0]            # other address
+    assert cuda_graphs.tensors_key(x.view(torch.int32))[0] != key[0]
+
+
+def _compiled_outputs(options, graphs, monkeypatch, steps=6, check_sync=False):
+    """Outputs of a compiled VideoDiT per step (fp16, 2048 tokens), the site calls' graph counts."""
+    monkeypatch.setenv(cuda_graphs.ENV, graphs)
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")
+    torch._dynamo.reset()
+    modcompile.reset(forget_sites=True)
+    modcompile.ops.policy_for.cache_clear()
+    from benchmarks.video_dit import DiTConfig, VideoDiT
+    torch.manual_seed(0)
+    cfg = DiTConfig(latent=(8, 32, 32), dim=128, depth=2, heads=2, freq_dim=32)
+    model = VideoDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0.0, 0.02)
+    model = model.cuda().half().eval()
+    x = torch.randn(1, 4, *cfg.latent, device="cuda", dtype=torch.half)
+    cm = torch.compile(model, backend="modsparse", options={"min_seq_len": 256, "block_size": 64, **options})
+    # a sampler's loop: only the latest latents stay alive (held outputs would move every later
+    # allocation, as they would in eager PyTorch), each step's output kept in a buffer made before
+    outs = torch.empty(steps, *x.shape, device="cuda", dtype=x.dtype)
+    ts = torch.linspace(1000, 100, steps, device="cuda")
+    with torch.no_grad():
+        for step in range(steps):
+            with modcompile.denoising_step(step, steps):
+                if check_sync and step >= 3:  # compiled and captured by now: no host sync per step
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    out = cm(x, ts[step:step + 1])
+                    outs[step].copy_(out)
+                    x = x - 0.05 * out
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+    calls = cuda_graphs.SITE_CALLS
+    return outs, (calls.eager_calls, calls.captures, calls.replays)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("options", [
+    {"policy": "vmoba", "warmup_steps": 1},
+    {"policy": "mod", "warmup_steps": 1, "refresh_interval": 2},
+    {"policy": "mod", "warmup_steps": 1, "nonfinite": "dense"},
+    {"policy": "dense"},
+], ids=["vmoba", "mod", "mod-nonfinite-dense", "dense"])
+def test_site_calls_replay_bitwise_like_eager(options, fresh_modcompile, monkeypatch):
+    """Compiled model, graphs on vs off: the same outputs bit for bit at every step, while the lists
+    change per step (VMoBA selects anew, MOD refreshes), and no host sync from step 3 on. Whether a
+    call replays depends on the caching allocator handing its tensors the same addresses again
+    (test_call_graphs_replay_current_values checks the replay itself)."""
+    eager, counts_off = _compiled_outputs(options, "0", monkeypatch)
+    assert counts_off == (0, 0, 0)
+    graphed, counts_on = _compiled_outputs(options, "1", monkeypatch, check_sync=True)
+    assert sum(counts_on[::2]) == 2 * 6, counts_on   # 2 layers x 6 steps, each eager or replayed
+    for step, (a, b) in enumerate(zip(eager, graphed)):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b), f"step {step}: replayed differs from eager by {(a - b).abs().max()} {counts_on}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_call_graphs_replay_current_values(monkeypatch):
+    """CallGraphs on a GPU: the second call of a key is captured and replayed, later ones replay; a
+    replay reads the values its tensors hold now (written in place between calls), writes the
+    tensors of its key, and needs no host sync; another address is another key (eager)."""
+    calls = cuda_graphs.CallGraphs("test")
+    a, b, out = (torch.randn(1000, device="cuda") for _ in range(3))
+
+    def fn(x, y, o):
+        t = x * 2.0                       # a temporary, from the graphs' pool while capturing
+        torch.add(t, y, out=o)
+    for i in range(4):
+        a.normal_()
+        b.normal_()
+        if i >= 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            calls.run(cuda_graphs.tensors_key(a, b, out), lambda: fn(a, b, out), a.device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(out, a * 2 + b, rtol=0, atol=0)
+    assert (calls.eager_calls, calls.captures, calls.replays) == (1, 1, 3)
+    other = torch.empty_like(out)
+    calls.run(cuda_graphs.tensors_key(a, b, other), lambda: fn(a, b, other), a.device)
+    assert calls.eager_calls == 2 and torch.equal(other, a * 2 + b)

@@ -43,9 +43,9 @@ def tiny_pipeline(two_experts, boundary=BOUNDARY):
     return pipe
 
 
-def generate(pipe, on_step=None, steps=STEPS, guidance=4.0):
+def generate(pipe, on_step=None, steps=STEPS, guidance=4.0, device="cpu"):
     g = torch.Generator().manual_seed(2)
-    prompt, negative = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    prompt, negative = (torch.randn(1, 8, 16, generator=g).to(device) for _ in range(2))
     callback = None
     if on_step is not None:
         def callback(pipe, i, t, kwargs):
@@ -262,3 +262,31 @@ def test_skyreels_v2_diffusion_forcing_per_frame_timesteps_keep_state_bounded(mo
         histories = [s.policy_state for s in states]
         assert all(len(h.events) == len(h.fit_steps) == 3 and h.fit_steps[-1] == 11 for h in histories)
     assert len(compiles) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["vmoba", "mod"])
+def test_site_calls_replay_from_cuda_graphs_in_a_real_pipeline(policy, monkeypatch):
+    """WanPipeline on CUDA (UniPC keeps past model outputs alive; CFG runs two passes per step): every
+    site attention call goes through the CUDA-graph cache (modcompile/cuda_graphs.py CallGraphs), and
+    the latents equal those of eager calls bit for bit. (How many replay depends on the allocator
+    handing a call's tensors the same addresses again; BENCHMARKS.md section 7 counts them.)"""
+    from modcompile import cuda_graphs
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")
+    latents, counts = {}, {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv(cuda_graphs.ENV, graphs)
+        torch._dynamo.reset()
+        modcompile.reset(forget_sites=True)
+        modcompile.ops.policy_for.cache_clear()
+        pipe = tiny_pipeline(False).to("cuda")
+        compile_pipeline(pipe, "whole", {"policy": policy, **OPTS, "warmup_steps": 1}, [])
+        latents[graphs] = generate(pipe, steps=10, device="cuda")
+        calls = cuda_graphs.SITE_CALLS
+        counts[graphs] = (calls.eager_calls, calls.captures, calls.replays)
+    assert counts["0"] == (0, 0, 0)
+    eager, captures, replays = counts["1"]
+    assert eager + replays == 2 * 2 * 10, counts            # 2 layers x 2 CFG passes x 10 steps
+    assert torch.isfinite(latents["1"]).all()
+    assert torch.equal(latents["0"], latents["1"])

@@ -149,6 +149,7 @@ def test_kernel_q_gather_equals_permute_unpermute_path(layer, triton_on, monkeyp
     stash = plan.data.stash
     assert len(stash) == 2 and torch.equal(stash[1], sa.k[:, :, layout.partition.perm])  # permuted k only
     out, lse = policy.attention(ctx, sa.q, sa.k, sa.v, plan, 0.25)
+    policy.attention_done(plan)
     assert plan.data.stash is None
     qp, kp, vp = (policy.gather(t, layout.perm) for t in (sa.q, sa.k, sa.v))
     out_p, lse_p = dispatch.attention_forward(qp, kp, vp, plan.lists, 0.25)

@@ -151,15 +151,25 @@ class Policy:
         raise NotImplementedError
 
     def attention(self, ctx: SiteContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
-                  scale: float, key_bias=None):
+                  scale: float, key_bias=None, out=None, lse=None):
         """The block-sparse attention of ``plan.lists`` (the call's plan, with the lists the graph
         passed); returns ``(out, lse)`` in the original token order. Policies whose blocks are not
         contiguous in that order (VMoBA's 2D/3D partitions) permute around the kernel here (k, v and
         ``key_bias`` (B, Nk) alike), with what their plan left in ``plan.data``. With
         ``nonfinite="dense"`` sparse calls pass ``like_dense``: a NaN / Inf in a key or value block
-        a row skips still makes that row NaN, as dense SDPA would."""
+        a row skips still makes that row NaN, as dense SDPA would. ``out`` / ``lse``: where to write
+        (allocated when None)."""
         return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias,
-                                          like_dense=like_dense(ctx, plan), precision=call_precision(ctx, plan))
+                                          like_dense=like_dense(ctx, plan), precision=call_precision(ctx, plan),
+                                          out=out, lse=lse)
+
+    def attention_tensors(self, plan: Plan, k: torch.Tensor) -> tuple:
+        """The tensors :meth:`attention` reads besides its arguments (from ``plan.data``): a CUDA graph
+        of the call is keyed by their addresses."""
+        return ()
+
+    def attention_done(self, plan: Plan) -> None:
+        """After the call's attention (run or replayed): drop what ``plan.data`` held only for it."""
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         """(dq, dk, dv) of :meth:`attention` for the same plan (training). Policies that permute

@@ -125,10 +125,10 @@ class Permuted:
     layout: Layout
     stash: tuple | None = None      # (key of k, permuted k) from the fused pass; the attention takes it
 
-    def take_k(self, k: torch.Tensor) -> torch.Tensor | None:
-        """The plan's permuted copy of ``k``, once (its memory goes with the attention), or None
-        when it is gone or was made from another tensor."""
-        stash, self.stash = self.stash, None
+    def permuted_k(self, k: torch.Tensor) -> torch.Tensor | None:
+        """The plan's permuted copy of ``k``, or None when it is gone or was made from another tensor.
+        The attention drops it afterwards (:meth:`VmobaPolicy.attention_done`: its memory goes)."""
+        stash = self.stash
         return stash[1] if stash is not None and stash[0] == _tensor_key(k) else None
 
 
@@ -245,7 +245,7 @@ class VmobaPolicy(Policy):
         return lists_from_mask(mask)
 
     # ------------------------------------------------------------------ attention
-    def attention(self, ctx: SiteContext, q, k, v, plan: Plan, scale: float, key_bias=None):
+    def attention(self, ctx: SiteContext, q, k, v, plan: Plan, scale: float, key_bias=None, out=None, lse=None):
         """(out, lse) in the original order. Lists in a permuted order (``plan.data``, a
         :class:`Permuted`): k and v permuted, q gathered by the kernel (``q_rows``). Other plans (no
         grid, an identity permutation, full lists: dense plans such as warm-up steps of training,
@@ -254,16 +254,24 @@ class VmobaPolicy(Policy):
         dense_rule = like_dense(ctx, plan)
         if permuted is None:
             return dispatch.attention_forward(q, k, v, plan.lists, scale, key_bias=key_bias, like_dense=dense_rule,
-                                              precision=call_precision(ctx, plan))
+                                              precision=call_precision(ctx, plan), out=out, lse=lse)
         layout = permuted.layout
-        kp = permuted.take_k(k)
+        kp = permuted.permuted_k(k)
         if kp is None:  # the plan's copy does not match (should not happen in a rewritten graph)
             kp = self.gather(k, layout.perm)
         vp = self.gather(v, layout.perm)
         if key_bias is not None:
             key_bias = key_bias.index_select(1, layout.perm)
         return dispatch.attention_forward(q, kp, vp, plan.lists, scale, q_rows=layout.perm, key_bias=key_bias,
-                                          like_dense=dense_rule, precision=call_precision(ctx, plan))
+                                          like_dense=dense_rule, precision=call_precision(ctx, plan), out=out, lse=lse)
+
+    def attention_tensors(self, plan: Plan, k) -> tuple:
+        permuted = plan.data
+        return () if permuted is None else (permuted.layout.perm, permuted.permuted_k(k))
+
+    def attention_done(self, plan: Plan) -> None:
+        if plan.data is not None:
+            plan.data.stash = None
 
     def attention_backward(self, ctx: SiteContext, grad_out, q, k, v, out, lse, plan: Plan, scale: float):
         """(dq, dk, dv) in the original order: the backward kernel runs on the permuted tensors with
