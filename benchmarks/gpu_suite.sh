@@ -94,11 +94,12 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # RoPE base 256) trained here for a fixed number of steps at seed 0 (bf16, Inductor), its attention statistics
     # (first / middle / last of 30 steps), then the summary: concentration and locality per phase, head kinds,
     # the goal verdicts (GOAL lines in testbed.log) and testbed_samples.png. TESTBED_CONFIG / TESTBED_STEPS /
-    # TESTBED_STATS_ARGS change it (CPU smoke: TESTBED_CONFIG=tiny-testbed TESTBED_STEPS=2 ...)
+    # TESTBED_TRAIN_ARGS (e.g. --lr 5e-4) / TESTBED_STATS_ARGS / TESTBED_ARGS change it (CPU smoke:
+    # TESTBED_CONFIG=tiny-testbed TESTBED_STEPS=2 TESTBED_STATS_ARGS="--steps 4" TESTBED_ARGS="--sample-steps 4")
     testbed) ckpt=/tmp/dit_${TESTBED_CONFIG:-video}_testbed.pt
          part train_testbed 480 $PY -m benchmarks run train-dit --config "${TESTBED_CONFIG:-video}" --seed 0 \
              --steps "${TESTBED_STEPS:-1500}" --batch-size 2 --val-every 500 --compile --checkpoint "$ckpt" \
-             --out "$R/testbed" --no-progress
+             --out "$R/testbed" --no-progress ${TESTBED_TRAIN_ARGS:-}
          part testbed_stats 120 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" --out "$R/testbed" \
              --no-progress ${TESTBED_STATS_ARGS:-}
          part testbed 120 $PY -m benchmarks run testbed --checkpoint "$ckpt" --out "$R/testbed" --no-progress \
