@@ -12,6 +12,8 @@ Levels:
              the same model through modsparse too (same data, seeds and schedule) and compares
   attention-stats  per layer / head / step: key blocks covering 90% / 95% of the attention mass and
              how local it is (own frame, spatial window, sink columns), from a trained DiT
+  testbed    the attention testbed's summary: attention-stats' rows per phase (quartiles over heads,
+             head kinds), the issue-19 goal verdicts, and sampled frames next to training frames
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ LEVELS = {
     "fidelity": "policy fidelity vs dense on the trained small DiT (or --synthetic)",
     "train-dit": "train the small video DiT on procedural videos",
     "attention-stats": "attention concentration and locality per layer, head and step of a trained DiT",
+    "testbed": "attention testbed summary: concentration per phase, goal verdicts, samples vs training frames",
 }
 
 
@@ -144,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 1/8 of the smaller of H, W)")
     a.add_argument("--sinks", type=int, default=16, help="key columns counted as sinks")
 
+    b = levels.add_parser("testbed", help=LEVELS["testbed"])
+    _common(b)
+    b.add_argument("--checkpoint", required=True, help="the trained testbed DiT")
+    b.add_argument("--stats", default=None, help="attention-stats' JSON for it (default OUT/attention_stats.json)")
+    b.add_argument("--samples", type=int, default=2, help="sampled videos shown (noise seeds SEED, SEED+1, ...)")
+    b.add_argument("--sample-steps", type=int, default=30, help="Euler steps per sample")
+
     t = levels.add_parser("train-dit", help=LEVELS["train-dit"])
     _common(t)
     t.add_argument("--config", default="small")
@@ -196,7 +206,8 @@ def run_level(args):
     if level == "kernel":
         return _run_kernel(args)
     module = {"policy": "benchmarks.policy", "e2e": "benchmarks.e2e", "fidelity": "benchmarks.fidelity",
-              "train-dit": "benchmarks.train_dit", "attention-stats": "benchmarks.attention_stats"}[level]
+              "train-dit": "benchmarks.train_dit", "attention-stats": "benchmarks.attention_stats",
+              "testbed": "benchmarks.testbed"}[level]
     if level == "fidelity" and getattr(args, "equal_density", None):
         module = "benchmarks.equal_density"
     return importlib.import_module(module).run(_fill_defaults(args))

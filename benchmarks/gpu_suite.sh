@@ -5,7 +5,7 @@
 #   PARTS="tests demo" picks parts (default: tests demo bench_mod bench_vmoba fidelity_synthetic; also
 #   suite (the README test command, every test), demo_small kernel kernel_quick backward_quick backward_sweep host_overhead
 #   launch_overhead train_compare fidelity_dit fidelity_long fidelity_equal policy policy_long e2e
-#   bench_observe nonfinite fp8);
+#   bench_observe nonfinite fp8 testbed);
 #   T_<PART> (e.g. T_DEMO=200) overrides a part's time limit in seconds; PYTEST_ARGS narrows the tests;
 #   BENCH_MOD_ARGS / OBSERVE_ARGS pass flags to benchmarks.bench_mod / benchmarks.bench_observe.
 # A machine without network gets pytest/hypothesis from .whl/*.whl and diffusers (e2e part) from
@@ -90,6 +90,21 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
          part fidelity_equal 330 env MODCOMPILE_TUNE=0 $PY -m benchmarks run fidelity --checkpoint "$ckpt" \
              --equal-density "${EQUAL_DENSITIES:-0.1,0.2,0.3,0.5}" --seeds 3 --metric-every 5 \
              --out "$R/fidelity_equal" --no-progress ${EQUAL_ARGS:-} ;;
+    # issue 19 item 2: the attention testbed. The `video` DiT (the long DiT's shape on panned fine-textured videos,
+    # RoPE base 256) trained here for a fixed number of steps at seed 0 (bf16, Inductor), its attention statistics
+    # (first / middle / last of 30 steps), then the summary: concentration and locality per phase, head kinds,
+    # the goal verdicts (GOAL lines in testbed.log) and testbed_samples.png. TESTBED_CONFIG / TESTBED_STEPS /
+    # TESTBED_TRAIN_ARGS (e.g. --lr 5e-4) / TESTBED_STATS_ARGS / TESTBED_ARGS change it (CPU smoke:
+    # TESTBED_CONFIG=tiny-testbed TESTBED_STEPS=2 TESTBED_STATS_ARGS="--steps 4" TESTBED_ARGS="--sample-steps 4")
+    testbed) ckpt=/tmp/dit_${TESTBED_CONFIG:-video}_testbed.pt
+         part train_testbed 480 $PY -m benchmarks run train-dit --config "${TESTBED_CONFIG:-video}" --seed 0 \
+             --steps "${TESTBED_STEPS:-1500}" --batch-size 2 --val-every 500 --compile --checkpoint "$ckpt" \
+             --out "$R/testbed" --no-progress ${TESTBED_TRAIN_ARGS:-}
+         part testbed_stats 120 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" --out "$R/testbed" \
+             --no-progress ${TESTBED_STATS_ARGS:-}
+         part testbed 120 $PY -m benchmarks run testbed --checkpoint "$ckpt" --out "$R/testbed" --no-progress \
+             ${TESTBED_ARGS:-}
+         grep -h "^\[bench\] GOAL" "$R/testbed.log" | tee -a "$R/summary.md" ;;
     # issue 6 level 2: one attention layer per policy over a 50-step schedule, Wan 480p shape and the long DiT's
     policy) part policy 150 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
     policy_long) part policy_long 120 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --grid 16,32,32 \

@@ -28,6 +28,9 @@ class DiTConfig:
     text_len: int = 0  # conditioning tokens (0 = unconditional)
     text_dim: int = 64
     freq_dim: int = 256
+    # Fields added later keep their earlier behaviour as defaults, so older checkpoints load unchanged.
+    rope_theta: float = 10000.0  # RoPE base of every axis
+    data: str = "shapes"  # training data style (benchmarks.data.DATA_STYLES)
 
     @property
     def head_dim(self) -> int:
@@ -57,6 +60,13 @@ CONFIGS = {
     # GPU training comparison in the kernels' efficient regime: 16 x 32 x 32 = 16384 tokens, head_dim 128
     # (128-token blocks), two layers of each VMoBA partition kind
     "long": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6),
+    # The attention testbed (issue 19): the long DiT's shape on panned fine-textured videos, whose detail can
+    # only be denoised from nearby tokens of nearby frames, and RoPE base 256: more of the frequency pairs
+    # turn within the 16 x 32 x 32 grid (at 10000 most are flat there), a stronger relative-position signal.
+    "video": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6, rope_theta=256.0, data="textured"),
+    # its CPU test size: 4 x 8 x 8 = 256 tokens
+    "tiny-testbed": DiTConfig(latent=(4, 16, 16), dim=64, depth=2, heads=2, freq_dim=32, rope_theta=256.0,
+                              data="textured"),
 }
 
 
@@ -231,7 +241,7 @@ class VideoDiT(nn.Module):
         if timestep.dim() == 0:
             timestep = timestep.expand(B)
         temb = self.time_mlp(timestep_embedding(timestep, cfg.freq_dim).to(tokens.dtype))
-        cos, sin = rope_3d_tables(grid, cfg.head_dim, x.device)
+        cos, sin = rope_3d_tables(grid, cfg.head_dim, x.device, cfg.rope_theta)
         text = encoder_hidden_states
         for blk in self.blocks:
             tokens = blk(tokens, temb, cos, sin, text)
