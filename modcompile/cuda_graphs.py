@@ -146,6 +146,10 @@ class CallGraphs:
         self.eager_calls = self.captures = self.replays = 0
 
     def run(self, key, fn: Callable[[], None], device: torch.device) -> None:
+        if torch.cuda.is_current_stream_capturing():  # inside the caller's own capture: just record fn
+            self.eager_calls += 1
+            fn()
+            return
         stream = torch.cuda.current_stream(device)
         key = (stream.cuda_stream, key)
         entry = self.entries.get(key)
@@ -154,7 +158,7 @@ class CallGraphs:
             entry.replay()
             self.replays += 1
             return
-        if entry is _SEEN and not torch.cuda.is_current_stream_capturing():
+        if entry is _SEEN:
             graph = self._capture(fn, device, stream)
             self.entries[key] = graph if graph is not None else _FAILED
             if graph is not None:

@@ -421,3 +421,16 @@ def test_call_graphs_replay_current_values(monkeypatch):
     other = torch.empty_like(out)
     calls.run(cuda_graphs.tensors_key(a, b, other), lambda: fn(a, b, other), a.device)
     assert calls.eager_calls == 2 and torch.equal(other, a * 2 + b)
+
+
+def test_call_graphs_inside_an_outer_capture_only_record(monkeypatch):
+    """Inside the caller's own stream capture a call neither captures nor replays: its launches go
+    into the caller's graph."""
+    _fake_cuda(monkeypatch)
+    calls = cuda_graphs.CallGraphs("test")
+    calls.run(("a",), lambda: None, torch.device("cpu"))
+    calls.run(("a",), lambda: None, torch.device("cpu"))          # captured: replays from now on
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ran = []
+    calls.run(("a",), lambda: ran.append(1), torch.device("cpu"))
+    assert ran == [1] and calls.replays == 1 and calls.eager_calls == 2
