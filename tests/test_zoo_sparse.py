@@ -42,7 +42,8 @@ def inputs_at(client, step, t):
     return inputs
 
 
-def run_matrix_case(name, style, policy, monkeypatch, triton=False):
+def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None):
+    """``prepare(model)``: changes the built model before it is compiled (tests/test_torchao.py)."""
     if not triton:              # the torch reference paths (the interpreter would take minutes)
         monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     client = BY_NAME[name]
@@ -54,7 +55,10 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False):
 
     checker = Checker(monkeypatch, BLOCK)
     options = {**POLICIES[policy], "block_size": BLOCK, "min_seq_len": 64}
-    model = compile_model(client.build(), style, backend, options)
+    model = client.build()
+    if prepare is not None:
+        prepare(model)
+    model = compile_model(model, style, backend, options)
     first = None
     with torch.no_grad():
         for step, t in enumerate(STEPS):
