@@ -3,6 +3,7 @@ and the mutable state of one (site instance, pass) (:class:`SiteState`). Plain r
 registry (modcompile/runtime.py) creates and finds them, the policies read and write them."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +62,19 @@ class SiteState:
 
     density_sum: Any = None         # 0-dim float32 device tensor: the last sparse plan's listed blocks
     density_blocks: int = 0         # ... out of this many
+    density_of: Any = None          # weak reference to the counts density_sum was taken from
 
     def record_density(self, plan) -> None:
         """Keep a sparse plan's block density, but not its lists: those go after the call's attention
         (``ops.sparse_attention``), so that nothing of one step outlives it and the next step's
         tensors get the same addresses (the site calls' CUDA graphs are keyed by them). One small
-        reduction per sparse plan, into a buffer made once."""
+        reduction per sparse plan with new lists, into a buffer made once."""
         if plan.dense:
             return
         counts = plan.lists.counts
+        if self.density_of is not None and self.density_of() is counts:  # the same lists again (MOD between refreshes)
+            return
+        self.density_of = weakref.ref(counts)
         if self.density_sum is None or self.density_sum.device != counts.device:
             self.density_sum = torch.zeros((), dtype=torch.float32, device=counts.device)
         torch.sum(counts, dim=tuple(range(counts.dim())), dtype=torch.float32, out=self.density_sum)

@@ -506,3 +506,28 @@ def test_dense_observed_calls_get_cudnn_output_and_lse(n, d):
     assert (out.double() - ref_out).abs().max() <= 2 * sdpa_err + 1e-4
     assert (lse.double() - ref_lse).abs().max() < 1e-2
     assert lse.shape == (1, 3, n) and lse.dtype == torch.float32
+
+
+def test_site_density_follows_the_plans_lists():
+    """SiteState keeps a sparse plan's density (the lists themselves may go after the call): new
+    lists are counted anew, the same lists again (MOD between refreshes) keep their value."""
+    from modcompile.kernels.block_lists import BlockLists
+    from modcompile.policies.base import Plan
+    from modcompile.sites import SiteInfo, SiteState
+    info = SiteInfo(key="m/attn#0", layer=0, module_path="attn", config=modcompile.SparsityConfig(), status="sparse",
+                    seq_len=64, grid=None)
+    state = SiteState(info=info, pass_index=0)
+    assert state.density is None
+
+    def planned(counts, dense=False):
+        plan = Plan(BlockLists(counts, torch.zeros(1, 1, 4, 4, dtype=torch.int32), 16, 64, 64), dense=dense)
+        state.plan = plan
+        state.record_density(plan)
+        return float(state.density)
+    first = torch.tensor([[[1, 2, 3, 4]]], dtype=torch.int32)
+    assert planned(first) == 10 / 16
+    assert planned(torch.tensor([[[4, 4, 4, 0]]], dtype=torch.int32)) == 12 / 16
+    assert planned(first, dense=True) == 1.0
+    assert planned(first) == 10 / 16
+    state.plan = state.plan.with_lists(None)              # the lists gone after the call: the density stays
+    assert float(state.density) == 10 / 16
