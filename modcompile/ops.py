@@ -116,7 +116,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     (its lse output is then NaN: nothing reads it), the policy's block-sparse attention otherwise.
     ``key_bias`` (B, Nk) float32: the site's key-padding mask as an additive bias (passes/masks.py).
     ``anchor``: the plan node's, saved for the backward, which runs after every layer's forward
-    and must find the state of its own instance (one compiled block serves every layer)."""
+    and must find the state of its own instance (one compiled block serves every layer).
+    Inference calls on CUDA replay from a CUDA graph once their tensors come back at the same
+    addresses (:data:`.cuda_graphs.SITE_CALLS`)."""
     state = REGISTRY.current(site)
     policy, ctx = policy_for(state.info.config), state.context
     plan = plan_with_lists(state.plan, kv_counts, kv_indices)
