@@ -12,7 +12,7 @@ from .backend import modsparse
 from .config import SparsityConfig
 from .kernels.block_lists import BlockLists
 from .report import report
-from . import cuda_graphs as _cuda_graphs, runtime as _runtime
+from . import buffers as _buffers, cuda_graphs as _cuda_graphs, runtime as _runtime
 from .kernels.state import KERNEL_STATE as _KERNEL_STATE
 from .runtime import denoising_step
 
@@ -25,9 +25,12 @@ def reset(forget_sites: bool = False, kernels: bool = False) -> None:
     also forgets what the kernels remember (``modcompile.kernels.state.KERNEL_STATE``: tuned launch
     configurations, candidates left out, device capabilities, a failed cuDNN probe, memo caches):
     the next GPU call times its candidates again, so a new generation does not ask for it. Every
-    reset forgets the site calls' CUDA graphs (:data:`.cuda_graphs.SITE_CALLS`)."""
+    reset forgets the site calls' CUDA graphs (:data:`.cuda_graphs.SITE_CALLS`, ``SITE_PLANS``) and
+    their pooled outputs (:data:`.buffers.SITE_OUTPUTS`)."""
     _runtime.reset(forget_sites)
     _cuda_graphs.SITE_CALLS.clear()
+    _cuda_graphs.SITE_PLANS.clear()
+    _buffers.SITE_OUTPUTS.clear()
     if kernels:
         _KERNEL_STATE.clear()
 

@@ -5,14 +5,15 @@ Two kinds:
 * :class:`GraphedCall`: a small fixed-shape function of tensor *values*, replayed on copies of its
   inputs (VMoBA's selection, MOD's mask tail).
 * :class:`CallGraphs`: whole calls keyed by the *addresses* (and shapes, strides, dtypes) of every
-  tensor they read or write, replayed in place (a site's attention call).
+  tensor they read or write, replayed in place (a site's attention call, VMoBA's whole plan).
 
 A VMoBA plan ends in ~30 tiny kernels on the pooled blocks (scores, normalization, threshold, own
 blocks, block mask, list building) whose shapes are fixed per site: launched one by one they cost
 far more host time than GPU time. :class:`GraphedCall` runs such a function eagerly on its first
 call (warm-up: lazily built caches, library handles), captures it on the second call with static
 input buffers, and from then on copies the inputs in, replays the graph and returns copies of the
-outputs (the static buffers are overwritten by the next replay).
+outputs or copies them into the caller's buffers (the static buffers are overwritten by the next
+replay).
 
 Only on CUDA, not under TRITON_INTERPRET, not while the current stream is itself being captured
 (nested capture is illegal), and off with ``MODCOMPILE_CUDA_GRAPHS=0``. A capture that fails (an
@@ -59,18 +60,23 @@ class GraphedCall:
         self.replays = 0
         self.failed = False
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple:
+    def __call__(self, *inputs: torch.Tensor, out: tuple | None = None) -> tuple:
+        """``fn(*inputs)``: copies of the outputs, or written into ``out`` (and returned) when given."""
         if self.graph is None and not (self.failed or self.eager_calls == 0
                                        or torch.cuda.is_current_stream_capturing()):
             self._capture(inputs)
         if self.graph is None:  # first call, failed or nested capture: eager
             self.eager_calls += 1
-            return tuple(self.fn(*inputs))
-        for static, x in zip(self.static_inputs, inputs):
-            static.copy_(x)
-        self.graph.replay()
-        self.replays += 1
-        return tuple(out.clone() for out in self.static_outputs)
+            results = tuple(self.fn(*inputs))
+        else:
+            for static, x in zip(self.static_inputs, inputs):
+                static.copy_(x)
+            self.graph.replay()
+            self.replays += 1
+            results = self.static_outputs  # overwritten by the next replay: copied below
+            if out is None:
+                return tuple(x.clone() for x in results)
+        return copy_into(out, results)
 
     def _capture(self, inputs) -> None:
         device = inputs[0].device
@@ -96,6 +102,15 @@ class GraphedCall:
         finally:
             torch.cuda.current_stream().wait_stream(side)
         self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, tuple(static_outputs)
+
+
+def copy_into(out: tuple | None, results: tuple) -> tuple:
+    """``results``, or copied into ``out`` (and ``out`` returned) when given."""
+    if out is None:
+        return tuple(results)
+    for dst, x in zip(out, results):
+        dst.copy_(x)
+    return tuple(out)
 
 
 def capture(fn: Callable[[], None], stream, pool=None) -> torch.cuda.CUDAGraph:
@@ -198,7 +213,9 @@ class CallGraphs:
         return graph
 
 
-# The site attention ops' calls (modcompile/ops.py); modcompile.reset() forgets them.
+# The site attention ops' calls (modcompile/ops.py) and the policies' whole plans (VMoBA's);
+# modcompile.reset() forgets them.
 SITE_CALLS = CallGraphs("site attention")
+SITE_PLANS = CallGraphs("site plans")
 
-__all__ = ["ENV", "SITE_CALLS", "CallGraphs", "GraphedCall", "enabled", "tensors_key"]
+__all__ = ["ENV", "SITE_CALLS", "SITE_PLANS", "CallGraphs", "GraphedCall", "copy_into", "enabled", "tensors_key"]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cuda_graphs
+from .buffers import SITE_OUTPUTS
 from .cuda_graphs import SITE_CALLS, tensors_key
 from .dispatch import dense_attention_with_lse, fp8_route, outputs_like
 from .kernels.block_lists import BlockLists, num_blocks
@@ -44,11 +45,20 @@ _TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t
 
 # ----------------------------------------------------------------------------- graph ops
 
-def graph_lists(lists: BlockLists) -> tuple[Tensor, Tensor]:
+def graph_lists(plan: Plan, pool=None) -> tuple[Tensor, Tensor]:
     """The plan op's outputs. Policies keep their lists across calls (cached full lists, MOD's
     interval masks), but the compiled graph owns an op's outputs and may reuse their memory once
-    they are dead: hand it copies (two small device copies per call)."""
-    return lists.counts.clone(), lists.indices.clone()
+    they are dead: hand it copies (two small device copies per call), into buffers of ``pool`` on
+    the replayable path (the same addresses every step), or the lists themselves when the policy
+    wrote them into such buffers (``plan.lists_are_outputs``)."""
+    lists = plan.lists
+    if plan.lists_are_outputs:
+        return lists.counts, lists.indices
+    if pool is None:
+        return lists.counts.clone(), lists.indices.clone()
+    counts = pool.take(lists.counts.shape, lists.counts.dtype, lists.counts.device)
+    indices = pool.take(lists.indices.shape, lists.indices.dtype, lists.indices.device)
+    return counts.copy_(lists.counts), indices.copy_(lists.indices)
 
 
 def plan_with_lists(plan: Plan, kv_counts: Tensor, kv_indices: Tensor) -> Plan:
@@ -88,7 +98,9 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
-                      num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config)
+                      num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config,
+                      outputs=SITE_OUTPUTS if _replayable(info, q) else None)
+    state.plan = None  # the last call's lists, if pooled, go back to the pool
     # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
     result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
     state.context, state.plan = ctx, result
@@ -97,7 +109,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
         state.dense_why = result.why or "dense plan"
     else:
         state.sparse_calls += 1
-    return graph_lists(result.lists)
+    return graph_lists(result, ctx.outputs)
 
 
 @plan.register_fake
@@ -122,12 +134,12 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     state = REGISTRY.current(site)
     policy, ctx = policy_for(state.info.config), state.context
     plan = plan_with_lists(state.plan, kv_counts, kv_indices)
-    if not _replayable(ctx, q):
+    if not _replayable(ctx.info, q):
         try:
             return site_attention(policy, ctx, q, k, v, plan, scale, key_bias)
         finally:
             policy.attention_done(plan)
-    out, lse = outputs_like(q)
+    out, lse = _pooled_outputs(q)
 
     def call():
         got, got_lse = site_attention(policy, ctx, q, k, v, plan, scale, key_bias, out=out, lse=lse)
@@ -149,10 +161,18 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     return out, lse
 
 
-def _replayable(ctx: SiteContext, q: Tensor) -> bool:
-    """Whether this call may replay from a CUDA graph (:data:`.cuda_graphs.SITE_CALLS`): inference calls on CUDA
-    (a training call's backward needs the Python state of its own forward)."""
-    return q.is_cuda and not ctx.info.training and cuda_graphs.enabled(q.device)
+def _replayable(info, q: Tensor) -> bool:
+    """Whether this call of the site ``info`` may replay from a CUDA graph
+    (:data:`.cuda_graphs.SITE_CALLS`): inference calls on CUDA (a training call's backward needs the
+    Python state of its own forward). Such calls take their outputs from :data:`.buffers.SITE_OUTPUTS`."""
+    return q.is_cuda and not info.training and cuda_graphs.enabled(q.device)
+
+
+def _pooled_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) as :func:`.dispatch.outputs_like`, from the pool of site outputs."""
+    B, H, N, _ = q.shape
+    return (SITE_OUTPUTS.take(q.shape, q.dtype, q.device, heads_last=True),
+            SITE_OUTPUTS.take((B, H, N), torch.float32, q.device))
 
 
 def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None, out=None, lse=None):

@@ -255,12 +255,14 @@ def triton_available(x: torch.Tensor) -> bool:
 
 
 def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_permuted=True,
-                 block_t: int | None = None, key_bias: torch.Tensor | None = None):
+                 block_t: int | None = None, key_bias: torch.Tensor | None = None,
+                 out_k: torch.Tensor | None = None):
     """Triton: ``(q_perm, k_perm, q_pool, k_pool)`` in one pass over q and k. ``write_permuted``: a
     bool for both copies or a (q, k) pair; a copy not written is None (identity permutations need
     only the pools; VMoBA's attention gathers q in the kernel and needs only k permuted). With
     ``key_bias`` (B, N) float32 in the original order: k pooled over the visible keys and a fifth
-    output, the mean bias (B, P) (module docstring)."""
+    output, the mean bias (B, P) (module docstring). ``out_k``: where to write the permuted k (k's
+    shape and dtype, contiguous last dim; allocated (B, N, H, D)-strided when None)."""
     _check_qk(q, k, segments.seq_len)
     if key_bias is not None and (tuple(key_bias.shape) != (q.shape[0], q.shape[2]) or key_bias.dtype != torch.float32):
         raise ValueError(f"permute_pool: key_bias must be float32 (B, N) = {(q.shape[0], q.shape[2])}")
@@ -272,7 +274,10 @@ def permute_pool(q: torch.Tensor, k: torch.Tensor, segments: Segments, write_per
     # One zero fill for both pools; permuted copies in the (B, N, H, D) layout the attention ops produce.
     pool_q, pool_k = torch.zeros(2, B, H, segments.num_parts, D, dtype=torch.float32, device=q.device).unbind(0)
     qp = empty_heads_last(q) if write_q else q  # the input itself stands in for an unwritten copy
-    kp = empty_heads_last(k) if write_k else k
+    if out_k is not None and (tuple(out_k.shape) != tuple(k.shape) or out_k.dtype != k.dtype
+                              or out_k.stride(-1) != 1):
+        raise ValueError("permute_pool: out_k must match k in shape and dtype, with a contiguous last dim")
+    kp = (empty_heads_last(k) if out_k is None else out_k) if write_k else k
     n_seg = segments.part.numel()
     stats = torch.zeros(2, B, segments.num_parts, dtype=torch.float32, device=q.device) if key_bias is not None \
         else pool_q  # dummy when absent: never read

@@ -34,6 +34,7 @@ class Plan:
     observe: bool = False          # the observe node must run on this call
     why: str = ""                  # dense plans: a few words on why (report() status: "dense (warm-up)")
     data: Any = None               # the policy's own per-call data for its attention / observe
+    lists_are_outputs: bool = False  # the lists were taken from ``SiteContext.outputs``: the graph gets them as they are
 
     def with_lists(self, lists: BlockLists) -> Plan:
         """This plan with other lists of the same shape (the graph hands the ops copies)."""
@@ -49,6 +50,8 @@ class SiteContext:
     step: int                      # denoising step (per-site call count without step metadata)
     num_steps: int
     config: SparsityConfig
+    outputs: Any = None            # a .buffers.BufferPool on the replayable path (CUDA inference): where a
+                                   # policy may take the call's lists and its own outputs from
 
     @property
     def block_size(self) -> int:
@@ -60,6 +63,14 @@ class SiteContext:
     def lists(self, counts: torch.Tensor, indices: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> BlockLists:
         """This call's :class:`BlockLists` of ``(counts, indices)`` (metadata only)."""
         return BlockLists(counts, indices, self.config.block_size, q.shape[2], k.shape[2])
+
+    def output_lists(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised (counts, indices) of this call's shape from ``outputs``, for a policy that
+        writes its lists in place (its plan then sets ``lists_are_outputs``)."""
+        B, H = q.shape[:2]
+        mq, mk = self.blocks(q.shape[2]), self.blocks(k.shape[2])
+        return (self.outputs.take((B, H, mq), torch.int32, q.device),
+                self.outputs.take((B, H, mq, mk), torch.int32, q.device))
 
     def full_plan(self, q: torch.Tensor, k: torch.Tensor, observe: bool = False, why: str = "", data=None) -> Plan:
         counts, indices = full_lists(q.shape[0], q.shape[1], self.blocks(q.shape[2]),

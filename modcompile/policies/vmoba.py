@@ -68,7 +68,7 @@ def default_shape(grid: tuple, kind: str, block_size: int, text_tokens: int = 0,
     return part_lib.default_block_shape(grid, kind, block_size, text_tokens, text_position)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a CUDA graph key holds the layout itself
 class Layout:
     """Everything a call needs about one partition, on one device (cached)."""
 
@@ -173,10 +173,25 @@ class VmobaPolicy(Policy):
             ctx.state.note = layout.describe() + "; dense warm-up step"
             return ctx.full_plan(q, k, why="warm-up")
         ctx.state.note = layout.describe()
-        _, kp, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias)
-        counts, indices = self.lists_fn(layout, q_pool, masked=key_bias is not None)(q_pool, *pooled_k)
+        masked, pool = key_bias is not None, ctx.outputs
+        if pool is None:
+            _, kp, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias)
+            counts, indices = self.lists_fn(layout, q_pool, masked=masked)(q_pool, *pooled_k)
+        else:  # replayable call: every output in a pooled buffer, the whole plan one CUDA graph
+            counts, indices = ctx.output_lists(q, k)
+            kp = None if layout.identity else pool.take(k.shape, k.dtype, k.device, heads_last=True)
+
+            def fill():
+                _, _, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias, out_k=kp)
+                self.lists_fn(layout, q_pool, masked=masked)(q_pool, *pooled_k, out=(counts, indices))
+
+            if cuda_graphs.enabled(q.device):
+                key = ("vmoba plan", self, layout, cuda_graphs.tensors_key(q, k, key_bias, kp, counts, indices))
+                cuda_graphs.SITE_PLANS.run(key, fill, q.device)
+            else:
+                fill()
         permuted = None if layout.identity else Permuted(layout, (_tensor_key(k), kp))
-        return Plan(ctx.lists(counts, indices, q, k), dense=False, data=permuted)
+        return Plan(ctx.lists(counts, indices, q, k), dense=False, data=permuted, lists_are_outputs=pool is not None)
 
     def lists_fn(self, layout: Layout, q_pool: torch.Tensor, masked: bool = False):
         """``(q_pool, k_pool[, bias_pool]) -> (counts, indices)`` for this layout and pooled shape
@@ -185,7 +200,7 @@ class VmobaPolicy(Policy):
         time), else :meth:`block_lists`."""
         scale = 1.0 / math.sqrt(q_pool.shape[-1])
         if not cuda_graphs.enabled(q_pool.device):
-            return lambda qp, kp, *bp: self.block_lists(qp, kp, layout, scale, *bp)
+            return lambda qp, kp, *bp, out=None: cuda_graphs.copy_into(out, self.block_lists(qp, kp, layout, scale, *bp))
         key = (id(layout), tuple(q_pool.shape), q_pool.dtype, q_pool.device, masked)
         entry = self._graphs.get(key)
         if entry is None or entry[0] is not layout:  # `is`: an evicted layout's id may be reused
@@ -196,17 +211,20 @@ class VmobaPolicy(Policy):
             entry = self._graphs[key] = (layout, call)
         return entry[1]
 
-    def permute_pool(self, q, k, layout: Layout, key_bias=None):
+    def permute_pool(self, q, k, layout: Layout, key_bias=None, out_k=None):
         """``(None, permuted k or None, q_pool, k_pool)``: the attention kernel gathers q rows itself,
-        so only k is permuted (and only when the permutation is not the identity). With
-        ``key_bias`` (B, N): k pooled over the visible keys and a fifth output, the mean bias of
-        each partition block (B, P), -inf for a block of padding (kernels/pooling.py)."""
+        so only k is permuted (and only when the permutation is not the identity; into ``out_k``
+        when given). With ``key_bias`` (B, N): k pooled over the visible keys and a fifth output,
+        the mean bias of each partition block (B, P), -inf for a block of padding
+        (kernels/pooling.py)."""
         if _use_triton(q):
             return pooling.permute_pool(q, k, layout.segments, write_permuted=(False, not layout.identity),
-                                        key_bias=key_bias)
+                                        key_bias=key_bias, out_k=out_k)
         # torch path (CPU): pooling.permute_pool_ref's arithmetic with the layout's cached index tensors
         lo, hi = layout.video
         qp, kp = q.index_select(2, layout.perm), k.index_select(2, layout.perm)
+        if out_k is not None and not layout.identity:
+            kp = out_k.copy_(kp)
 
         def pool(x):
             B, H, _, D = x.shape

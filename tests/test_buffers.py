@@ -1,0 +1,160 @@
+"""Pooled site outputs (modcompile/buffers.py): a buffer comes back only once nothing holds it, and
+on the replayable path (forced here on CPU, with CUDA graphs faked) a compiled model's calls get the
+same output buffers every step, equal results, and never overwrite an output somebody kept."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import modcompile
+from modcompile import cuda_graphs, ops
+from modcompile.buffers import SITE_OUTPUTS, BufferPool
+
+CPU = torch.device("cpu")
+
+
+def test_a_buffer_comes_back_only_when_nothing_holds_it():
+    pool = BufferPool()
+    a = pool.take((2, 3), torch.float32, CPU)
+    first = a.data_ptr()
+    b = pool.take((2, 3), torch.float32, CPU)
+    assert b.data_ptr() != first                          # a is held: another buffer
+    del a
+    c = pool.take((2, 3), torch.float32, CPU)
+    assert c.data_ptr() == first                          # back once dropped
+    row = c[1]                                            # a view keeps it in use
+    del c
+    d = pool.take((2, 3), torch.float32, CPU)
+    assert d.data_ptr() not in (first, b.data_ptr())
+    del row
+    assert pool.take((2, 3), torch.float32, CPU).data_ptr() == first
+    assert pool.take((3, 2), torch.float32, CPU).data_ptr() != first   # another shape, another buffer
+    assert pool.take((2, 3), torch.int32, CPU).dtype == torch.int32
+    assert len(pool) == 5
+    pool.clear()
+    assert len(pool) == 0
+
+
+def test_pool_bounds_and_heads_last_layout():
+    pool = BufferPool(max_per_shape=2, max_bytes=64)
+    held = [pool.take((4,), torch.float32, CPU) for _ in range(3)]
+    assert len(pool) == 2 and len({t.data_ptr() for t in held}) == 3   # the third is not pooled
+    big = pool.take((17,), torch.float32, CPU)                           # 68 bytes > max_bytes
+    assert len(pool) == 2 and big.numel() == 17
+    out = BufferPool().take((2, 3, 5, 4), torch.float16, CPU, heads_last=True)
+    assert out.shape == (2, 3, 5, 4) and out.stride() == (60, 4, 12, 1)
+
+
+class Attention(nn.Module):
+    """One attention whose output leaves the model as a view of the attention op's output."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, timestep):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(B, N, C)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Attention() for _ in range(2))
+
+    def forward(self, x, timestep):
+        for layer in self.layers:
+            x = x + layer(x, timestep)
+        return x
+
+
+def _force_replayable(monkeypatch):
+    """The CUDA inference path on CPU: pooled outputs, and CallGraphs whose 'replay' runs the call
+    given now (a CUDA graph holds addresses, not references: a fake that kept the captured call's
+    closure would keep its tensors alive). Returns the keys of every call, in order."""
+    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training)
+    keys = []
+
+    def run(self, key, fn, device):
+        keys.append(key)
+        entry = self.entries.get(key)
+        if entry is None:
+            self.entries[key] = "seen"
+            self.eager_calls += 1
+        else:
+            self.captures += entry == "seen"
+            self.entries[key] = "graph"
+            self.replays += 1
+        fn()
+    monkeypatch.setattr(cuda_graphs.CallGraphs, "run", run)
+    return keys
+
+
+def _run(model, x, steps, options, keep_outputs):
+    torch._dynamo.reset()
+    modcompile.reset(forget_sites=True)
+    cm = torch.compile(model, backend="modsparse", options={"min_seq_len": 64, "block_size": 32, **options})
+    outs = []
+    with torch.no_grad():
+        for step in range(steps):
+            with modcompile.denoising_step(step, steps):
+                out = cm(x, torch.tensor([1000.0 - 100 * step]))
+            outs.append(out if keep_outputs else out.clone())
+            if out.shape == x.shape:  # a sampler's update, where the model maps x to its own shape
+                x = x + 0.01 * out
+    return outs
+
+
+@pytest.mark.parametrize("policy", [pytest.param("mod", marks=pytest.mark.slow), "dense"])
+def test_replayable_calls_reuse_their_outputs_and_never_overwrite_a_kept_one(policy, fresh_modcompile, monkeypatch):
+    """Every step after the first gets the same out / lse / list buffers per site (so the calls'
+    CUDA-graph keys can repeat), results equal the unpooled path, and an output the caller keeps
+    (the model returns a view of the attention output) keeps its values."""
+    torch.manual_seed(0)
+    model = Attention().eval()
+    x = torch.randn(1, 256, 32)
+    options = {"policy": policy, "warmup_steps": 1, "refresh_interval": 2} if policy == "mod" else {"policy": policy}
+    reference = _run(model, x, 5, options, keep_outputs=False)
+    keys = _force_replayable(monkeypatch)
+    kept = _run(model, x, 5, options, keep_outputs=True)
+    snapshots = [o.clone() for o in kept]
+    for step, (a, b) in enumerate(zip(reference, kept)):
+        assert torch.equal(a, b), f"step {step}"
+    # the output leaves as a view of a pooled buffer (so this test does exercise a kept buffer)...
+    pooled = {buf.data_ptr() for entries in SITE_OUTPUTS._buffers.values() for buf, _ in entries}
+    assert any(o.data_ptr() in pooled for o in kept)
+    # ...and nothing later overwrote a kept one
+    for step, (a, b) in enumerate(zip(kept, snapshots)):
+        assert torch.equal(a, b), f"step {step}'s output was overwritten"
+    assert len(keys) == 5
+    # the lists, which nobody keeps, come back at one address every step; the kept outputs cannot
+    lists = {key[-1][3:5] for key in keys}
+    outputs = {key[-1][6] for key in keys}
+    assert len(lists) == 1 and len(outputs) == 5
+
+
+@pytest.mark.parametrize("policy", ["vmoba", pytest.param("mod", marks=pytest.mark.slow)])
+def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fresh_modcompile, monkeypatch):
+    """A DiT with two layers of video attention (VMoBA permutes k into a pooled buffer), outputs
+    not kept: the same results as the unpooled path, and from the second sparse step on every
+    site's own tensors sit at the addresses of the step before."""
+    from models import TinyVideoDiT
+    torch.manual_seed(1)
+    model = TinyVideoDiT(dim=32, heads=2, layers=2).eval()
+    x = torch.randn(1, 4, 4, 16, 16)
+    options = {"policy": policy, "warmup_steps": 1}
+    reference = _run(model, x, 5, options, keep_outputs=False)
+    keys = _force_replayable(monkeypatch)
+    pooled = _run(model, x, 5, options, keep_outputs=False)
+    for step, (a, b) in enumerate(zip(reference, pooled)):
+        assert torch.equal(a, b), f"step {step}"
+    rows = modcompile.report(print_table=False)
+    assert all(r.status == "sparse" for r in rows), rows
+    per_step = len(keys) // 5
+    assert per_step == 2
+    own = [key[-1][3:] for key in keys]  # lists, key bias, out, lse (and VMoBA's perm and permuted k)
+    for step in (3, 4):
+        assert own[step * per_step:(step + 1) * per_step] == own[(step - 1) * per_step:step * per_step]
