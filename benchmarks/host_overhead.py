@@ -198,9 +198,12 @@ def measure(policy: str, device: str, steps: int, profile: bool = True, preset: 
 
 
 def _site_calls() -> dict:
-    """The last schedule's site attention calls: eager, captured, replayed (modcompile.reset() clears)."""
-    from modcompile.cuda_graphs import SITE_CALLS
-    return {"eager": SITE_CALLS.eager_calls, "captured": SITE_CALLS.captures, "replayed": SITE_CALLS.replays}
+    """The last schedule's site attention calls and whole plans (VMoBA's): eager, captured, replayed
+    (modcompile.reset() clears)."""
+    from modcompile import cuda_graphs
+    calls = {"attention": cuda_graphs.SITE_CALLS, "plan": getattr(cuda_graphs, "SITE_PLANS", None)}
+    return {name: {"eager": c.eager_calls, "captured": c.captures, "replayed": c.replays}
+            for name, c in calls.items() if c is not None}
 
 
 _SITE_GRAPHS_OFF = False  # --no-site-graphs
@@ -235,7 +238,8 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {r['policy']} | {op} | {phase} | {row['calls']} | {row['median_ms']:.3f} | "
                          f"{row['mean_ms']:.3f} | {cells} |")
     lines.append("")
-    lines += [f"{r['policy']}, last schedule's site attention calls: {r['last_schedule_site_calls']}" for r in results]
+    lines += [f"{r['policy']}, last schedule's site calls: {r['last_schedule_site_calls']}; schedule "
+              f"{r['schedule_s'] * 1e3:.1f} ms" for r in results]
     return "\n".join(lines)
 
 
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
     if args.no_site_graphs:
         global _SITE_GRAPHS_OFF
         _SITE_GRAPHS_OFF = True
-        ops._replayable = lambda ctx, q: False
+        ops._replayable = lambda info, q: False
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
         results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset,

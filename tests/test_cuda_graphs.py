@@ -369,7 +369,9 @@ def _compiled_outputs(options, graphs, monkeypatch, steps=6, check_sync=False):
                     x = x - 0.05 * out
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-    calls = cuda_graphs.SITE_CALLS
+    calls, plans = cuda_graphs.SITE_CALLS, cuda_graphs.SITE_PLANS
+    print(f"site calls {options} graphs={graphs}: attention {(calls.eager_calls, calls.captures, calls.replays)} "
+          f"plans {(plans.eager_calls, plans.captures, plans.replays)}")
     return outs, (calls.eager_calls, calls.captures, calls.replays)
 
 

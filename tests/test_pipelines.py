@@ -283,8 +283,10 @@ def test_site_calls_replay_from_cuda_graphs_in_a_real_pipeline(policy, monkeypat
         pipe = tiny_pipeline(False).to("cuda")
         compile_pipeline(pipe, "whole", {"policy": policy, **OPTS, "warmup_steps": 1}, [])
         latents[graphs] = generate(pipe, steps=10, device="cuda")
-        calls = cuda_graphs.SITE_CALLS
+        calls, plans = cuda_graphs.SITE_CALLS, cuda_graphs.SITE_PLANS
         counts[graphs] = (calls.eager_calls, calls.captures, calls.replays)
+        print(f"pipeline {policy} graphs={graphs}: attention {counts[graphs]} "
+              f"plans {(plans.eager_calls, plans.captures, plans.replays)}")
     assert counts["0"] == (0, 0, 0)
     eager, captures, replays = counts["1"]
     assert eager + replays == 2 * 2 * 10, counts            # 2 layers x 2 CFG passes x 10 steps
