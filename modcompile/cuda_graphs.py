@@ -62,10 +62,12 @@ class GraphedCall:
 
     def __call__(self, *inputs: torch.Tensor, out: tuple | None = None) -> tuple:
         """``fn(*inputs)``: copies of the outputs, or written into ``out`` (and returned) when given."""
-        if self.graph is None and not (self.failed or self.eager_calls == 0
-                                       or torch.cuda.is_current_stream_capturing()):
+        # eager: the first call, after a failed capture, and inside the caller's own capture (a graph
+        # launch cannot be captured into another graph: fn's launches are recorded instead)
+        eager = self.failed or self.eager_calls == 0 or torch.cuda.is_current_stream_capturing()
+        if self.graph is None and not eager:
             self._capture(inputs)
-        if self.graph is None:  # first call, failed or nested capture: eager
+        if self.graph is None or eager:
             self.eager_calls += 1
             results = tuple(self.fn(*inputs))
         else:

@@ -436,3 +436,19 @@ def test_call_graphs_inside_an_outer_capture_only_record(monkeypatch):
     ran = []
     calls.run(("a",), lambda: ran.append(1), torch.device("cpu"))
     assert ran == [1] and calls.replays == 1 and calls.eager_calls == 2
+
+
+def test_graphed_call_inside_an_outer_capture_runs_its_function(monkeypatch):
+    """A GraphedCall that already has a graph must not replay it inside another capture (a graph
+    launch cannot be captured into another graph): it runs its function, whose launches the outer
+    graph records, and copies into ``out`` as usual. (VMoBA's whole-plan graph holds its selection.)"""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    call = cuda_graphs.GraphedCall(lambda x: (x * 2,), name="test")
+    x = torch.randn(5)
+    assert torch.equal(call(x)[0], x * 2)                      # eager warm-up
+    call.graph, call.static_inputs, call.static_outputs = _FakeGraph(lambda: None), (x.clone(),), (x * 0,)
+    assert torch.equal(call(x)[0], x * 0)                      # replays the (fake) graph
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    out = torch.empty(5)
+    got = call(x, out=(out,))
+    assert got[0] is out and torch.equal(out, x * 2) and call.replays == 1 and call.eager_calls == 2
