@@ -202,7 +202,8 @@ def _site_calls() -> dict:
     (modcompile.reset() clears)."""
     from modcompile import cuda_graphs
     calls = {"attention": cuda_graphs.SITE_CALLS, "plan": getattr(cuda_graphs, "SITE_PLANS", None)}
-    return {name: {"eager": c.eager_calls, "captured": c.captures, "replayed": c.replays}
+    return {name: {"eager": c.eager_calls, "captured": c.captures, "replayed": c.replays,
+                   "failed": getattr(c, "failures", 0)}
             for name, c in calls.items() if c is not None}
 
 

@@ -160,7 +160,7 @@ class CallGraphs:
         self.entries: OrderedDict = OrderedDict()   # key -> CUDAGraph, _SEEN or _FAILED
         self._pools: dict = {}                      # stream -> pool handle
         self._streams: dict = {}                    # device index -> capture stream
-        self.eager_calls = self.captures = self.replays = 0
+        self.eager_calls = self.captures = self.replays = self.failures = 0
 
     def run(self, key, fn: Callable[[], None], device: torch.device) -> None:
         if torch.cuda.is_current_stream_capturing():  # inside the caller's own capture: just record fn
@@ -190,7 +190,7 @@ class CallGraphs:
     def clear(self) -> None:
         self.entries.clear()
         self._pools.clear()
-        self.eager_calls = self.captures = self.replays = 0
+        self.eager_calls = self.captures = self.replays = self.failures = 0
 
     def _remember(self, key, entry) -> None:
         self.entries[key] = entry
@@ -210,6 +210,7 @@ class CallGraphs:
         except Exception as exc:  # e.g. an op that synchronizes: this key stays eager
             log.warning("modcompile: CUDA graph capture of %s failed (%s: %s); that call stays eager",
                         self.name, type(exc).__name__, exc)
+            self.failures += 1
             return None
         self.captures += 1
         return graph

@@ -287,8 +287,11 @@ def test_site_calls_replay_from_cuda_graphs_in_a_real_pipeline(policy, monkeypat
         counts[graphs] = (calls.eager_calls, calls.captures, calls.replays)
         print(f"pipeline {policy} graphs={graphs}: attention {counts[graphs]} "
               f"plans {(plans.eager_calls, plans.captures, plans.replays)}")
+        assert calls.failures == plans.failures == 0
+        plan_replays = plans.replays
     assert counts["0"] == (0, 0, 0)
     eager, captures, replays = counts["1"]
     assert eager + replays == 2 * 2 * 10, counts            # 2 layers x 2 CFG passes x 10 steps
+    assert policy != "vmoba" or plan_replays > 0             # VMoBA's whole sparse plan replays too
     assert torch.isfinite(latents["1"]).all()
     assert torch.equal(latents["0"], latents["1"])
