@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import re
 
 import torch
@@ -92,13 +93,36 @@ def _layer_of(info, fallback: int) -> int:
     return int(m.group(1)) if m else fallback
 
 
+@contextlib.contextmanager
+def inspectable():
+    """Calls made inside keep their block lists for :func:`current_site_plans`.
+
+    On CUDA, inference calls replay from CUDA graphs and their lists come from a pool that gets
+    them back right after the call's attention (modcompile/buffers.py), so nothing of an earlier
+    layer or step is left to read. Inside this context those calls take the eager path, whose
+    results are the same (the GPU tests compare them bitwise); a harness wraps the pass it
+    inspects, not the passes it times."""
+    from modcompile import cuda_graphs
+    before = os.environ.get(cuda_graphs.ENV)
+    os.environ[cuda_graphs.ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(cuda_graphs.ENV, None)
+        else:
+            os.environ[cuda_graphs.ENV] = before
+
+
 def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
     """The block lists each rewritten site used in its last call, keyed by layer index.
 
     Reads modcompile's runtime registry (first pass of each site). Values: dict with kv_counts,
     kv_indices, dense (bool), density (float), block_size, policy, and ``attend`` — a callable
     ``(q, k, v) -> (out, lse)`` that runs the policy's own sparse attention with those lists
-    (it handles partition permutations), used to measure recall from the log-sum-exp."""
+    (it handles partition permutations), used to measure recall from the log-sum-exp. Calls that
+    replayed from CUDA graphs keep no lists (kv_counts / kv_indices None, ``attend`` raises): run
+    the pass to inspect under :func:`inspectable`."""
     runtime, _ = try_import("modcompile.runtime")
     if runtime is None or not hasattr(runtime, "REGISTRY"):
         return {}
@@ -116,8 +140,10 @@ def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
             continue
         density = state.density
         density = float(density) if density is not None else None
+        lists = state.plan.lists
         plans[_layer_of(info, fallback)] = {
-            "site": info.key, "kv_counts": state.plan.lists.counts, "kv_indices": state.plan.lists.indices,
+            "site": info.key, "kv_counts": None if lists is None else lists.counts,
+            "kv_indices": None if lists is None else lists.indices,
             "dense": bool(state.plan.dense), "density": density, "block_size": info.config.block_size,
             "policy": info.config.policy, "attend": _attend_fn(info, state),
         }
@@ -127,6 +153,9 @@ def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
 def _attend_fn(info, state):
     def attend(q, k, v, scale=None):
         from modcompile.ops import policy_for
+        if state.plan is None or state.plan.lists is None:
+            raise RuntimeError(f"site {info.key}: its last call kept no block lists (it ran on the CUDA-graph "
+                               "path, which hands them back to the pool); run it under backend.inspectable()")
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         policy = policy_for(info.config)
         return policy.attention(state.context, q, k, v, state.plan, scale)

@@ -112,7 +112,7 @@ def run_synthetic(args) -> dict:
             compiled = mb.compile_model(AttentionOnly(), "modsparse", opts)
             ctx = mb.step_context()
             for i in range(args.steps):
-                with ctx(i, args.steps), torch.no_grad():
+                with ctx(i, args.steps), torch.no_grad(), mb.inspectable():  # recall reruns the lists
                     out = compiled(q, k, v, timestep)
                 plan = mb.current_site_plans(opts["policy"]).get(0)
                 r = {"variant": name, "step": i, "rel_err": relative_l2(out.float(), ref)}

@@ -121,3 +121,31 @@ def _xdist_workers() -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores - 2 if cores > 3 else 0
+
+
+@pytest.fixture
+def replayable_on_cpu(monkeypatch):
+    """The CUDA inference path on CPU: pooled outputs, and CallGraphs whose 'replay' runs the call
+    given now (a CUDA graph holds addresses, not references: a fake that kept the captured call's
+    closure would keep its tensors alive). Off, as on CUDA, under MODCOMPILE_CUDA_GRAPHS=0. Yields
+    the keys of every call that took the path, in order."""
+    import os
+
+    from modcompile import cuda_graphs, ops
+    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training
+                        and os.environ.get(cuda_graphs.ENV, "1") not in ("", "0"))
+    keys = []
+
+    def run(self, key, fn, device):
+        keys.append(key)
+        entry = self.entries.get(key)
+        if entry is None:
+            self.entries[key] = "seen"
+            self.eager_calls += 1
+        else:
+            self.captures += entry == "seen"
+            self.entries[key] = "graph"
+            self.replays += 1
+        fn()
+    monkeypatch.setattr(cuda_graphs.CallGraphs, "run", run)
+    yield keys

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import modcompile
-from modcompile import cuda_graphs, ops
 from modcompile.buffers import SITE_OUTPUTS, BufferPool
 
 CPU = torch.device("cpu")
@@ -71,28 +70,6 @@ class TwoLayers(nn.Module):
         return x
 
 
-def _force_replayable(monkeypatch):
-    """The CUDA inference path on CPU: pooled outputs, and CallGraphs whose 'replay' runs the call
-    given now (a CUDA graph holds addresses, not references: a fake that kept the captured call's
-    closure would keep its tensors alive). Returns the keys of every call, in order."""
-    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training)
-    keys = []
-
-    def run(self, key, fn, device):
-        keys.append(key)
-        entry = self.entries.get(key)
-        if entry is None:
-            self.entries[key] = "seen"
-            self.eager_calls += 1
-        else:
-            self.captures += entry == "seen"
-            self.entries[key] = "graph"
-            self.replays += 1
-        fn()
-    monkeypatch.setattr(cuda_graphs.CallGraphs, "run", run)
-    return keys
-
-
 def _run(model, x, steps, options, keep_outputs):
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
@@ -109,7 +86,7 @@ def _run(model, x, steps, options, keep_outputs):
 
 
 @pytest.mark.parametrize("policy", [pytest.param("mod", marks=pytest.mark.slow), "dense"])
-def test_replayable_calls_reuse_their_outputs_and_never_overwrite_a_kept_one(policy, fresh_modcompile, monkeypatch):
+def test_replayable_calls_reuse_their_outputs_and_never_overwrite_a_kept_one(policy, fresh_modcompile, request):
     """Every step after the first gets the same out / lse / list buffers per site (so the calls'
     CUDA-graph keys can repeat), results equal the unpooled path, and an output the caller keeps
     (the model returns a view of the attention output) keeps its values."""
@@ -118,7 +95,7 @@ def test_replayable_calls_reuse_their_outputs_and_never_overwrite_a_kept_one(pol
     x = torch.randn(1, 256, 32)
     options = {"policy": policy, "warmup_steps": 1, "refresh_interval": 2} if policy == "mod" else {"policy": policy}
     reference = _run(model, x, 5, options, keep_outputs=False)
-    keys = _force_replayable(monkeypatch)
+    keys = request.getfixturevalue("replayable_on_cpu")
     kept = _run(model, x, 5, options, keep_outputs=True)
     snapshots = [o.clone() for o in kept]
     for step, (a, b) in enumerate(zip(reference, kept)):
@@ -137,7 +114,7 @@ def test_replayable_calls_reuse_their_outputs_and_never_overwrite_a_kept_one(pol
 
 
 @pytest.mark.parametrize("policy", ["vmoba", pytest.param("mod", marks=pytest.mark.slow)])
-def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fresh_modcompile, monkeypatch):
+def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fresh_modcompile, request):
     """A DiT with two layers of video attention (VMoBA permutes k into a pooled buffer), outputs
     not kept: the same results as the unpooled path, and from the second sparse step on every
     site's own tensors sit at the addresses of the step before."""
@@ -147,7 +124,7 @@ def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fres
     x = torch.randn(1, 4, 4, 16, 16)
     options = {"policy": policy, "warmup_steps": 1}
     reference = _run(model, x, 5, options, keep_outputs=False)
-    keys = _force_replayable(monkeypatch)
+    keys = request.getfixturevalue("replayable_on_cpu")
     pooled = _run(model, x, 5, options, keep_outputs=False)
     for step, (a, b) in enumerate(zip(reference, pooled)):
         assert torch.equal(a, b), f"step {step}"
@@ -158,3 +135,36 @@ def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fres
     own = [key[-1][3:] for key in keys]  # lists, key bias, out, lse (and VMoBA's perm and permuted k)
     for step in (3, 4):
         assert own[step * per_step:(step + 1) * per_step] == own[(step - 1) * per_step:step * per_step]
+
+
+def test_harness_reads_lists_only_from_an_inspected_pass(fresh_modcompile, replayable_on_cpu):
+    """Replayed calls hand their lists back to the pool, so a benchmark reading a step's lists gets
+    None and a clear error from ``attend``; under ``benchmarks.backend.inspectable()`` the same calls
+    take the eager path (no replay keys), give the same outputs, and leave every site's lists."""
+    from benchmarks import backend as mb
+    from models import TinyVideoDiT
+    torch.manual_seed(2)
+    model = TinyVideoDiT(dim=32, heads=2, layers=2).eval()
+    x = torch.randn(1, 4, 4, 16, 16)
+    outs = _run(model, x, 3, {"policy": "vmoba", "warmup_steps": 1}, keep_outputs=False)
+    assert len(replayable_on_cpu) == 6
+    plans = mb.current_site_plans("vmoba")
+    assert len(plans) == 2 and all(p["kv_counts"] is None and not p["dense"] for p in plans.values())
+    q = torch.randn(1, 2, 256, 16)
+    with pytest.raises(RuntimeError, match="inspectable"):
+        plans[0]["attend"](q, q, q)
+
+    replayable_on_cpu.clear()
+    with mb.inspectable():
+        again = _run(model, x, 3, {"policy": "vmoba", "warmup_steps": 1}, keep_outputs=False)
+    assert replayable_on_cpu == []
+    for a, b in zip(outs, again):
+        assert torch.equal(a, b)
+    plans = mb.current_site_plans("vmoba")
+    assert len(plans) == 2
+    for p in plans.values():
+        counts, indices = p["kv_counts"], p["kv_indices"]
+        assert counts is not None and counts.dtype == torch.int32 and indices.shape[:3] == counts.shape
+        assert 0 < p["density"] < 1
+        out, lse = p["attend"](q, q, q)
+        assert out.shape == q.shape and torch.isfinite(lse).all()

@@ -250,11 +250,16 @@ def test_cli_help_lists_levels(capsys):
 
 
 @pytest.mark.slow
-def test_fidelity_dit_level_end_to_end(tmp_path, fresh_modcompile):
+@pytest.mark.parametrize("path", ["eager", "replayable"])
+def test_fidelity_dit_level_end_to_end(path, tmp_path, fresh_modcompile, request):
     """The DiT fidelity level on a tiny checkpoint whose attention matters (random non-zero gates):
     the Inductor speed baseline and the speedup column exist, the sweep does not run the default
-    knob twice, the dense policy reproduces eager dense, and a sparse policy changes the sample."""
+    knob twice, the dense policy reproduces eager dense, and a sparse policy changes the sample.
+    ``replayable``: the CUDA inference path (pooled lists, forced on CPU), where the harness must
+    still find every sparse step's lists for its recall."""
     pytest.importorskip("modcompile.backend")
+    if path == "replayable":
+        request.getfixturevalue("replayable_on_cpu")
     from benchmarks.cli import main
     from benchmarks.train_dit import save_checkpoint
     torch.manual_seed(0)
@@ -275,6 +280,7 @@ def test_fidelity_dit_level_end_to_end(tmp_path, fresh_modcompile):
     for name in ("vmoba", "vmoba[tau=0.6]"):
         assert rows[name]["density"] < 1 and rows[name]["sparse_steps"] >= 1
         assert math.isfinite(rows[name]["psnr_db"]) and 0 < rows[name]["rel_err"] < 1
+        assert 0 < rows[name]["recall"] <= 1
     assert rows["vmoba[tau=0.6]"]["density"] >= rows["vmoba"]["density"]  # more mass kept at a higher tau
     assert "partial" not in (tmp_path / "fidelity.md").read_text()
     if common.pyplot() is not None:  # matplotlib is a bench extra, not a test dependency
