@@ -65,6 +65,8 @@ def plan_with_lists(plan: Plan, kv_counts: Tensor, kv_indices: Tensor) -> Plan:
     """The call's plan with the lists the graph passed this op (copies of the plan's own;
     metadata only)."""
     lists = plan.lists
+    if lists.counts is kv_counts and lists.indices is kv_indices:  # the policy's own pooled lists
+        return plan
     return plan.with_lists(BlockLists(kv_counts, kv_indices, lists.block_size, lists.q_len, lists.kv_len))
 
 
@@ -104,7 +106,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
     # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
     result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
     state.context, state.plan = ctx, result
-    state.record_density(result)
+    state.record_density(result, now=ctx.outputs is None)  # replayable: in the attention call's graph
     if result.dense:
         state.dense_why = result.why or "dense plan"
     else:
@@ -141,7 +143,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
             policy.attention_done(plan)
     out, lse = _pooled_outputs(q)
 
+    density = None if plan.dense else state.density_sum
+
     def call():
+        if density is not None:
+            state.sum_density(kv_counts)
         got, got_lse = site_attention(policy, ctx, q, k, v, plan, scale, key_bias, out=out, lse=lse)
         if got is not out:  # a path (or a test's wrapper) that allocated its own
             out.copy_(got)
@@ -151,7 +157,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     # everything the call's device work depends on: the policy (hence the options), what the plan
     # decided on the host, and every tensor it reads or writes (the policy's own among them)
     key = (policy, plan.dense, plan.observe, scale,
-           tensors_key(q, k, v, kv_counts, kv_indices, key_bias, out, lse, *policy.attention_tensors(plan, k)))
+           tensors_key(q, k, v, kv_counts, kv_indices, key_bias, out, lse, density, *policy.attention_tensors(plan, k)))
     try:
         SITE_CALLS.run(key, call, q.device)
     finally:

@@ -218,7 +218,7 @@ class Registry:
         geometry is dropped."""
         info = state.info
         run = self._current[info.spec_key][0]             # set by enter_site for this call
-        grid = tuple(int(g) for g in grid)
+        grid = (int(grid[0]), int(grid[1]), int(grid[2]))
         if min(grid) > 0:
             run.last_grid = grid
         else:
@@ -234,9 +234,14 @@ class Registry:
         text = text_tokens_for(seq_len, grid)
         if text is None:
             grid, text = None, 0
-        if (info.seq_len, info.grid, info.text_tokens, info.inferred_text_position) != (seq_len, grid, text, position):
-            info = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text,
-                                       inferred_text_position=position)
+        fields = (seq_len, grid, text, position)
+        if (info.seq_len, info.grid, info.text_tokens, info.inferred_text_position) != fields:
+            base, last, resolved = state.resolved_info or (None, None, None)
+            if base is not info or last != fields:  # every call of a denoising loop repeats the last one's
+                resolved = dataclasses.replace(info, seq_len=seq_len, grid=grid, text_tokens=text,
+                                               inferred_text_position=position)
+                state.resolved_info = (info, fields, resolved)
+            info = resolved
         if state.geometry != (seq_len, grid):
             if state.geometry is not None:
                 state.policy_state, state.plan = None, None

@@ -63,22 +63,28 @@ class SiteState:
     density_sum: Any = None         # 0-dim float32 device tensor: the last sparse plan's listed blocks
     density_blocks: int = 0         # ... out of this many
     density_of: Any = None          # weak reference to the counts density_sum was taken from
+    resolved_info: tuple | None = None  # (info, call fields, info with them): Registry.call_info's last answer
 
-    def record_density(self, plan) -> None:
+    def record_density(self, plan, now: bool = True) -> None:
         """Keep a sparse plan's block density, but not its lists: those go after the call's attention
         (``ops.sparse_attention``), so that nothing of one step outlives it and the next step's
         tensors get the same addresses (the site calls' CUDA graphs are keyed by them). One small
-        reduction per sparse plan with new lists, into a buffer made once."""
+        reduction per sparse plan with new lists, into a buffer made once; ``now=False``: the
+        caller runs it (:meth:`sum_density`) inside the call's CUDA graph instead."""
         if plan.dense:
             return
         counts = plan.lists.counts
-        if self.density_of is not None and self.density_of() is counts:  # the same lists again (MOD between refreshes)
-            return
-        self.density_of = weakref.ref(counts)
         if self.density_sum is None or self.density_sum.device != counts.device:
             self.density_sum = torch.zeros((), dtype=torch.float32, device=counts.device)
-        torch.sum(counts, dim=tuple(range(counts.dim())), dtype=torch.float32, out=self.density_sum)
         self.density_blocks = counts.numel() * plan.lists.width
+        if not now:
+            self.density_of = None
+        elif self.density_of is None or self.density_of() is not counts:  # not the same lists again (MOD)
+            self.density_of = weakref.ref(counts)
+            self.sum_density(counts)
+
+    def sum_density(self, counts) -> None:
+        torch.sum(counts, dim=tuple(range(counts.dim())), dtype=torch.float32, out=self.density_sum)
 
     @property
     def density(self):

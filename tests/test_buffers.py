@@ -70,7 +70,7 @@ class TwoLayers(nn.Module):
         return x
 
 
-def _run(model, x, steps, options, keep_outputs):
+def _run(model, x, steps, options, keep_outputs, densities=None):
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
     cm = torch.compile(model, backend="modsparse", options={"min_seq_len": 64, "block_size": 32, **options})
@@ -80,6 +80,8 @@ def _run(model, x, steps, options, keep_outputs):
             with modcompile.denoising_step(step, steps):
                 out = cm(x, torch.tensor([1000.0 - 100 * step]))
             outs.append(out if keep_outputs else out.clone())
+            if densities is not None:
+                densities.append([r.density for r in modcompile.report(print_table=False)])
             if out.shape == x.shape:  # a sampler's update, where the model maps x to its own shape
                 x = x + 0.01 * out
     return outs
@@ -122,17 +124,20 @@ def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fres
     torch.manual_seed(1)
     model = TinyVideoDiT(dim=32, heads=2, layers=2).eval()
     x = torch.randn(1, 4, 4, 16, 16)
-    options = {"policy": policy, "warmup_steps": 1}
-    reference = _run(model, x, 5, options, keep_outputs=False)
+    options = {"policy": policy, "warmup_steps": 1, **({"coverage": 0.5} if policy == "mod" else {})}
+    densities, pooled_densities = [], []
+    reference = _run(model, x, 5, options, keep_outputs=False, densities=densities)
     keys = request.getfixturevalue("replayable_on_cpu")
-    pooled = _run(model, x, 5, options, keep_outputs=False)
+    pooled = _run(model, x, 5, options, keep_outputs=False, densities=pooled_densities)
     for step, (a, b) in enumerate(zip(reference, pooled)):
         assert torch.equal(a, b), f"step {step}"
     rows = modcompile.report(print_table=False)
     assert all(r.status == "sparse" for r in rows), rows
+    # the density report (summed inside the replayed call on this path) is every step's as before
+    assert pooled_densities == densities and any(0 < d < 1 for step in densities for d in step)
     per_step = len(keys) // 5
     assert per_step == 2
-    own = [key[-1][3:] for key in keys]  # lists, key bias, out, lse (and VMoBA's perm and permuted k)
+    own = [key[-1][3:] for key in keys]  # lists, key bias, out, lse, density (and VMoBA's permuted k)
     for step in (3, 4):
         assert own[step * per_step:(step + 1) * per_step] == own[(step - 1) * per_step:step * per_step]
 

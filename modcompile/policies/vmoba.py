@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -88,7 +88,8 @@ class Layout:
     def identity(self) -> bool:
         return self.partition.identity
 
-    def describe(self) -> str:
+    @cached_property  # the site's note, set on every call
+    def description(self) -> str:
         p = self.partition
         return f"vmoba {p.kind} blocks {'x'.join(map(str, p.block))} ({p.num_blocks} per head)"
 
@@ -170,9 +171,9 @@ class VmobaPolicy(Policy):
         if layout is None:
             return ctx.full_plan(q, k, why="no grid" if ctx.info.grid is None else "grid does not fit")
         if ctx.step < self.warmup_steps(ctx):
-            ctx.state.note = layout.describe() + "; dense warm-up step"
+            ctx.state.note = layout.description + "; dense warm-up step"
             return ctx.full_plan(q, k, why="warm-up")
-        ctx.state.note = layout.describe()
+        ctx.state.note = layout.description
         masked, pool = key_bias is not None, ctx.outputs
         if pool is None:
             _, kp, q_pool, *pooled_k = self.permute_pool(q, k, layout, key_bias=key_bias)
@@ -207,7 +208,7 @@ class VmobaPolicy(Policy):
             if len(self._graphs) >= _MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             call = cuda_graphs.GraphedCall(lambda qp, kp, *bp: self.block_lists(qp, kp, layout, scale, *bp),
-                                           name=f"the {layout.describe()} selection")
+                                           name=f"the {layout.description} selection")
             entry = self._graphs[key] = (layout, call)
         return entry[1]
 
