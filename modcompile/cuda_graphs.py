@@ -167,8 +167,8 @@ class CallGraphs:
             self.eager_calls += 1
             fn()
             return
-        stream = torch.cuda.current_stream(device)
-        key = (stream.cuda_stream, key)
+        handle = _current_stream_handle(device)
+        key = (handle, key)
         entry = self.entries.get(key)
         if entry is not None and entry not in (_SEEN, _FAILED):
             self.entries.move_to_end(key)
@@ -176,7 +176,7 @@ class CallGraphs:
             self.replays += 1
             return
         if entry is _SEEN:
-            graph = self._capture(fn, device, stream)
+            graph = self._capture(fn, device, handle)
             self.entries[key] = graph if graph is not None else _FAILED
             if graph is not None:
                 graph.replay()
@@ -197,10 +197,10 @@ class CallGraphs:
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
 
-    def _capture(self, fn, device: torch.device, stream):
-        pool = self._pools.get(stream.cuda_stream)
+    def _capture(self, fn, device: torch.device, stream_handle: int):
+        pool = self._pools.get(stream_handle)
         if pool is None:
-            pool = self._pools[stream.cuda_stream] = torch.cuda.graph_pool_handle()
+            pool = self._pools[stream_handle] = torch.cuda.graph_pool_handle()
         side = self._streams.get(device.index)
         if side is None:
             side = self._streams[device.index] = torch.cuda.Stream(device)
@@ -214,6 +214,17 @@ class CallGraphs:
             return None
         self.captures += 1
         return graph
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # absent from CPU builds
+
+
+def _current_stream_handle(device: torch.device) -> int:
+    """The current CUDA stream's handle, without building a ``torch.cuda.Stream`` (which costs
+    more host time than the rest of a replay's bookkeeping)."""
+    if _raw_stream is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return _raw_stream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 # The site attention ops' calls (modcompile/ops.py) and the policies' whole plans (VMoBA's);

@@ -9,7 +9,6 @@ block lists, whether the call is dense or observes, and the policy's own per-cal
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -37,8 +36,12 @@ class Plan:
     lists_are_outputs: bool = False  # the lists were taken from ``SiteContext.outputs``: the graph gets them as they are
 
     def with_lists(self, lists: BlockLists) -> Plan:
-        """This plan with other lists of the same shape (the graph hands the ops copies)."""
-        return dataclasses.replace(self, lists=lists)
+        """This plan with other lists of the same shape (the graph hands the ops copies). A shallow
+        copy: ``dataclasses.replace`` re-runs ``__init__``, a cost paid on every site call."""
+        plan = object.__new__(type(self))
+        plan.__dict__.update(self.__dict__)
+        plan.lists = lists
+        return plan
 
 
 @dataclass
