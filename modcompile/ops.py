@@ -48,17 +48,27 @@ _TAGS = tuple(t for t in (getattr(torch._C.Tag, "cudagraph_unsafe", None),) if t
 def graph_lists(plan: Plan, pool=None) -> tuple[Tensor, Tensor]:
     """The plan op's outputs. Policies keep their lists across calls (cached full lists, MOD's
     interval masks), but the compiled graph owns an op's outputs and may reuse their memory once
-    they are dead: hand it copies (two small device copies per call), into buffers of ``pool`` on
-    the replayable path (the same addresses every step), or the lists themselves when the policy
-    wrote them into such buffers (``plan.lists_are_outputs``)."""
+    they are dead: hand it copies (two small device copies per call), or the lists themselves when
+    the policy wrote them into buffers of ``pool`` (``plan.lists_are_outputs``). On the replayable
+    path (``pool`` given) the copies go into pooled buffers (the same addresses every step) and are
+    left to the attention call, whose CUDA graph makes them (``plan.copy_from``): the policy's
+    lists keep their addresses between refreshes, so the call's key still repeats, and the plan op
+    launches nothing."""
     lists = plan.lists
     if plan.lists_are_outputs:
         return lists.counts, lists.indices
     if pool is None:
         return lists.counts.clone(), lists.indices.clone()
-    counts = pool.take(lists.counts.shape, lists.counts.dtype, lists.counts.device)
-    indices = pool.take(lists.indices.shape, lists.indices.dtype, lists.indices.device)
-    return counts.copy_(lists.counts), indices.copy_(lists.indices)
+    plan.copy_from = (lists.counts, lists.indices)
+    return (pool.take(lists.counts.shape, lists.counts.dtype, lists.counts.device),
+            pool.take(lists.indices.shape, lists.indices.dtype, lists.indices.device))
+
+
+def _copy_lists(plan: Plan) -> None:
+    """Fill the graph's lists from the policy's (see :func:`graph_lists`)."""
+    if plan.copy_from is not None:
+        plan.lists.counts.copy_(plan.copy_from[0])
+        plan.lists.indices.copy_(plan.copy_from[1])
 
 
 def plan_with_lists(plan: Plan, kv_counts: Tensor, kv_indices: Tensor) -> Plan:
@@ -137,6 +147,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     policy, ctx = policy_for(state.info.config), state.context
     plan = plan_with_lists(state.plan, kv_counts, kv_indices)
     if not _replayable(ctx.info, q):
+        _copy_lists(plan)  # a plan made on the replayable path (its switch turned off in between)
         try:
             return site_attention(policy, ctx, q, k, v, plan, scale, key_bias)
         finally:
@@ -146,6 +157,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     density = None if plan.dense else state.density_sum
 
     def call():
+        _copy_lists(plan)
         if density is not None:
             state.sum_density(kv_counts)
         got, got_lse = site_attention(policy, ctx, q, k, v, plan, scale, key_bias, out=out, lse=lse)
@@ -157,7 +169,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     # everything the call's device work depends on: the policy (hence the options), what the plan
     # decided on the host, and every tensor it reads or writes (the policy's own among them)
     key = (policy, plan.dense, plan.observe, scale,
-           tensors_key(q, k, v, kv_counts, kv_indices, key_bias, out, lse, density, *policy.attention_tensors(plan, k)))
+           tensors_key(q, k, v, kv_counts, kv_indices, key_bias, out, lse, density, *(plan.copy_from or (None, None)),
+                       *policy.attention_tensors(plan, k)))
     try:
         SITE_CALLS.run(key, call, q.device)
     finally:

@@ -173,3 +173,26 @@ def test_harness_reads_lists_only_from_an_inspected_pass(fresh_modcompile, repla
         assert 0 < p["density"] < 1
         out, lse = p["attend"](q, q, q)
         assert out.shape == q.shape and torch.isfinite(lse).all()
+
+
+@pytest.mark.slow
+def test_mod_lists_keep_their_addresses_across_refreshes(fresh_modcompile, replayable_on_cpu):
+    """On the replayable path the plan op leaves the list copies to the attention call's graph,
+    which reads MOD's lists where its refreshes write them: every sparse call of a site names the
+    same source lists, refresh or not, so its CUDA-graph key can repeat for the whole schedule."""
+    from models import TinyVideoDiT
+    torch.manual_seed(3)
+    model = TinyVideoDiT(dim=32, heads=2, layers=2).eval()
+    x = torch.randn(1, 4, 4, 16, 16)
+    options = {"policy": "mod", "warmup_steps": 1, "refresh_interval": 2, "coverage": 0.5}
+    _run(model, x, 8, options, keep_outputs=False)
+    assert len(replayable_on_cpu) == 16
+    sources = {}
+    for i, key in enumerate(replayable_on_cpu):
+        if not key[1]:  # sparse calls (dense ones copy the cached full lists)
+            sources.setdefault(i % 2, set()).add(key[-1][9:11])  # per layer: the lists copied from
+    assert sorted(sources) == [0, 1]
+    assert all(len(s) == 1 and None not in next(iter(s)) for s in sources.values()), sources
+    events = [e for st in modcompile.runtime.REGISTRY.states.values() if st.policy_state is not None
+              for e in st.policy_state.events]
+    assert any(e[1].startswith("refresh") for e in events), events  # the schedule did refresh

@@ -34,6 +34,8 @@ class Plan:
     why: str = ""                  # dense plans: a few words on why (report() status: "dense (warm-up)")
     data: Any = None               # the policy's own per-call data for its attention / observe
     lists_are_outputs: bool = False  # the lists were taken from ``SiteContext.outputs``: the graph gets them as they are
+    copy_from: Any = None          # set by the plan op on the replayable path: (counts, indices) the attention
+                                   # call copies into the graph's lists first, inside its CUDA graph
 
     def with_lists(self, lists: BlockLists) -> Plan:
         """This plan with other lists of the same shape (the graph hands the ops copies). A shallow

@@ -76,7 +76,9 @@ class ModState:
     fits: list = field(default_factory=list)       # last two (step, coef (H, P))
     mask: torch.Tensor | None = None               # (H, nb, nb) bool, current kept blocks
     head_lists: tuple | None = None                # (counts (H, nb), indices (H, nb, nb)) int32
-    lists: dict = field(default_factory=dict)      # batch -> contiguous (B, H, ...) lists
+    lists: dict = field(default_factory=dict)      # batch -> contiguous (B, H, ...) lists of the current mask
+    list_buffers: dict = field(default_factory=dict)  # batch -> where those are written at each refresh: made
+                                                      # once, so the lists keep their addresses (ops.graph_lists)
     lines: torch.Tensor | None = None              # (H,) lines kept per head
     keep_frame: torch.Tensor | None = None         # (H,) bool
     predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
@@ -220,8 +222,12 @@ class ModPolicy(Policy):
         lists = st.lists.get(batch)
         if lists is None:
             counts, indices = st.head_lists
-            lists = (counts.expand(batch, *counts.shape).contiguous(),
-                     indices.expand(batch, *indices.shape).contiguous())
+            lists = st.list_buffers.get(batch)
+            if lists is None:
+                lists = st.list_buffers[batch] = (counts.new_empty(batch, *counts.shape),
+                                                  indices.new_empty(batch, *indices.shape))
+            lists[0].copy_(counts.expand_as(lists[0]))
+            lists[1].copy_(indices.expand_as(lists[1]))
             st.lists[batch] = lists
         return lists
 
@@ -262,7 +268,7 @@ class ModPolicy(Policy):
         if build:
             st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[2:]
             st.head_lists = (counts[0], indices[0])
-            st.lists = {raw.shape[0]: (counts, indices)}
+            st.lists = {}  # written into st.list_buffers by the next plan
 
     def _extrapolation_inputs(self, st: ModState, step: int, heads: int, fg: FitGeometry) -> list:
         """``[coef_prev, steps]`` for :func:`observe_tail`: the last fit and, as a device tensor,
