@@ -390,3 +390,27 @@ def test_fidelity_synthetic_matched_density_rows(tmp_path, monkeypatch):
     # the existing rows and columns are still there, the matched block is its own labelled section
     assert {"mod", "vmoba"} <= set(main) and any(r["policy"] == "oracle" for r in payload["rows"])
     assert "### Matched density" in (tmp_path / "fidelity_synthetic.md").read_text()
+
+
+def test_host_overhead_reports_the_site_call_against_the_goal():
+    """host_overhead's summary line: plan + attention medians of the sparse steps, judged against
+    issue 17's goal on CUDA only (CPU host times are no GPU claim); no line without sparse steps."""
+    from benchmarks.host_overhead import SITE_CALL_GOAL_MS, markdown, site_call_ms
+
+    def result(policy, device, plan, attention):
+        ops_ = {"plan/dense": {"calls": 2, "median_ms": 0.5, "mean_ms": 0.5}}
+        if plan is not None:
+            ops_["plan/sparse"] = {"calls": 4, "median_ms": plan, "mean_ms": plan}
+            ops_["attention/sparse"] = {"calls": 4, "median_ms": attention, "mean_ms": attention}
+        return {"policy": policy, "device": device, "steps": 6, "seq_len": 256, "heads": 2, "head_dim": 16,
+                "layers": 1, "dtype": "float32", "block_size": 32, "schedule_s": 0.01, "ops": ops_,
+                "cuda_graphs": device == "cuda", "site_graphs": True, "last_schedule_site_calls": {}}
+
+    fast, slow = result("mod", "cuda", 0.05, 0.06), result("vmoba", "cuda", 0.1, 0.07)
+    assert site_call_ms(fast) == pytest.approx(0.11) and site_call_ms(result("dense", "cuda", None, None)) is None
+    text = markdown([fast, slow, result("dense", "cuda", None, None)])
+    assert f"mod: a sparse site call (plan + attention medians) takes 0.110 ms of host time (issue 17: <= " \
+           f"{SITE_CALL_GOAL_MS} ms: MET)" in text
+    assert "vmoba: a sparse site call (plan + attention medians) takes 0.170 ms" in text and "MISSED" in text
+    assert "dense: a sparse site call" not in text
+    assert "issue 17" not in markdown([result("mod", "cpu", 0.05, 0.06)])
