@@ -94,12 +94,30 @@ def skipped_frames() -> list[str]:
     return [f"{where}: {why}" for where, why in out.items()]
 
 
+def graph_replays() -> str:
+    """One line on the site calls' CUDA graphs since the last reset, or "" when none went through
+    them: a capture that fails leaves its calls eager (slower, same results), and this says so."""
+    from .cuda_graphs import SITE_CALLS, SITE_PLANS
+    parts = []
+    for what, calls in (("attention calls", SITE_CALLS), ("plans", SITE_PLANS)):
+        total = calls.eager_calls + calls.replays
+        if total:
+            failed = f", {calls.failures} failed captures (those calls stay eager; the 'modcompile' logger " \
+                     f"says why)" if calls.failures else ""
+            parts.append(f"{what} {calls.replays} of {total} replayed{failed}")
+    return "CUDA graphs: " + "; ".join(parts) if parts else ""
+
+
 def report(print_table: bool = True) -> list[SiteRow]:
     """Per-site table (site, status and reason, shapes, current density, steps); prints it, with
-    the frames Dynamo skipped (their attention runs eagerly and dense), and returns the rows."""
+    the frames Dynamo skipped (their attention runs eagerly and dense) and how many site calls
+    replayed from CUDA graphs, and returns the rows."""
     rows = collect()
     if print_table:
         print(format_table(rows) if rows else "modcompile: no attention sites compiled yet")
         for frame in skipped_frames():
             print(f"not compiled (Dynamo skipped the frame; its attention runs eagerly and dense): {frame}")
+        replays = graph_replays()
+        if replays:
+            print(replays)
     return rows

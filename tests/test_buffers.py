@@ -196,3 +196,19 @@ def test_mod_lists_keep_their_addresses_across_refreshes(fresh_modcompile, repla
     events = [e for st in modcompile.runtime.REGISTRY.states.values() if st.policy_state is not None
               for e in st.policy_state.events]
     assert any(e[1].startswith("refresh") for e in events), events  # the schedule did refresh
+
+
+def test_report_says_how_many_calls_replayed_and_which_captures_failed(fresh_modcompile, replayable_on_cpu, capsys):
+    """report()'s last line: the site calls' CUDA-graph replays, and failed captures (a lost fast
+    path is not silent); no line when no call went through the graphs."""
+    from modcompile import cuda_graphs
+    from modcompile.report import graph_replays
+    assert graph_replays() == ""
+    torch.manual_seed(0)
+    _run(Attention().eval(), torch.randn(1, 256, 32), 4, {"policy": "dense"}, keep_outputs=False)
+    calls = cuda_graphs.SITE_CALLS
+    assert calls.eager_calls + calls.replays == 4  # (on CPU the activations' addresses seldom repeat)
+    modcompile.report()
+    assert f"CUDA graphs: attention calls {calls.replays} of 4 replayed" in capsys.readouterr().out
+    calls.failures = 1
+    assert "1 failed captures (those calls stay eager" in graph_replays()
