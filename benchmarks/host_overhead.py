@@ -137,8 +137,17 @@ def _count_per_call(prof, op_name: str, device: str) -> list[dict]:
     return out
 
 
+def _line_profiled() -> list:
+    """The functions ``--line-profile`` times line by line: the op bodies and what they call per call."""
+    from modcompile import buffers, cuda_graphs, runtime
+    from modcompile.policies import base, mod, vmoba
+    return [ops.plan._init_fn, ops.sparse_attention._init_fn, ops.graph_lists, vmoba.VmobaPolicy.plan,
+            mod.ModPolicy.plan, runtime.Registry.enter_site, runtime.Registry.call_info,
+            base.SiteContext.output_lists, buffers.BufferPool.take, cuda_graphs.CallGraphs.run]
+
+
 def measure(policy: str, device: str, steps: int, profile: bool = True, preset: str | None = None,
-            cprofile: str | None = None) -> dict:
+            cprofile: str | None = None, line_profile: bool = False) -> dict:
     model, cfg, options, dtype = _model(device, preset)
     torch._dynamo.reset()
     modcompile.reset(forget_sites=True)
@@ -164,6 +173,15 @@ def measure(policy: str, device: str, steps: int, profile: bool = True, preset: 
             print(f"== cProfile, {policy}: top functions by own time, then our functions by cumulative time")
             pstats.Stats(prof_py).sort_stats("tottime").print_stats(25)
             pstats.Stats(prof_py).sort_stats("cumulative").print_stats(r"modcompile|kernels|policies", 30)
+        if line_profile:  # the same, line by line in the op bodies (the profiler's own cost inflates calls)
+            from line_profiler import LineProfiler
+            lines = LineProfiler(*_line_profiled())
+            modcompile.reset()
+            lines.enable_by_count()
+            _run(compiled, noise, steps)
+            lines.disable_by_count()
+            print(f"== line profile, {policy}: one {steps}-step schedule")
+            lines.print_stats(output_unit=1e-6, stripzeros=True)
         counts = {}
         if profile:
             from torch.profiler import ProfilerActivity
@@ -277,7 +295,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="directory for host_overhead.json / .md")
     parser.add_argument("--cprofile", default=None, metavar="PREFIX",
                         help="also cProfile one schedule per policy: top functions printed, stats in PREFIX.POLICY.pstats")
+    parser.add_argument("--line-profile", action="store_true",
+                        help="also time the op bodies line by line over one schedule per policy (needs line_profiler)")
     args = parser.parse_args(argv)
+    if args.line_profile:
+        try:
+            import line_profiler  # noqa: F401
+        except ImportError:
+            parser.error("--line-profile needs line_profiler (pip install line_profiler)")
     if args.device == "cuda" and not args.tune:
         os.environ.setdefault("MODCOMPILE_TUNE", "0")
     if args.device == "cpu":
@@ -289,7 +314,7 @@ def main(argv=None) -> int:
     results = []
     for policy in [p for p in args.policies.split(",") if p]:
         results.append(measure(policy, args.device, args.steps, profile=not args.no_profile, preset=args.preset,
-                               cprofile=args.cprofile))
+                               cprofile=args.cprofile, line_profile=args.line_profile))
     table = markdown(results)
     if args.out:
         out = Path(args.out)
