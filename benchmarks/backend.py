@@ -94,14 +94,18 @@ def _layer_of(info, fallback: int) -> int:
 
 
 @contextlib.contextmanager
-def inspectable():
-    """Calls made inside keep their block lists for :func:`current_site_plans`.
+def inspectable(on: bool = True):
+    """Calls made inside keep their block lists for :func:`current_site_plans` (``on=False``: a
+    no-op, for the passes that are timed instead).
 
     On CUDA, inference calls replay from CUDA graphs and their lists come from a pool that gets
     them back right after the call's attention (modcompile/buffers.py), so nothing of an earlier
     layer or step is left to read. Inside this context those calls take the eager path, whose
     results are the same (the GPU tests compare them bitwise); a harness wraps the pass it
     inspects, not the passes it times."""
+    if not on:
+        yield
+        return
     from modcompile import cuda_graphs
     before = os.environ.get(cuda_graphs.ENV)
     os.environ[cuda_graphs.ENV] = "0"

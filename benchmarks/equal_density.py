@@ -22,7 +22,6 @@ permuted blocks are not bounded by it).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def run(args) -> dict:
                 captures.clear()
                 inspect = j == 0 and on_step is not None  # the first seed compiles: it is not timed
                 step_fn = on_step if inspect else (lambda i: captures.clear())
-                with mb.inspectable() if inspect else contextlib.nullcontext(), Stopwatch(device) as sw:
+                with mb.inspectable(inspect), Stopwatch(device) as sw:
                     samples[s] = sample(fn, noises[s], steps, step_context=step_context, on_step=step_fn)
                 times.append(sw.ms)
                 if inspect and torch.device(device).type == "cuda":  # capture the CUDA graphs untimed

@@ -11,7 +11,6 @@ Writes fidelity.{md,json}, fidelity_layers.{md,json}, report_<variant>.json and 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def run_dit(args) -> dict:
             for j, s in enumerate(seeds):
                 inspect = j == 0 and metrics is not None  # the first seed compiles: it is not timed
                 on_step = metrics if inspect else (lambda i: captures.clear())
-                with mb.inspectable() if inspect else contextlib.nullcontext(), Stopwatch(device) as sw:
+                with mb.inspectable(inspect), Stopwatch(device) as sw:
                     samples[s] = sample(compiled, noises[s], steps, text=text, step_context=mb.step_context(),
                                         on_step=on_step)
                 times.append(sw.ms)

@@ -35,10 +35,14 @@ log = logging.getLogger("modcompile")
 ENV = "MODCOMPILE_CUDA_GRAPHS"
 
 
+def switched_on() -> bool:
+    """Whether ``MODCOMPILE_CUDA_GRAPHS`` allows replays (any value but empty or "0"; unset: yes)."""
+    return os.environ.get(ENV, "1") not in ("", "0")
+
+
 def enabled(device: torch.device) -> bool:
     """Whether computations on ``device`` may be replayed from CUDA graphs."""
-    return (device.type == "cuda" and os.environ.get(ENV, "1") not in ("", "0")
-            and not interpreting())
+    return device.type == "cuda" and switched_on() and not interpreting()
 
 
 class GraphedCall:
@@ -232,4 +236,5 @@ def _current_stream_handle(device: torch.device) -> int:
 SITE_CALLS = CallGraphs("site attention")
 SITE_PLANS = CallGraphs("site plans")
 
-__all__ = ["ENV", "SITE_CALLS", "SITE_PLANS", "CallGraphs", "GraphedCall", "copy_into", "enabled", "tensors_key"]
+__all__ = ["ENV", "SITE_CALLS", "SITE_PLANS", "CallGraphs", "GraphedCall", "copy_into", "enabled", "switched_on",
+           "tensors_key"]

@@ -129,11 +129,8 @@ def replayable_on_cpu(monkeypatch):
     given now (a CUDA graph holds addresses, not references: a fake that kept the captured call's
     closure would keep its tensors alive). Off, as on CUDA, under MODCOMPILE_CUDA_GRAPHS=0. Yields
     the keys of every call that took the path, in order."""
-    import os
-
     from modcompile import cuda_graphs, ops
-    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training
-                        and os.environ.get(cuda_graphs.ENV, "1") not in ("", "0"))
+    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training and cuda_graphs.switched_on())
     keys = []
 
     def run(self, key, fn, device):
