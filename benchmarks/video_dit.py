@@ -9,7 +9,7 @@ stays dense).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,10 @@ class DiTConfig:
     # Fields added later keep their earlier behaviour as defaults, so older checkpoints load unchanged.
     rope_theta: float = 10000.0  # RoPE base of every axis
     data: str = "shapes"  # training data style (benchmarks.data.DATA_STYLES)
+    # initial gain of the q and k RMSNorms: attention logits start qk_gain**2 times larger. A short training run
+    # moves these gains by little (Adam steps ~lr), so at gain 1 the logits stay too flat to concentrate over
+    # thousands of keys the way a long-trained model's do.
+    qk_gain: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -81,15 +85,31 @@ def kernel_block_size(seq_len: int, cuda: bool) -> int:
 
 
 def get_config(name_or_cfg) -> DiTConfig:
+    """A config by name (``"video"``, or a variant such as ``"video:qk_gain=2,rope_theta=64"``), dict or itself."""
     if isinstance(name_or_cfg, DiTConfig):
         return name_or_cfg
     if isinstance(name_or_cfg, dict):
         d = dict(name_or_cfg)
         d["latent"], d["patch"] = tuple(d["latent"]), tuple(d["patch"])
         return DiTConfig(**d)
-    if name_or_cfg not in CONFIGS:
-        raise ValueError(f"unknown DiT config {name_or_cfg!r}; choose from {sorted(CONFIGS)}")
-    return CONFIGS[name_or_cfg]
+    name, _, overrides = str(name_or_cfg).partition(":")
+    if name not in CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; choose from {sorted(CONFIGS)}")
+    return replace(CONFIGS[name], **_parse_overrides(overrides)) if overrides else CONFIGS[name]
+
+
+def _parse_overrides(text: str) -> dict:
+    """``"qk_gain=2,rope_theta=64"`` -> typed DiTConfig fields (``"video:qk_gain=2"`` names a variant)."""
+    types = {f.name: type(getattr(DiTConfig(), f.name)) for f in fields(DiTConfig)}
+    out = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in types or types[key] is tuple:
+            raise ValueError(f"bad DiT config override {item!r}: use field=value with a scalar field of "
+                             f"{sorted(k for k, t in types.items() if t is not tuple)}")
+        out[key] = types[key](value.strip())
+    return out
 
 
 # ---------------------------------------------------------------- embeddings
@@ -215,6 +235,8 @@ class VideoDiT(nn.Module):
         # adaLN-zero: every residual branch starts closed, the output starts at zero
         for blk in self.blocks:
             nn.init.zeros_(blk.modulation.weight)
+            nn.init.constant_(blk.attn.q_norm.weight, self.cfg.qk_gain)
+            nn.init.constant_(blk.attn.k_norm.weight, self.cfg.qk_gain)
         nn.init.zeros_(self.out_modulation.weight)
         nn.init.zeros_(self.out.weight)
 

@@ -23,6 +23,19 @@ def test_testbed_config_and_older_checkpoint_configs():
     assert get_config(old) == long
 
 
+def test_config_variants_by_name_and_qk_gain_init():
+    cfg = get_config("tiny-testbed:qk_gain=2.5,rope_theta=64,data=shapes")
+    assert (cfg.qk_gain, cfg.rope_theta, cfg.data) == (2.5, 64.0, "shapes")
+    assert cfg.latent == CONFIGS["tiny-testbed"].latent and CONFIGS["tiny-testbed"].qk_gain == 1.0
+    assert get_config(cfg.to_dict()) == cfg  # a variant's checkpoint loads as that variant
+    for bad in ("tiny-testbed:qk_gain", "tiny-testbed:nope=1", "tiny-testbed:latent=4", "nope:qk_gain=2"):
+        with pytest.raises(ValueError):
+            get_config(bad)
+    model = VideoDiT(cfg)
+    gains = [b.attn.q_norm.weight for b in model.blocks] + [b.attn.k_norm.weight for b in model.blocks]
+    assert all(torch.equal(g, torch.full_like(g, 2.5)) for g in gains)
+
+
 def test_rope_theta_reaches_the_model():
     import dataclasses
     cfg = CONFIGS["tiny-testbed"]
