@@ -81,11 +81,12 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # attention statistics (early / mid / late steps), then mod, mod-lines, vmoba, the oracle and the static peers
     # at equal densities, 3 seeds; per-step metrics every 5th step. EQUAL_CONFIG / EQUAL_TRAIN_STEPS /
     # EQUAL_DENSITIES / EQUAL_ARGS change it (CPU smoke: EQUAL_CONFIG=tiny-video EQUAL_TRAIN_STEPS=2 ...)
-    fidelity_equal) ckpt=/tmp/dit_${EQUAL_CONFIG:-long}_equal.pt
-         part train_equal 170 $PY -m benchmarks run train-dit --config "${EQUAL_CONFIG:-long}" \
-             --steps "${EQUAL_TRAIN_STEPS:-600}" --batch-size 2 --compile --checkpoint "$ckpt" --out "$R/train_equal" \
-             --no-progress
-         part attention_stats 60 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" \
+    # EQUAL_CKPT: the testbed part's checkpoint (/tmp/dit_video_testbed.pt) instead, no training or statistics here
+    fidelity_equal) ckpt=${EQUAL_CKPT:-/tmp/dit_${EQUAL_CONFIG:-long}_equal.pt}
+         [ -n "${EQUAL_CKPT:-}" ] || part train_equal 170 $PY -m benchmarks run train-dit \
+             --config "${EQUAL_CONFIG:-long}" --steps "${EQUAL_TRAIN_STEPS:-600}" --batch-size 2 --compile \
+             --checkpoint "$ckpt" --out "$R/train_equal" --no-progress
+         [ -n "${EQUAL_CKPT:-}" ] || part attention_stats 60 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" \
              --out "$R/attention_stats" --no-progress ${STATS_ARGS:-}
          part fidelity_equal 330 env MODCOMPILE_TUNE=0 $PY -m benchmarks run fidelity --checkpoint "$ckpt" \
              --equal-density "${EQUAL_DENSITIES:-0.1,0.2,0.3,0.5}" --seeds 3 --metric-every 5 \
