@@ -41,6 +41,8 @@ MODSPARSE = {
     "vmoba": lambda d: {"policy": "vmoba", "selection": "topk", "density": d},
 }
 METHODS = (*MODSPARSE, *BASELINES)
+# policies also run once at their defaults (issue 19: mod's coverage must find a low density by itself)
+DEFAULT_RUNS = ("mod", "vmoba")
 
 
 def default_warmup(steps: int) -> int:
@@ -199,45 +201,53 @@ def run(args) -> dict:
             "speedup_vs_inductor": base_ms / ms if compiled and base_ms and ms else None,
             "timing": "compiled (modsparse)" if compiled else "eager harness"})
 
-    for d in densities:
-        for method in methods:
-            name = f"{method}@{d:g}"
-            try:
-                if method in MODSPARSE:
-                    why = mb.backend_missing()
-                    if why:
-                        skipped[name] = why
-                        continue
-                    opts = {"block_size": bs, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps,
-                            "warmup_steps": warmup, **MODSPARSE[method](d)}
-                    torch._dynamo.reset()
-                    mb.reset()
-                    metric_rows = []
+    def modsparse_row(method, d, policy_opts):
+        why = mb.backend_missing()
+        if why:
+            skipped[f"{method}@{d}"] = why
+            return
+        opts = {"block_size": bs, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps,
+                "warmup_steps": warmup, **policy_opts}
+        torch._dynamo.reset()
+        mb.reset()
+        metric_rows = []
 
-                    def on_step(i, _r=metric_rows, _p=opts["policy"]):
-                        if i >= warmup and (i - warmup) % every == 0:
-                            _r.extend(_modsparse_step_rows(captures, _p, i, bs))
-                        captures.clear()
-                    samples, times = sample_seeds(mb.compile_model(model, "modsparse", opts),
-                                                  step_context=mb.step_context(), on_step=on_step, capture=True)
-                    finish_row(method, d, samples, times, metric_rows, compiled=True)
-                else:
-                    clock = StepClock()
-                    attn = BaselineAttention(method, d, cfg.grid, bs, warmup, clock, every)
+        def on_step(i, _r=metric_rows, _p=opts["policy"]):
+            if i >= warmup and (i - warmup) % every == 0:
+                _r.extend(_modsparse_step_rows(captures, _p, i, bs))
+            captures.clear()
+        samples, times = sample_seeds(mb.compile_model(model, "modsparse", opts),
+                                      step_context=mb.step_context(), on_step=on_step, capture=True)
+        finish_row(method, d, samples, times, metric_rows, compiled=True)
 
-                    def first_seed(first, _a=attn):
-                        _a.record = first
-                    model.set_attention_override(attn)
-                    try:
-                        samples, times = sample_seeds(model, step_context=clock, first_seed_hook=first_seed)
-                    finally:
-                        model.set_attention_override(None)
-                    finish_row(method, d, samples, times, attn.rows, compiled=False)
-            except Exception as exc:  # one failing method is reported, the others still run
-                log(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                skipped[name] = f"failed: {type(exc).__name__}: {exc}"
-            log(f"{name} done")
-            write(final=False)
+    def baseline_row(method, d):
+        clock = StepClock()
+        attn = BaselineAttention(method, d, cfg.grid, bs, warmup, clock, every)
+
+        def first_seed(first, _a=attn):
+            _a.record = first
+        model.set_attention_override(attn)
+        try:
+            samples, times = sample_seeds(model, step_context=clock, first_seed_hook=first_seed)
+        finally:
+            model.set_attention_override(None)
+        finish_row(method, d, samples, times, attn.rows, compiled=False)
+
+    # each chosen policy at its own defaults first (no density asked: where does it land by itself?), then
+    # every method at every target density
+    jobs = [(f"{p} (defaults)", None, lambda p=p: modsparse_row(f"{p} (defaults)", None, {"policy": p}))
+            for p in DEFAULT_RUNS if p in methods]
+    jobs += [(method, d, (lambda m=method, d=d: modsparse_row(m, d, MODSPARSE[m](d))) if method in MODSPARSE
+              else (lambda m=method, d=d: baseline_row(m, d))) for d in densities for method in methods]
+    for method, d, job in jobs:
+        name = f"{method}@{d:g}" if d is not None else method
+        try:
+            job()
+        except Exception as exc:  # one failing method is reported, the others still run
+            log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+            skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+        log(f"{name} done")
+        write(final=False)
     return write(final=True)
 
 
@@ -277,7 +287,7 @@ def _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warm
 def _plot(out_dir: Path, rows: list[dict], measured_speed: bool) -> None:
     """PSNR and recall vs density per method, and PSNR vs measured speedup (compiled rows, GPU)."""
     plt = pyplot()
-    pts = [r for r in rows if r.get("psnr_db") is not None]
+    pts = [r for r in rows if r.get("psnr_db") is not None and r.get("target_density") is not None]
     if plt is None or not pts:
         return
     panels = [("psnr_db", "PSNR vs dense (dB)"), ("recall", "attention-mass recall")]
@@ -300,4 +310,4 @@ def _plot(out_dir: Path, rows: list[dict], measured_speed: bool) -> None:
     fig.tight_layout(), fig.savefig(out_dir / "fidelity_equal_density.png", dpi=120), plt.close(fig)
 
 
-__all__ = ["METHODS", "MODSPARSE", "BaselineAttention", "StepClock", "default_warmup", "run"]
+__all__ = ["METHODS", "MODSPARSE", "DEFAULT_RUNS", "BaselineAttention", "StepClock", "default_warmup", "run"]

@@ -142,6 +142,12 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     assert 0.25 <= mod["density"] <= 0.45
     assert 0 < mod["recall"] <= mod["oracle_recall"] + 1e-6
     assert mod["timing"] == "compiled (modsparse)"
+    # mod also ran once at its defaults (no density asked), before the density rows
+    methods = [r["method"] for r in payload["rows"]]
+    assert methods.index("mod (defaults)") < methods.index("mod")
+    default = payload["rows"][methods.index("mod (defaults)")]
+    assert default["target_density"] is None and 0 < default["density"] <= 1 and default["psnr_db"] > 0
+    assert 0 < default["recall"] <= default["oracle_recall"] + 1e-6
 
 
 def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
