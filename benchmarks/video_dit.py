@@ -68,6 +68,9 @@ CONFIGS = {
     # only be denoised from nearby tokens of nearby frames, and RoPE base 256: more of the frequency pairs
     # turn within the 16 x 32 x 32 grid (at 10000 most are flat there), a stronger relative-position signal.
     "video": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6, rope_theta=256.0, data="textured"),
+    # a CPU-sized version to study what concentrates attention (minutes per run on 2 cores): 8 x 16 x 16 = 2048 tokens
+    "testbed-cpu": DiTConfig(latent=(8, 32, 32), dim=128, depth=3, heads=2, freq_dim=64, rope_theta=256.0,
+                             data="textured"),
     # its CPU test size: 4 x 8 x 8 = 256 tokens
     "tiny-testbed": DiTConfig(latent=(4, 16, 16), dim=64, depth=2, heads=2, freq_dim=32, rope_theta=256.0,
                               data="textured"),

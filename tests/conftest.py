@@ -86,6 +86,17 @@ def pytest_sessionstart(session):
             f"({err!r}); install numpy<2.3 or a newer Triton") from err
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``) on a GPU machine every worker would split off its own CPU child.
+    Instead the workers run without the GPU, as the child does (set here, before they start); the
+    ``gpu`` tests then skip and need a run without ``-n``."""
+    if (torch.cuda.is_available() and getattr(config.option, "numprocesses", None)
+            and not hasattr(config, "workerinput")):
+        os.environ.update({"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", _CPU_CHILD: "1"})
+        print("modcompile: -n on a GPU machine: the workers run without the GPU, gpu tests skip "
+              "(run `python -m pytest -m gpu` for them)", flush=True)
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: the child runs only what was selected
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available() or os.environ.get(_CPU_CHILD):
