@@ -86,6 +86,58 @@ def accuracy(device, dtype, shape, block, seed, log):
     return rows
 
 
+def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_limit=4096):
+    """fp8 vs float64 of the same lists on a trained DiT's own q, k, v: captured in a dense sample
+    (seed 0, ``steps`` Euler steps) at the first, middle and last step from every layer, each at
+    density 1 and on the ``density`` share of blocks of largest true mass (the lists a good policy
+    keeps). The error model (O(N^2 D^2)) is computed up to ``model_limit`` tokens."""
+    from modcompile import dispatch
+    from modcompile.kernels.block_lists import BlockLists
+    from modcompile.kernels.fp8_attention import predicted_relative_error
+    from modcompile.kernels.reference import block_sparse_attention_ref
+
+    from .baselines import oracle_mask
+    from .metrics import block_attention_mass
+    from .train_dit import load_checkpoint
+    from .video_dit import LONG_SEQ_LEN, make_noise, sample
+
+    dtype = dtype if device == "cuda" else torch.float32  # the CPU's fp16 convolutions are slow or missing
+    model = load_checkpoint(checkpoint, device).to(dtype)
+    cfg = model.cfg
+    block = 128 if cfg.seq_len >= LONG_SEQ_LEN else 64  # the fp8 kernel takes blocks of 32 and up
+    at = sorted({0, steps // 2, steps - 1})
+    captures, kept = [], []
+
+    def on_step(i):
+        if i in at:
+            kept.extend((i, layer, q, k, v) for layer, q, k, v, _ in captures)
+        captures.clear()
+    model.set_capture(captures)
+    try:
+        sample(model, make_noise((1, cfg.in_channels, *cfg.latent), 0, device, dtype), steps, on_step=on_step)
+    finally:
+        model.set_capture(None)
+    rows, scale = [], 1.0 / math.sqrt(cfg.head_dim)
+    for step, layer, q, k, v in kept:
+        mass = block_attention_mass(q, k, block)
+        for target in (1.0, density):
+            mask = torch.ones_like(mass, dtype=torch.bool) if target >= 1 else oracle_mask(mass, target)
+            lists = BlockLists.from_mask(mask, block, q.shape[2], k.shape[2])
+            out, _ = dispatch.attention_forward(q, k, v, lists, scale, precision="fp8")
+            exact, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), lists, scale=scale)
+            err = ((out.double() - exact).norm() / exact.norm()).item()
+            cos = torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), 0).item()
+            low = high = None
+            if q.shape[2] <= model_limit:
+                low, high = predicted_relative_error(q, k, v, lists, scale=scale)
+            rows.append(dict(input=f"DiT step {step} layer {layer}", shape=list(q.shape),
+                             density=float(mask.float().mean()), seed=0, cosine=cos, rel_l2=err, model_low=low,
+                             model_high=high, within_model=None if low is None else low <= err <= high,
+                             meets_issue_target=cos >= 0.999 and err <= 0.03))
+            log(f"accuracy {rows[-1]['input']} d={rows[-1]['density']:.2f}: cos {cos:.5f} rel L2 {err:.4f}")
+    return rows
+
+
 def time_shape(shape, dtype, device, block, timer, deadline, log, flex_fn):
     from modcompile import dispatch
     from modcompile.kernels.block_lists import BlockLists
@@ -130,12 +182,16 @@ def _cell(x, spec=".3f"):
     return format(x, spec) if isinstance(x, float) else str(x)
 
 
+def _range(r) -> str:
+    return "-" if r["model_low"] is None else f"[{r['model_low']:.4f}, {r['model_high']:.4f}]"
+
+
 def tables(acc_rows, time_rows) -> str:
     acc = ["| input | shape | density | cosine | rel L2 | model range | within model | issue target |",
            "|---|---|---|---|---|---|---|---|"]
     for r in acc_rows:
         acc.append(f"| {r['input']} | {tuple(r['shape'])} | {r['density']:.2f} | {r['cosine']:.5f} | {r['rel_l2']:.4f} "
-                   f"| [{r['model_low']:.4f}, {r['model_high']:.4f}] | {_cell(r['within_model'])} "
+                   f"| {_range(r)} | {_cell(r['within_model'])} "
                    f"| {_cell(r['meets_issue_target'])} |")
     dense_keys = sorted({k for r in time_rows for k in r if k.endswith("_dense_ms")})
     head = ["shape", "density", "bf16 ms", "fp8 ms (with quant)", "quant ms", "fp8 / bf16 speed-up", "flex ms",
@@ -159,6 +215,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None, help="accuracy inputs' seed (default: drawn per run)")
     p.add_argument("--timing-budget", type=float, default=TIMING_BUDGET_S,
                    help="seconds from the start after which timing rows are skipped")
+    p.add_argument("--checkpoint", default=None, help="also measure accuracy on this trained DiT's own q, k, v "
+                   "(benchmarks.train_dit checkpoint; on the CPU through the fp8 torch reference)")
+    p.add_argument("--sample-steps", type=int, default=30, help="--checkpoint: Euler steps of the captured sample")
+    p.add_argument("--activation-density", type=float, default=0.2,
+                   help="--checkpoint: the sparse lists keep this share of the blocks of largest mass")
+    p.add_argument("--no-timing", action="store_true", help="accuracy only")
     a = p.parse_args(argv)
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lazily, below)
@@ -195,7 +257,15 @@ def main(argv=None):
     except Exception as err:  # noqa: BLE001
         errors.append(f"accuracy: {type(err).__name__}: {err}"[:500])
         log(f"ERROR {errors[-1]}")
-    flex_fn = compiled_flex_attention(log) if device == "cuda" else None
+    if a.checkpoint:
+        try:
+            acc_rows += activation_accuracy(a.checkpoint, device, dtype, a.sample_steps, a.activation_density, log)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"activation accuracy: {type(err).__name__}: {err}"[:500])
+            log(f"ERROR {errors[-1]}")
+    if a.no_timing:
+        shapes = []
+    flex_fn = compiled_flex_attention(log) if device == "cuda" and shapes else None
     timer = make_timer(device)
     time_rows = []
     for shape in shapes:
@@ -208,10 +278,12 @@ def main(argv=None):
             torch.cuda.empty_cache()
     variants = [*compiled_variants(fp8_kernel._fp8_attention_fwd_kernel, "attention "),
                 *(compiled_variants(fp8_quant._quantize_kernel, "quantize ") if fp8_quant.triton else [])]
-    outside = [r for r in acc_rows if not r["within_model"]]
+    outside = [r for r in acc_rows if r["within_model"] is False]
     md = ("## FP8 block-sparse attention: accuracy and speed\n\n"
           + "".join(f"- {k_}: {v_}\n" for k_, v_ in env.items())
-          + f"- accuracy seed: {seed}; {len(acc_rows) - len(outside)} of {len(acc_rows)} within the error model\n"
+          + f"- accuracy seed: {seed}; {len(outside)} of {sum(r['within_model'] is not None for r in acc_rows)} "
+            f"outside the error model\n"
+          + (f"- DiT activations: {a.checkpoint}, {a.sample_steps} steps, dense sample seed 0\n" if a.checkpoint else "")
           + f"- compiled fp8 kernel variants: {len(variants)}\n"
           + "".join(f"- ERROR: {e}\n" for e in errors) + "\n" + tables(acc_rows, time_rows))
     (out_dir / "bench_fp8.md").write_text(md)

@@ -257,6 +257,29 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "bench_fp8.json").exists()
 
 
+def test_benchmark_on_a_dits_own_activations(tmp_path, monkeypatch):
+    """--checkpoint: every layer's q, k, v at the first / middle / last step, dense and top-mass lists."""
+    import json
+
+    from benchmarks.train_dit import save_checkpoint
+    from benchmarks.video_dit import VideoDiT
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model = VideoDiT("tiny-video")  # 256 tokens, 2 layers: 4 blocks of 64
+    with torch.no_grad():  # adaLN-zero: open the branches so layer 1 sees more than the embedding
+        for name, p in model.named_parameters():
+            if "modulation" in name:
+                p.normal_(0, 0.05)
+    ckpt = save_checkpoint(tmp_path / "dit.pt", model)
+    assert bench_main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--checkpoint", str(ckpt),
+                       "--sample-steps", "4", "--activation-density", "0.5", "--no-timing"]) == 0
+    rows = [r for r in json.loads((tmp_path / "bench_fp8.json").read_text())["accuracy"] if r["input"].startswith("DiT")]
+    # steps 0, 2, 3 x layers 0, 1 x (dense, half the blocks)
+    assert len(rows) == 12 and {r["density"] for r in rows} == {1.0, 0.5}
+    assert all(r["within_model"] and 0 < r["rel_l2"] < 0.05 and r["cosine"] > 0.99 for r in rows), rows
+
+
 # ------------------------------------------------------------------------------ GPU
 def _gpu_check(N, bs, density, seed, gather=False, p_empty=0.0, dtype=torch.bfloat16, D=128, structured=False,
                ref_tol=2e-3, lse_tol=1e-3):
