@@ -7,7 +7,9 @@ density 1.0 and 0.2, and on one video-like input (tokens on a track whose q and 
 position code: each query attends mostly its neighbours), (1, 2, 2048, 128) bf16, block 128: cosine
 similarity and relative L2 error of ``precision="fp8"`` against the float64 attention of the same
 lists, the issue's targets (cosine >= 0.999, relative L2 <= 3%) and the e4m3 error model's range
-(:func:`modcompile.kernels.fp8_attention.predicted_relative_error`).
+(:func:`modcompile.kernels.fp8_attention.predicted_relative_error`). ``--checkpoint CKPT``: the same on a
+trained DiT's own q, k, v (every layer, first / middle / last step; dense and top-mass lists), with the
+error that quantizing only q and k makes, as e4m3 and as int8 (:func:`qk_only_error`).
 
 Speed, triton.testing.do_bench medians at (1,12,32760,128) and (1,24,75600,128) bf16 (views of
 (B, N, H, D) storage), random sorted lists with the own block at density 1.0 and 0.2:
@@ -86,6 +88,34 @@ def accuracy(device, dtype, shape, block, seed, log):
     return rows
 
 
+def qk_only_error(q, k, v, block: int, kind: str, rows: int = 1024) -> float:
+    """Relative L2 error of dense float64 attention when only q and k are quantized, per block of
+    ``block`` tokens as the fp8 path does (k smoothed by its mean first), to ``kind`` ``"e4m3"`` or
+    ``"int8"`` (symmetric, amax / 127, SageAttention's choice for q and k): how much of the fp8
+    path's error the scores alone make, and what int8 scores would make instead."""
+    qd, kd, vd = (t.double() for t in (q, k, v))
+
+    def quantized(x):
+        B, H, n, D = x.shape
+        xb = torch.nn.functional.pad(x, (0, 0, 0, -n % block)).unflatten(2, (-1, block))
+        amax = xb.abs().amax((3, 4), keepdim=True)
+        if kind == "e4m3":
+            s = amax / 448.0
+            y = (xb / s).nan_to_num(0.0).float().to(torch.float8_e4m3fn).double() * s
+        else:
+            s = amax / 127.0
+            y = torch.round((xb / s).nan_to_num(0.0)).clamp(-127, 127) * s
+        return y.flatten(2, 3)[:, :, :n]
+    qq, kq = quantized(qd), quantized(kd - kd.mean(2, keepdim=True))
+    scale, err, norm = 1.0 / math.sqrt(q.shape[-1]), 0.0, 0.0
+    for r in range(0, q.shape[2], rows):
+        exact = torch.softmax(qd[:, :, r:r + rows] @ kd.transpose(-1, -2) * scale, -1) @ vd
+        approx = torch.softmax(qq[:, :, r:r + rows] @ kq.transpose(-1, -2) * scale, -1) @ vd
+        err += float((approx - exact).square().sum())
+        norm += float(exact.square().sum())
+    return math.sqrt(err / norm)
+
+
 def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_limit=4096):
     """fp8 vs float64 of the same lists on a trained DiT's own q, k, v: captured in a dense sample
     (seed 0, ``steps`` Euler steps) at the first, middle and last step from every layer, each at
@@ -130,10 +160,12 @@ def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_li
             low = high = None
             if q.shape[2] <= model_limit:
                 low, high = predicted_relative_error(q, k, v, lists, scale=scale)
+            qk = {f"qk_{kind}": qk_only_error(q, k, v, block, kind) if target >= 1 else None
+                  for kind in ("e4m3", "int8")}
             rows.append(dict(input=f"DiT step {step} layer {layer}", shape=list(q.shape),
                              density=float(mask.float().mean()), seed=0, cosine=cos, rel_l2=err, model_low=low,
                              model_high=high, within_model=None if low is None else low <= err <= high,
-                             meets_issue_target=cos >= 0.999 and err <= 0.03))
+                             meets_issue_target=cos >= 0.999 and err <= 0.03, **qk))
             log(f"accuracy {rows[-1]['input']} d={rows[-1]['density']:.2f}: cos {cos:.5f} rel L2 {err:.4f}")
     return rows
 
@@ -187,12 +219,15 @@ def _range(r) -> str:
 
 
 def tables(acc_rows, time_rows) -> str:
-    acc = ["| input | shape | density | cosine | rel L2 | model range | within model | issue target |",
-           "|---|---|---|---|---|---|---|---|"]
+    acc = ["| input | shape | density | cosine | rel L2 | model range | within model | issue target "
+           "| q, k only: e4m3 | q, k only: int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in acc_rows:
         acc.append(f"| {r['input']} | {tuple(r['shape'])} | {r['density']:.2f} | {r['cosine']:.5f} | {r['rel_l2']:.4f} "
                    f"| {_range(r)} | {_cell(r['within_model'])} "
-                   f"| {_cell(r['meets_issue_target'])} |")
+                   f"| {_cell(r['meets_issue_target'])} | {_cell(r.get('qk_e4m3'), '.4f')} "
+                   f"| {_cell(r.get('qk_int8'), '.4f')} |")
+    if not time_rows:
+        return "### Accuracy\n\n" + "\n".join(acc) + "\n"
     dense_keys = sorted({k for r in time_rows for k in r if k.endswith("_dense_ms")})
     head = ["shape", "density", "bf16 ms", "fp8 ms (with quant)", "quant ms", "fp8 / bf16 speed-up", "flex ms",
             *[k.replace("_dense_ms", " dense ms") for k in dense_keys]]

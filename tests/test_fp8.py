@@ -278,6 +278,20 @@ def test_benchmark_on_a_dits_own_activations(tmp_path, monkeypatch):
     # steps 0, 2, 3 x layers 0, 1 x (dense, half the blocks)
     assert len(rows) == 12 and {r["density"] for r in rows} == {1.0, 0.5}
     assert all(r["within_model"] and 0 < r["rel_l2"] < 0.05 and r["cosine"] > 0.99 for r in rows), rows
+    dense = [r for r in rows if r["density"] == 1.0]
+    # the scores' share of the error: q and k alone give less than the whole path, int8 less than e4m3
+    assert all(0 < r["qk_int8"] < r["qk_e4m3"] < r["rel_l2"] for r in dense), dense
+    assert all(r["qk_e4m3"] is None for r in rows if r["density"] < 1)
+
+
+def test_qk_only_error_grows_with_the_logits_and_int8_rounds_finer():
+    from benchmarks.bench_fp8 import qk_only_error
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 192, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    errs = {kind: [qk_only_error(q * c, k * c, v, 64, kind) for c in (0.5, 2.0)] for kind in ("e4m3", "int8")}
+    for kind, (small, large) in errs.items():
+        assert 0 < small < large, (kind, errs)  # peaked attention (larger logits) amplifies score errors
+    assert errs["int8"][1] < errs["e4m3"][1], errs
 
 
 # ------------------------------------------------------------------------------ GPU
