@@ -61,6 +61,12 @@ def make_inputs(B, H, N, D, seed, dtype=torch.float32, device="cpu", structured=
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
+def _errors(out, exact) -> tuple[float, float]:
+    """(relative L2 error, cosine similarity) of ``out`` against the float64 ``exact``."""
+    err = ((out.double() - exact).norm() / exact.norm()).item()
+    return err, torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), 0).item()
+
+
 def accuracy(device, dtype, shape, block, seed, log):
     from modcompile import dispatch
     from modcompile.kernels.block_lists import BlockLists
@@ -78,8 +84,7 @@ def accuracy(device, dtype, shape, block, seed, log):
         scale = 1.0 / math.sqrt(D)
         out, _ = dispatch.attention_forward(q, k, v, lists, scale, precision="fp8")
         exact, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), lists, scale=scale)
-        err = ((out.double() - exact).norm() / exact.norm()).item()
-        cos = torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), 0).item()
+        err, cos = _errors(out, exact)
         low, high = predicted_relative_error(q, k, v, lists, scale=scale)
         rows.append(dict(input=name, shape=list(shape), density=round(eff, 3), seed=seed, cosine=cos, rel_l2=err,
                          model_low=low, model_high=high, within_model=low <= err <= high,
@@ -155,8 +160,7 @@ def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_li
             lists = BlockLists.from_mask(mask, block, q.shape[2], k.shape[2])
             out, _ = dispatch.attention_forward(q, k, v, lists, scale, precision="fp8")
             exact, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), lists, scale=scale)
-            err = ((out.double() - exact).norm() / exact.norm()).item()
-            cos = torch.nn.functional.cosine_similarity(out.double().flatten(), exact.flatten(), 0).item()
+            err, cos = _errors(out, exact)
             low = high = None
             if q.shape[2] <= model_limit:
                 low, high = predicted_relative_error(q, k, v, lists, scale=scale)

@@ -113,6 +113,10 @@ def _modsparse_step_rows(captures: list, policy: str, step: int, block_size: int
     return rows
 
 
+def _row_name(method: str, density: float | None) -> str:
+    return method if density is None else f"{method}@{density:g}"
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else None
@@ -204,7 +208,7 @@ def run(args) -> dict:
     def modsparse_row(method, d, policy_opts):
         why = mb.backend_missing()
         if why:
-            skipped[f"{method}@{d}"] = why
+            skipped[_row_name(method, d)] = why
             return
         opts = {"block_size": bs, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps,
                 "warmup_steps": warmup, **policy_opts}
@@ -240,7 +244,7 @@ def run(args) -> dict:
     jobs += [(method, d, (lambda m=method, d=d: modsparse_row(m, d, MODSPARSE[m](d))) if method in MODSPARSE
               else (lambda m=method, d=d: baseline_row(m, d))) for d in densities for method in methods]
     for method, d, job in jobs:
-        name = f"{method}@{d:g}" if d is not None else method
+        name = _row_name(method, d)
         try:
             job()
         except Exception as exc:  # one failing method is reported, the others still run
