@@ -297,7 +297,7 @@ class _FakeGraph:
 
 def _fake_cuda(monkeypatch, fail_capture=False):
     """CallGraphs on CPU: a fake current stream, and a 'capture' that records fn for replay."""
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    monkeypatch.setattr(cuda_graphs, "_current_stream_handle", lambda device: 7)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
 
     def capture(self, fn, device, stream):
