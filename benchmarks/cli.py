@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--equal-density", type=_floats, default=None, help="DiT mode: run every --methods entry at "
                    "these block densities (e.g. 0.1,0.2,0.3,0.5) with the same steps and dense warm-up")
     f.add_argument("--methods", type=_csv, default=None, help="--equal-density methods (default all: mod, "
-                   "mod-lines, vmoba, oracle, sta, radial, svg)")
+                   "mod-blocks, mod-lines, vmoba, oracle, sta, radial, svg)")
     f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
                    "method (default: mod's rule, 12 of 50)")
 

@@ -6,8 +6,9 @@ At every target density each method samples the same seeds with the same number 
 same dense warm-up (the first ``--warmup-steps`` steps dense; default: mod's rule for the step
 count) and runs the same block-sparse kernel:
 
-* ``mod`` / ``mod-lines`` / ``vmoba`` go through ``torch.compile(backend="modsparse")`` with the
-  density option (mod: lines per head up to the density, rule ``blocks`` or the paper's ``lines``;
+* ``mod`` / ``mod-blocks`` / ``mod-lines`` / ``vmoba`` go through ``torch.compile(backend="modsparse")``
+  with the density option (mod: the densest share of the site's blocks by observed mass, rule ``mass``;
+  ``blocks``: lines per head up to the density, filled from the threshold map; the paper's ``lines``;
   vmoba: ``selection="topk"``, ceil(density * P) partition blocks per row), so their sample time
   compares with the Inductor-compiled dense model;
 * ``oracle`` / ``sta`` / ``radial`` / ``svg`` (benchmarks/baselines.py) replace the DiT's SDPA
@@ -38,6 +39,8 @@ from .metrics import block_attention_mass, dense_lse, mass_recall_from_mass, psn
 MODSPARSE = {
     "mod": lambda d: {"policy": "mod", "density": d},
     "mod-lines": lambda d: {"policy": "mod", "density": d, "mask_rule": "lines"},
+    # the mask rule mod had by default before "mass": line budget, blocks densest in the threshold map
+    "mod-blocks": lambda d: {"policy": "mod", "density": d, "mask_rule": "blocks"},
     "vmoba": lambda d: {"policy": "vmoba", "selection": "topk", "density": d},
 }
 METHODS = (*MODSPARSE, *BASELINES)

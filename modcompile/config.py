@@ -180,10 +180,10 @@ class SparsityConfig:
     ridge_lambda: float = option(1.0, "float", low=0.0, low_open=True)
     refresh_interval: int = option(10, "int", low=1)  # steps between mask refreshes
     lines_per_head: int | None = option(None, "int", low=0, optional=True)  # None = chosen by coverage
-    # blocks: the lines set each head's budget, the densest blocks of the last observed map fill
-    # it; lines: whole lines (the paper)
-    mask_rule: str = option("blocks", "str", choices=("blocks", "lines"))
-    coverage: float = _fraction(0.9)      # predicted kept mass that the chosen lines must reach
+    # mass: the densest blocks of the site by observed attention mass; blocks: the lines set each
+    # head's budget, the blocks densest in the threshold map fill it; lines: whole lines (the paper)
+    mask_rule: str = option("mass", "str", choices=("mass", "blocks", "lines"))
+    coverage: float = _fraction(0.9)      # predicted kept mass that the mask must reach
     cheap_refresh: bool = option(True, "bool")  # refresh on the sparse kernel's blocks (False: the paper's dense)
     full_refresh_every: int = option(3, "int", low=1)  # with cheap_refresh, every n-th refresh sees every block
     # how a full refresh observes: sparse (the sparse step's lse) | dense (a dense step)

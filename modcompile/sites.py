@@ -83,6 +83,11 @@ class SiteState:
             self.density_of = weakref.ref(counts)
             self.sum_density(counts)
 
+    def lists_rewritten(self) -> None:
+        """A policy rewrote its list buffers in place (MOD at a refresh): the same counts tensor
+        now holds other lists, so the next plan's density is summed again."""
+        self.density_of = None
+
     def sum_density(self, counts) -> None:
         torch.sum(counts, dim=tuple(range(counts.dim())), dtype=torch.float32, out=self.density_sum)
 

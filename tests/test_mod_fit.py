@@ -139,7 +139,7 @@ def test_blocks_rule_fills_the_line_budget_with_the_densest_observed_blocks():
     coef = fg.solve(observed)
     by_lines, *_ = predict_mask(coef, fg, SparsityConfig(lines_per_head=1, mask_rule="lines"), observed)
     assert torch.equal(by_lines, predict_mask(coef, fg, SparsityConfig(lines_per_head=1))[0])
-    by_blocks, lines, _, cov = predict_mask(coef, fg, SparsityConfig(lines_per_head=1), observed)
+    by_blocks, lines, _, cov = predict_mask(coef, fg, SparsityConfig(lines_per_head=1, mask_rule="blocks"), observed)
     assert torch.equal(by_blocks.sum((-2, -1)), by_lines.sum((-2, -1)))      # same budget
     text = torch.zeros(nb, dtype=torch.bool)
     text[:2] = True

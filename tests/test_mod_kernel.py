@@ -440,3 +440,63 @@ def test_gpu_matches_reference(dtype, bs):
         listed = ~part.isnan()
         assert torch.equal(listed, mask_from_lists(counts, indices, m).cuda())
         assert torch.equal(part[listed], got[listed]), (stride, phase)
+
+
+def _explicit_mass(q, k, lse, bias, bs, rows, listed=None):
+    """Float64 block mass from the probabilities themselves: per tile, the mean over its sampled rows
+    of the row's probabilities summed over the tile's keys (a row whose lse is -inf: 0)."""
+    B, H, n, D = q.shape
+    p = torch.exp((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D) + bias.double()[:, None, None, :]
+                  - lse.double()[..., None]).nan_to_num(nan=0.0)
+    m = num_blocks(n, bs)
+    out = torch.empty(B, H, m, m, dtype=torch.float64)
+    for i in range(m):
+        r = rows[(rows >= i * bs) & (rows < (i + 1) * bs)]
+        for j in range(m):
+            out[:, :, i, j] = p[:, :, r, j * bs:(j + 1) * bs].sum(-1).mean(-1)
+    return out if listed is None else torch.where(listed, out, float("nan"))
+
+
+@pytest.mark.parametrize("n,bs,stride", [(100, 32, 1), (100, 32, 4), (70, 16, 2), (150, 32, 16)])
+@pytest.mark.parametrize("restricted", [False, True])
+@pytest.mark.parametrize("biased", [False, True])
+def test_mass_map_matches_the_float64_probabilities(n, bs, stride, restricted, biased):
+    """The optional mass map: each entry is its sampled rows' mean probability mass on the tile's keys;
+    with dense lse a row of the map sums to 1. Ragged tails, padding (bias -inf, rows with lse -inf),
+    restricted lists (only listed entries written) and row sampling; kernel and torch reference alike."""
+    from modcompile.kernels.block_lists import full_block_lists
+    from modcompile.kernels.reference import block_sparse_attention_ref
+    g = torch.Generator().manual_seed(n + stride)
+    B, H, D = 2, 2, 16
+    q, k, _ = _inputs(B, H, n, D, torch.float32, n + 1)
+    m = num_blocks(n, bs)
+    bias = _padding_bias(B, n, [n, bs * (m - 2) + 3], g) if biased else torch.zeros(B, n)
+    counts, indices = _random_lists(B, H, m, m, n) if restricted else full_block_lists(B, H, m, m)
+    _, lse = block_sparse_attention_ref(q.double(), k.double(), k.double(), counts, indices, block_size=bs,
+                                        key_bias=bias.double() if biased else None)
+    lists = dict(kv_counts=counts, kv_indices=indices) if restricted else {}
+    listed = mask_from_lists(counts, indices, m) if restricted else None
+    want = _explicit_mass(q, k, lse, bias, bs, sampled_rows(n, bs, stride), listed)
+    kw = dict(block_size=bs, threshold=1e-2, row_stride=stride, key_bias=bias if biased else None, **lists)
+    for fn in (block_sparsity, block_sparsity_ref):
+        mass = torch.full((B, H, m, m), -1.0)
+        smap = fn(q, k, lse.float(), mass=mass, **kw)
+        written = mass != -1.0
+        assert torch.equal(written, torch.ones_like(written) if listed is None else listed)
+        assert torch.allclose(mass[written].double(), want[written], rtol=1e-4, atol=1e-6), fn.__name__
+        if not restricted:   # the sampled rows' probabilities sum to 1 (to 0 where lse is -inf: none here)
+            assert torch.allclose(mass.sum(-1), torch.ones(B, H, m), atol=1e-4)
+        assert torch.equal(smap.isnan(), ~written)   # the sparsity map is written at the same entries
+    with pytest.raises(ValueError, match="mass must be float32"):
+        block_sparsity_ref(q, k, lse.float(), mass=torch.zeros(B, H, m, m + 1), block_size=bs)
+
+
+def test_mass_map_is_nan_where_the_map_is():
+    """A NaN query row makes its tiles NaN in both maps (no swallowed NaN in the mass either)."""
+    q, k, lse = _inputs(1, 1, 64, 16, torch.float32, 3)
+    q[0, 0, 5] = float("nan")
+    for fn in (block_sparsity, block_sparsity_ref):
+        mass = torch.zeros(1, 1, 4, 4)
+        smap = fn(q, k, lse.float(), block_size=16, mass=mass)
+        assert torch.equal(mass.isnan(), smap.isnan()) and mass[0, 0, 0].isnan().all()
+        assert torch.isfinite(mass[0, 0, 1:]).all()

@@ -54,8 +54,8 @@ from .tuning import LaunchConfig, choose, map_configs, tuning_key
 
 @triton.jit(do_not_specialize=["row_phase"])
 def _block_sparsity_kernel(
-    Q, K, Lse, Out, Counts, Indices, Listed, KeyBias,
-    inv_scale, log_threshold, row_phase,
+    Q, K, Lse, Out, Counts, Indices, Listed, KeyBias, Mass,
+    inv_scale, log_threshold, row_phase, scale_log2e,
     N_Q, N_K, H, MQ, MK,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -65,6 +65,7 @@ def _block_sparsity_kernel(
     stride_ib, stride_ih, stride_im, stride_ij,
     stride_fb, stride_fh, stride_fm,
     stride_bb,
+    stride_mb, stride_mh, stride_mm, stride_mk,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -75,6 +76,7 @@ def _block_sparsity_kernel(
     SPLITS: tl.constexpr,
     RESTRICTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_MASS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # One program per GROUP consecutive query blocks, one (batch, head) and one of SPLITS parts of
@@ -130,12 +132,16 @@ def _block_sparsity_kernel(
     # A row whose lse is NaN or +inf has NaN probabilities (dense softmax would too): its tiles are NaN.
     lse_bad = row_ok & ((lse != lse) | (lse == float("inf")))
     rows_sampled = tl.sum(tl.reshape(row_ok.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
+    # Mass: p_ij = 2^(s_ij * scale * log2(e) - lse_i * log2(e)); an unsampled slot or a row whose lse
+    # is -inf (it attended only hidden keys) gets offset +inf, so every p of it is 0.
+    lse_log2 = tl.where(row_ok & (lse > float("-inf")), lse * 1.4426950408889634, float("inf"))
     out_blocks = pid_group * GROUP + tl.arange(0, GROUP)
     block_ok = out_blocks < MQ
 
     k_base = K + b * stride_kb + h * stride_kh
     bias_base = KeyBias + b * stride_bb
     out_base = Out + b * stride_ob + h * stride_oh + out_blocks.to(tl.int64) * stride_om
+    mass_base = Mass + b * stride_mb + h * stride_mh + out_blocks.to(tl.int64) * stride_mm
     listed_base = Listed + b * stride_fb + h * stride_fh + out_blocks.to(tl.int64) * stride_fm
     if RESTRICTED:
         n_entries = tl.load(Counts + b * stride_cb + h * stride_ch + pid_group * stride_cm)
@@ -155,6 +161,7 @@ def _block_sparsity_kernel(
         # test; finite scores would have to overflow float32): such a tile has NaN probabilities
         # in dense attention.
         total = tl.zeros([TILE_M], dtype=tl.float32)
+        mass = tl.zeros([TILE_M], dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             cols = key_block * BLOCK_SIZE + c * BLOCK_N + offs_n
             k = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
@@ -164,8 +171,15 @@ def _block_sparsity_kernel(
                 # columns past N_K load 0: the ragged-tail correction below stays right
                 kb = tl.load(bias_base + cols, mask=cols < N_K, other=0.0) * inv_scale
                 below += tl.sum((s + kb[None, :] < bound[:, None]).to(tl.int32), 1)
+                if HAS_MASS:
+                    s_mass = s + kb[None, :]
             else:
                 below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
+                if HAS_MASS:
+                    s_mass = s
+            if HAS_MASS:
+                p = tl.exp2(s_mass * scale_log2e - lse_log2[:, None])
+                mass += tl.sum(tl.where((cols < N_K)[None, :], p, 0.0), 1)
             total += tl.sum(s, 1)   # the raw scores: non-finite q or k, hidden or not
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
         below -= (BLOCK_SIZE - cols_valid) * zero_hit
@@ -179,6 +193,10 @@ def _block_sparsity_kernel(
         if RESTRICTED and GROUP > 1:
             store_ok = store_ok & (tl.load(listed_base + key_block, mask=block_ok, other=0) != 0)
         tl.store(out_base + key_block * stride_ok, frac, mask=store_ok)
+        if HAS_MASS:
+            mass_per_block = tl.sum(tl.reshape(mass, [GROUP, SAMPLE_ROWS]), 1) / tl.maximum(rows_sampled, 1)
+            mass_per_block = tl.where(bad_per_block > 0, float("nan"), mass_per_block)
+            tl.store(mass_base + key_block * stride_mk, mass_per_block, mask=store_ok)
 
 
 def sample_layout(block_size: int, row_stride: int, restricted: bool = False) -> tuple[int, int]:
@@ -236,7 +254,7 @@ def key_splits(mk: int, key_blocks: int) -> int:
     return max(1, -(-mk // max(1, key_blocks)))
 
 
-def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias=None):
+def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias=None, mass=None):
     for name, value, low in (("row_stride", row_stride, 1), ("row_phase", row_phase, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"block_sparsity: {name} must be an int, got {type(value).__name__}")
@@ -263,12 +281,14 @@ def _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_ph
             lists.check(B, H)
         except (TypeError, ValueError) as err:
             raise type(err)(f"block_sparsity: {err}") from None
-    if out is not None and (tuple(out.shape) != (B, H, mq, mk) or out.dtype != torch.float32):
-        raise ValueError(f"block_sparsity: out must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
+    for name, t in (("out", out), ("mass", mass)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, H, mq, mk)
+                              or t.dtype != torch.float32):
+            raise ValueError(f"block_sparsity: {name} must be float32 (B, H, Mq, Mk) = {(B, H, mq, mk)}")
     if key_bias is not None and (not isinstance(key_bias, torch.Tensor) or tuple(key_bias.shape) != (B, k.shape[2])
                                  or key_bias.dtype != torch.float32):
         raise ValueError(f"block_sparsity: key_bias must be float32 (B, Nk) = {(B, k.shape[2])}")
-    devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out, key_bias) if t is not None}
+    devices = {t.device for t in (q, k, lse, kv_counts, kv_indices, out, key_bias, mass) if t is not None}
     if len(devices) != 1:
         raise ValueError("block_sparsity: all inputs must be on one device")
 
@@ -278,16 +298,18 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
                    kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, fill: float = float("nan"),
                    row_stride: int = 1, row_phase: int = 0, key_bias: torch.Tensor | None = None,
-                   config: LaunchConfig | None = None) -> torch.Tensor:
+                   mass: torch.Tensor | None = None, config: LaunchConfig | None = None) -> torch.Tensor:
     """Block sparsity map ``(B, H, Mq, Mk)`` float32 (Triton; CUDA or TRITON_INTERPRET=1).
 
     With ``kv_counts``/``kv_indices`` only the listed blocks are written; ``out`` (if given) keeps
     its other entries, else it is allocated filled with ``fill``. ``row_stride > 1`` estimates
     each entry from every ``row_stride``-th query row of the block, starting at ``row_phase``.
     ``key_bias`` (B, Nk) float32: added to the scaled scores (``-inf``: a hidden key, probability 0).
-    ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
+    ``mass`` (float32, the map's shape): also written, at the same entries, with each entry's attention
+    mass: the mean over the sampled rows of the row's probabilities summed over the tile's keys (NaN
+    where the map is NaN). ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
     the block) and ``key_blocks`` per program part; ``tile`` is ignored (the sampling layout sets it)."""
-    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias)
+    _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias, mass)
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "use block_sparsity_ref on CPU")
@@ -321,9 +343,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         listed = listed.view(torch.int8)
     splits = key_splits(mk, cfg.key_blocks)
     bias = lse if key_bias is None else unit_last_stride(key_bias)   # dummy when absent: never read
+    mass_arg = out if mass is None else mass                           # dummy when absent: never written
     _block_sparsity_kernel[(triton.cdiv(mq, group), B * H, splits)](
-        q, k, lse, out, kv_counts, kv_indices, listed, bias,
-        1.0 / scale, math.log(threshold), row_phase % row_stride,
+        q, k, lse, out, kv_counts, kv_indices, listed, bias, mass_arg,
+        1.0 / scale, math.log(threshold), row_phase % row_stride, scale * math.log2(math.e),
         N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -333,9 +356,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
         bias.stride(0),
+        mass_arg.stride(0), mass_arg.stride(1), mass_arg.stride(2), mass_arg.stride(3),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.sub,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
-        HAS_BIAS=key_bias is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_BIAS=key_bias is not None, HAS_MASS=mass is not None, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -346,12 +370,13 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
                        kv_counts: torch.Tensor | None = None, kv_indices: torch.Tensor | None = None,
                        out: torch.Tensor | None = None, fill: float = float("nan"),
                        row_stride: int = 1, row_phase: int = 0, key_bias: torch.Tensor | None = None,
-                       margin: float = 0.0, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       mass: torch.Tensor | None = None, margin: float = 0.0,
+                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Torch reference of :func:`block_sparsity` (any device), the same estimator: only the rows
-    of :func:`sampled_rows` count. ``margin`` shifts the bound
+    of :func:`sampled_rows` count (``mass`` as there). ``margin`` shifts the bound
     (``s * scale + bias < lse + ln(threshold) + margin``): tests use +-margin to bracket rounding."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase,
-           None if key_bias is None else key_bias.float())
+           None if key_bias is None else key_bias.float(), mass)
     B, H, N, D = q.shape
     n_k = k.shape[2]
     mq, mk = num_blocks(N, block_size), num_blocks(n_k, block_size)
@@ -364,7 +389,10 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     tile_cols = torch.bincount(cols[:n_k] // block_size, minlength=mk).to(compute_dtype)
     sums = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
     bad = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
+    masses = torch.zeros(B, H, mq, mk, dtype=compute_dtype, device=q.device)
     lse_rows = lse[:, :, rows]
+    # a row whose lse is -inf attended only hidden keys: its probabilities are all 0
+    lse_mass = lse_rows.to(compute_dtype).masked_fill(lse_rows == float("-inf"), float("inf")).unsqueeze(-1)
     row_bad = (lse_rows.isnan() | (lse_rows == float("inf"))).unsqueeze(-1)
     kc = k.to(compute_dtype)
     if key_bias is not None:
@@ -382,8 +410,18 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
         nonfinite = torch.nn.functional.pad(~torch.isfinite(s), (0, mk * block_size - n_k))
         nonfinite = nonfinite.view(B, H, r1 - r0, mk, block_size).any(-1) | row_bad[:, :, r0:r1]
         bad.index_add_(2, row_blocks[r0:r1], nonfinite.to(compute_dtype))
+        if mass is not None:
+            p = torch.exp((s if key_bias is None else s + bias) - lse_mass[:, :, r0:r1])
+            p = torch.nn.functional.pad(p, (0, mk * block_size - n_k))
+            masses.index_add_(2, row_blocks[r0:r1], p.view(B, H, r1 - r0, mk, block_size).sum(-1))
     frac = (sums / (tile_rows[:, None] * tile_cols[None, :])).float()
     frac = frac.masked_fill(bad > 0, float("nan"))  # NaN probabilities in the tile, as in dense softmax
+    if mass is not None:
+        per_row = (masses / tile_rows.clamp_min(1)[:, None]).float().masked_fill(bad > 0, float("nan"))
+        if kv_counts is None:
+            mass.copy_(per_row)
+        else:
+            mass.copy_(torch.where(mask_from_lists(kv_counts, kv_indices, mk), per_row, mass))
     if kv_counts is None:
         if out is not None:
             out.copy_(frac)

@@ -73,6 +73,7 @@ class DeferredScalar:
 class ModState:
     geometry: Geometry
     smap: torch.Tensor | None = None               # (H, nb, nb) observed map, history merged
+    mmap: torch.Tensor | None = None               # (H, nb, nb) observed attention mass, history merged
     fits: list = field(default_factory=list)       # last two (step, coef (H, P))
     mask: torch.Tensor | None = None               # (H, nb, nb) bool, current kept blocks
     head_lists: tuple | None = None                # (counts (H, nb), indices (H, nb, nb)) int32
@@ -176,9 +177,9 @@ class ModPolicy(Policy):
                 return self._observed(ctx, st, q, k, "dense", "refresh-dense" if due else "refresh-dense-low")
             st.cheap_since_full = 0 if full else st.cheap_since_full + 1
             _record(st.events, (step, "refresh-full" if full else "refresh-cheap"))
-            return Plan(ctx.lists(*self._batch_lists(st, q.shape[0]), q, k), dense=False, observe=True,
+            return Plan(ctx.lists(*self._batch_lists(ctx, st, q.shape[0]), q, k), dense=False, observe=True,
                         data="full" if full else "cheap")
-        return Plan(ctx.lists(*self._batch_lists(st, q.shape[0]), q, k), dense=False, observe=False)
+        return Plan(ctx.lists(*self._batch_lists(ctx, st, q.shape[0]), q, k), dense=False, observe=False)
 
     def _observed(self, ctx, st, q, k, kind, event) -> Plan:
         """An observed call: ``data`` tells observe the kind ("dense" / "cheap" / "full")."""
@@ -218,9 +219,10 @@ class ModPolicy(Policy):
         _record(st.events, (step, "observe-nonfinite"))
         ctx.state.note = f"mod: NaN/Inf attention inputs at step(s) {st.nonfinite_steps[:5]}"
 
-    def _batch_lists(self, st: ModState, batch: int):
+    def _batch_lists(self, ctx: SiteContext, st: ModState, batch: int):
         lists = st.lists.get(batch)
         if lists is None:
+            ctx.state.lists_rewritten()
             counts, indices = st.head_lists
             lists = st.list_buffers.get(batch)
             if lists is None:
@@ -242,13 +244,14 @@ class ModPolicy(Policy):
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_stride(), row_phase=0, key_bias=key_bias)
+                        row_stride=cfg.observe_stride(), row_phase=0, key_bias=key_bias, with_mass=True)
         cheap = kind == "cheap" and st.smap is not None
         if cheap:
-            raw = observe_map(q, k, lse, kv_counts=plan.lists.counts, kv_indices=plan.lists.indices, **sampling)
+            raw, raw_mass = observe_map(q, k, lse, kv_counts=plan.lists.counts, kv_indices=plan.lists.indices,
+                                        **sampling)
         else:
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
-            raw = observe_map(q, k, lse, **sampling)
+            raw, raw_mass = observe_map(q, k, lse, **sampling)
         st.nonfinite_flag = DeferredScalar(raw.isnan().any())
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
@@ -256,17 +259,17 @@ class ModPolicy(Policy):
                 q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride(),
                 key_bias=key_bias).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
-        inputs = [raw]
+        inputs = [raw, raw_mass]
         if cheap:
-            inputs.append(st.smap)
+            inputs += [st.smap, st.mmap]
         if build:
             inputs += self._extrapolation_inputs(st, ctx.step, raw.shape[1], fg)
         outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
-        st.smap, coef = outputs[0], outputs[1]
+        st.smap, st.mmap, coef = outputs[:3]
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
         _record(st.fit_steps, ctx.step)
         if build:
-            st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[2:]
+            st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[3:]
             st.head_lists = (counts[0], indices[0])
             st.lists = {}  # written into st.list_buffers by the next plan
 

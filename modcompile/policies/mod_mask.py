@@ -10,7 +10,13 @@ blocks (every key), and the frame block diagonal when its coefficient lowers the
 by more than ``FRAME_KEEP``. With ``mask_rule="lines"`` (the paper) those lines are the mask. With
 ``mask_rule="blocks"`` (the default, our addition) they only set each head's block budget, filled
 with the densest blocks of the last observed map (the lines average away block detail that the
-observation has; measured MOD-vs-oracle error in BENCHMARKS.md). ``min_density``/``max_density`` then bound every row.
+observation has). With ``mask_rule="mass"`` (the default) the lines play no part: the blocks of all
+heads of the site are ranked together by their observed attention mass (the map kernel's second
+output), as the oracle of the equal-density benchmark ranks them by their exact mass, and the mask is
+the densest ``density`` share of them, or else the fewest whose mass reaches ``coverage`` of the total:
+the threshold map's count of entries above 1e-4 is much flatter than the mass, so a coverage of it
+keeps far more blocks than that coverage of the mass needs (BENCHMARKS.md, section 8).
+``min_density``/``max_density`` then bound every row.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ def extrapolate(fits: list, interval: int) -> torch.Tensor:
     return coef2 + slope * ((interval + 1) / 2.0)
 
 
-def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Tensor | None = None):
+def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Tensor | None = None,
+                 observed_mass: torch.Tensor | None = None):
     """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept,
     whether the frame diagonal is kept and the predicted kept mass fraction. All on device.
 
@@ -43,7 +50,8 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     ``config.mask_rule == "blocks"``, the line selection only sets each head's block budget; the
     blocks themselves are the densest of the observed map, which keeps the block detail that lines
     average away. (Moving the map by the lines' extrapolated drift was tried: its masks were further
-    from the oracle's on the synthetic benchmark.)"""
+    from the oracle's on the synthetic benchmark.) With ``observed_mass`` (the mass map, (H, nb, nb))
+    and ``config.mask_rule == "mass"``: :func:`mass_mask` instead of either."""
     geom = fg.geom
     nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
     H = coef.shape[0]
@@ -78,7 +86,12 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
         before = (w * forced).sum((-2, -1)).unsqueeze(-1) + mass.cumsum(-1) - mass
         lines = (before < config.coverage * total.unsqueeze(-1)).sum(-1)
     mask = forced | (block_rank < lines.view(H, 1, 1))
-    if observed is not None and config.mask_rule == "blocks":
+    if observed_mass is not None and config.mask_rule == "mass":
+        forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
+        w = observed_mass.clamp_min(0.0)
+        total = w.sum((-2, -1))
+        mask = mass_mask(w, forced, config.density, config.coverage)
+    elif observed is not None and config.mask_rule == "blocks":
         w = 1.0 - observed.clamp(0.0, 1.0)
         total = w.sum((-2, -1))
         budget = mask.sum((-2, -1))
@@ -89,6 +102,22 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     mask = bound_rows(mask, w, forced, text, config.min_density, config.max_density)
     coverage = (w * mask).sum((-2, -1)) / total.clamp_min(1e-12)
     return mask, lines, keep_frame, coverage
+
+
+def mass_mask(mass: torch.Tensor, forced: torch.Tensor, density: float | None, coverage: float) -> torch.Tensor:
+    """The kept blocks (H, nb, nb) bool: forced blocks first, then the blocks of all heads by mass,
+    densest first; the first ``density`` share of all blocks, or (``density`` None) the fewest whose
+    mass, forced blocks' included, reaches ``coverage`` of the total. Static shapes: no sync."""
+    H, nb, _ = mass.shape
+    flat = mass.reshape(-1)
+    order = mass.masked_fill(forced, float("inf")).reshape(-1).argsort(descending=True)
+    if density is not None:
+        keep = torch.arange(flat.numel(), device=mass.device) < round(density * flat.numel())
+    else:
+        ranked = flat[order]
+        before = ranked.cumsum(0) - ranked
+        keep = before < coverage * flat.sum()
+    return torch.zeros_like(forced.reshape(-1)).scatter_(0, order, keep).view(H, nb, nb) | forced
 
 
 def bound_rows(mask, w, forced, text, min_density: float, max_density: float):
@@ -110,4 +139,4 @@ def bound_rows(mask, w, forced, text, min_density: float, max_density: float):
     return mask
 
 
-__all__ = ["FRAME_KEEP", "bound_rows", "extrapolate", "predict_mask"]
+__all__ = ["FRAME_KEEP", "bound_rows", "extrapolate", "mass_mask", "predict_mask"]

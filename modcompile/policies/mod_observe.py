@@ -33,50 +33,62 @@ NOT_OBSERVED = -1.0
 
 
 def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
-                row_stride: int = 1, row_phase: int = 0, key_bias=None):
+                row_stride: int = 1, row_phase: int = 0, key_bias=None, with_mass: bool = False):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
+    ``with_mass``: ``(map, mass map)``, the second the blocks' attention mass (the same kernel pass);
     with block lists only the listed blocks are written, the others are ``NOT_OBSERVED`` (-1), so
     that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
     ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
     ``row_phase`` on. ``key_bias`` (B, Nk): a hidden key has probability 0 (sparse)."""
     from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
     fn = block_sparsity if dispatch.use_triton(q) else block_sparsity_ref
-    return fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
+    mass = None
+    if with_mass:
+        B, H, n, _ = q.shape
+        nb, nbk = -(-n // block_size), -(-k.shape[2] // block_size)
+        mass = torch.full((B, H, nb, nbk), NOT_OBSERVED, dtype=torch.float32, device=q.device)
+    smap = fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
-              fill=NOT_OBSERVED, key_bias=key_bias)
+              fill=NOT_OBSERVED, key_bias=key_bias, mass=mass)
+    return (smap, mass) if with_mass else smap
 
 
 
-def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, raw: torch.Tensor, *rest):
+def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, raw: torch.Tensor,
+                 raw_mass: torch.Tensor, *rest):
     """Everything an observation does after its map kernel, on device, as a pure function of its
     tensor inputs (static shapes, no host sync, no state): replayable from a CUDA graph.
 
-    ``raw`` (B, H, nb, nb) is the observed map. Cheap (``rest`` starts with the old map): entries
-    the restricted map did not compute (``NOT_OBSERVED``) keep the old map's values. NaN entries
+    ``raw`` (B, H, nb, nb) is the observed map, ``raw_mass`` its mass map. Cheap (``rest`` starts with
+    the old map and mass map): entries the restricted map did not compute (``NOT_OBSERVED``) keep the
+    old maps' values (a skipped block keeps its last observed mass). NaN entries
     (tiles with NaN probabilities: non-finite inputs) are never fitted: they keep the old map's
-    value in a cheap refresh and count as dense (sparsity 0: kept) otherwise, so one bad input
+    value in a cheap refresh and count as dense (sparsity 0, mass 1: kept) otherwise, so one bad input
     does not make the predictor NaN for the rest of the run. The map is fitted; with
     ``build`` (``rest`` ends with the previous coefficients and the (step gap, (T+1)/2) device
     tensor of :meth:`.mod.ModPolicy._extrapolation_inputs`) the coefficients are extrapolated as
     :func:`.mod_mask.extrapolate` does, the mask predicted and its block lists built for ``batch``.
-    Returns ``(smap, coef)`` or ``(smap, coef, mask, lines, keep_frame, predicted_coverage,
+    Returns ``(smap, mmap, coef)`` or ``(smap, mmap, coef, mask, lines, keep_frame, predicted_coverage,
     counts (batch, H, nb), indices (batch, H, nb, nb))``."""
     rest = list(rest)
     if cheap:
         # The policy's lists are the same for every batch entry: unobserved entries are -1 in all.
         fresh = raw.mean(0) if raw.shape[0] > 1 else raw[0]
         smap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
+        fresh = raw_mass.mean(0) if raw_mass.shape[0] > 1 else raw_mass[0]
+        mmap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
     else:
         smap = raw.mean(0).nan_to_num(nan=0.0)
+        mmap = raw_mass.mean(0).nan_to_num(nan=1.0)
     coef = fg.solve(smap)
     if not build:
-        return smap, coef
+        return smap, mmap, coef
     coef_prev, steps = rest
     slope = (coef - coef_prev) / steps[0]
-    mask, lines, keep_frame, coverage = predict_mask(coef + slope * steps[1], fg, config, smap)
+    mask, lines, keep_frame, coverage = predict_mask(coef + slope * steps[1], fg, config, smap, mmap)
     counts, indices = lists_from_mask(mask)
     H, nb = counts.shape
-    return (smap, coef, mask, lines, keep_frame, coverage,
+    return (smap, mmap, coef, mask, lines, keep_frame, coverage,
             counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous())
 
 
