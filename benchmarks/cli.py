@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "these block densities (e.g. 0.1,0.2,0.3,0.5) with the same steps and dense warm-up")
     f.add_argument("--methods", type=_csv, default=None, help="--equal-density methods (default all: mod, "
                    "mod-blocks, mod-lines, vmoba, oracle, sta, radial, svg)")
+    f.add_argument("--mod-coverage", type=_floats, default=None, help="--equal-density: also run mod at these "
+                   "coverages with no density asked (rows 'mod (coverage C)')")
     f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
                    "method (default: mod's rule, 12 of 50)")
 

@@ -136,7 +136,8 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     exceeds the oracle with as many blocks (from the exact block mass), at the density it reached."""
     from benchmarks import equal_density
     ckpt = _random_checkpoint(tmp_path / "dit.pt")
-    payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["mod", "oracle"], seeds=1))
+    payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["mod", "oracle"], seeds=1,
+                                      mod_coverage=[0.5]))
     assert not payload["settings"]["skipped"]
     mod = next(r for r in payload["rows"] if r["method"] == "mod")
     assert 0.25 <= mod["density"] <= 0.45
@@ -148,6 +149,10 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     default = payload["rows"][methods.index("mod (defaults)")]
     assert default["target_density"] is None and 0 < default["density"] <= 1 and default["psnr_db"] > 0
     assert 0 < default["recall"] <= default["oracle_recall"] + 1e-6
+    # a lower coverage keeps fewer blocks (the mass rule's cut moves with it)
+    half = payload["rows"][methods.index("mod (coverage 0.5)")]
+    assert half["target_density"] is None and 0 < half["density"] < default["density"]
+    assert half["recall"] < default["recall"]
 
 
 def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
@@ -155,6 +160,7 @@ def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(equal_density, "run", lambda args: seen.setdefault("args", args))
     cli.main(["run", "fidelity", "--config", "tiny-video", "--equal-density", "0.1,0.5", "--methods", "sta,svg",
-              "--warmup-steps", "1", "--out", str(tmp_path)])
+              "--warmup-steps", "1", "--mod-coverage", "0.8,0.7", "--out", str(tmp_path)])
     args = seen["args"]
     assert args.equal_density == [0.1, 0.5] and args.methods == ["sta", "svg"] and args.warmup_steps == 1
+    assert args.mod_coverage == [0.8, 0.7]

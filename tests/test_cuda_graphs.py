@@ -141,10 +141,12 @@ def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     nb = geom.nb
     raw = torch.rand(batch, heads, nb, nb, generator=g)
-    inputs = [raw]
+    mass = torch.rand(batch, heads, nb, nb, generator=g) / nb
+    inputs = [raw, mass]
     if cheap:
-        raw[:, torch.rand(heads, nb, nb, generator=g) < 0.5] = -1.0  # not observed (same per batch entry)
-        inputs.append(torch.rand(heads, nb, nb, generator=g))
+        unobserved = torch.rand(heads, nb, nb, generator=g) < 0.5   # the same per batch entry
+        raw[:, unobserved] = mass[:, unobserved] = -1.0
+        inputs += [torch.rand(heads, nb, nb, generator=g), torch.rand(heads, nb, nb, generator=g) / nb]
     if build:
         inputs += [torch.randn(heads, geom.num_basis, generator=g) * 0.1,
                    torch.tensor([float(1 + seed % 3), 5.5])]

@@ -207,3 +207,41 @@ def test_lists_from_mask_are_sorted_full_width():
     valid = torch.arange(9) < counts.unsqueeze(-1)
     kept = torch.where(valid, indices, 100)
     assert torch.equal(kept, kept.sort(-1).values)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mass_rule_keeps_the_sites_densest_blocks_by_observed_mass(seed):
+    """mask_rule="mass": forced blocks (own, text) first, then all heads' blocks by mass together, as
+    the oracle ranks them; a density keeps that share of all blocks (some heads more, some fewer),
+    a coverage the fewest reaching that share of the mass. The lines do not matter."""
+    from modcompile.policies.mod_mask import mass_mask
+    geom = Geometry(512, 16, None, text_tokens=20, text_position="first")   # text: blocks 0, 1
+    nb, H = geom.nb, 3
+    g = torch.Generator().manual_seed(seed)
+    # per-row masses of three heads from sharp to flat (rows sum to 1)
+    logits = torch.randn(H, nb, nb, generator=g) * torch.tensor([4.0, 2.0, 0.5]).view(H, 1, 1)
+    mass = logits.softmax(-1)
+    fg = fit_geometry(geom, 1e-3, "cpu")
+    coef = fg.solve(torch.rand(H, nb, nb, generator=g))
+    text = torch.zeros(nb, dtype=torch.bool)
+    text[:2] = True
+    forced = (torch.eye(nb, dtype=torch.bool) | text[None, :] | text[:, None]).expand(H, nb, nb)
+    for density in (0.3, 0.6):
+        mask, _, _, cov = predict_mask(coef, fg, SparsityConfig(density=density), mass.clone(), mass)
+        assert mask[forced].all()
+        assert mask.sum() == max(round(density * H * nb * nb), int(forced.sum()))
+        free = ~forced
+        assert mass[mask & free].min() >= mass[~mask & free].max()          # densest blocks, over all heads
+        assert mask[0].sum() < mask[2].sum()                                  # the flat head gets more
+        assert torch.allclose(cov, (mass * mask).sum((-2, -1)) / mass.sum((-2, -1)))
+        # another fit changes nothing
+        other = predict_mask(coef * -3.0, fg, SparsityConfig(density=density), mass.clone(), mass)[0]
+        assert torch.equal(other, mask)
+    for coverage in (0.5, 0.8, 0.95):
+        mask = mass_mask(mass, forced, None, coverage)
+        kept = (mass * mask).sum()
+        assert kept >= coverage * mass.sum() - 1e-5                            # reaches the coverage
+        free = ~forced
+        lightest = mass.masked_fill(~(mask & free), float("inf")).min()
+        assert kept - lightest < coverage * mass.sum() + 1e-5                 # and is the fewest that do
+    assert mass_mask(mass, forced, None, 0.5).sum() < mass_mask(mass, forced, None, 0.95).sum()
