@@ -141,6 +141,9 @@ def test_blocks_rule_fills_the_line_budget_with_the_densest_observed_blocks():
     assert torch.equal(by_lines, predict_mask(coef, fg, SparsityConfig(lines_per_head=1))[0])
     by_blocks, lines, _, cov = predict_mask(coef, fg, SparsityConfig(lines_per_head=1, mask_rule="blocks"), observed)
     assert torch.equal(by_blocks.sum((-2, -1)), by_lines.sum((-2, -1)))      # same budget
+    # the default rule (mass) with lines asked for is the blocks rule with that budget
+    mass = torch.rand(s.shape, generator=g)
+    assert torch.equal(predict_mask(coef, fg, SparsityConfig(lines_per_head=1), observed, mass)[0], by_blocks)
     text = torch.zeros(nb, dtype=torch.bool)
     text[:2] = True
     forced = torch.eye(nb, dtype=torch.bool) | text[None, :] | text[:, None]

@@ -51,7 +51,8 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     blocks themselves are the densest of the observed map, which keeps the block detail that lines
     average away. (Moving the map by the lines' extrapolated drift was tried: its masks were further
     from the oracle's on the synthetic benchmark.) With ``observed_mass`` (the mass map, (H, nb, nb))
-    and ``config.mask_rule == "mass"``: :func:`mass_mask` instead of either."""
+    and ``config.mask_rule == "mass"``: :func:`mass_mask` instead of either (unless ``lines_per_head``
+    is set: that asks for lines, so the ``blocks`` rule runs with that budget)."""
     geom = fg.geom
     nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
     H = coef.shape[0]
@@ -86,12 +87,12 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
         before = (w * forced).sum((-2, -1)).unsqueeze(-1) + mass.cumsum(-1) - mass
         lines = (before < config.coverage * total.unsqueeze(-1)).sum(-1)
     mask = forced | (block_rank < lines.view(H, 1, 1))
-    if observed_mass is not None and config.mask_rule == "mass":
+    if observed_mass is not None and config.mask_rule == "mass" and config.lines_per_head is None:
         forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
         w = observed_mass.clamp_min(0.0)
         total = w.sum((-2, -1))
         mask = mass_mask(w, forced, config.density, config.coverage)
-    elif observed is not None and config.mask_rule == "blocks":
+    elif observed is not None and config.mask_rule != "lines":   # blocks, or mass with lines asked for
         w = 1.0 - observed.clamp(0.0, 1.0)
         total = w.sum((-2, -1))
         budget = mask.sum((-2, -1))
