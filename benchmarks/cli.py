@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mod-blocks, mod-lines, vmoba, oracle, sta, radial, svg)")
     f.add_argument("--mod-coverage", type=_floats, default=None, help="--equal-density: also run mod at these "
                    "coverages with no density asked (rows 'mod (coverage C)')")
+    f.add_argument("--mod-options", type=json.loads, default=None, help="--equal-density: extra modsparse options "
+                   "of every mod row as JSON, e.g. '{\"refresh_interval\": 5}'")
     f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
                    "method (default: mod's rule, 12 of 50)")
 

@@ -213,8 +213,9 @@ def run(args) -> dict:
         if why:
             skipped[_row_name(method, d)] = why
             return
+        extra = (getattr(args, "mod_options", None) or {}) if policy_opts["policy"] == "mod" else {}
         opts = {"block_size": bs, "video_grid": tuple(cfg.grid), "min_seq_len": 0, "num_steps": steps,
-                "warmup_steps": warmup, **policy_opts}
+                "warmup_steps": warmup, **extra, **policy_opts}
         torch._dynamo.reset()
         mb.reset()
         metric_rows = []
@@ -271,7 +272,8 @@ def _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warm
     settings = {"mode": "equal-density", "config": cfg.to_dict(), "checkpoint": ckpt, "trained": trained,
                 "block_size": bs, "steps": args.steps, "warmup_steps": warmup, "metric_every": every,
                 "densities": densities,
-                "methods": methods, "seeds": seeds, "skipped": skipped}
+                "methods": methods, "seeds": seeds, "skipped": skipped,
+                "mod_options": getattr(args, "mod_options", None)}
     notes = [f"every method: {args.steps} steps, the first {warmup} dense, the same seeds; PSNR/SSIM mean over "
              f"{len(seeds)} seeds vs eager dense; recall / oracle_recall / density / rel_err: mean over the layers "
              f"and the sparse steps (the first and every {every}th after it) of seed {seeds[0]}",

@@ -160,7 +160,8 @@ def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(equal_density, "run", lambda args: seen.setdefault("args", args))
     cli.main(["run", "fidelity", "--config", "tiny-video", "--equal-density", "0.1,0.5", "--methods", "sta,svg",
-              "--warmup-steps", "1", "--mod-coverage", "0.8,0.7", "--out", str(tmp_path)])
+              "--warmup-steps", "1", "--mod-coverage", "0.8,0.7", "--mod-options", '{"refresh_interval": 5}',
+              "--out", str(tmp_path)])
     args = seen["args"]
     assert args.equal_density == [0.1, 0.5] and args.methods == ["sta", "svg"] and args.warmup_steps == 1
-    assert args.mod_coverage == [0.8, 0.7]
+    assert args.mod_coverage == [0.8, 0.7] and args.mod_options == {"refresh_interval": 5}
