@@ -1,7 +1,10 @@
 """The ``mod`` policy (MOD-DiT, arXiv 2601.11641): fitted mixture-of-lines masks, the default.
 
-Per (site, CFG pass) the policy keeps the block sparsity map ``S`` (nb x nb, batch mean, per head),
-the last two ridge fits of ``S`` onto the line basis (:mod:`.mod_fit`) and the current block lists.
+Per (site, CFG pass) the policy keeps the block sparsity map ``S`` and the blocks' attention mass
+(nb x nb, batch mean, per head, both from one observation pass), the last two ridge fits of ``S`` onto
+the line basis (:mod:`.mod_fit`) and the current block lists. The default mask rule keeps the densest
+blocks by observed mass; the fitted lines make the masks of the ``blocks`` and ``lines`` rules
+(:mod:`.mod_mask`).
 
 Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_interval``):
 

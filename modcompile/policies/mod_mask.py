@@ -8,7 +8,7 @@ blocks reach ``density``, or else whose predicted kept mass reaches ``coverage``
 ``predicted_coverage``). Always kept: the own block, text key blocks (every query) and text query
 blocks (every key), and the frame block diagonal when its coefficient lowers the predicted sparsity
 by more than ``FRAME_KEEP``. With ``mask_rule="lines"`` (the paper) those lines are the mask. With
-``mask_rule="blocks"`` (the default, our addition) they only set each head's block budget, filled
+``mask_rule="blocks"`` (our addition, the default before ``mass``) they only set each head's block budget, filled
 with the densest blocks of the last observed map (the lines average away block detail that the
 observation has). With ``mask_rule="mass"`` (the default) the lines play no part: the blocks of all
 heads of the site are ranked together by their observed attention mass (the map kernel's second

@@ -1,4 +1,4 @@
-"""MOD's observation: the block sparsity map of a call, the tail that fits it and builds the
+"""MOD's observation: the block sparsity and mass maps of a call, the tail that fits it and builds the
 mask, and the coverage estimate of a sparse refresh. Pure functions of their tensors (no
 policy state): :class:`.mod.ModPolicy` decides when they run and keeps what they return.
 
