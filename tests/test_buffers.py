@@ -142,6 +142,7 @@ def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fres
         assert own[step * per_step:(step + 1) * per_step] == own[(step - 1) * per_step:step * per_step]
 
 
+@pytest.mark.slow
 def test_harness_reads_lists_only_from_an_inspected_pass(fresh_modcompile, replayable_on_cpu):
     """Replayed calls hand their lists back to the pool, so a benchmark reading a step's lists gets
     None and a clear error from ``attend``; under ``benchmarks.backend.inspectable()`` the same calls

@@ -129,7 +129,8 @@ def _inputs(seed):
     return torch.randn(2, N, 32, generator=g), torch.tensor([TEXT, 5])
 
 
-@pytest.mark.parametrize("form", ["keys", "float", "outer"])
+@pytest.mark.parametrize("form", ["keys", pytest.param("float", marks=pytest.mark.slow),
+                                  pytest.param("outer", marks=pytest.mark.slow)])
 def test_padding_masks_run_sparse_against_a_float64_reference_of_the_lists_used(form):
     torch.manual_seed(0)
     eager = JointAttention(form).eval()
@@ -224,6 +225,7 @@ def test_hunyuan_video_with_padded_text_runs_its_video_sites_sparse(style, monke
     assert refiner.status == "dense"           # text only, shorter than min_seq_len
 
 
+@pytest.mark.slow
 def test_hunyuan_video_15_keys_x_keys_mask_runs_sparse_under_regional_compile(monkeypatch):
     """HunyuanVideo-1.5 builds ``m & m.transpose(2, 3)`` in each block (its forward gathers the
     valid text with boolean indexing, so users compile the blocks)."""

@@ -242,7 +242,7 @@ def _mod_fits(model_key_part=""):
     return [s.policy_state for s in REGISTRY.states.values() if isinstance(s.policy_state, ModState)]
 
 
-@pytest.mark.parametrize("nonfinite", ["dense", "listed"])
+@pytest.mark.parametrize("nonfinite", [pytest.param("dense", marks=pytest.mark.slow), "listed"])
 @pytest.mark.parametrize("policy", [pytest.param("mod", marks=pytest.mark.slow), "vmoba"])
 def test_compiled_model_nan_at_a_sparse_step_matches_eager(policy, nonfinite, fresh_modcompile, caplog):
     """Batch 2, NaN in one pixel of the first sample at a sparse step: with ``nonfinite="dense"``
