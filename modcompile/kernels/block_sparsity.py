@@ -170,15 +170,12 @@ def _block_sparsity_kernel(
             if HAS_BIAS:
                 # columns past N_K load 0: the ragged-tail correction below stays right
                 kb = tl.load(bias_base + cols, mask=cols < N_K, other=0.0) * inv_scale
-                below += tl.sum((s + kb[None, :] < bound[:, None]).to(tl.int32), 1)
-                if HAS_MASS:
-                    s_mass = s + kb[None, :]
+                s_biased = s + kb[None, :]
             else:
-                below += tl.sum((s < bound[:, None]).to(tl.int32), 1)
-                if HAS_MASS:
-                    s_mass = s
+                s_biased = s
+            below += tl.sum((s_biased < bound[:, None]).to(tl.int32), 1)
             if HAS_MASS:
-                p = tl.exp2(s_mass * scale_log2e - lse_log2[:, None])
+                p = tl.exp2(s_biased * scale_log2e - lse_log2[:, None])
                 mass += tl.sum(tl.where((cols < N_K)[None, :], p, 0.0), 1)
             total += tl.sum(s, 1)   # the raw scores: non-finite q or k, hidden or not
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
@@ -416,18 +413,15 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
             masses.index_add_(2, row_blocks[r0:r1], p.view(B, H, r1 - r0, mk, block_size).sum(-1))
     frac = (sums / (tile_rows[:, None] * tile_cols[None, :])).float()
     frac = frac.masked_fill(bad > 0, float("nan"))  # NaN probabilities in the tile, as in dense softmax
+    listed = None if kv_counts is None else mask_from_lists(kv_counts, kv_indices, mk)
     if mass is not None:
         per_row = (masses / tile_rows.clamp_min(1)[:, None]).float().masked_fill(bad > 0, float("nan"))
-        if kv_counts is None:
-            mass.copy_(per_row)
-        else:
-            mass.copy_(torch.where(mask_from_lists(kv_counts, kv_indices, mk), per_row, mass))
-    if kv_counts is None:
+        mass.copy_(per_row if listed is None else torch.where(listed, per_row, mass))
+    if listed is None:
         if out is not None:
             out.copy_(frac)
             return out
         return frac
-    listed = mask_from_lists(kv_counts, kv_indices, mk)
     if out is None:
         out = torch.full((B, H, mq, mk), fill, dtype=torch.float32, device=q.device)
     out.copy_(torch.where(listed, frac, out))

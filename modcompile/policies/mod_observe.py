@@ -23,7 +23,7 @@ import functools
 import torch
 
 from .. import dispatch
-from ..kernels.block_lists import lists_from_mask
+from ..kernels.block_lists import lists_from_mask, num_blocks
 from .base import block_means, block_token_counts, masked_block_means
 from .mod_fit import FitGeometry
 from .mod_mask import predict_mask
@@ -45,8 +45,8 @@ def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_i
     mass = None
     if with_mass:
         B, H, n, _ = q.shape
-        nb, nbk = -(-n // block_size), -(-k.shape[2] // block_size)
-        mass = torch.full((B, H, nb, nbk), NOT_OBSERVED, dtype=torch.float32, device=q.device)
+        mass = torch.full((B, H, num_blocks(n, block_size), num_blocks(k.shape[2], block_size)), NOT_OBSERVED,
+                          dtype=torch.float32, device=q.device)
     smap = fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
               kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
               fill=NOT_OBSERVED, key_bias=key_bias, mass=mass)
@@ -73,10 +73,10 @@ def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, 
     rest = list(rest)
     if cheap:
         # The policy's lists are the same for every batch entry: unobserved entries are -1 in all.
-        fresh = raw.mean(0) if raw.shape[0] > 1 else raw[0]
-        smap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
-        fresh = raw_mass.mean(0) if raw_mass.shape[0] > 1 else raw_mass[0]
-        mmap = torch.where(fresh.isnan() | (fresh < 0), rest.pop(0), fresh)
+        def merged(new, old):
+            fresh = new.mean(0) if new.shape[0] > 1 else new[0]
+            return torch.where(fresh.isnan() | (fresh < 0), old, fresh)
+        smap, mmap = merged(raw, rest.pop(0)), merged(raw_mass, rest.pop(0))
     else:
         smap = raw.mean(0).nan_to_num(nan=0.0)
         mmap = raw_mass.mean(0).nan_to_num(nan=1.0)
