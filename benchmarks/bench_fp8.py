@@ -1,4 +1,4 @@
-"""GPU: the FP8 (e4m3) block-sparse attention forward, accuracy and speed in one run.
+"""GPU: the FP8 block-sparse attention forward (int8 q, k; e4m3 P, v), accuracy and speed in one run.
 
     python -m benchmarks.bench_fp8 --out DIR [--smoke]
 
@@ -9,7 +9,8 @@ similarity and relative L2 error of ``precision="fp8"`` against the float64 atte
 lists, the issue's targets (cosine >= 0.999, relative L2 <= 3%) and the e4m3 error model's range
 (:func:`modcompile.kernels.fp8_attention.predicted_relative_error`). ``--checkpoint CKPT``: the same on a
 trained DiT's own q, k, v (every layer, first / middle / last step; dense and top-mass lists), with the
-error that quantizing only q and k makes, as e4m3 and as int8 (:func:`qk_only_error`).
+error that quantizing only q and k makes, as e4m3 or int8 per block and as int8 per token (the kernel's
+choice; :func:`qk_only_error`).
 
 Speed, triton.testing.do_bench medians at (1,12,32760,128) and (1,24,75600,128) bf16 (views of
 (B, N, H, D) storage), random sorted lists with the own block at density 1.0 and 0.2:
@@ -93,18 +94,22 @@ def accuracy(device, dtype, shape, block, seed, log):
     return rows
 
 
+QK_VARIANTS = ("e4m3_block", "int8_block", "int8_token")  # the last is the kernel's
+
+
 def qk_only_error(q, k, v, block: int, kind: str, rows: int = 1024) -> float:
-    """Relative L2 error of dense float64 attention when only q and k are quantized, per block of
-    ``block`` tokens as the fp8 path does (k smoothed by its mean first), to ``kind`` ``"e4m3"`` or
-    ``"int8"`` (symmetric, amax / 127, SageAttention's choice for q and k): how much of the fp8
-    path's error the scores alone make, and what int8 scores would make instead."""
+    """Relative L2 error of dense float64 attention when only q and k are quantized (k smoothed by
+    its mean first), as ``kind``: ``"e4m3_block"`` (amax / 448 per block of ``block`` tokens),
+    ``"int8_block"`` (symmetric, amax / 127 per block, SageAttention's choice) or ``"int8_token"``
+    (amax / 127 per token, the fp8 kernel's): how much of the path's error the scores make, and
+    what each format and granularity would make."""
     qd, kd, vd = (t.double() for t in (q, k, v))
 
     def quantized(x):
         B, H, n, D = x.shape
         xb = torch.nn.functional.pad(x, (0, 0, 0, -n % block)).unflatten(2, (-1, block))
-        amax = xb.abs().amax((3, 4), keepdim=True)
-        if kind == "e4m3":
+        amax = xb.abs().amax(4, keepdim=True) if kind == "int8_token" else xb.abs().amax((3, 4), keepdim=True)
+        if kind == "e4m3_block":
             s = amax / 448.0
             y = (xb / s).nan_to_num(0.0).float().to(torch.float8_e4m3fn).double() * s
         else:
@@ -165,7 +170,7 @@ def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_li
             if q.shape[2] <= model_limit:
                 low, high = predicted_relative_error(q, k, v, lists, scale=scale)
             qk = {f"qk_{kind}": qk_only_error(q, k, v, block, kind) if target >= 1 else None
-                  for kind in ("e4m3", "int8")}
+                  for kind in QK_VARIANTS}
             rows.append(dict(input=f"DiT step {step} layer {layer}", shape=list(q.shape),
                              density=float(mask.float().mean()), seed=0, cosine=cos, rel_l2=err, model_low=low,
                              model_high=high, within_model=None if low is None else low <= err <= high,
@@ -224,12 +229,12 @@ def _range(r) -> str:
 
 def tables(acc_rows, time_rows) -> str:
     acc = ["| input | shape | density | cosine | rel L2 | model range | within model | issue target "
-           "| q, k only: e4m3 | q, k only: int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+           + "".join(f"| q, k only: {kind.replace('_', ' per ')} " for kind in QK_VARIANTS) + "|",
+           "|" + "---|" * (8 + len(QK_VARIANTS))]
     for r in acc_rows:
         acc.append(f"| {r['input']} | {tuple(r['shape'])} | {r['density']:.2f} | {r['cosine']:.5f} | {r['rel_l2']:.4f} "
-                   f"| {_range(r)} | {_cell(r['within_model'])} "
-                   f"| {_cell(r['meets_issue_target'])} | {_cell(r.get('qk_e4m3'), '.4f')} "
-                   f"| {_cell(r.get('qk_int8'), '.4f')} |")
+                   f"| {_range(r)} | {_cell(r['within_model'])} | {_cell(r['meets_issue_target'])} "
+                   + "".join(f"| {_cell(r.get('qk_' + kind), '.4f')} " for kind in QK_VARIANTS) + "|")
     if not time_rows:
         return "### Accuracy\n\n" + "\n".join(acc) + "\n"
     dense_keys = sorted({k for r in time_rows for k in r if k.endswith("_dense_ms")})

@@ -1,4 +1,4 @@
-"""FP8 (e4m3) block-sparse attention: quantization, kernel, reference, error model, options.
+"""FP8 block-sparse attention (int8 q, k; e4m3 P, v): quantization, kernel, reference, error model, options.
 
 CPU: the torch quantization and the fp8 reference against the format's bounds; the Triton
 quantization and attention kernels under the interpreter with its float8 conversion replaced by
@@ -7,10 +7,11 @@ the product path falls back to the reference there; ``interpreter_fp8`` below); 
 public keyword and options. GPU (marked ``gpu``): the kernels against the reference (tight) and
 against float64 (the error model's bound), ragged N, ``q_rows``, empty lists.
 
-The accuracy bound is :func:`modcompile.kernels.fp8_attention.predicted_relative_error`: e4m3's
-unit roundoff 2^-4 propagated to first order through q, k, P and v (derivation in that module).
-It gives a range: at most the upper end (error variance <= u^2 x^2 / 3 per rounding), at least the
-lower end (>= u^2 x^2 / 12), so a result that is too good (nothing quantized) fails as well.
+The accuracy bound is :func:`modcompile.kernels.fp8_attention.predicted_relative_error`: int8's
+spacing (amax / 127 per token) on q and k and e4m3's unit roundoff 2^-4 on P and v, propagated to
+first order (derivation in that module). It gives a range: at most the upper end (e4m3 error
+variance <= u^2 x^2 / 3 per rounding), at least the lower end (>= u^2 x^2 / 12), so a result that
+is too good (nothing quantized) fails as well.
 """
 from __future__ import annotations
 
@@ -88,52 +89,78 @@ def interpreter_fp8(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ quantization (CPU)
+def _check_int8_tokens(name, x, xd, scale):
+    """x (B, H, Npad, Dp) zero padded; xd its dequantized copy: scale = amax / 127 per token, each
+    element within half a spacing (plus the float32 rounding of x / scale, up to 127 * 2^-24, and of
+    the product)."""
+    assert torch.equal(scale, x.abs().amax(-1) / 127), name
+    err = (xd - x).abs()
+    assert (err <= scale[..., None] * (0.5 + 2.0 ** -15)).all(), f"{name}: outside the int8 bound"
+    assert (err > 0).any(), f"{name}: nothing was rounded (quantization not applied?)"
+
+
 @pytest.mark.parametrize("N,D,bs,dtype", [(70, 48, 32, torch.float32), (64, 64, 16, torch.bfloat16)])
-def test_quantize_ref_layouts_scales_and_format_bound(N, D, bs, dtype):
-    """Each dequantized element is within the format's bound of its input: |err| <= 2^-4 |x| +
-    2^-10 scale (half a spacing, normal or subnormal); scales are amax / 448 per block (per channel
-    for v); padding is zero; v is stored transposed; k is smoothed by its token mean; q_rows
-    gathers q's rows."""
+def test_quantize_ref_layouts_scales_and_format_bounds(N, D, bs, dtype):
+    """q and k (smoothed by its token mean): int8 per token, within half a spacing (amax / 127 / 2);
+    v: e4m3 per (block, channel), |err| <= 2^-4 |x| + 2^-10 scale (half a spacing, normal or
+    subnormal), stored transposed; padding is zero; q_rows gathers q's rows."""
     q, k, v = inputs(2, 3, N, D, seed=N, dtype=dtype, device="cpu")
     v[0, 1, :bs] = 0.0  # one all-zero block: scale 0, values 0
+    k[1, 2, 5] = 0.0    # k smoothed: the token is -mean, not zero; q's token 0 of a zero block below
+    q[1, 0, 3] = 0.0
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(3)).to(torch.int32)
     ops = fq.quantize_ref(q, k, v, bs, rows)
     mb, dp = -(-N // bs), 64
-    assert ops.q.shape == ops.k.shape == (2, 3, mb * bs, dp) and ops.q.dtype == torch.float8_e4m3fn
-    assert ops.v_t.shape == (2, 3, dp, mb * bs) and ops.v_scale.shape == (2, 3, mb, dp)
-    assert ops.q_scale.shape == ops.k_scale.shape == (2, 3, mb)
+    assert ops.q.shape == ops.k.shape == (2, 3, mb * bs, dp) and ops.q.dtype == ops.k.dtype == torch.int8
+    assert ops.q_scale.shape == ops.k_scale.shape == (2, 3, mb * bs)
+    assert ops.v_t.shape == (2, 3, dp, mb * bs) and ops.v_t.dtype == torch.float8_e4m3fn
+    assert ops.v_scale.shape == (2, 3, mb, dp)
     qd, kd, vd = fq.dequantize(ops)
     kbar = k.float() - k.float().mean(2, keepdim=True)
     torch.testing.assert_close(ops.k_mean[..., :D], k.float().mean(2))
-    for name, x, xd, per_channel in (("q", q.float()[:, :, rows.long()], qd, False), ("k", kbar, kd, False),
-                                     ("v", v.float(), vd, True)):
-        pad = torch.nn.functional.pad(x, (0, dp - D, 0, mb * bs - N))
-        blocks = pad.unflatten(2, (mb, bs)).abs()
-        amax = blocks.amax(3) if per_channel else blocks.amax((3, 4))
-        scale = {"q": ops.q_scale, "k": ops.k_scale, "v": ops.v_scale}[name]
-        assert torch.equal(scale, amax / 448), name
-        s = scale.repeat_interleave(bs, 2)
-        s = s if per_channel else s[..., None]
-        err = (xd - pad).abs()
-        assert (err <= U * pad.abs() + 2.0 ** -10 * s + 1e-30).all(), f"{name}: outside the e4m3 bound"
-        assert (err > 0).any(), f"{name}: nothing was rounded (quantization not applied?)"
+
+    def pad(x):
+        return torch.nn.functional.pad(x, (0, dp - D, 0, mb * bs - N))
+    _check_int8_tokens("q", pad(q.float()[:, :, rows.long()]), qd, ops.q_scale)
+    _check_int8_tokens("k", pad(kbar), kd, ops.k_scale)
+    zero_row = int((rows == 3).nonzero())
+    assert ops.q_scale[1, 0, zero_row] == 0 and (ops.q[1, 0, zero_row] == 0).all()
+    assert ops.q.abs().max() == 127 and ops.k.abs().max() == 127
+    vp = pad(v.float())
+    scale = vp.unflatten(2, (mb, bs)).abs().amax(3)
+    assert torch.equal(ops.v_scale, scale / 448)
+    s = ops.v_scale.repeat_interleave(bs, 2)
+    err = (vd - vp).abs()
+    assert (err <= U * vp.abs() + 2.0 ** -10 * s + 1e-30).all(), "v: outside the e4m3 bound"
+    assert (err > 0).any()
+    for name, xd in (("q", qd), ("k", kd), ("v", vd)):
         assert (xd[:, :, N:] == 0).all() and (xd[..., D:] == 0).all(), f"{name}: padding must be 0"
     assert (ops.v_scale[0, 1, 0] == 0).all() and (vd[0, 1, :bs] == 0).all() and (ops.v_scale[0, 1, 1, :D] > 0).all()
 
 
-def test_quantize_ref_spreads_non_finite_over_its_block_only():
+def test_quantize_ref_spreads_non_finite_over_its_token_or_block_channel_only():
     q, k, v = inputs(1, 1, 64, 32, seed=5, device="cpu")
     v[0, 0, 3, 7] = float("nan")
+    q[0, 0, 10, 2] = float("inf")
+    k[0, 0, 40, 5] = float("nan")
     ops = fq.quantize_ref(q, k, v, 32)
-    _, _, vd = fq.dequantize(ops)
+    qd, kd, vd = fq.dequantize(ops)
     assert torch.isnan(vd[0, 0, :32, 7]).all() and not torch.isnan(vd[0, 0, 32:]).any()
     assert not torch.isnan(vd[0, 0, :32, :7]).any()
+    assert not torch.isfinite(qd[0, 0, 10, :32]).all() and torch.isfinite(qd[0, 0, 11:]).all()
+    # k's NaN also makes its mean NaN: every smoothed token is NaN, as every score with it would be
+    assert torch.isnan(kd[0, 0, :64, :32]).any(dim=-1).all()
 
 
 def test_quantize_kernel_is_bitwise_the_reference(interpreter_fp8):
     q, k, v = inputs(2, 3, 70, 48, seed=1, dtype=torch.float16, device="cpu")
+    q[0, 1, 4] = 0.0  # an all-zero token: scale 0, values 0
     rows = torch.randperm(70, generator=torch.Generator().manual_seed(0)).to(torch.int32)
     got, ref = fq.quantize(q, k, v, 32, rows), fq.quantize_ref(q, k, v, 32, rows)
+    _assert_operands_equal(got, ref)
+
+
+def _assert_operands_equal(got, ref):
     for name in ("q", "q_scale", "k", "k_scale", "k_mean", "v_t", "v_scale"):
         a, b = getattr(got, name), getattr(ref, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -180,23 +207,37 @@ def test_fp8_reference_error_is_within_the_derived_bound(case):
     low, high = fa.predicted_relative_error(q, k, v, lists)
     err = rel_l2(out, ref)
     assert low <= err <= high, f"relative L2 {err:.4f} outside the e4m3 model's [{low:.4f}, {high:.4f}]"
-    # lse: l sums unrounded p, so only the score errors move it, by at most max_j |ds_j|
+    # lse: l sums unrounded p, so only the score errors move it, by at most max_j |ds_j|; with int8
+    # half spacings hq, hk (amax / 254 per token) and the lse's shift q . mean taken from the rounded q:
+    # ds_j = scale (dq . k_j + q . dk_j + dq . dk_j)
     kbar = k.double() - k.double().mean(2, keepdim=True)
-    eta = 2.0 ** -10 / 448 * max(q.abs().max().item(), kbar.abs().max().item())
-    a, b = q.double().abs(), kbar.abs()
-    ds = (2 * U + U * U) * (a @ b.transpose(-1, -2)) + eta * (1 + U) * (a.sum(-1, keepdim=True) + b.sum(-1)[..., None, :]) \
-        + D * eta * eta
+    hq, hk = q.double().abs().amax(-1) / 254, kbar.abs().amax(-1) / 254
+    a, b = q.double().abs().sum(-1), k.double().abs().sum(-1)
+    ds = hq[..., None] * b[..., None, :] + a[..., None] * hk[..., None, :] + D * hq[..., None] * hk[..., None, :]
     bound = ds.amax(-1) / math.sqrt(D) + 1e-4
     assert ((lse.double() - ref_lse).abs() <= bound).all()
 
 
 def test_one_mantissa_bit_less_breaks_the_bound(monkeypatch):
-    """The bound can fail: the same pipeline with e5m2 (2 mantissa bits) operands lands above it."""
+    """The bound can fail: the same pipeline with e5m2 (2 mantissa bits) for P and v lands above it."""
     q, k, v = inputs(1, 2, 256, 64, seed=7, device="cpu")
     lists = random_lists(1, 2, 256, 64, 1.0, seed=7, device="cpu")
     ref, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), lists)
     _, high = fa.predicted_relative_error(q, k, v, lists)
     monkeypatch.setattr(fq, "FP8", torch.float8_e5m2)
+    out, _ = fa.block_sparse_attention_fp8_ref(q, k, v, lists)
+    assert rel_l2(out, ref) > high
+
+
+def test_two_bits_less_on_the_scores_breaks_the_bound(monkeypatch):
+    """... and with q and k at 6 bits (31 levels) where the attention is peaked (scores x 9)."""
+    q, k, v = inputs(1, 2, 256, 64, seed=7, device="cpu")
+    q, k = q * 3, k * 3
+    lists = random_lists(1, 2, 256, 64, 1.0, seed=7, device="cpu")
+    ref, _ = block_sparse_attention_ref(q.double(), k.double(), v.double(), lists)
+    low, high = fa.predicted_relative_error(q, k, v, lists)
+    assert low <= rel_l2(fa.block_sparse_attention_fp8_ref(q, k, v, lists)[0], ref) <= high
+    monkeypatch.setattr(fq, "INT8_MAX", 31.0)
     out, _ = fa.block_sparse_attention_fp8_ref(q, k, v, lists)
     assert rel_l2(out, ref) > high
 
@@ -279,19 +320,21 @@ def test_benchmark_on_a_dits_own_activations(tmp_path, monkeypatch):
     assert len(rows) == 12 and {r["density"] for r in rows} == {1.0, 0.5}
     assert all(r["within_model"] and 0 < r["rel_l2"] < 0.05 and r["cosine"] > 0.99 for r in rows), rows
     dense = [r for r in rows if r["density"] == 1.0]
-    # the scores' share of the error: q and k alone give less than the whole path, int8 less than e4m3
-    assert all(0 < r["qk_int8"] < r["qk_e4m3"] < r["rel_l2"] for r in dense), dense
-    assert all(r["qk_e4m3"] is None for r in rows if r["density"] < 1)
+    # the scores' share of the error: q and k alone give less than the whole path; int8 per token less
+    # than per block, int8 less than e4m3
+    assert all(0 < r["qk_int8_token"] < r["qk_int8_block"] < r["qk_e4m3_block"] for r in dense), dense
+    assert all(r["qk_int8_token"] < r["rel_l2"] for r in dense), dense
+    assert all(r["qk_e4m3_block"] is None for r in rows if r["density"] < 1)
 
 
 def test_qk_only_error_grows_with_the_logits_and_int8_rounds_finer():
-    from benchmarks.bench_fp8 import qk_only_error
+    from benchmarks.bench_fp8 import QK_VARIANTS, qk_only_error
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 192, 32, generator=g, dtype=torch.float64) for _ in range(3))
-    errs = {kind: [qk_only_error(q * c, k * c, v, 64, kind) for c in (0.5, 2.0)] for kind in ("e4m3", "int8")}
+    errs = {kind: [qk_only_error(q * c, k * c, v, 64, kind) for c in (0.5, 2.0)] for kind in QK_VARIANTS}
     for kind, (small, large) in errs.items():
         assert 0 < small < large, (kind, errs)  # peaked attention (larger logits) amplifies score errors
-    assert errs["int8"][1] < errs["e4m3"][1], errs
+    assert errs["int8_token"][1] < errs["int8_block"][1] < errs["e4m3_block"][1], errs
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -321,11 +364,7 @@ def _gpu_check(N, bs, density, seed, gather=False, p_empty=0.0, dtype=torch.bflo
 def test_gpu_quantize_kernel_is_bitwise_the_reference():
     q, k, v = inputs(2, 3, 4000, 128, seed=1, dtype=torch.bfloat16)
     rows = torch.randperm(4000, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.int32)
-    got, ref = fq.quantize(q, k, v, 128, rows), fq.quantize_ref(q, k, v, 128, rows)
-    for name in ("q", "q_scale", "k", "k_scale", "k_mean", "v_t", "v_scale"):
-        a, b = getattr(got, name), getattr(ref, name)
-        assert torch.equal(a.view(torch.uint8) if a.dtype == fq.FP8 else a,
-                           b.view(torch.uint8) if b.dtype == fq.FP8 else b), name
+    _assert_operands_equal(fq.quantize(q, k, v, 128, rows), fq.quantize_ref(q, k, v, 128, rows))
 
 
 @gpu

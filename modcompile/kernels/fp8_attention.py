@@ -1,24 +1,24 @@
-"""FP8 (e4m3) block-sparse attention forward: launch wrapper, torch reference and the error model.
+"""FP8 block-sparse attention forward: launch wrapper, torch reference and the error model.
 
 Same contract as :func:`.block_sparse_attention.block_sparse_attention_fwd` (block lists, ragged
 tails, ``q_rows``, out in q's dtype, natural-log lse with -inf and out 0 on empty lists), at
-lower precision:
+lower precision, on the 8-bit tensor cores of Hopper / Ada:
 
-1. q, k (smoothed by its mean over tokens), v are quantized per block (:mod:`.fp8_quant`: one
-   launch each, counted in every call);
-2. scores = (q8 . k8) * q_scale * k_scale, fp32 accumulation;
+1. q and k (smoothed by its mean over tokens) are quantized to int8 per token, v to e4m3 per block
+   and channel (:mod:`.fp8_quant`: one launch each, counted in every call);
+2. scores = (q8 . k8) * q_scale * k_scale, exact int32 accumulation, scaled in float32;
 3. the online softmax keeps its running maximum rounded up to an integer (log2 units), so
    p = exp2(s - m) lies in (0, 1]; p * 448 is rounded to e4m3 and multiplied with v8 (fp32
    accumulation), each chunk's product scaled by v's per-(block, channel) scale; l sums the
    unrounded p; out = acc / (448 l);
 4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
 
-Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores) or ``BLOCK_N`` (P.V) products; the P.V
+Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores, exact in int32) or ``BLOCK_N`` (P.V) products; the P.V
 products are added to the float32 accumulator outside the dot (they carry v's per-block scale), so
 Triton's default fp8 accumulation on sm_90 (the tensor core's reduced-precision sum within one dot)
 never spans more than one chunk.
 
-The kernel runs on CUDA devices of compute capability 8.9 or newer (e4m3 tensor cores), head dims
+The kernel runs on CUDA devices of compute capability 8.9 or newer (int8 and e4m3 tensor cores), head dims
 32 to 128 of the bf16 kernel's set, blocks of 32 to 128 tokens.
 :func:`fp8_path` says where it cannot run and why: under the Triton interpreter (its float8
 conversion is wrong: values that round up to the next power of two come out halved) and on CPU the
@@ -26,8 +26,8 @@ torch reference :func:`block_sparse_attention_fp8_ref` runs instead, which quant
 kernel does; on older GPUs, head dims under 32 or blocks under 32 the caller takes the bf16 kernel.
 
 :func:`predicted_relative_error` is the error model that the accuracy tests and the benchmark
-assert against: the first-order propagation of e4m3 rounding through the attention, derived from
-the format alone (module section "Error model").
+assert against: the first-order propagation of the int8 and e4m3 roundings through the attention,
+derived from the formats alone (module section "Error model").
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import torch
 from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default_scale, device_capability,
                       interpreting, padded_head_dim)
 from .block_lists import BlockLists, as_block_lists
-from .fp8_quant import E4M3_MAX, dequantize, quantize, quantize_ref
+from . import fp8_quant as fq
+from .fp8_quant import E4M3_MAX, INT8_MAX, dequantize, quantize, quantize_ref
 from .reference import masked_block_matmul, query_chunks
 from .tuning import LaunchConfig
 
@@ -159,7 +160,7 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
         live = allowed & (s != float("-inf"))
         p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(m), 0.0, m)), 0.0)
         l = p.sum(-1)
-        p8 = (p * E4M3_MAX).to(torch.float8_e4m3fn).float()
+        p8 = (p * E4M3_MAX).to(fq.FP8).float()
         # per (block, channel) v scale: the rounded products of each key block, then its scale
         num = masked_block_matmul(p8, v8 * v_scale, allowed[:, :, ::bs], bs)
         has = l != 0
@@ -176,21 +177,24 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
 
 
 # --------------------------------------------------------------------------------------- error model
-# Error model. e4m3 keeps 3 mantissa bits: round to nearest moves a normal x by at most half a
-# spacing, |err| <= u |x| with u = 2^-4; below the smallest normal (2^-6, scaled) the spacing is the
+# Error model. int8 (q, k): the spacing is the token's scale s = amax / 127 everywhere, so the
+# rounding error, modelled as independent, zero-mean and uniform in [-s/2, s/2], has variance s^2 / 12.
+# e4m3 (P, v) keeps 3 mantissa bits: round to nearest moves a normal x by at most half a spacing,
+# |err| <= u |x| with u = 2^-4; below the smallest normal (2^-6, scaled) the spacing is the
 # subnormal one, 2^-9, so |err| <= 2^-10 in scaled units (eta = 2^-10 * scale of the block).
-# Modelled as independent, zero-mean and uniform within that half spacing, each rounding error has
-# variance at most (u^2 x^2 + eta^2) / 3, and at least u^2 x^2 / 12 for normal x (the half spacing is
-# at least u |x| / 2). First order in the errors, with pi the row's softmax weights over the listed
-# keys and o the exact output (kbar = k - mean(k), the tensor that is quantized):
+# Modelled as uniform within that half spacing, each e4m3 rounding error has variance at most
+# (u^2 x^2 + eta^2) / 3, and at least u^2 x^2 / 12 for normal x (the half spacing is at least
+# u |x| / 2). First order in the errors, with pi the row's softmax weights over the listed keys and
+# o the exact output (kbar = k - mean(k), the tensor that is quantized):
 #   v:  d o   = sum_j pi_j dv_j                         E|do|^2 = sum_j pi_j^2 sum_d Var(dv_jd)
 #   p:  d o   = sum_j pi_j (dp_j / p_j) v_j             E|do|^2 = sum_j Var(dp_j / p_j) pi_j^2 |v_j|^2
 #   k:  d s_j = scale sum_i q_i dk_ji                   E|do|^2 = scale^2 sum_j pi_j^2 |v_j - o|^2 sum_i q_i^2 Var(dk_ji)
 #   q:  d s_j = scale sum_i dq_i kbar_ji (shared by all keys of the row, so summed before squaring)
 #                                                       E|do|^2 = scale^2 sum_i Var(dq_i) |sum_j pi_j kbar_ji (v_j - o)|^2
 # (a score error ds moves o by sum_j pi_j ds_j (v_j - o)). The predicted relative L2 error is
-# sqrt(sum of the four over all rows / sum |o|^2); upper with the variance bound, lower with u^2/12
-# and no subnormal term. Second-order terms are O(u^2) relative and left out.
+# sqrt(sum of the four over all rows / sum |o|^2); upper with the e4m3 variance bound, lower with
+# u^2/12 and no subnormal term (the int8 terms are the same at both ends). Second-order terms are
+# O(u^2) relative and left out.
 U = 2.0 ** -4
 ETA = 2.0 ** -10
 
@@ -207,21 +211,18 @@ def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=
     qd, kd, vd = (t.double() for t in (q, k, v))
     kbar = kd - kd.mean(2, keepdim=True)
 
-    def block_eta(x):  # (B, H, n, D): eta * block scale, per element (per channel for v)
+    def eta_v(x):  # (B, H, n, D): eta * the scale of each element's (block, channel)
         n = x.shape[2]
-        pad = -n % bs
-        xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, bs))
-        return xb.abs().amax(3, keepdim=True), n
+        xb = torch.nn.functional.pad(x, (0, 0, 0, -n % bs)).unflatten(2, (-1, bs))
+        amax = xb.abs().amax(3, keepdim=True)
+        return (ETA * amax / E4M3_MAX).expand(-1, -1, -1, bs, -1).flatten(2, 3)[:, :, :n]
 
-    def eta_of(x, per_channel):
-        amax, n = block_eta(x)
-        if not per_channel:
-            amax = amax.amax(-1, keepdim=True)
-        return (ETA * amax / E4M3_MAX).expand(-1, -1, -1, bs, x.shape[3]).flatten(2, 3)[:, :, :n]
+    def int8_variance(x):  # (B, H, n, 1): (s / 127)^2 / 12 per token
+        return (x.abs().amax(-1, keepdim=True) / INT8_MAX) ** 2 / 12
 
-    var_q_hi = (U ** 2 * qd ** 2 + eta_of(qd, False) ** 2) / 3
-    var_k_hi = (U ** 2 * kbar ** 2 + eta_of(kbar, False) ** 2) / 3
-    var_v_hi = (U ** 2 * vd ** 2 + eta_of(vd, True) ** 2) / 3
+    var_q = int8_variance(qd)
+    var_k = int8_variance(kbar)
+    var_v_hi = (U ** 2 * vd ** 2 + eta_v(vd) ** 2) / 3
     terms_hi = torch.zeros((), dtype=torch.float64)
     terms_lo = torch.zeros((), dtype=torch.float64)
     norm = torch.zeros((), dtype=torch.float64)
@@ -243,18 +244,15 @@ def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=
         term_v_lo = U ** 2 / 12 * (pi2 @ vd ** 2).sum()
         term_p_hi = (var_p_rel_hi * pi2 * v2[:, :, None, :]).sum()
         term_p_lo = U ** 2 / 12 * (pi2 * v2[:, :, None, :]).sum()
-        qk_hi = (qd[:, :, r0:r1] ** 2) @ var_k_hi.transpose(-1, -2)   # sum_i q_i^2 Var(dk_ji)
-        qk_lo = U ** 2 / 12 * ((qd[:, :, r0:r1] ** 2) @ (kbar ** 2).transpose(-1, -2))
-        term_k_hi = scale ** 2 * (pi2 * dev2 * qk_hi).sum()
-        term_k_lo = scale ** 2 * (pi2 * dev2 * qk_lo).sum()
+        qk = (qd[:, :, r0:r1] ** 2).sum(-1, keepdim=True) * var_k.transpose(-1, -2)  # sum_i q_i^2 Var(dk_ji)
+        term_k = scale ** 2 * (pi2 * dev2 * qk).sum()
         # sum_j pi_j kbar_ji (v_jd - o_d): (B, H, rows, D_i, D_d)
         m_rows = torch.einsum("bhrj,bhji,bhjd->bhrid", pi, kbar, vd) - \
             (pi @ kbar)[..., :, None] * o[..., None, :]
         cross = (m_rows ** 2).sum(-1)  # (B, H, rows, D_i)
-        term_q_hi = scale ** 2 * (var_q_hi[:, :, r0:r1] * cross).sum()
-        term_q_lo = scale ** 2 * U ** 2 / 12 * (qd[:, :, r0:r1] ** 2 * cross).sum()
-        terms_hi = terms_hi + term_v_hi + term_p_hi + term_k_hi + term_q_hi
-        terms_lo = terms_lo + term_v_lo + term_p_lo + term_k_lo + term_q_lo
+        term_q = scale ** 2 * (var_q[:, :, r0:r1] * cross).sum()
+        terms_hi = terms_hi + term_v_hi + term_p_hi + term_k + term_q
+        terms_lo = terms_lo + term_v_lo + term_p_lo + term_k + term_q
     if norm == 0:
         return 0.0, 0.0
     return math.sqrt(terms_lo / norm), math.sqrt(terms_hi / norm)

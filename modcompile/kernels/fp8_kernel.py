@@ -1,4 +1,4 @@
-"""The Triton kernel of the FP8 (e4m3) block-sparse attention forward.
+"""The Triton kernel of the FP8 block-sparse attention forward (int8 scores, e4m3 P.V).
 
 Launched by :mod:`.fp8_attention`, whose docstring states the numerics; the operands come from
 :mod:`.fp8_quant` (zero-padded copies: no load needs a mask). The structure is the bf16 kernel's
@@ -47,11 +47,11 @@ def _fp8_attention_fwd_kernel(
     row_ok = offs_m < N_Q
 
     q = tl.load(Q8 + (bh * MQ * BLOCK_SIZE + offs_m)[:, None] * BLOCK_D + offs_d[None, :])
-    q_scale = tl.load(QScale + bh * MQ + q_block)
-    s_scale = q_scale * qk_scale_log2  # raw fp8 products -> log2 units
+    q_scale = tl.load(QScale + bh * MQ * BLOCK_SIZE + offs_m)
+    row_scale = q_scale * qk_scale_log2  # int8 products -> log2 units, with k's per-token scale
     k_base = K8 + bh * NPAD_K * BLOCK_D
     v_base = VT8 + bh * BLOCK_D * NPAD_K
-    ks_base = KScale + bh * MK
+    ks_base = KScale + bh * NPAD_K
     vs_base = VScale + bh * MK * BLOCK_D
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
@@ -64,7 +64,8 @@ def _fp8_attention_fwd_kernel(
         start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
         key_block = start // BLOCK_SIZE
         k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
-        s = tl.dot(q, k) * (s_scale * tl.load(ks_base + key_block))
+        k_scale = tl.load(ks_base + start + offs_n)
+        s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * k_scale[None, :] * row_scale[:, None]
         if not EVEN_K:
             if start + BLOCK_N > N_K:
                 s = tl.where((start + offs_n < N_K)[None, :], s, float("-inf"))
@@ -85,7 +86,7 @@ def _fp8_attention_fwd_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / (l_safe * 448.0)[:, None]
     # k was smoothed by its mean: every score of the row lacks q . mean, which the lse puts back
-    shift = tl.sum(q.to(tl.float32) * tl.load(KMean + bh * BLOCK_D + offs_d)[None, :], 1) * (q_scale * scale)
+    shift = tl.sum(q.to(tl.float32) * tl.load(KMean + bh * BLOCK_D + offs_d)[None, :], 1) * q_scale * scale
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453 + shift, float("-inf"))
 
     if GATHER_Q:

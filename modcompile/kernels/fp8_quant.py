@@ -1,28 +1,34 @@
-"""Per-block FP8 (e4m3) quantization of q, k and v for the FP8 attention forward (:mod:`.fp8_attention`).
+"""Quantization of q, k and v for the FP8 attention forward (:mod:`.fp8_attention`): q and k to int8
+per token, v to FP8 (e4m3) per block and channel.
+
+Why int8 for the scores: on a trained DiT's own activations the score error dominates, and e4m3's
+3 mantissa bits on q and k cost several times more than int8's fixed spacing at 127 levels per token
+(BENCHMARKS.md, fp8); Hopper multiplies int8 at the same tensor-core rate as fp8.
 
 One layout for every quantized copy, padded so that the attention kernel loads whole tiles without
-masks: ``(B, H, Mb * block_size, BLOCK_D)`` float8_e4m3fn (q, k) with zeros past N and past the head
-dim, and v transposed, ``(B, H, BLOCK_D, Mb * block_size)`` (K-major: the B operand of Hopper's FP8
+masks: ``(B, H, Mb * block_size, BLOCK_D)`` int8 (q, k) with zeros past N and past the head dim, and
+v transposed, ``(B, H, BLOCK_D, Mb * block_size)`` e4m3 (K-major: the B operand of Hopper's FP8
 ``P @ V`` product must have its reduction dim contiguous).
 
-Scales (float32, ``amax / 448``, 448 the largest finite e4m3):
+Scales (float32):
 
-* q: one per (batch, head, block of ``block_size`` rows), in the lists' row order: with ``rows``
+* q: one per token, ``amax / 127`` over the token's channels, in the lists' row order: with ``rows``
   (VMoBA's ``q_rows``) the copy holds row ``r`` = token ``rows[r]``, so the kernel reads it
-  contiguously and its blocks are the lists' query blocks;
-* k: one per (batch, head, key block), after subtracting k's mean over the tokens per (batch, head)
-  (``mean``, float32 (B, H, D)): it adds ``q . mean`` to every score of a row, which softmax ignores;
-  the kernel adds it back to the lse only;
-* v: one per (batch, head, key block, channel), shape (B, H, Mb, D).
+  contiguously; shape (B, H, Mq * block_size);
+* k: the same per token, after subtracting k's mean over the tokens per (batch, head) (``mean``,
+  float32 (B, H, D)): it adds ``q . mean`` to every score of a row, which softmax ignores; the
+  kernel adds it back to the lse only;
+* v: ``amax / 448`` (448 the largest finite e4m3) per (batch, head, key block, channel), (B, H, Mb, D).
 
-A block whose amax is 0 has scale 0 and quantizes to 0. A NaN / Inf in a block makes its scale
-non-finite, so the whole block dequantizes to NaN: non-finite values spread over their block (not
-further: other blocks keep their own scale).
+int8 values are ``x / scale`` rounded half away from zero (``trunc(y + 0.5 sign(y))`` in float32);
+e4m3 values round to nearest even in the float8 conversion. A token (or block channel) whose amax is 0
+has scale 0 and quantizes to 0. A NaN / Inf makes its scale non-finite, so its whole token (q, k) or
+block channel (v) dequantizes to NaN, as the attention of that token would be; the int8 value of a
+NaN is 0 (its scale carries the NaN).
 
 Each tensor is one launch of :func:`_quantize_kernel` (k's mean is one torch reduction before it);
 :func:`quantize_ref` is its torch reference, bit for bit: the scale is an IEEE division
-``amax / 448`` and the quantized value ``x / scale`` (correctly rounded division in both), rounded
-to nearest-even by the float8 conversion.
+``amax / levels`` and the scaled value ``x / scale`` (correctly rounded division in both).
 """
 from __future__ import annotations
 
@@ -33,17 +39,19 @@ import torch
 from ._common import padded_head_dim
 
 E4M3_MAX = 448.0
+INT8_MAX = 127.0
 FP8 = torch.float8_e4m3fn
+INT8 = torch.int8
 
 
 @dataclass
 class Fp8Operands:
     """The quantized copies and scales one FP8 attention call reads (layouts: module docstring)."""
 
-    q: torch.Tensor          # (B, H, Npad_q, BLOCK_D) fp8, rows in the lists' order
-    q_scale: torch.Tensor    # (B, H, Mq) float32
-    k: torch.Tensor          # (B, H, Npad_k, BLOCK_D) fp8 of k - mean
-    k_scale: torch.Tensor    # (B, H, Mk) float32
+    q: torch.Tensor          # (B, H, Npad_q, BLOCK_D) int8, rows in the lists' order
+    q_scale: torch.Tensor    # (B, H, Npad_q) float32, per row
+    k: torch.Tensor          # (B, H, Npad_k, BLOCK_D) int8 of k - mean
+    k_scale: torch.Tensor    # (B, H, Npad_k) float32, per token
     k_mean: torch.Tensor     # (B, H, BLOCK_D) float32 (zeros past the head dim)
     v_t: torch.Tensor        # (B, H, BLOCK_D, Npad_k) fp8, v transposed
     v_scale: torch.Tensor    # (B, H, Mk, BLOCK_D) float32
@@ -60,15 +68,24 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b)
 
 
-def _quantize_block_ref(x: torch.Tensor, block_size: int, per_channel: bool):
-    """x (B, H, Npad, Dp) float32, zero padded -> (fp8 copy, scale (B, H, Mb) or (B, H, Mb, Dp))."""
+def _quantize_tokens_ref(x: torch.Tensor):
+    """x (B, H, Npad, Dp) float32, zero padded -> (int8 copy, scale (B, H, Npad)) per token."""
+    amax = x.abs().amax(3)  # NaN propagates, as the kernel's max does
+    scale = _div(amax, torch.full_like(amax, INT8_MAX))
+    s = scale[..., None].expand_as(x).contiguous()
+    y = torch.where(s == 0, torch.zeros_like(x), _div(x, s))
+    y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
+    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(INT8), scale
+
+
+def _quantize_channels_ref(x: torch.Tensor, block_size: int):
+    """x (B, H, Npad, Dp) float32, zero padded -> (e4m3 copy, scale (B, H, Mb, Dp)) per block channel."""
     B, H, npad, dp = x.shape
     xb = x.view(B, H, npad // block_size, block_size, dp)
-    amax = xb.abs().amax(3) if per_channel else xb.abs().amax((3, 4))
-    # NaN in a block: amax propagates it (torch's amax does, as the kernel's max does)
+    amax = xb.abs().amax(3)
     scale = _div(amax, torch.full_like(amax, E4M3_MAX))
-    s = scale.unsqueeze(3) if per_channel else scale[..., None, None]
-    scaled = torch.where(s == 0, torch.zeros_like(xb), _div(xb, s.expand_as(xb).contiguous()))
+    s = scale.unsqueeze(3).expand_as(xb).contiguous()
+    scaled = torch.where(s == 0, torch.zeros_like(xb), _div(xb, s))
     return scaled.to(FP8).view(B, H, npad, dp), scale
 
 
@@ -93,22 +110,21 @@ def k_mean(k: torch.Tensor) -> torch.Tensor:
 def quantize_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
                  rows: torch.Tensor | None = None) -> Fp8Operands:
     """The torch reference of :func:`quantize` (same layouts, same values)."""
-    q8, q_scale = _quantize_block_ref(_padded(q, block_size, rows), block_size, per_channel=False)
+    q8, q_scale = _quantize_tokens_ref(_padded(q, block_size, rows))
     mean = k_mean(k)
     kp = _padded(k, block_size, None)
     n = k.shape[2]
     kp[:, :, :n] -= mean[:, :, None, :]
-    k8, k_scale = _quantize_block_ref(kp, block_size, per_channel=False)
-    v8, v_scale = _quantize_block_ref(_padded(v, block_size, None), block_size, per_channel=True)
+    k8, k_scale = _quantize_tokens_ref(kp)
+    v8, v_scale = _quantize_channels_ref(_padded(v, block_size, None), block_size)
     return Fp8Operands(q8, q_scale, k8, k_scale, mean, v8.transpose(2, 3).contiguous(), v_scale, block_size)
 
 
 def dequantize(ops: Fp8Operands):
     """(q, k - mean, v) in float32 from the quantized copies, padded (B, H, Npad, BLOCK_D)."""
-    bs = ops.block_size
-    q = ops.q.float() * ops.q_scale.repeat_interleave(bs, 2)[..., None]
-    k = ops.k.float() * ops.k_scale.repeat_interleave(bs, 2)[..., None]
-    v = ops.v_t.transpose(2, 3).float() * ops.v_scale.repeat_interleave(bs, 2)
+    q = ops.q.float() * ops.q_scale[..., None]
+    k = ops.k.float() * ops.k_scale[..., None]
+    v = ops.v_t.transpose(2, 3).float() * ops.v_scale.repeat_interleave(ops.block_size, 2)
     return q, k, v
 
 
@@ -125,10 +141,11 @@ if triton is not None:
                          stride_xb, stride_xh, stride_xn, H,
                          stride_on, stride_od,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         GATHER: tl.constexpr, SMOOTH: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                         GATHER: tl.constexpr, SMOOTH: tl.constexpr, TOKENS_INT8: tl.constexpr):
         """One (batch, head, block): read the block once (rows ``Rows[r]`` with GATHER), subtract
-        ``Mean`` (SMOOTH), write fp8 and the scale(s). Out is contiguous per (batch, head) with
-        strides (stride_on, stride_od): (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
+        ``Mean`` (SMOOTH), write the copy and its scales: int8 per token (TOKENS_INT8) or e4m3 per
+        channel. Out is contiguous per (batch, head) with strides (stride_on, stride_od):
+        (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -146,34 +163,42 @@ if triton is not None:
             mean = tl.load(Mean + pid_bh * BLOCK_D + offs_d)
             x = tl.where(ok, x - mean[None, :], 0.0)
         n_blocks = tl.num_programs(0)
-        if PER_CHANNEL:
+        base = Out + pid_bh.to(tl.int64) * n_blocks * BLOCK_SIZE * BLOCK_D
+        out_ptrs = base + offs_r[:, None] * stride_on + offs_d[None, :] * stride_od
+        if TOKENS_INT8:
+            amax = tl.max(tl.abs(x), 1)
+            scale = tl.math.div_rn(amax, tl.full([BLOCK_SIZE], 127.0, tl.float32))
+            tl.store(Scale + pid_bh * n_blocks * BLOCK_SIZE + offs_r, scale)
+            s = scale[:, None] + tl.zeros_like(x)
+            # 0 / 0 is NaN: an all-zero token (scale 0) quantizes to 0; a NaN stores 0, its scale keeps the NaN
+            y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
+            y = tl.where(y == y, y, 0.0)
+            tl.store(out_ptrs, (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int8))
+        else:
             amax = tl.max(tl.abs(x), 0)
             scale = tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32))
             tl.store(Scale + (pid_bh * n_blocks + pid_m) * BLOCK_D + offs_d, scale)
-            s = scale[None, :]
-        else:
-            amax = tl.max(tl.max(tl.abs(x), 1), 0)
-            scale = tl.math.div_rn(amax, tl.full([], 448.0, tl.float32))
-            tl.store(Scale + pid_bh * n_blocks + pid_m, scale)
-            s = scale
-        # 0 / 0 is NaN: an all-zero block (scale 0) quantizes to 0; a NaN scale keeps its NaN
-        y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s + tl.zeros_like(x)))
-        base = Out + pid_bh.to(tl.int64) * n_blocks * BLOCK_SIZE * BLOCK_D
-        tl.store(base + offs_r[:, None] * stride_on + offs_d[None, :] * stride_od, y.to(tl.float8e4nv))
+            s = scale[None, :] + tl.zeros_like(x)
+            y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
+            tl.store(out_ptrs, y.to(tl.float8e4nv))
 
-    def _quantize_one(x, block_size, rows=None, mean=None, per_channel=False, transpose=False):
+    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True):
         B, H, n, d = x.shape
         mb, dp = _blocks(n, block_size), padded_head_dim(d)
         npad = mb * block_size
-        out = torch.empty((B, H, dp, npad) if transpose else (B, H, npad, dp), dtype=FP8, device=x.device)
-        scale = torch.empty((B, H, mb, dp) if per_channel else (B, H, mb), dtype=torch.float32, device=x.device)
+        if tokens_int8:
+            out = torch.empty((B, H, npad, dp), dtype=INT8, device=x.device)
+            scale = torch.empty((B, H, npad), dtype=torch.float32, device=x.device)
+        else:  # v: e4m3, transposed
+            out = torch.empty((B, H, dp, npad), dtype=FP8, device=x.device)
+            scale = torch.empty((B, H, mb, dp), dtype=torch.float32, device=x.device)
         x = x if x.stride(-1) == 1 else x.contiguous()
         _quantize_kernel[(mb, B * H)](
             x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale, n,
             x.stride(0), x.stride(1), x.stride(2), H,
-            1 if transpose else dp, npad if transpose else 1,
+            dp if tokens_int8 else 1, 1 if tokens_int8 else npad,
             HEAD_DIM=d, BLOCK_D=dp, BLOCK_SIZE=block_size, GATHER=rows is not None, SMOOTH=mean is not None,
-            PER_CHANNEL=per_channel, num_warps=4 if block_size * dp <= 64 * 128 else 8)
+            TOKENS_INT8=tokens_int8, num_warps=4 if block_size * dp <= 64 * 128 else 8)
         return out, scale
 
 
@@ -185,5 +210,5 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
     q8, q_scale = _quantize_one(q, block_size, rows=rows)
     mean = k_mean(k)
     k8, k_scale = _quantize_one(k, block_size, mean=mean)
-    v_t, v_scale = _quantize_one(v, block_size, per_channel=True, transpose=True)
+    v_t, v_scale = _quantize_one(v, block_size, tokens_int8=False)
     return Fp8Operands(q8, q_scale, k8, k_scale, mean, v_t, v_scale, block_size)
