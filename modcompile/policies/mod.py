@@ -83,7 +83,7 @@ class ModState:
     lists: dict = field(default_factory=dict)      # batch -> contiguous (B, H, ...) lists of the current mask
     list_buffers: dict = field(default_factory=dict)  # batch -> where those are written at each refresh: made
                                                       # once, so the lists keep their addresses (ops.graph_lists)
-    lines: torch.Tensor | None = None              # (H,) lines kept per head
+    lines: torch.Tensor | None = None              # (H,) lines kept per head (-1: the mass rule)
     keep_frame: torch.Tensor | None = None         # (H,) bool
     predicted_coverage: torch.Tensor | None = None  # (H,) predicted kept mass fraction
     cheap_since_full: int = 0                      # cheap refreshes since the last full or dense one
@@ -100,9 +100,10 @@ class ModState:
                "nonfinite_steps": list(self.nonfinite_steps),
                "observed_coverage": list(self.observed_coverage)}
         if self.lines is not None:
-            out["lines"] = self.lines.tolist()
+            if bool((self.lines >= 0).all()):  # the mass rule ranks blocks, not lines: -1
+                out["lines"] = self.lines.tolist()
+                out["keep_frame"] = self.keep_frame.tolist()
             out["predicted_coverage"] = self.predicted_coverage.tolist()
-            out["keep_frame"] = self.keep_frame.tolist()
             out["density"] = float(self.mask.float().mean())
         return out
 
@@ -305,7 +306,8 @@ class ModPolicy(Policy):
 
 
 def summary() -> list[dict]:
-    """Per (site, pass) with the mod policy: schedule events, fits, lines per head, predicted and
+    """Per (site, pass) with the mod policy: schedule events, fits, lines per head (rules `blocks` and
+    `lines`), the kept share of the mass, the frame diagonal (rules `blocks` and `lines`), predicted and
     observed coverage, mask density (host copies: call outside the loop)."""
     from ..runtime import REGISTRY
     rows = []

@@ -43,20 +43,34 @@ def extrapolate(fits: list, interval: int) -> torch.Tensor:
 
 def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Tensor | None = None,
                  observed_mass: torch.Tensor | None = None):
-    """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept,
-    whether the frame diagonal is kept and the predicted kept mass fraction. All on device.
+    """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept (-1
+    where no lines decide the mask), whether the frame diagonal is kept and the predicted kept mass
+    fraction. All on device.
 
-    With ``observed`` (the last observed map, (H, nb, nb), history merged) and
-    ``config.mask_rule == "blocks"``, the line selection only sets each head's block budget; the
-    blocks themselves are the densest of the observed map, which keeps the block detail that lines
-    average away. (Moving the map by the lines' extrapolated drift was tried: its masks were further
-    from the oracle's on the synthetic benchmark.) With ``observed_mass`` (the mass map, (H, nb, nb))
-    and ``config.mask_rule == "mass"``: :func:`mass_mask` instead of either (unless ``lines_per_head``
-    is set: that asks for lines, so the ``blocks`` rule runs with that budget)."""
+    With ``observed_mass`` (the mass map, (H, nb, nb)) and ``config.mask_rule == "mass"``:
+    :func:`mass_mask`, and no lines are ranked (unless ``lines_per_head`` is set: that asks for
+    lines, so the ``blocks`` rule runs with that budget). With ``observed`` (the last observed map,
+    (H, nb, nb), history merged) and ``config.mask_rule`` ``"blocks"`` (or ``"mass"`` with lines
+    asked for), the line selection only sets each head's block budget; the blocks themselves are
+    the densest of the observed map, which keeps the block detail that lines average away. (Moving
+    the map by the lines' extrapolated drift was tried: its masks were further from the oracle's on
+    the synthetic benchmark.)"""
     geom = fg.geom
-    nb, nd, n_lines = geom.nb, geom.num_diagonals, geom.num_lines
+    nb = geom.nb
     H = coef.shape[0]
     dev = coef.device
+    eye = torch.eye(nb, dtype=torch.bool, device=dev)
+    text = fg.text_blocks
+    forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
+    if observed_mass is not None and config.mask_rule == "mass" and config.lines_per_head is None:
+        w = observed_mass.clamp_min(0.0)
+        mask = bound_rows(mass_mask(w, forced, config.density, config.coverage), w, forced, text,
+                          config.min_density, config.max_density)
+        no_lines = torch.full((H,), -1, dtype=torch.long, device=dev)
+        no_frame = torch.zeros(H, dtype=torch.bool, device=dev)
+        return mask, no_lines, no_frame, _kept_share(w, mask)
+
+    nd, n_lines = geom.num_diagonals, geom.num_lines
     w = (1.0 - fg.reconstruct(coef).clamp(0.0, 1.0))              # predicted mass proxy
     # Rank lines, densest first; a block's rank is that of its densest line.
     order = fg.line_means(w).argsort(-1, descending=True)
@@ -64,9 +78,6 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     rank_diag = rank[:, :nd].gather(1, fg.diag_index.reshape(1, -1).expand(H, -1)).view(H, nb, nb)
     block_rank = torch.minimum(rank_diag, rank[:, nd:].unsqueeze(1))
 
-    eye = torch.eye(nb, dtype=torch.bool, device=dev)
-    text = fg.text_blocks
-    forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
     if fg.frame is not None:
         keep_frame = coef[:, -1] < -FRAME_KEEP
         forced = forced | (fg.frame & keep_frame.view(H, 1, 1))
@@ -87,22 +98,20 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
         before = (w * forced).sum((-2, -1)).unsqueeze(-1) + mass.cumsum(-1) - mass
         lines = (before < config.coverage * total.unsqueeze(-1)).sum(-1)
     mask = forced | (block_rank < lines.view(H, 1, 1))
-    if observed_mass is not None and config.mask_rule == "mass" and config.lines_per_head is None:
-        forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)
-        w = observed_mass.clamp_min(0.0)
-        total = w.sum((-2, -1))
-        mask = mass_mask(w, forced, config.density, config.coverage)
-    elif observed is not None and config.mask_rule != "lines":   # blocks, or mass with lines asked for
+    if observed is not None and config.mask_rule != "lines":   # blocks, or mass with lines asked for
         w = 1.0 - observed.clamp(0.0, 1.0)
-        total = w.sum((-2, -1))
         budget = mask.sum((-2, -1))
         score = (w + 2.0 * forced.float()).reshape(H, -1)          # forced blocks first
         order = score.argsort(-1, descending=True)
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(nb * nb, device=dev).expand(H, -1))
         mask = (ranks < budget.view(H, 1)).view(H, nb, nb)
     mask = bound_rows(mask, w, forced, text, config.min_density, config.max_density)
-    coverage = (w * mask).sum((-2, -1)) / total.clamp_min(1e-12)
-    return mask, lines, keep_frame, coverage
+    return mask, lines, keep_frame, _kept_share(w, mask)
+
+
+def _kept_share(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(H,) the share of each head's mass proxy ``w`` that ``mask`` keeps."""
+    return (w * mask).sum((-2, -1)) / w.sum((-2, -1)).clamp_min(1e-12)
 
 
 def mass_mask(mass: torch.Tensor, forced: torch.Tensor, density: float | None, coverage: float) -> torch.Tensor:
