@@ -306,9 +306,9 @@ class ModPolicy(Policy):
 
 
 def summary() -> list[dict]:
-    """Per (site, pass) with the mod policy: schedule events, fits, lines per head (rules `blocks` and
-    `lines`), the kept share of the mass, the frame diagonal (rules `blocks` and `lines`), predicted and
-    observed coverage, mask density (host copies: call outside the loop)."""
+    """Per (site, pass) with the mod policy: schedule events, fits, lines per head and the frame
+    diagonal (rules ``blocks`` and ``lines``), predicted and observed coverage, mask density (host
+    copies: call outside the loop)."""
     from ..runtime import REGISTRY
     rows = []
     for (key, pass_index), state in sorted(REGISTRY.states.items()):
