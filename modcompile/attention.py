@@ -64,8 +64,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor | 
     then :meth:`BlockLists.validate` raises a ValueError naming the fault, at the cost of one host
     sync.
 
-    ``precision``: ``"auto"`` computes in the inputs' dtype; ``"fp8"`` quantizes q, k, v per block
-    to e4m3 and runs the fp8 kernel (compute capability 8.9+; the fp8 torch reference on CPU and
+    ``precision``: ``"auto"`` computes in the inputs' dtype; ``"fp8"`` quantizes q and k to int8 per
+    token and v to e4m3 per block and channel and runs the 8-bit kernel (P in e4m3; compute
+    capability 8.9+; the fp8 torch reference on CPU and
     under TRITON_INTERPRET=1; elsewhere the input-dtype kernel, with a logged reason). Forward only:
     a ValueError when gradients are needed."""
     if precision not in PRECISIONS:

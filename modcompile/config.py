@@ -197,7 +197,7 @@ class SparsityConfig:
     # call, the NaN written by the kernel's epilogue; kernels/nonfinite.py)
     nonfinite: str = option("listed", "str", choices=("listed", "dense"))
     # --- precision (inference calls; training keeps the inputs' dtype: fp8 has no backward) ---
-    # auto: the inputs' dtype | fp8: sparse calls on the e4m3 kernel (kernels/fp8_attention.py)
+    # auto: the inputs' dtype | fp8: sparse calls on the 8-bit kernel (int8 q, k; e4m3 P, v: kernels/fp8_attention.py)
     precision: str = option("auto", "str", choices=("auto", "fp8"))
     fp8_dense: bool = option(False, "bool")  # dense calls (warm-up, dense refreshes) on the fp8 kernel at density 1
 

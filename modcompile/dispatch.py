@@ -86,7 +86,7 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
     non-finite through a key or value block they do not list (:mod:`.kernels.nonfinite`: flags from
     one read of k and v, written as NaN by the kernel's epilogue; no host sync).
 
-    ``precision="fp8"``: the e4m3 kernel (:mod:`.kernels.fp8_attention`) where :func:`fp8_route`
+    ``precision="fp8"``: the 8-bit kernel (:mod:`.kernels.fp8_attention`) where :func:`fp8_route`
     allows it, its torch reference on CPU and under the interpreter, else this function's usual
     path; the reason is logged once (a warning). ``"auto"``: the inputs' dtype.
 
