@@ -1,9 +1,8 @@
-"""Score / product error by format and granularity on a trained DiT's activations (CPU study; usage: python THIS CKPT)."""
+"""Score / product error by format and granularity on a trained DiT's activations (CPU study; usage from the repo root:
+PYTHONPATH=. python THIS CKPT)."""
 import math, sys
-from pathlib import Path
 
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root
 from benchmarks.train_dit import load_checkpoint
 from benchmarks.video_dit import make_noise, sample
 
