@@ -126,25 +126,15 @@ def qk_only_error(q, k, v, block: int, kind: str, rows: int = 1024) -> float:
     return math.sqrt(err / norm)
 
 
-def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_limit=4096):
-    """fp8 vs float64 of the same lists on a trained DiT's own q, k, v: captured in a dense sample
-    (seed 0, ``steps`` Euler steps) at the first, middle and last step from every layer, each at
-    density 1 and on the ``density`` share of blocks of largest true mass (the lists a good policy
-    keeps). The error model (O(N^2 D^2)) is computed up to ``model_limit`` tokens."""
-    from modcompile import dispatch
-    from modcompile.kernels.block_lists import BlockLists
-    from modcompile.kernels.fp8_attention import predicted_relative_error
-    from modcompile.kernels.reference import block_sparse_attention_ref
-
-    from .baselines import oracle_mask
-    from .metrics import block_attention_mass
+def captured_activations(checkpoint, device, dtype, steps):
+    """``(cfg, [(step, layer, q, k, v), ...])``: a trained DiT's own q, k, v from every layer at the
+    first, middle and last step of a dense ``steps``-step Euler sample (seed 0); float32 on CPU."""
     from .train_dit import load_checkpoint
-    from .video_dit import LONG_SEQ_LEN, make_noise, sample
+    from .video_dit import make_noise, sample
 
     dtype = dtype if device == "cuda" else torch.float32  # the CPU's fp16 convolutions are slow or missing
     model = load_checkpoint(checkpoint, device).to(dtype)
     cfg = model.cfg
-    block = 128 if cfg.seq_len >= LONG_SEQ_LEN else 64  # the fp8 kernel takes blocks of 32 and up
     at = sorted({0, steps // 2, steps - 1})
     captures, kept = [], []
 
@@ -157,6 +147,25 @@ def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_li
         sample(model, make_noise((1, cfg.in_channels, *cfg.latent), 0, device, dtype), steps, on_step=on_step)
     finally:
         model.set_capture(None)
+    return cfg, kept
+
+
+def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_limit=4096):
+    """fp8 vs float64 of the same lists on a trained DiT's own q, k, v: captured in a dense sample
+    (seed 0, ``steps`` Euler steps) at the first, middle and last step from every layer, each at
+    density 1 and on the ``density`` share of blocks of largest true mass (the lists a good policy
+    keeps). The error model (O(N^2 D^2)) is computed up to ``model_limit`` tokens."""
+    from modcompile import dispatch
+    from modcompile.kernels.block_lists import BlockLists
+    from modcompile.kernels.fp8_attention import predicted_relative_error
+    from modcompile.kernels.reference import block_sparse_attention_ref
+
+    from .baselines import oracle_mask
+    from .metrics import block_attention_mass
+    from .video_dit import LONG_SEQ_LEN
+
+    cfg, kept = captured_activations(checkpoint, device, dtype, steps)
+    block = 128 if cfg.seq_len >= LONG_SEQ_LEN else 64  # the fp8 kernel takes blocks of 32 and up
     rows, scale = [], 1.0 / math.sqrt(cfg.head_dim)
     for step, layer, q, k, v in kept:
         mass = block_attention_mass(q, k, block)

@@ -3,17 +3,8 @@ PYTHONPATH=. python THIS CKPT)."""
 import math, sys
 
 import torch
-from benchmarks.train_dit import load_checkpoint
-from benchmarks.video_dit import make_noise, sample
-torch.manual_seed(0)
-model = load_checkpoint(sys.argv[1], "cpu").float()
-cfg = model.cfg; steps = 30; at = {0, 15, 29}; caps, kept = [], []
-def on_step(i):
-    if i in at: kept.extend((i, l, q, k, v) for l, q, k, v, _ in caps)
-    caps.clear()
-model.set_capture(caps)
-sample(model, make_noise((1, cfg.in_channels, *cfg.latent), 0, "cpu", torch.float32), steps, on_step=on_step)
-model.set_capture(None)
+from benchmarks.bench_fp8 import captured_activations
+_, kept = captured_activations(sys.argv[1], "cpu", torch.float32, 30)
 B = 64
 def e4m3(x): return x.float().to(torch.float8_e4m3fn).double()
 def vq(v, kind):

@@ -3,8 +3,7 @@ PYTHONPATH=. python THIS CKPT)."""
 import math, sys
 
 import torch
-from benchmarks.train_dit import load_checkpoint
-from benchmarks.video_dit import make_noise, sample
+from benchmarks.bench_fp8 import captured_activations
 
 def quant(x, block, kind, per_token):
     B, H, n, D = x.shape
@@ -31,14 +30,7 @@ def err(q, k, v, qq, kq, rows=1024):
         e += float((ap - ex).square().sum()); nn += float(ex.square().sum())
     return math.sqrt(e / nn)
 
-model = load_checkpoint(sys.argv[1], "cpu").float()
-cfg = model.cfg; steps = 30; at = {0, 15, 29}; caps, kept = [], []
-def on_step(i):
-    if i in at: kept.extend((i, l, q, k, v) for l, q, k, v, _ in caps)
-    caps.clear()
-model.set_capture(caps)
-sample(model, make_noise((1, cfg.in_channels, *cfg.latent), 0, "cpu", torch.float32), steps, on_step=on_step)
-model.set_capture(None)
+_, kept = captured_activations(sys.argv[1], "cpu", torch.float32, 30)
 block = 64
 variants = {"e4m3 blk": ("e4m3", False, False), "int8 blk": ("int8", False, False),
             "int8 q-tok": ("int8", True, False), "int8 tok": ("int8", True, True), "int6 tok": ("int6", True, True)}
