@@ -38,7 +38,7 @@ import torch
 from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default_scale, device_capability,
                       interpreting, padded_head_dim)
 from .block_lists import BlockLists, as_block_lists
-from . import fp8_quant as fq
+from . import fp8_quant as fq  # fq.FP8 read at call time: the reference rounds P in the format the tests pick
 from .fp8_quant import E4M3_MAX, INT8_MAX, dequantize, quantize, quantize_ref
 from .reference import masked_block_matmul, query_chunks
 from .tuning import LaunchConfig

@@ -68,12 +68,17 @@ def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.div(a, b)
 
 
+def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (scale broadcast to x), 0 where the scale is 0 (an all-zero token or channel)."""
+    s = scale.expand_as(x).contiguous()
+    return torch.where(s == 0, torch.zeros_like(x), _div(x, s))
+
+
 def _quantize_tokens_ref(x: torch.Tensor):
     """x (B, H, Npad, Dp) float32, zero padded -> (int8 copy, scale (B, H, Npad)) per token."""
     amax = x.abs().amax(3)  # NaN propagates, as the kernel's max does
     scale = _div(amax, torch.full_like(amax, INT8_MAX))
-    s = scale[..., None].expand_as(x).contiguous()
-    y = torch.where(s == 0, torch.zeros_like(x), _div(x, s))
+    y = _scaled(x, scale[..., None])
     y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
     return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(INT8), scale
 
@@ -84,9 +89,7 @@ def _quantize_channels_ref(x: torch.Tensor, block_size: int):
     xb = x.view(B, H, npad // block_size, block_size, dp)
     amax = xb.abs().amax(3)
     scale = _div(amax, torch.full_like(amax, E4M3_MAX))
-    s = scale.unsqueeze(3).expand_as(xb).contiguous()
-    scaled = torch.where(s == 0, torch.zeros_like(xb), _div(xb, s))
-    return scaled.to(FP8).view(B, H, npad, dp), scale
+    return _scaled(xb, scale.unsqueeze(3)).to(FP8).view(B, H, npad, dp), scale
 
 
 def _padded(x: torch.Tensor, block_size: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -170,16 +173,17 @@ if triton is not None:
             scale = tl.math.div_rn(amax, tl.full([BLOCK_SIZE], 127.0, tl.float32))
             tl.store(Scale + pid_bh * n_blocks * BLOCK_SIZE + offs_r, scale)
             s = scale[:, None] + tl.zeros_like(x)
-            # 0 / 0 is NaN: an all-zero token (scale 0) quantizes to 0; a NaN stores 0, its scale keeps the NaN
-            y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
-            y = tl.where(y == y, y, 0.0)
-            tl.store(out_ptrs, (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int8))
         else:
             amax = tl.max(tl.abs(x), 0)
             scale = tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32))
             tl.store(Scale + (pid_bh * n_blocks + pid_m) * BLOCK_D + offs_d, scale)
             s = scale[None, :] + tl.zeros_like(x)
-            y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
+        # 0 / 0 is NaN: an all-zero token or channel (scale 0) quantizes to 0
+        y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
+        if TOKENS_INT8:
+            y = tl.where(y == y, y, 0.0)  # a NaN stores 0: its scale keeps the NaN
+            tl.store(out_ptrs, (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int8))
+        else:
             tl.store(out_ptrs, y.to(tl.float8e4nv))
 
     def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True):
