@@ -188,6 +188,51 @@ def activation_accuracy(checkpoint, device, dtype, steps, density, log, model_li
     return rows
 
 
+# The end-to-end check: per policy, its modsparse options (mod at its defaults; dense puts every call on
+# the fp8 kernel at density 1 through ``fp8_dense``)
+SAMPLE_POLICIES = {"dense": {"policy": "dense"}, "mod": {"policy": "mod"}}
+
+
+def sample_fidelity(checkpoint, device, dtype, steps, seeds, log):
+    """The trained DiT's ``steps``-step sample with fp8 attention against the sample of the same
+    policy at the inputs' precision (issue 18: >= 35 dB PSNR), per policy of SAMPLE_POLICIES, through
+    ``torch.compile(backend="modsparse")``; fp8 rows set ``precision="fp8"`` and ``fp8_dense``, so the
+    dense warm-up and refreshes run at fp8 too. Sample times: mean over the seeds after the first
+    (which compiles)."""
+    from . import backend as mb
+    from .common import Stopwatch
+    from .metrics import psnr
+    from .train_dit import load_checkpoint
+    from .video_dit import kernel_block_size, make_noise, sample
+
+    dtype = dtype if device == "cuda" else torch.float32  # as captured_activations
+    model = load_checkpoint(checkpoint, device).to(dtype).eval()
+    cfg = model.cfg
+    noises = [make_noise((1, cfg.in_channels, *cfg.latent), s, device, dtype) for s in range(seeds)]
+    base = {"block_size": kernel_block_size(cfg.seq_len, device == "cuda"), "video_grid": tuple(cfg.grid),
+            "min_seq_len": 0, "num_steps": steps}
+    rows = []
+    for name, opts in SAMPLE_POLICIES.items():
+        runs = {}
+        for precision, extra in (("bf16", {}), ("fp8", {"precision": "fp8", "fp8_dense": True})):
+            torch._dynamo.reset()
+            mb.reset()
+            fn = mb.compile_model(model, "modsparse", {**base, **opts, **extra})
+            samples, times = [], []
+            for noise in noises:
+                with torch.no_grad(), Stopwatch(device) as sw:
+                    samples.append(sample(fn, noise, steps, step_context=mb.step_context()))
+                times.append(sw.ms)
+            runs[precision] = samples, times[1:] or times
+        db = [psnr(f.float(), b.float()) for f, b in zip(runs["fp8"][0], runs["bf16"][0])]
+        bf16_ms, fp8_ms = (sum(runs[p][1]) / len(runs[p][1]) for p in ("bf16", "fp8"))
+        rows.append(dict(policy=name, seeds=seeds, steps=steps, psnr_db=sum(db) / len(db), psnr_min_db=min(db),
+                         bf16_sample_ms=bf16_ms, fp8_sample_ms=fp8_ms, meets_issue_target=min(db) >= 35.0))
+        log(f"sample {name}: fp8 vs bf16 {rows[-1]['psnr_db']:.1f} dB (min {min(db):.1f}), "
+            f"{bf16_ms:.1f} -> {fp8_ms:.1f} ms")
+    return rows
+
+
 def time_shape(shape, dtype, device, block, timer, deadline, log, flex_fn):
     from modcompile import dispatch
     from modcompile.kernels.block_lists import BlockLists
@@ -261,6 +306,17 @@ def tables(acc_rows, time_rows) -> str:
     return "### Accuracy\n\n" + "\n".join(acc) + "\n\n### Speed\n\n" + "\n".join(tim) + "\n"
 
 
+def sample_table(rows) -> str:
+    if not rows:
+        return ""
+    out = ["\n### Sample: fp8 against bf16, same policy\n",
+           "| policy | steps | seeds | PSNR dB (mean) | PSNR dB (min) | bf16 sample ms | fp8 sample ms | >= 35 dB |",
+           "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['policy']} | {r['steps']} | {r['seeds']} | {r['psnr_db']:.1f} | {r['psnr_min_db']:.1f} "
+            f"| {r['bf16_sample_ms']:.1f} | {r['fp8_sample_ms']:.1f} | {_cell(r['meets_issue_target'])} |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
@@ -274,6 +330,8 @@ def main(argv=None):
     p.add_argument("--activation-density", type=float, default=0.2,
                    help="--checkpoint: the sparse lists keep this share of the blocks of largest mass")
     p.add_argument("--no-timing", action="store_true", help="accuracy only")
+    p.add_argument("--sample-seeds", type=int, default=0, help="--checkpoint: also sample the DiT per policy "
+                   "at bf16 and fp8 from this many seeds and compare (0: skip)")
     a = p.parse_args(argv)
     if a.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (lazily, below)
@@ -316,6 +374,13 @@ def main(argv=None):
         except Exception as err:  # noqa: BLE001
             errors.append(f"activation accuracy: {type(err).__name__}: {err}"[:500])
             log(f"ERROR {errors[-1]}")
+    sample_rows = []
+    if a.checkpoint and a.sample_seeds:
+        try:
+            sample_rows = sample_fidelity(a.checkpoint, device, dtype, a.sample_steps, a.sample_seeds, log)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"sample fidelity: {type(err).__name__}: {err}"[:500])
+            log(f"ERROR {errors[-1]}")
     if a.no_timing:
         shapes = []
     flex_fn = compiled_flex_attention(log) if device == "cuda" and shapes else None
@@ -338,10 +403,12 @@ def main(argv=None):
             f"outside the error model\n"
           + (f"- DiT activations: {a.checkpoint}, {a.sample_steps} steps, dense sample seed 0\n" if a.checkpoint else "")
           + f"- compiled fp8 kernel variants: {len(variants)}\n"
-          + "".join(f"- ERROR: {e}\n" for e in errors) + "\n" + tables(acc_rows, time_rows))
+          + "".join(f"- ERROR: {e}\n" for e in errors) + "\n" + tables(acc_rows, time_rows)
+          + sample_table(sample_rows))
     (out_dir / "bench_fp8.md").write_text(md)
     (out_dir / "bench_fp8.json").write_text(json.dumps(
-        dict(environment=env, seed=seed, accuracy=acc_rows, timing=time_rows, variants=variants, errors=errors,
+        dict(environment=env, seed=seed, accuracy=acc_rows, timing=time_rows, samples=sample_rows,
+             variants=variants, errors=errors,
              elapsed_s=time.monotonic() - t0), indent=2, default=str) + "\n")
     log(f"wrote {out_dir / 'bench_fp8.md'}")
     print("\n".join(variants))

@@ -327,6 +327,32 @@ def test_benchmark_on_a_dits_own_activations(tmp_path, monkeypatch):
     assert all(r["qk_e4m3_block"] is None for r in rows if r["density"] < 1)
 
 
+@pytest.mark.slow
+def test_benchmark_samples_a_dit_at_fp8_and_bf16(tmp_path, monkeypatch):
+    """--sample-seeds: each policy's compiled sample at fp8 against the same policy's at full precision."""
+    import json
+
+    from benchmarks.train_dit import save_checkpoint
+    from benchmarks.video_dit import VideoDiT
+    monkeypatch.setenv("MODCOMPILE_TUNE", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    model = VideoDiT("tiny-video")
+    with torch.no_grad():  # adaLN-zero: open the branches and the output layer, else the sample ignores attention
+        for name, p in model.named_parameters():
+            if "modulation" in name or name.startswith("out."):
+                p.normal_(0, 0.05)
+    ckpt = save_checkpoint(tmp_path / "dit.pt", model)
+    assert bench_main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--checkpoint", str(ckpt),
+                       "--sample-steps", "4", "--sample-seeds", "2", "--activation-density", "0.5",
+                       "--no-timing"]) == 0
+    rows = json.loads((tmp_path / "bench_fp8.json").read_text())["samples"]
+    assert [r["policy"] for r in rows] == ["dense", "mod"]
+    # fp8 changes the sample (a PSNR of inf would mean fp8 never ran), but not by much on 4 steps
+    assert all(20 < r["psnr_min_db"] <= r["psnr_db"] < 200 for r in rows), rows
+    assert "fp8 against bf16" in (tmp_path / "bench_fp8.md").read_text()
+
+
 def test_qk_only_error_grows_with_the_logits_and_int8_rounds_finer():
     from benchmarks.bench_fp8 import QK_VARIANTS, qk_only_error
     g = torch.Generator().manual_seed(3)
