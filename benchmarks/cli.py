@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "coverages with no density asked (rows 'mod (coverage C)')")
     f.add_argument("--mod-options", type=json.loads, default=None, help="--equal-density: extra modsparse options "
                    "of every mod row as JSON, e.g. '{\"refresh_interval\": 5}'")
+    f.add_argument("--mod-variants", type=json.loads, default=None, help="--equal-density: also run mod with "
+                   "these options, rows 'mod NAME', as JSON {NAME: options}, e.g. '{\"r3\": {\"refresh_interval\": 3}}'")
     f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
                    "method (default: mod's rule, 12 of 50)")
 

@@ -251,6 +251,13 @@ def run(args) -> dict:
              for c in (getattr(args, "mod_coverage", None) or []) if "mod" in methods]
     jobs += [(method, d, (lambda m=method, d=d: modsparse_row(m, d, MODSPARSE[m](d))) if method in MODSPARSE
               else (lambda m=method, d=d: baseline_row(m, d))) for d in densities for method in methods]
+    # mod with other options beside the plain rows, in the same run (same baselines): at its defaults and
+    # at every density; each variant's options go over --mod-options
+    for name, extra in (getattr(args, "mod_variants", None) or {}).items():
+        jobs += [(f"mod {name} (defaults)", None, lambda x=extra, n=name: modsparse_row(
+                      f"mod {n} (defaults)", None, {"policy": "mod", **x}))]
+        jobs += [(f"mod {name}", d, lambda x=extra, n=name, d=d: modsparse_row(
+                      f"mod {n}", d, {**MODSPARSE["mod"](d), **x})) for d in densities]
     for method, d, job in jobs:
         name = _row_name(method, d)
         try:
@@ -273,7 +280,7 @@ def _write(out_dir, rows, step_rows, skipped, args, cfg, ckpt, trained, bs, warm
                 "block_size": bs, "steps": args.steps, "warmup_steps": warmup, "metric_every": every,
                 "densities": densities,
                 "methods": methods, "seeds": seeds, "skipped": skipped,
-                "mod_options": getattr(args, "mod_options", None)}
+                "mod_options": getattr(args, "mod_options", None), "mod_variants": getattr(args, "mod_variants", None)}
     notes = [f"every method: {args.steps} steps, the first {warmup} dense, the same seeds; PSNR/SSIM mean over "
              f"{len(seeds)} seeds vs eager dense; recall / oracle_recall / density / rel_err: mean over the layers "
              f"and the sparse steps (the first and every {every}th after it) of seed {seeds[0]}",

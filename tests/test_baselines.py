@@ -137,7 +137,7 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     from benchmarks import equal_density
     ckpt = _random_checkpoint(tmp_path / "dit.pt")
     payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["mod", "oracle"], seeds=1,
-                                      mod_coverage=[0.5]))
+                                      mod_coverage=[0.5], mod_variants={"r1": {"refresh_interval": 1}}))
     assert not payload["settings"]["skipped"]
     mod = next(r for r in payload["rows"] if r["method"] == "mod")
     assert 0.25 <= mod["density"] <= 0.45
@@ -153,6 +153,10 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     half = payload["rows"][methods.index("mod (coverage 0.5)")]
     assert half["target_density"] is None and 0 < half["density"] < default["density"]
     assert half["recall"] < default["recall"]
+    # a variant's rows: its options reach the policy (refreshing at every sparse step changes the sample)
+    r1 = payload["rows"][methods.index("mod r1")]
+    assert methods.index("mod r1 (defaults)") < methods.index("mod r1")
+    assert 0.25 <= r1["density"] <= 0.45 and r1["psnr_db"] != mod["psnr_db"]
 
 
 def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
@@ -161,7 +165,8 @@ def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
     monkeypatch.setattr(equal_density, "run", lambda args: seen.setdefault("args", args))
     cli.main(["run", "fidelity", "--config", "tiny-video", "--equal-density", "0.1,0.5", "--methods", "sta,svg",
               "--warmup-steps", "1", "--mod-coverage", "0.8,0.7", "--mod-options", '{"refresh_interval": 5}',
-              "--out", str(tmp_path)])
+              "--mod-variants", '{"r3": {"refresh_interval": 3}}', "--out", str(tmp_path)])
     args = seen["args"]
     assert args.equal_density == [0.1, 0.5] and args.methods == ["sta", "svg"] and args.warmup_steps == 1
     assert args.mod_coverage == [0.8, 0.7] and args.mod_options == {"refresh_interval": 5}
+    assert args.mod_variants == {"r3": {"refresh_interval": 3}}
