@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-attention-share", action="store_true")
     e.add_argument("--tiny", action="store_true", help="tiny Wan config (CPU smoke test)")
     e.add_argument("--options", type=json.loads, default={})
+    e.add_argument("--torchao", default="none", choices=["none", "float8"], help="quantize the linear layers with "
+                   "torchao first (dense baseline and modsparse alike; float8: dynamic per-row on CUDA, weight-only "
+                   "on CPU)")
 
     f = levels.add_parser("fidelity", help=LEVELS["fidelity"])
     _common(f)

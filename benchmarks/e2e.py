@@ -99,6 +99,25 @@ def _timed_phase(name: str, fn):
     return out
 
 
+def quantize_linears(model, kind: str, device: str) -> str:
+    """torchao float8 on the model's linear layers, before any compile (the dense baseline and every
+    modsparse run use the same quantized model). CUDA: dynamic float8 activations and weights, one
+    scale per row (Hopper's fp8 matmul); CPU: float8 weights only (what torchao runs there)."""
+    if kind != "float8":
+        raise SystemExit(f"--torchao: unknown {kind!r} (none, float8)")
+    try:
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                          PerRow, quantize_)
+    except Exception as exc:
+        raise SystemExit(f"--torchao float8 needs torchao ({type(exc).__name__}: {exc})") from exc
+    cuda = str(device).startswith("cuda")
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if cuda
+              else Float8WeightOnlyConfig())
+    what = "torchao float8: dynamic activations + weights, per row" if cuda else "torchao float8: weights only"
+    log(f"e2e: linear layers quantized ({what})")
+    return what
+
+
 def run(args) -> dict:
     try:
         from diffusers import WanTransformer3DModel
@@ -116,6 +135,7 @@ def run(args) -> dict:
     cfg = wan_config(layers, args.tiny)
     torch.manual_seed(args.seed)
     model = WanTransformer3DModel(**cfg).to(device=device, dtype=dtype).eval()
+    linears = quantize_linears(model, args.torchao, device) if getattr(args, "torchao", "none") != "none" else None
     C = cfg["in_channels"]
     x = torch.randn(1, C, *grid, device=device, dtype=dtype)
     text = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
@@ -160,6 +180,7 @@ def run(args) -> dict:
 
     def write(final: bool):
         settings = {"model": "diffusers WanTransformer3DModel (random weights)", "config": cfg, "latent": grid,
+                    "linear_layers": linears or "as built (no torchao)",
                     "tokens": tokens, "text_len": text_len, "dtype": str(dtype), "warmup_steps": W,
                     "timed_steps": T, "num_steps": n, "policies": args.policies, "options": args.options,
                     "skipped": skipped, "attention_share": attention_share, "complete": final}

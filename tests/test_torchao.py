@@ -27,3 +27,19 @@ def quantize_linears(model):
 def test_float8_quantized_wan_runs_sparse_and_exact_over_its_lists(style, policy, monkeypatch):
     rows, checker = run_matrix_case("wan", style, policy, monkeypatch, prepare=quantize_linears)
     assert rows and any(not dense and d < 1.0 for *_, dense, d in checker.calls)
+
+
+@pytest.mark.slow
+def test_e2e_level_times_a_float8_quantized_wan_in_both_styles(tmp_path):
+    """``run e2e --torchao float8``: the dense baseline and both compile styles run the quantized model."""
+    import json
+
+    from benchmarks.cli import main
+    main(["run", "e2e", "--tiny", "--torchao", "float8", "--policies", "vmoba", "--styles", "whole,regional",
+          "--warmup-steps", "1", "--timed-steps", "1", "--num-steps", "4", "--no-attention-share", "--device", "cpu",
+          "--out", str(tmp_path), "--no-progress"])
+    payload = json.loads((tmp_path / "e2e.json").read_text())
+    assert payload["settings"]["linear_layers"] == "torchao float8: weights only"
+    assert not payload["settings"]["skipped"], payload["settings"]["skipped"]
+    styles = {(r["style"], r["phase"]) for r in payload["rows"] if r["backend"] == "modsparse"}
+    assert {("whole", "sparse"), ("regional", "sparse")} <= styles
