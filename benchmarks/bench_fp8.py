@@ -10,7 +10,9 @@ lists, the issue's targets (cosine >= 0.999, relative L2 <= 3%) and the e4m3 err
 (:func:`modcompile.kernels.fp8_attention.predicted_relative_error`). ``--checkpoint CKPT``: the same on a
 trained DiT's own q, k, v (every layer, first / middle / last step; dense and top-mass lists), with the
 error that quantizing only q and k makes, as e4m3 or int8 per block and as int8 per token (the kernel's
-choice; :func:`qk_only_error`).
+choice; :func:`qk_only_error`). ``--sample-seeds S`` (with ``--checkpoint``): the DiT's compiled sample per
+policy (dense, mod) at fp8 against the same policy at bf16, PSNR over S seeds and both sample times
+(:func:`sample_fidelity`).
 
 Speed, triton.testing.do_bench medians at (1,12,32760,128) and (1,24,75600,128) bf16 (views of
 (B, N, H, D) storage), random sorted lists with the own block at density 1.0 and 0.2:
