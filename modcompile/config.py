@@ -178,7 +178,10 @@ class SparsityConfig:
     threshold: float = option(1e-4, "float", low=0.0, high=1.0, low_open=True)
     # ridge regularisation of the fit (> 0: the fit inverts the regularised Gram matrix)
     ridge_lambda: float = option(1.0, "float", low=0.0, low_open=True)
-    refresh_interval: int = option(10, "int", low=1)  # steps between mask refreshes
+    refresh_interval: int = option(10, "int", low=1)  # steps between mask refreshes (the longest gap)
+    # fixed: every refresh_interval steps after the warm-up | doubling: 1, 2, 4, 8, ... steps after it, the
+    # gap doubling up to refresh_interval (masks age fastest right after the warm-up: BENCHMARKS.md section 8)
+    refresh_schedule: str = option("doubling", "str", choices=("fixed", "doubling"))
     lines_per_head: int | None = option(None, "int", low=0, optional=True)  # None = chosen by coverage
     # mass: the densest blocks of the site by observed attention mass; blocks: the lines set each
     # head's budget, the blocks densest in the threshold map fill it; lines: whole lines (the paper)

@@ -67,8 +67,41 @@ def _local_qkv(n, heads=2, d=16, seed=0, width=20.0):
     return q, k, v
 
 
+def test_refresh_schedules():
+    """fixed: every T steps after the warm-up; doubling: 1, 2, 4, 8, ... with the gap capped at T; the
+    gap says how long the observation's mask stays in use."""
+    from modcompile.policies.mod import refresh_due, refresh_gap
+    due = lambda T, sched: [o for o in range(-2, 40) if refresh_due(o, T, sched)]  # noqa: E731
+    assert due(10, "fixed") == [10, 20, 30]
+    assert due(10, "doubling") == [1, 2, 4, 8, 16, 26, 36]
+    assert due(3, "doubling") == [1, 2, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37]
+    assert due(1, "doubling") == due(1, "fixed") == list(range(1, 40))
+    for T in (1, 3, 10):
+        offsets = due(T, "doubling")
+        # each refresh's gap reaches exactly the next refresh; the warm-up's mask lasts until offset 1
+        assert [o + refresh_gap(o, T, "doubling") for o in offsets[:-1]] == offsets[1:]
+        assert -1 + refresh_gap(-1, T, "doubling") == 1
+        assert refresh_gap(5, T, "fixed") == T
+
+
+def test_default_schedule_refreshes_early_then_every_interval():
+    """The default (doubling) schedule, cheap refreshes: steps W+1, W+2, W+4, W+8, then every T."""
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0)
+    assert cfg.refresh_schedule == "doubling"
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n)
+    for s in range(20):
+        drv.step(s, q, k, v)
+    st = drv.state.policy_state
+    assert ModPolicy(cfg).default_warmup(20) == 5
+    assert [e for e in st.events if e[1].startswith("refresh")] == [
+        (6, "refresh-cheap"), (7, "refresh-cheap"), (9, "refresh-full"), (13, "refresh-cheap"), (17, "refresh-cheap")]
+    assert [(p.dense, p.observe) for p in drv.plans[5:]] == [
+        (False, s in (6, 7, 9, 13, 17)) for s in range(5, 20)]
+
+
 def test_schedule_paper_variant():
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, cheap_refresh=False)
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, cheap_refresh=False)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
     for s in range(20):
@@ -88,7 +121,7 @@ def test_schedule_paper_variant():
 
 
 def test_schedule_cheap_refresh_and_history_rule():
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, full_refresh="dense",
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, full_refresh="dense",
                          min_observed_coverage=0.0)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
@@ -121,7 +154,7 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
     and observes the map of every block from that call's lse: no historical value survives, and
     its coverage is checked like a cheap refresh's."""
     from modcompile.kernels.block_sparsity import block_sparsity_ref
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0,
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0,
                          observe_row_stride=2)
     assert cfg.full_refresh == "sparse"
     drv = Driver(cfg)
@@ -157,7 +190,7 @@ def test_full_refresh_validation():
 
 
 def test_low_observed_coverage_triggers_a_dense_refresh():
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=10, min_observed_coverage=0.8)
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=10, min_observed_coverage=0.8)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
     moved = q.roll(drv.n // 2, dims=2)          # from step 8 the queries attend far off the diagonal
@@ -170,7 +203,7 @@ def test_low_observed_coverage_triggers_a_dense_refresh():
 
 
 def test_text_tokens_always_attended():
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, text_position="last", lines_per_head=1)
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, text_position="last", lines_per_head=1)
     drv = Driver(cfg, grid=(2, 8, 8), text=24)                       # N = 152: text in blocks 8, 9
     q, k, v = _local_qkv(drv.n)
     for s in range(8):
@@ -188,7 +221,7 @@ def test_observe_row_stride_is_threaded_with_a_fixed_phase(monkeypatch):
         calls.append((kwargs["row_stride"], kwargs["row_phase"], kwargs.get("kv_counts") is not None))
         return real(*args, **kwargs)
     monkeypatch.setattr(mod, "observe_map", spy)
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, observe_row_stride=4,
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, observe_row_stride=4,
                          min_observed_coverage=0.0)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
@@ -212,7 +245,7 @@ def test_observe_row_stride_validation():
 # ---------------------------------------------------------------- compiled DiT
 
 OPTIONS = {"policy": "mod", "min_seq_len": 64, "block_size": 16, "video_grid": (4, 8, 8), "num_steps": 20,
-           "refresh_interval": 4}
+           "refresh_interval": 4, "refresh_schedule": "fixed"}
 
 
 class PlanRecorder:
@@ -311,7 +344,7 @@ def test_observe_tail_is_the_eager_sequence_of_steps():
     from modcompile.policies.mod_mask import extrapolate, predict_mask
     from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, coverage=0.8)
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
     nb, H, B = geom.nb, 3, 2
     fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
@@ -414,7 +447,7 @@ def test_observe_has_no_host_sync_ops_and_a_bounded_op_count(kind, monkeypatch):
     import collections
     from torch.profiler import ProfilerActivity, profile
     from modcompile.policies import mod
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3 if kind == "cheap" else 1,
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3 if kind == "cheap" else 1,
                          full_refresh="dense" if kind == "dense" else "sparse", min_observed_coverage=0.0)
     drv = Driver(cfg, heads=4)
     q, k, v = _local_qkv(drv.n, heads=4)
@@ -448,7 +481,7 @@ def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged(full_r
     from benchmarks import bench_mod
     args = argparse.Namespace(grid=[2, 4, 8], heads=2, head_dim=16, steps=12)
     inputs = bench_mod.make_inputs(args, "cpu", torch.float32)
-    cfg = SparsityConfig(block_size=16, refresh_interval=3, full_refresh_every=2, full_refresh=full_refresh,
+    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=3, full_refresh_every=2, full_refresh=full_refresh,
                          num_steps=12, min_observed_coverage=0.0)
     dense = full_refresh == "dense"
     calls = []

@@ -45,6 +45,7 @@ VALID = {
     "threshold": st.floats(0.0, 1.0, exclude_min=True),
     "ridge_lambda": st.floats(0.0, 1e6, exclude_min=True) | st.integers(1, 100),
     "refresh_interval": st.integers(1, 1000),
+    "refresh_schedule": st.sampled_from(["fixed", "doubling"]),
     "lines_per_head": none_or(st.integers(0, 1000)),
     "mask_rule": st.sampled_from(["blocks", "lines"]),
     "coverage": fractions,
@@ -65,7 +66,7 @@ INTS = {"block_size", "min_seq_len", "num_steps", "warmup_steps", "topk", "refre
 FLOATS = {"density", "min_density", "max_density", "tau", "threshold", "ridge_lambda", "coverage",
           "min_observed_coverage"}
 ENUMS = {"policy", "text_position", "selection", "normalization", "mask_rule", "full_refresh", "nonfinite",
-         "precision"}
+         "precision", "refresh_schedule"}
 
 
 def _invalid_for(key: str) -> st.SearchStrategy:
@@ -267,7 +268,7 @@ def _compiled_options():
                   "min_density": st.floats(0.0, 0.5), "max_density": st.floats(0.5, 1.0),
                   "video_grid": st.sampled_from([None, (4, 8, 8)]), "threshold": VALID["threshold"],
                   "ridge_lambda": st.floats(0.01, 100.0), "refresh_interval": st.integers(1, 20),
-                  "mask_rule": VALID["mask_rule"], "cheap_refresh": st.booleans(), "num_steps": st.integers(1, 50),
+                  "refresh_schedule": VALID["refresh_schedule"], "mask_rule": VALID["mask_rule"], "cheap_refresh": st.booleans(), "num_steps": st.integers(1, 50),
                   "coverage": fractions})
 
 

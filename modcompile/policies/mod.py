@@ -12,7 +12,9 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   and fit; after the fit of W-1 the mask is built;
 * steps W, W+1, ...: sparse with the current lists (``plan`` returns stored tensors: no work, no
   host sync);
-* steps W + m*T (m >= 1): refresh. ``cheap_refresh=False`` (the paper): a dense observed step.
+* refreshes (:func:`refresh_due`): ``refresh_schedule="doubling"`` (default) at steps W + 1, W + 2,
+  W + 4, W + 8, ..., the gap doubling up to T and then staying T; ``"fixed"`` (the paper) at steps
+  W + m*T (m >= 1). ``cheap_refresh=False`` (the paper): a refresh is a dense observed step.
   ``cheap_refresh=True``: the sparse kernel runs with the current lists and observes only the
   computed blocks; skipped blocks keep their older values (the paper's history rule). Every
   ``full_refresh_every``-th refresh observes every block instead, so that no value grows stale:
@@ -109,6 +111,28 @@ class ModState:
 
 
 
+def refresh_due(offset: int, interval: int, schedule: str) -> bool:
+    """Whether the sparse step ``offset`` steps after the warm-up refreshes the mask: every
+    ``interval`` steps (``"fixed"``), or at offsets 1, 2, 4, 8, ... whose gap doubles up to
+    ``interval`` and then stays (``"doubling"``: 1, 2, 4, 8, 16, 26, 36, ... for 10)."""
+    if offset < 1:
+        return False
+    if schedule == "fixed":
+        return offset % interval == 0
+    at = 1
+    while at < offset:
+        at += min(at, interval)
+    return at == offset
+
+
+def refresh_gap(offset: int, interval: int, schedule: str) -> int:
+    """Steps from the observation at ``offset`` (after the warm-up; <= 0: the warm-up's own) until
+    the next scheduled refresh, where its mask stops being used (``"fixed"``: ``interval``)."""
+    if schedule == "fixed":
+        return interval
+    return 1 - offset if offset < 1 else min(offset, interval)
+
+
 # Entries kept of each ModState history list (events, fits, coverage): a run without generations
 # (diffusion forcing's long videos, a loop without step metadata) must not grow them without bound.
 HISTORY = 256
@@ -171,7 +195,7 @@ class ModPolicy(Policy):
         if st.mask is None:  # no fit yet (no warm-up observation): bootstrap with a dense one
             return self._observed(ctx, st, q, k, "dense", "observe-dense")
         low = self._poll_coverage(st)
-        due = step > warmup and (step - warmup) % cfg.refresh_interval == 0
+        due = refresh_due(step - warmup, cfg.refresh_interval, cfg.refresh_schedule)
         if due or low:
             full = st.cheap_since_full + 1 >= cfg.full_refresh_every
             # A low coverage means the sparse call's lse misses much of the mass: only a dense
@@ -267,7 +291,7 @@ class ModPolicy(Policy):
         if cheap:
             inputs += [st.smap, st.mmap]
         if build:
-            inputs += self._extrapolation_inputs(st, ctx.step, raw.shape[1], fg)
+            inputs += self._extrapolation_inputs(ctx, st, ctx.step, raw.shape[1], fg)
         outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
         st.smap, st.mmap, coef = outputs[:3]
         st.fits = (st.fits + [(ctx.step, coef)])[-2:]
@@ -277,12 +301,15 @@ class ModPolicy(Policy):
             st.head_lists = (counts[0], indices[0])
             st.lists = {}  # written into st.list_buffers by the next plan
 
-    def _extrapolation_inputs(self, st: ModState, step: int, heads: int, fg: FitGeometry) -> list:
+    def _extrapolation_inputs(self, ctx, st: ModState, step: int, heads: int, fg: FitGeometry) -> list:
         """``[coef_prev, steps]`` for :func:`observe_tail`: the last fit and, as a device tensor,
-        (step gap, (T+1)/2); zeros and (1, 0) when there is no earlier fit to extrapolate from."""
+        (step gap, (g+1)/2), the middle of the g steps until the next refresh; zeros and (1, 0) when
+        there is no earlier fit to extrapolate from."""
         prev = st.fits[-1] if st.fits else None
         if prev is not None and prev[0] != step:
-            coef_prev, steps = prev[1], (float(step - prev[0]), (self.config.refresh_interval + 1) / 2.0)
+            gap = refresh_gap(step - self.warmup_steps(ctx), self.config.refresh_interval,
+                              self.config.refresh_schedule)
+            coef_prev, steps = prev[1], (float(step - prev[0]), (gap + 1) / 2.0)
         else:
             coef_prev, steps = torch.zeros(heads, st.geometry.num_basis, device=fg.device), (1.0, 0.0)
         return [coef_prev, device_scalars(steps, fg.device)]
@@ -317,4 +344,4 @@ def summary() -> list[dict]:
     return rows
 
 
-__all__ = ["ModPolicy", "ModState", "summary"]
+__all__ = ["ModPolicy", "ModState", "refresh_due", "refresh_gap", "summary"]
