@@ -124,9 +124,7 @@ def test_replayable_path_equals_the_unpooled_path_in_a_compiled_dit(policy, fres
     torch.manual_seed(1)
     model = TinyVideoDiT(dim=32, heads=2, layers=2).eval()
     x = torch.randn(1, 4, 4, 16, 16)
-    # mod: no refresh in these 5 steps (steps 3 and 4 replay the same sparse call)
-    options = {"policy": policy, "warmup_steps": 1,
-               **({"coverage": 0.5, "refresh_schedule": "fixed"} if policy == "mod" else {})}
+    options = {"policy": policy, "warmup_steps": 1, **({"coverage": 0.5} if policy == "mod" else {})}
     densities, pooled_densities = [], []
     reference = _run(model, x, 5, options, keep_outputs=False, densities=densities)
     keys = request.getfixturevalue("replayable_on_cpu")

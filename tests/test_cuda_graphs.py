@@ -244,7 +244,7 @@ def test_mod_policy_graphed_equals_eager_without_host_syncs(monkeypatch):
     (every tail kind captured) plan and observe never synchronize with the device."""
     monkeypatch.setenv("MODCOMPILE_TUNE", "0")
     from modcompile.policies.mod import ModPolicy
-    cfg = SparsityConfig(block_size=64, refresh_schedule="fixed", refresh_interval=3, full_refresh_every=3, min_observed_coverage=0.0,
+    cfg = SparsityConfig(block_size=64, refresh_interval=3, full_refresh_every=3, min_observed_coverage=0.0,
                          num_steps=20)
     grid = (4, 16, 16)
     n = math.prod(grid)

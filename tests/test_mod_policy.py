@@ -84,10 +84,11 @@ def test_refresh_schedules():
         assert refresh_gap(5, T, "fixed") == T
 
 
-def test_default_schedule_refreshes_early_then_every_interval():
-    """The default (doubling) schedule, cheap refreshes: steps W+1, W+2, W+4, W+8, then every T."""
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0)
-    assert cfg.refresh_schedule == "doubling"
+def test_doubling_schedule_refreshes_early_then_every_interval():
+    """The doubling schedule, cheap refreshes: steps W+1, W+2, W+4, W+8, then every T."""
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, refresh_schedule="doubling", full_refresh_every=3,
+                         min_observed_coverage=0.0)
+    assert SparsityConfig().refresh_schedule == "fixed"
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
     for s in range(20):
@@ -101,7 +102,7 @@ def test_default_schedule_refreshes_early_then_every_interval():
 
 
 def test_schedule_paper_variant():
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, cheap_refresh=False)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, cheap_refresh=False)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
     for s in range(20):
@@ -121,7 +122,7 @@ def test_schedule_paper_variant():
 
 
 def test_schedule_cheap_refresh_and_history_rule():
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, full_refresh="dense",
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, full_refresh="dense",
                          min_observed_coverage=0.0)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
@@ -154,7 +155,7 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
     and observes the map of every block from that call's lse: no historical value survives, and
     its coverage is checked like a cheap refresh's."""
     from modcompile.kernels.block_sparsity import block_sparsity_ref
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0,
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0,
                          observe_row_stride=2)
     assert cfg.full_refresh == "sparse"
     drv = Driver(cfg)
@@ -190,7 +191,7 @@ def test_full_refresh_validation():
 
 
 def test_low_observed_coverage_triggers_a_dense_refresh():
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=10, min_observed_coverage=0.8)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=10, min_observed_coverage=0.8)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
     moved = q.roll(drv.n // 2, dims=2)          # from step 8 the queries attend far off the diagonal
@@ -203,7 +204,7 @@ def test_low_observed_coverage_triggers_a_dense_refresh():
 
 
 def test_text_tokens_always_attended():
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, text_position="last", lines_per_head=1)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, text_position="last", lines_per_head=1)
     drv = Driver(cfg, grid=(2, 8, 8), text=24)                       # N = 152: text in blocks 8, 9
     q, k, v = _local_qkv(drv.n)
     for s in range(8):
@@ -221,7 +222,7 @@ def test_observe_row_stride_is_threaded_with_a_fixed_phase(monkeypatch):
         calls.append((kwargs["row_stride"], kwargs["row_phase"], kwargs.get("kv_counts") is not None))
         return real(*args, **kwargs)
     monkeypatch.setattr(mod, "observe_map", spy)
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3, observe_row_stride=4,
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, observe_row_stride=4,
                          min_observed_coverage=0.0)
     drv = Driver(cfg)
     q, k, v = _local_qkv(drv.n)
@@ -245,7 +246,7 @@ def test_observe_row_stride_validation():
 # ---------------------------------------------------------------- compiled DiT
 
 OPTIONS = {"policy": "mod", "min_seq_len": 64, "block_size": 16, "video_grid": (4, 8, 8), "num_steps": 20,
-           "refresh_interval": 4, "refresh_schedule": "fixed"}
+           "refresh_interval": 4}
 
 
 class PlanRecorder:
@@ -344,7 +345,7 @@ def test_observe_tail_is_the_eager_sequence_of_steps():
     from modcompile.policies.mod_mask import extrapolate, predict_mask
     from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, coverage=0.8)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
     nb, H, B = geom.nb, 3, 2
     fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
@@ -447,7 +448,7 @@ def test_observe_has_no_host_sync_ops_and_a_bounded_op_count(kind, monkeypatch):
     import collections
     from torch.profiler import ProfilerActivity, profile
     from modcompile.policies import mod
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=4, full_refresh_every=3 if kind == "cheap" else 1,
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3 if kind == "cheap" else 1,
                          full_refresh="dense" if kind == "dense" else "sparse", min_observed_coverage=0.0)
     drv = Driver(cfg, heads=4)
     q, k, v = _local_qkv(drv.n, heads=4)
@@ -481,7 +482,7 @@ def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged(full_r
     from benchmarks import bench_mod
     args = argparse.Namespace(grid=[2, 4, 8], heads=2, head_dim=16, steps=12)
     inputs = bench_mod.make_inputs(args, "cpu", torch.float32)
-    cfg = SparsityConfig(block_size=16, refresh_schedule="fixed", refresh_interval=3, full_refresh_every=2, full_refresh=full_refresh,
+    cfg = SparsityConfig(block_size=16, refresh_interval=3, full_refresh_every=2, full_refresh=full_refresh,
                          num_steps=12, min_observed_coverage=0.0)
     dense = full_refresh == "dense"
     calls = []

@@ -12,9 +12,9 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   and fit; after the fit of W-1 the mask is built;
 * steps W, W+1, ...: sparse with the current lists (``plan`` returns stored tensors: no work, no
   host sync);
-* refreshes (:func:`refresh_due`): ``refresh_schedule="doubling"`` (default) at steps W + 1, W + 2,
-  W + 4, W + 8, ..., the gap doubling up to T and then staying T; ``"fixed"`` (the paper) at steps
-  W + m*T (m >= 1). ``cheap_refresh=False`` (the paper): a refresh is a dense observed step.
+* refreshes (:func:`refresh_due`): ``refresh_schedule="fixed"`` (default, the paper) at steps
+  W + m*T (m >= 1); ``"doubling"`` at steps W + 1, W + 2, W + 4, W + 8, ..., the gap doubling up
+  to T and then staying T. ``cheap_refresh=False`` (the paper): a refresh is a dense observed step.
   ``cheap_refresh=True``: the sparse kernel runs with the current lists and observes only the
   computed blocks; skipped blocks keep their older values (the paper's history rule). Every
   ``full_refresh_every``-th refresh observes every block instead, so that no value grows stale:
