@@ -36,7 +36,7 @@ import math
 import torch
 
 from ._common import (LOG2E, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, default_scale, device_capability,
-                      interpreting, padded_head_dim)
+                      ensure_tma_allocator, interpreting, padded_head_dim)
 from .block_lists import BlockLists, as_block_lists
 from . import fp8_quant as fq  # fq.FP8 read at call time: the reference rounds P in the format the tests pick
 from .fp8_quant import E4M3_MAX, INT8_MAX, dequantize, quantize, quantize_ref
@@ -71,6 +71,10 @@ def default_config(block_size: int) -> LaunchConfig:
     return LaunchConfig(tile, tile, 8 if tile >= 128 else 4, 3)
 
 
+# the LaunchConfig flags the fp8 kernel has (sm_90+ both)
+FP8_FLAGS = ("tma", "warp_spec")
+
+
 def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
                                out=None, lse=None, q_rows=None, config: LaunchConfig | None = None):
     """FP8 block-sparse attention on the GPU (module docstring); returns ``(out, lse)``.
@@ -98,6 +102,15 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
     cfg = config or default_config(bs)
     if not cfg.fits(bs):
         raise ValueError(f"config {cfg} does not divide block_size {bs}")
+    other = [f for f in ("ragged_branch", "tma_rows", "host_tma", "qo_tma") if getattr(cfg, f)] + \
+        (["key_blocks"] if cfg.key_blocks else [])
+    if other:
+        raise ValueError(f"block_sparse_attention_fp8: config {cfg.label()} sets {other}; the fp8 kernel has only "
+                         f"{FP8_FLAGS}")
+    if (cfg.tma or cfg.warp_spec) and device_capability(q.device) < (9, 0):
+        raise ValueError(f"block_sparse_attention_fp8: {cfg.label()} needs compute capability 9.0 (Hopper)")
+    if cfg.tma:
+        ensure_tma_allocator()
     ops = quantize(q, k, v, bs, q_rows)
     counts, indices = lists.counts, lists.indices
     _fp8_attention_fwd_kernel[(triton.cdiv(N, cfg.tile), B * H)](
@@ -110,7 +123,7 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_SIZE=bs, BLOCK_M=cfg.tile, BLOCK_N=cfg.sub,
-        EVEN_K=k.shape[2] % bs == 0, GATHER_Q=q_rows is not None,
+        EVEN_K=k.shape[2] % bs == 0, GATHER_Q=q_rows is not None, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 

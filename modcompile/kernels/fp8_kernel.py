@@ -31,6 +31,8 @@ def _fp8_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_K: tl.constexpr,      # N_K % BLOCK_SIZE == 0: no ragged key block
     GATHER_Q: tl.constexpr,    # row r writes out and lse at token QRows[r] (q8 is already in row order)
+    USE_TMA: tl.constexpr,     # k8 / v8 chunks through tensor descriptors (Hopper TMA), built per program
+    WARP_SPEC: tl.constexpr,   # Triton's automatic warp specialization of the key loop (sm_90+)
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -56,14 +58,25 @@ def _fp8_attention_fwd_kernel(
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
+    k_desc = k_base  # placeholders where unused
+    v_desc = v_base
+    if USE_TMA:  # the operands are padded and contiguous: plain 2D views, no bounds to clip
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[NPAD_K, BLOCK_D], strides=[BLOCK_D, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[BLOCK_D, NPAD_K], strides=[NPAD_K, 1],
+                                           block_shape=[BLOCK_D, BLOCK_N])
+
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for t in tl.range(0, count * CHUNKS):
+    for t in tl.range(0, count * CHUNKS, warp_specialize=WARP_SPEC):
         start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
         key_block = start // BLOCK_SIZE
-        k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
+        if USE_TMA:
+            k = k_desc.load([start, 0]).T  # (D, N)
+        else:
+            k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
         k_scale = tl.load(ks_base + start + offs_n)
         s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * k_scale[None, :] * row_scale[:, None]
         if not EVEN_K:
@@ -76,7 +89,10 @@ def _fp8_attention_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_d[:, None].to(tl.int64) * NPAD_K + start + offs_n[None, :])  # (D, N), K-major
+        if USE_TMA:
+            v = v_desc.load([0, start])  # (D, N), K-major
+        else:
+            v = tl.load(v_base + offs_d[:, None].to(tl.int64) * NPAD_K + start + offs_n[None, :])  # (D, N), K-major
         v_scale = tl.load(vs_base + key_block * BLOCK_D + offs_d)
         pv = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v))
         acc = acc * alpha[:, None] + pv * v_scale[None, :]
