@@ -169,23 +169,33 @@ def _assert_operands_equal(got, ref):
 
 
 # ------------------------------------------------------------------------------ kernel under the interpreter
+@pytest.mark.parametrize("flags", [{}, {"tma": True, "warp_spec": True}], ids=["pointers", "tma"])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("N,bs,sub", [(150, 32, 16), (128, 64, 64)])
-def test_fp8_kernel_matches_its_reference(interpreter_fp8, N, bs, sub, gather):
+def test_fp8_kernel_matches_its_reference(interpreter_fp8, monkeypatch, N, bs, sub, gather, flags):
     """Ragged N, chunks smaller than the block, shuffled lists with empty rows, q_rows: the kernel
-    (with the interpreter's conversion fixed) equals the fp8 reference to float32 rounding."""
+    (with the interpreter's conversion fixed) equals the fp8 reference to float32 rounding, with
+    pointer loads and with the TMA descriptors (Hopper's flags)."""
+    monkeypatch.setattr(fa, "device_capability", lambda device: (9, 0))
     q, k, v = inputs(1, 2, N, 64, seed=N + gather, device="cpu")
     lists = random_lists(1, 2, N, bs, 0.5, seed=N, p_empty=0.3, device="cpu")
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(1)).to(torch.int32) if gather else None
     out = torch.full((1, 2, N, 64), float("nan"))
     out, lse = fa.block_sparse_attention_fp8(q, k, v, lists, q_rows=rows, out=out,
-                                             config=fa.LaunchConfig(bs, sub, 4, 1))
+                                             config=fa.LaunchConfig(bs, sub, 4, 1, **flags))
     ref, ref_lse = fa.block_sparse_attention_fp8_ref(q, k, v, lists, q_rows=rows)
     empty = torch.isneginf(ref_lse)
     assert empty.any() and (~empty).any()
     assert torch.equal(torch.isneginf(lse), empty) and (out[empty] == 0).all()
     assert rel_l2(out, ref) < 1e-3  # float32 sums in another order may flip a rare e4m3 rounding of p
     assert (lse[~empty] - ref_lse[~empty]).abs().max() < 1e-4
+
+
+def test_fp8_kernel_rejects_flags_it_lacks():
+    q = k = v = torch.randn(1, 1, 64, 64)
+    lists = random_lists(1, 1, 64, 64, 1.0, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="host_tma"):
+        fa.block_sparse_attention_fp8(q, k, v, lists, config=fa.LaunchConfig(64, 64, 4, 1, tma=True, host_tma=True))
 
 
 # ------------------------------------------------------------------------------ accuracy (CPU, reference)

@@ -89,16 +89,6 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
     _check(q, k, v, lists, q_rows)
     B, H, N, D = q.shape
     bs = lists.block_size
-    path, why = fp8_path(q, bs)
-    if path != "kernel":
-        raise ValueError(f"block_sparse_attention_fp8: {why}")
-    scale = default_scale(D, scale)
-    if out is None:
-        out = q.new_empty(B, N, H, D).transpose(1, 2)
-    if lse is None:
-        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    if B * H * N == 0:
-        return out, lse
     cfg = config or default_config(bs)
     if not cfg.fits(bs):
         raise ValueError(f"config {cfg} does not divide block_size {bs}")
@@ -107,8 +97,18 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
     if other:
         raise ValueError(f"block_sparse_attention_fp8: config {cfg.label()} sets {other}; the fp8 kernel has only "
                          f"{FP8_FLAGS}")
+    path, why = fp8_path(q, bs)
+    if path != "kernel":
+        raise ValueError(f"block_sparse_attention_fp8: {why}")
     if (cfg.tma or cfg.warp_spec) and device_capability(q.device) < (9, 0):
         raise ValueError(f"block_sparse_attention_fp8: {cfg.label()} needs compute capability 9.0 (Hopper)")
+    scale = default_scale(D, scale)
+    if out is None:
+        out = q.new_empty(B, N, H, D).transpose(1, 2)
+    if lse is None:
+        lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return out, lse
     if cfg.tma:
         ensure_tma_allocator()
     ops = quantize(q, k, v, bs, q_rows)
