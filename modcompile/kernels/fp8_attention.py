@@ -66,12 +66,15 @@ def fp8_path(q: torch.Tensor, block_size: int) -> tuple[str, str]:
 
 
 def default_config(block_size: int) -> LaunchConfig:
-    """The fp8 kernel's launch configuration (fixed: not tuned)."""
-    tile = min(128, block_size)
-    return LaunchConfig(tile, tile, 8 if tile >= 128 else 4, 3)
+    """The fp8 kernel's launch configuration (fixed: not tuned). 128-token blocks: 64 query rows per
+    program against whole 128-key chunks, the fastest of 13 configs on the H100 (BENCHMARKS.md
+    section 9); smaller blocks: one block per program and step."""
+    if block_size >= 128:
+        return LaunchConfig(64, 128, 4, 3)
+    return LaunchConfig(block_size, block_size, 4, 3)
 
 
-# the LaunchConfig flags the fp8 kernel has (sm_90+ both)
+# the LaunchConfig flags the fp8 kernel has (sm_90+ both; they gained at most a few percent)
 FP8_FLAGS = ("tma", "warp_spec")
 
 
