@@ -56,11 +56,14 @@ out_like = empty_heads_last
 PRECISIONS = ("auto", "fp8")
 
 
-def fp8_route(q: Tensor, block_size: int, key_bias: Optional[Tensor] = None) -> tuple[str, str]:
+def fp8_route(q: Tensor, block_size: int, key_bias: Optional[Tensor] = None,
+              scale: Optional[float] = None) -> tuple[str, str]:
     """Where a ``precision="fp8"`` call runs: ``("kernel", "")``, ``("reference", why)`` (CPU and
     the interpreter: the fp8 torch reference) or ``("none", why)``: the input-dtype path instead."""
     if key_bias is not None:
         return "none", "fp8 attention takes no key-padding mask"
+    if scale is not None and not scale > 0:
+        return "none", f"fp8 attention needs scale > 0, got {scale}"
     return fp8_path(q, block_size)
 
 
@@ -94,7 +97,7 @@ def attention_forward(q, k, v, lists: BlockLists, scale: float, q_rows: Optional
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp8":
-        route, why = fp8_route(q, lists.block_size, key_bias)
+        route, why = fp8_route(q, lists.block_size, key_bias, scale)
         if why:
             _warn_fp8(why)
         if route != "none":

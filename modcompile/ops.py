@@ -197,7 +197,7 @@ def _pooled_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
 def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None, out=None, lse=None):
     """The body of the site attention op for the call that ``plan`` set up; benchmarks that drive a
     policy by hand call it too. ``out`` / ``lse``: where to write (allocated when None)."""
-    fp8 = _fp8_runs(ctx, q, plan, key_bias)
+    fp8 = _fp8_runs(ctx, q, plan, key_bias, scale)
     if plan.dense and not ctx.info.training and not fp8:
         if not plan.observe:
             out, lse = outputs_like(q) if out is None else (out, lse)
@@ -210,14 +210,14 @@ def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None
     return policy.attention(ctx, q, k, v, plan, scale, key_bias=key_bias, out=out, lse=lse)
 
 
-def _fp8_runs(ctx, q, plan: Plan, key_bias) -> bool:
+def _fp8_runs(ctx, q, plan: Plan, key_bias, scale: float) -> bool:
     """Whether this call runs at fp8 (``precision="fp8"`` on sparse calls, ``fp8_dense`` on dense
     ones, then at density 1 instead of SDPA / cuDNN): the kernel, or its torch reference on CPU and
     the interpreter. Where fp8 was asked for and does not run as the kernel, the site's note says why
     (``report()``)."""
     if call_precision(ctx, plan) != "fp8":
         return False
-    route, why = fp8_route(q, plan.lists.block_size, key_bias)
+    route, why = fp8_route(q, plan.lists.block_size, key_bias, scale)
     note = f"fp8: {why}" if why else ""
     if note and note not in ctx.state.note:
         ctx.state.note = "; ".join(x for x in (ctx.state.note, note) if x)

@@ -90,10 +90,12 @@ def interpreter_fp8(monkeypatch):
 
 # ------------------------------------------------------------------------------ quantization (CPU)
 def _check_int8_tokens(name, x, xd, scale):
-    """x (B, H, Npad, Dp) zero padded; xd its dequantized copy: scale = amax / 127 per token, each
-    element within half a spacing (plus the float32 rounding of x / scale, up to 127 * 2^-24, and of
-    the product)."""
-    assert torch.equal(scale, x.abs().amax(-1) / 127), name
+    """x (B, H, Npad, Dp) zero padded; xd its dequantized copy: scale = amax / 127 per token rounded
+    up to 22 significant bits (its two lowest bits 0, at most 2^-21 above), each element within half a
+    spacing (plus the float32 rounding of x / scale, up to 127 * 2^-24, and of the product)."""
+    exact = x.abs().amax(-1) / 127
+    assert (scale >= exact).all() and (scale <= exact * (1 + 2.0 ** -21)).all(), name
+    assert (scale.view(torch.int32) & 3 == 0).all(), f"{name}: scale has more than 22 significant bits"
     err = (xd - x).abs()
     assert (err <= scale[..., None] * (0.5 + 2.0 ** -15)).all(), f"{name}: outside the int8 bound"
     assert (err > 0).any(), f"{name}: nothing was rounded (quantization not applied?)"
@@ -178,6 +180,7 @@ def test_fp8_kernel_matches_its_reference(interpreter_fp8, monkeypatch, N, bs, s
     pointer loads and with the TMA descriptors (Hopper's flags)."""
     monkeypatch.setattr(fa, "device_capability", lambda device: (9, 0))
     q, k, v = inputs(1, 2, N, 64, seed=N + gather, device="cpu")
+    q[0, :, -1] = 0.0  # a zero row (q scale 0) that sees the ragged key tail: -inf * 0 must not leak NaN
     lists = random_lists(1, 2, N, bs, 0.5, seed=N, p_empty=0.3, device="cpu")
     rows = torch.randperm(N, generator=torch.Generator().manual_seed(1)).to(torch.int32) if gather else None
     out = torch.full((1, 2, N, 64), float("nan"))
@@ -187,8 +190,23 @@ def test_fp8_kernel_matches_its_reference(interpreter_fp8, monkeypatch, N, bs, s
     empty = torch.isneginf(ref_lse)
     assert empty.any() and (~empty).any()
     assert torch.equal(torch.isneginf(lse), empty) and (out[empty] == 0).all()
+    assert not out.isnan().any() and not lse.isnan().any()
     assert rel_l2(out, ref) < 1e-3  # float32 sums in another order may flip a rare e4m3 rounding of p
     assert (lse[~empty] - ref_lse[~empty]).abs().max() < 1e-4
+
+
+def test_int8_scale_rounding_keeps_zero_inf_and_every_nan():
+    bits = torch.tensor([0, 0x3F800001, 0x3F800003, 0x7F800000, 0x7FC00000, 0x7FFFFFFF, 0x7F800001], dtype=torch.int32)
+    got = fq.round_up_22_bits(bits.view(torch.float32))
+    assert got[0] == 0 and got[1] == got[2] == torch.tensor(0x3F800004, dtype=torch.int32).view(torch.float32)
+    assert got[3] == float("inf") and got[4:].isnan().all()  # 0x7FFFFFFF + 3 would wrap to -0
+
+
+def test_fp8_rejects_a_scale_that_is_not_positive():
+    q = k = v = torch.randn(1, 1, 64, 64)
+    lists = random_lists(1, 1, 64, 64, 1.0, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        fa.block_sparse_attention_fp8(q, k, v, lists, scale=-0.1)
 
 
 def test_fp8_kernel_rejects_flags_it_lacks():
@@ -258,6 +276,7 @@ def test_routes_and_reasons():
     route, why = dispatch.fp8_route(q, 64)
     assert route == "reference" and ("interpreter" in why or "cpu" in why)
     assert dispatch.fp8_route(q, 64, key_bias=torch.zeros(1, 64))[0] == "none"
+    assert dispatch.fp8_route(q, 64, scale=-0.125) == ("none", "fp8 attention needs scale > 0, got -0.125")
     with pytest.raises(ValueError, match="precision"):
         dispatch.attention_forward(q, q, q, BlockLists.full(1, 1, 64, 64, 32), 0.1, precision="fp16")
 

@@ -6,11 +6,12 @@ lower precision, on the 8-bit tensor cores of Hopper / Ada:
 
 1. q and k (smoothed by its mean over tokens) are quantized to int8 per token, v to e4m3 per block
    and channel (:mod:`.fp8_quant`: one launch each, counted in every call);
-2. scores = (q8 . k8) * q_scale * k_scale, exact int32 accumulation, scaled in float32;
+2. scores = (q8 . k8) * k_scale * q_scale, exact int32 accumulation, scaled in float32;
 3. the online softmax keeps its running maximum rounded up to an integer (log2 units), so
-   p = exp2(s - m) lies in (0, 1]; p * 448 is rounded to e4m3 and multiplied with v8 (fp32
-   accumulation), each chunk's product scaled by v's per-(block, channel) scale; l sums the
-   unrounded p; out = acc / (448 l);
+   p = exp2(s - m) lies in (0, 1]; P_SCALE p (P_SCALE = 2^8, so that the small probabilities
+   stay in e4m3's normal range) is rounded to e4m3 and multiplied with v8 (fp32 accumulation),
+   each chunk's product scaled by v's per-(block, channel) scale; l sums the unrounded P_SCALE p;
+   out = acc / l;
 4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
 
 Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores, exact in int32) or ``BLOCK_N`` (P.V) products; the P.V
@@ -44,6 +45,7 @@ from .reference import masked_block_matmul, query_chunks
 from .tuning import LaunchConfig
 
 LN2 = math.log(2.0)
+P_SCALE = 256.0  # p's factor before its e4m3 rounding: a power of two, folded into the kernel's exponent
 
 
 def fp8_path(q: torch.Tensor, block_size: int) -> tuple[str, str]:
@@ -92,6 +94,10 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
     _check(q, k, v, lists, q_rows)
     B, H, N, D = q.shape
     bs = lists.block_size
+    scale = default_scale(D, scale)
+    if not scale > 0:
+        raise ValueError(f"block_sparse_attention_fp8: scale must be > 0 (the kernel takes each row's maximum "
+                         f"score from the largest k-scaled product), got {scale}")
     cfg = config or default_config(bs)
     if not cfg.fits(bs):
         raise ValueError(f"config {cfg} does not divide block_size {bs}")
@@ -105,7 +111,6 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
         raise ValueError(f"block_sparse_attention_fp8: {why}")
     if (cfg.tma or cfg.warp_spec) and device_capability(q.device) < (9, 0):
         raise ValueError(f"block_sparse_attention_fp8: {cfg.label()} needs compute capability 9.0 (Hopper)")
-    scale = default_scale(D, scale)
     if out is None:
         out = q.new_empty(B, N, H, D).transpose(1, 2)
     if lse is None:
@@ -151,12 +156,12 @@ def _check(q, k, v, lists: BlockLists, q_rows):
 def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
                                    q_rows=None, chunk_blocks: int = 8):
     """The fp8 kernel's torch reference: the same quantized operands (:func:`.fp8_quant.quantize_ref`),
-    the same integer-rounded maximum and e4m3 rounding of ``448 p``, float32 arithmetic. Returns
+    the same integer-rounded maximum and e4m3 rounding of ``P_SCALE p``, float32 arithmetic. Returns
     ``(out, lse)`` like the kernel (out in q's dtype, at q's tokens when ``q_rows`` is given).
 
     It rounds p against the row's final maximum where the kernel uses its running one: the two
-    differ by a power of two, so the rounded values agree wherever 448 p stays in e4m3's normal
-    range (p above 2^-6 / 448 of the row's maximum); below, only the subnormal rounding differs."""
+    differ by a power of two, so the rounded values agree wherever P_SCALE p stays in e4m3's normal
+    range (p above 2^-14 of the row's maximum); below, only the subnormal rounding differs."""
     lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
     _check(q, k, v, lists, q_rows)
     B, H, N, D = q.shape
@@ -176,12 +181,12 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
         live = allowed & (s != float("-inf"))
         p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(m), 0.0, m)), 0.0)
         l = p.sum(-1)
-        p8 = (p * E4M3_MAX).to(fq.FP8).float()
+        p8 = (p * P_SCALE).to(fq.FP8).float()
         # per (block, channel) v scale: the rounded products of each key block, then its scale
         num = masked_block_matmul(p8, v8 * v_scale, allowed[:, :, ::bs], bs)
         has = l != 0
         l_safe = torch.where(has, l, 1.0)
-        out[:, :, r0:r1] = num / (l_safe * E4M3_MAX)[..., None]
+        out[:, :, r0:r1] = num / (l_safe * P_SCALE)[..., None]
         shift = (qd[:, :, r0:r1] * ops.k_mean[:, :, None, :]).sum(-1) * scale
         lse[:, :, r0:r1] = torch.where(has, (m.squeeze(-1) + torch.log2(l_safe)) * LN2 + shift, float("-inf"))
     out = out[..., :D].to(q.dtype)
@@ -249,10 +254,10 @@ def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=
         o = pi @ vd
         norm = norm + (o ** 2).sum()
         pi2 = pi ** 2
-        # p: relative variance of 448 p rounded, plus its subnormal term relative to p
+        # p: relative variance of P_SCALE p rounded, plus its subnormal term relative to p
         m2 = torch.exp2(torch.ceil(s.amax(-1, keepdim=True) * LOG2E) - s.amax(-1, keepdim=True) * LOG2E)
-        p_rel = torch.exp(s - s.amax(-1, keepdim=True)) / m2  # 448 p / 448 as the kernel rounds it
-        var_p_rel_hi = U ** 2 / 3 + torch.where(p_rel > 0, (ETA / E4M3_MAX) ** 2 / 3 / p_rel.clamp_min(1e-300) ** 2, 0.0)
+        p_rel = torch.exp(s - s.amax(-1, keepdim=True)) / m2  # p as the kernel rounds it (times P_SCALE)
+        var_p_rel_hi = U ** 2 / 3 + torch.where(p_rel > 0, (ETA / P_SCALE) ** 2 / 3 / p_rel.clamp_min(1e-300) ** 2, 0.0)
         var_p_rel_hi = torch.where(pi > 0, var_p_rel_hi, 0.0)
         v2 = (vd ** 2).sum(-1)  # (B, H, Nk)
         dev2 = (v2[:, :, None, :] - 2 * (o @ vd.transpose(-1, -2)) + (o ** 2).sum(-1, keepdim=True))  # |v_j - o|^2

@@ -50,7 +50,7 @@ def _fp8_attention_fwd_kernel(
 
     q = tl.load(Q8 + (bh * MQ * BLOCK_SIZE + offs_m)[:, None] * BLOCK_D + offs_d[None, :])
     q_scale = tl.load(QScale + bh * MQ * BLOCK_SIZE + offs_m)
-    row_scale = q_scale * qk_scale_log2  # int8 products -> log2 units, with k's per-token scale
+    row_scale = q_scale * qk_scale_log2  # k-scaled int8 products -> log2 units
     k_base = K8 + bh * NPAD_K * BLOCK_D
     v_base = VT8 + bh * BLOCK_D * NPAD_K
     ks_base = KScale + bh * NPAD_K
@@ -78,15 +78,25 @@ def _fp8_attention_fwd_kernel(
         else:
             k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
         k_scale = tl.load(ks_base + start + offs_n)
-        s = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32) * k_scale[None, :] * row_scale[:, None]
+        # int32 -> float32 without the quarter-rate conversion: |s| < 2^22, so the bits of
+        # s + 0x4B400000 are the float 1.5 * 2^23 + s, exactly; one FMA then subtracts the bias
+        # and applies k's scale, exactly as s * k_scale (k_scale has 22 significant bits, so
+        # 1.5 * 2^23 * k_scale is exact: fp8_quant)
+        s_biased = (tl.dot(q, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+        sk = s_biased * k_scale[None, :] - (12582912.0 * k_scale)[None, :]
         if not EVEN_K:
             if start + BLOCK_N > N_K:
-                s = tl.where((start + offs_n < N_K)[None, :], s, float("-inf"))
-        # The running max rounded up to an integer: p = exp2(s - m) then differs between two maxima
-        # by a power of two only, which FP8 represents exactly (normal range), so p's rounding does
-        # not depend on the order in which the blocks arrive; alpha is an exact power of two.
-        m_new = tl.maximum(m_i, tl.math.ceil(tl.max(s, 1)))
-        p = tl.math.exp2(s - m_new[:, None])
+                sk = tl.where((start + offs_n < N_K)[None, :], sk, float("-inf"))
+        # The running max (log2 units) rounded up to an integer: p = exp2(s - m) then differs between
+        # two maxima by a power of two only, which e4m3 represents exactly (normal range), so p's
+        # rounding does not depend on the order in which the blocks arrive; alpha is a power of two.
+        # The row's q scale is >= 0 (the wrapper asks scale > 0), so max(s) = max(sk) * row_scale and
+        # one FMA per score forms s - m; P_SCALE = 2^8 times p, the e4m3 operand, is in that exponent.
+        m_new = tl.maximum(m_i, tl.math.ceil(tl.max(sk, 1) * row_scale))
+        p = tl.math.exp2(sk * row_scale[:, None] - (m_new - 8.0)[:, None])
+        if not EVEN_K:
+            if start + BLOCK_N > N_K:
+                p = tl.where((start + offs_n < N_K)[None, :], p, 0.0)  # -inf * 0 (an all-zero q row) is NaN
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
@@ -94,16 +104,16 @@ def _fp8_attention_fwd_kernel(
         else:
             v = tl.load(v_base + offs_d[:, None].to(tl.int64) * NPAD_K + start + offs_n[None, :])  # (D, N), K-major
         v_scale = tl.load(vs_base + key_block * BLOCK_D + offs_d)
-        pv = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(v))
+        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
         acc = acc * alpha[:, None] + pv * v_scale[None, :]
         m_i = m_new
 
     has_keys = l_i != 0.0  # a NaN sum (NaN scores) must give NaN out and lse, not an empty row
     l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / (l_safe * 448.0)[:, None]
+    out = acc / l_safe[:, None]  # l sums P_SCALE p: the scale cancels
     # k was smoothed by its mean: every score of the row lacks q . mean, which the lse puts back
     shift = tl.sum(q.to(tl.float32) * tl.load(KMean + bh * BLOCK_D + offs_d)[None, :], 1) * q_scale * scale
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453 + shift, float("-inf"))
+    lse = tl.where(has_keys, (m_i - 8.0 + tl.math.log2(l_safe)) * 0.6931471805599453 + shift, float("-inf"))
 
     if GATHER_Q:
         tok_m = tl.load(QRows + offs_m, mask=row_ok, other=0)

@@ -12,7 +12,9 @@ v transposed, ``(B, H, BLOCK_D, Mb * block_size)`` e4m3 (K-major: the B operand 
 
 Scales (float32):
 
-* q: one per token, ``amax / 127`` over the token's channels, in the lists' row order: with ``rows``
+* q: one per token, ``amax / 127`` over the token's channels rounded up to 22 significant bits (so
+  that the kernel's exact int32 -> float32 trick can fold the scale into one FMA:
+  :mod:`.fp8_kernel`), in the lists' row order: with ``rows``
   (VMoBA's ``q_rows``) the copy holds row ``r`` = token ``rows[r]``, so the kernel reads it
   contiguously; shape (B, H, Mq * block_size);
 * k: the same per token, after subtracting k's mean over the tokens per (batch, head) (``mean``,
@@ -20,7 +22,7 @@ Scales (float32):
   kernel adds it back to the lse only;
 * v: ``amax / 448`` (448 the largest finite e4m3) per (batch, head, key block, channel), (B, H, Mb, D).
 
-int8 values are ``x / scale`` rounded half away from zero (``trunc(y + 0.5 sign(y))`` in float32);
+int8 values are ``x / scale`` (``|x / scale| <= 127``: the scale is rounded up) rounded half away from zero (``trunc(y + 0.5 sign(y))`` in float32);
 e4m3 values round to nearest even in the float8 conversion. A token (or block channel) whose amax is 0
 has scale 0 and quantizes to 0. A NaN / Inf makes its scale non-finite, so its whole token (q, k) or
 block channel (v) dequantizes to NaN, as the attention of that token would be; the int8 value of a
@@ -74,10 +76,16 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.zeros_like(x), _div(x, s))
 
 
+def round_up_22_bits(scale: torch.Tensor) -> torch.Tensor:
+    """A finite float32 >= 0 rounded up to 22 significant bits (its 2 lowest mantissa bits cleared
+    upwards); inf and NaN stay as they are (a NaN's bits could wrap to -0)."""
+    return torch.where(scale < float("inf"), ((scale.view(torch.int32) + 3) & ~3).view(torch.float32), scale)
+
+
 def _quantize_tokens_ref(x: torch.Tensor):
     """x (B, H, Npad, Dp) float32, zero padded -> (int8 copy, scale (B, H, Npad)) per token."""
     amax = x.abs().amax(3)  # NaN propagates, as the kernel's max does
-    scale = _div(amax, torch.full_like(amax, INT8_MAX))
+    scale = round_up_22_bits(_div(amax, torch.full_like(amax, INT8_MAX)))
     y = _scaled(x, scale[..., None])
     y = torch.where(torch.isnan(y), torch.zeros_like(y), y)
     return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(INT8), scale
@@ -171,6 +179,8 @@ if triton is not None:
         if TOKENS_INT8:
             amax = tl.max(tl.abs(x), 1)
             scale = tl.math.div_rn(amax, tl.full([BLOCK_SIZE], 127.0, tl.float32))
+            up = ((scale.to(tl.int32, bitcast=True) + 3) & ~3).to(tl.float32, bitcast=True)  # 22 bits, up
+            scale = tl.where(scale < float("inf"), up, scale)  # a NaN's bits could wrap to -0
             tl.store(Scale + pid_bh * n_blocks * BLOCK_SIZE + offs_r, scale)
             s = scale[:, None] + tl.zeros_like(x)
         else:
