@@ -78,12 +78,12 @@ def _fp8_attention_fwd_kernel(
         else:
             k = tl.load(k_base + (start + offs_n).to(tl.int64)[None, :] * BLOCK_D + offs_d[:, None])  # (D, N)
         k_scale = tl.load(ks_base + start + offs_n)
-        # int32 -> float32 without the quarter-rate conversion: |s| < 2^22, so the bits of
-        # s + 0x4B400000 are the float 1.5 * 2^23 + s, exactly; one FMA then subtracts the bias
-        # and applies k's scale, exactly as s * k_scale (k_scale has 22 significant bits, so
-        # 1.5 * 2^23 * k_scale is exact: fp8_quant)
+        # int32 -> float32 without a conversion instruction (those run at exp2's rate, which p
+        # needs): |s| < 2^22, so the bits of s + 0x4B400000 are the float 1.5 * 2^23 + s exactly; one
+        # FMA then removes the bias and applies k's scale, as exactly as s * k_scale would (k_scale
+        # has 22 significant bits, so 1.5 * 2^23 * k_scale is exact: fp8_quant)
         s_biased = (tl.dot(q, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
-        sk = s_biased * k_scale[None, :] - (12582912.0 * k_scale)[None, :]
+        sk = tl.fma(s_biased, k_scale[None, :], (-12582912.0 * k_scale)[None, :])
         if not EVEN_K:
             if start + BLOCK_N > N_K:
                 sk = tl.where((start + offs_n < N_K)[None, :], sk, float("-inf"))
@@ -93,7 +93,7 @@ def _fp8_attention_fwd_kernel(
         # The row's q scale is >= 0 (the wrapper asks scale > 0), so max(s) = max(sk) * row_scale and
         # one FMA per score forms s - m; P_SCALE = 2^8 times p, the e4m3 operand, is in that exponent.
         m_new = tl.maximum(m_i, tl.math.ceil(tl.max(sk, 1) * row_scale))
-        p = tl.math.exp2(sk * row_scale[:, None] - (m_new - 8.0)[:, None])
+        p = tl.math.exp2(tl.fma(sk, row_scale[:, None], (8.0 - m_new)[:, None]))
         if not EVEN_K:
             if start + BLOCK_N > N_K:
                 p = tl.where((start + offs_n < N_K)[None, :], p, 0.0)  # -inf * 0 (an all-zero q row) is NaN
