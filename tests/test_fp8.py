@@ -163,7 +163,7 @@ def test_quantize_kernel_is_bitwise_the_reference(interpreter_fp8):
 
 
 def _assert_operands_equal(got, ref):
-    for name in ("q", "q_scale", "k", "k_scale", "k_mean", "v_t", "v_scale"):
+    for name in ("q", "q_scale", "k", "k_scale", "k_mean", "k_bias", "v_t", "v_scale"):
         a, b = getattr(got, name), getattr(ref, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.equal(a.view(torch.uint8) if a.dtype == fq.FP8 else a,

@@ -122,7 +122,7 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
     ops = quantize(q, k, v, bs, q_rows)
     counts, indices = lists.counts, lists.indices
     _fp8_attention_fwd_kernel[(triton.cdiv(N, cfg.tile), B * H)](
-        ops.q, ops.q_scale, ops.k, ops.k_scale, ops.k_mean, ops.v_t, ops.v_scale, out, lse, counts, indices,
+        ops.q, ops.q_scale, ops.k, ops.k_scale, ops.k_mean, ops.k_bias, ops.v_t, ops.v_scale, out, lse, counts, indices,
         q_rows if q_rows is not None else counts,
         scale * LOG2E, scale,
         N, k.shape[2], H, lists.mq, lists.mk,
@@ -131,7 +131,7 @@ def block_sparse_attention_fp8(q, k, v, kv_counts, kv_indices=None, *, block_siz
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_SIZE=bs, BLOCK_M=cfg.tile, BLOCK_N=cfg.sub,
-        EVEN_K=k.shape[2] % bs == 0, GATHER_Q=q_rows is not None, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_spec,
+        GATHER_Q=q_rows is not None, USE_TMA=cfg.tma, WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 

@@ -55,6 +55,7 @@ class Fp8Operands:
     k: torch.Tensor          # (B, H, Npad_k, BLOCK_D) int8 of k - mean
     k_scale: torch.Tensor    # (B, H, Npad_k) float32, per token
     k_mean: torch.Tensor     # (B, H, BLOCK_D) float32 (zeros past the head dim)
+    k_bias: torch.Tensor     # (B, H, Npad_k) float32: -1.5 * 2^23 * k_scale, -inf past N (fp8_kernel)
     v_t: torch.Tensor        # (B, H, BLOCK_D, Npad_k) fp8, v transposed
     v_scale: torch.Tensor    # (B, H, Mk, BLOCK_D) float32
     block_size: int
@@ -128,7 +129,19 @@ def quantize_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     kp[:, :, :n] -= mean[:, :, None, :]
     k8, k_scale = _quantize_tokens_ref(kp)
     v8, v_scale = _quantize_channels_ref(_padded(v, block_size, None), block_size)
-    return Fp8Operands(q8, q_scale, k8, k_scale, mean, v8.transpose(2, 3).contiguous(), v_scale, block_size)
+    return Fp8Operands(q8, q_scale, k8, k_scale, mean, key_bias(k_scale, n), v8.transpose(2, 3).contiguous(),
+                       v_scale, block_size)
+
+
+MAGIC = 12582912.0  # 1.5 * 2^23: the kernel reads an int32 s as the float MAGIC + s
+
+
+def key_bias(k_scale: torch.Tensor, n: int) -> torch.Tensor:
+    """The addend of the kernel's score FMA per key: ``-MAGIC * k_scale`` (exact: 22-bit scales),
+    ``-inf`` for the padding past ``n`` keys, so that the ragged tail needs no mask in the loop."""
+    bias = -MAGIC * k_scale
+    bias[..., n:] = float("-inf")
+    return bias
 
 
 def dequantize(ops: Fp8Operands):
@@ -148,14 +161,15 @@ except ImportError:  # the references above stay usable without triton
 
 if triton is not None:
     @triton.jit
-    def _quantize_kernel(X, Rows, Mean, Out, Scale, N,
+    def _quantize_kernel(X, Rows, Mean, Out, Scale, Bias, N,
                          stride_xb, stride_xh, stride_xn, H,
                          stride_on, stride_od,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         GATHER: tl.constexpr, SMOOTH: tl.constexpr, TOKENS_INT8: tl.constexpr):
+                         GATHER: tl.constexpr, SMOOTH: tl.constexpr, TOKENS_INT8: tl.constexpr,
+                         KEY_BIAS: tl.constexpr):
         """One (batch, head, block): read the block once (rows ``Rows[r]`` with GATHER), subtract
         ``Mean`` (SMOOTH), write the copy and its scales: int8 per token (TOKENS_INT8) or e4m3 per
-        channel. Out is contiguous per (batch, head) with strides (stride_on, stride_od):
+        channel; with KEY_BIAS also :func:`key_bias` per token. Out is contiguous per (batch, head) with strides (stride_on, stride_od):
         (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -182,6 +196,9 @@ if triton is not None:
             up = ((scale.to(tl.int32, bitcast=True) + 3) & ~3).to(tl.float32, bitcast=True)  # 22 bits, up
             scale = tl.where(scale < float("inf"), up, scale)  # a NaN's bits could wrap to -0
             tl.store(Scale + pid_bh * n_blocks * BLOCK_SIZE + offs_r, scale)
+            if KEY_BIAS:
+                tl.store(Bias + pid_bh * n_blocks * BLOCK_SIZE + offs_r,
+                         tl.where(offs_r < N, -12582912.0 * scale, float("-inf")))
             s = scale[:, None] + tl.zeros_like(x)
         else:
             amax = tl.max(tl.abs(x), 0)
@@ -196,7 +213,7 @@ if triton is not None:
         else:
             tl.store(out_ptrs, y.to(tl.float8e4nv))
 
-    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True):
+    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True, bias=None):
         B, H, n, d = x.shape
         mb, dp = _blocks(n, block_size), padded_head_dim(d)
         npad = mb * block_size
@@ -208,11 +225,12 @@ if triton is not None:
             scale = torch.empty((B, H, mb, dp), dtype=torch.float32, device=x.device)
         x = x if x.stride(-1) == 1 else x.contiguous()
         _quantize_kernel[(mb, B * H)](
-            x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale, n,
+            x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale,
+            bias if bias is not None else scale, n,
             x.stride(0), x.stride(1), x.stride(2), H,
             dp if tokens_int8 else 1, 1 if tokens_int8 else npad,
             HEAD_DIM=d, BLOCK_D=dp, BLOCK_SIZE=block_size, GATHER=rows is not None, SMOOTH=mean is not None,
-            TOKENS_INT8=tokens_int8, num_warps=4 if block_size * dp <= 64 * 128 else 8)
+            TOKENS_INT8=tokens_int8, KEY_BIAS=bias is not None, num_warps=4 if block_size * dp <= 64 * 128 else 8)
         return out, scale
 
 
@@ -223,6 +241,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
         raise RuntimeError("fp8 quantization kernel needs triton")
     q8, q_scale = _quantize_one(q, block_size, rows=rows)
     mean = k_mean(k)
-    k8, k_scale = _quantize_one(k, block_size, mean=mean)
+    B, H, n, _ = k.shape
+    bias = torch.empty((B, H, _blocks(n, block_size) * block_size), dtype=torch.float32, device=k.device)
+    k8, k_scale = _quantize_one(k, block_size, mean=mean, bias=bias)
     v_t, v_scale = _quantize_one(v, block_size, tokens_int8=False)
-    return Fp8Operands(q8, q_scale, k8, k_scale, mean, v_t, v_scale, block_size)
+    return Fp8Operands(q8, q_scale, k8, k_scale, mean, bias, v_t, v_scale, block_size)
