@@ -22,7 +22,8 @@ Scales (float32):
   kernel adds it back to the lse only;
 * v: ``amax / 448`` (448 the largest finite e4m3) per (batch, head, key block, channel), (B, H, Mb, D).
 
-int8 values are ``x / scale`` (``|x / scale| <= 127``: the scale is rounded up) rounded half away from zero (``trunc(y + 0.5 sign(y))`` in float32);
+int8 values are ``x / scale`` (``|x / scale| <= 127``: the scale is rounded up) rounded half away
+from zero (``trunc(y + 0.5 sign(y))`` in float32);
 e4m3 values round to nearest even in the float8 conversion. A token (or block channel) whose amax is 0
 has scale 0 and quantizes to 0. A NaN / Inf makes its scale non-finite, so its whole token (q, k) or
 block channel (v) dequantizes to NaN, as the attention of that token would be; the int8 value of a
@@ -169,8 +170,8 @@ if triton is not None:
                          KEY_BIAS: tl.constexpr):
         """One (batch, head, block): read the block once (rows ``Rows[r]`` with GATHER), subtract
         ``Mean`` (SMOOTH), write the copy and its scales: int8 per token (TOKENS_INT8) or e4m3 per
-        channel; with KEY_BIAS also :func:`key_bias` per token. Out is contiguous per (batch, head) with strides (stride_on, stride_od):
-        (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
+        channel; with KEY_BIAS also :func:`key_bias` per token. Out is contiguous per (batch, head)
+        with strides (stride_on, stride_od): (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -213,13 +214,17 @@ if triton is not None:
         else:
             tl.store(out_ptrs, y.to(tl.float8e4nv))
 
-    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True, bias=None):
+    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True, with_bias=False):
+        """(copy, scale, key bias or None) of one tensor: one launch."""
         B, H, n, d = x.shape
         mb, dp = _blocks(n, block_size), padded_head_dim(d)
         npad = mb * block_size
+        bias = None
         if tokens_int8:
             out = torch.empty((B, H, npad, dp), dtype=INT8, device=x.device)
             scale = torch.empty((B, H, npad), dtype=torch.float32, device=x.device)
+            if with_bias:
+                bias = torch.empty_like(scale)
         else:  # v: e4m3, transposed
             out = torch.empty((B, H, dp, npad), dtype=FP8, device=x.device)
             scale = torch.empty((B, H, mb, dp), dtype=torch.float32, device=x.device)
@@ -231,7 +236,7 @@ if triton is not None:
             dp if tokens_int8 else 1, 1 if tokens_int8 else npad,
             HEAD_DIM=d, BLOCK_D=dp, BLOCK_SIZE=block_size, GATHER=rows is not None, SMOOTH=mean is not None,
             TOKENS_INT8=tokens_int8, KEY_BIAS=bias is not None, num_warps=4 if block_size * dp <= 64 * 128 else 8)
-        return out, scale
+        return out, scale, bias
 
 
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
@@ -239,10 +244,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
     """The quantized copies of one call on the GPU: one Triton launch per tensor (and k's mean)."""
     if triton is None:
         raise RuntimeError("fp8 quantization kernel needs triton")
-    q8, q_scale = _quantize_one(q, block_size, rows=rows)
+    q8, q_scale, _ = _quantize_one(q, block_size, rows=rows)
     mean = k_mean(k)
-    B, H, n, _ = k.shape
-    bias = torch.empty((B, H, _blocks(n, block_size) * block_size), dtype=torch.float32, device=k.device)
-    k8, k_scale = _quantize_one(k, block_size, mean=mean, bias=bias)
-    v_t, v_scale = _quantize_one(v, block_size, tokens_int8=False)
+    k8, k_scale, bias = _quantize_one(k, block_size, mean=mean, with_bias=True)
+    v_t, v_scale, _ = _quantize_one(v, block_size, tokens_int8=False)
     return Fp8Operands(q8, q_scale, k8, k_scale, mean, bias, v_t, v_scale, block_size)
