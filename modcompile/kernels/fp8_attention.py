@@ -4,20 +4,19 @@ Same contract as :func:`.block_sparse_attention.block_sparse_attention_fwd` (blo
 tails, ``q_rows``, out in q's dtype, natural-log lse with -inf and out 0 on empty lists), at
 lower precision, on the 8-bit tensor cores of Hopper / Ada:
 
-1. q and k (smoothed by its mean over tokens) are quantized to int8 per token, v to e4m3 per block
-   and channel (:mod:`.fp8_quant`: one launch each, counted in every call);
+1. q and k (smoothed by its mean over tokens) are quantized to int8 per token, v to e4m3 per
+   channel (:mod:`.fp8_quant`: one launch each, counted in every call);
 2. scores = (q8 . k8) * k_scale * q_scale, exact int32 accumulation, scaled in float32;
 3. the online softmax keeps its running maximum rounded up to an integer (log2 units), so
    p = exp2(s - m) lies in (0, 1]; P_SCALE p (P_SCALE = 2^8, so that the small probabilities
-   stay in e4m3's normal range) is rounded to e4m3 and multiplied with v8 (fp32 accumulation),
-   each chunk's product scaled by v's per-(block, channel) scale; l sums the unrounded P_SCALE p;
-   out = acc / l;
+   stay in e4m3's normal range) is rounded to e4m3 and multiplied with v8 (fp32 accumulation);
+   l sums the unrounded P_SCALE p; out = acc * v_scale / l;
 4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
 
-Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores, exact in int32) or ``BLOCK_N`` (P.V) products; the P.V
-products are added to the float32 accumulator outside the dot (they carry v's per-block scale), so
-Triton's default fp8 accumulation on sm_90 (the tensor core's reduced-precision sum within one dot)
-never spans more than one chunk.
+Each ``tl.dot`` reduces at most ``BLOCK_D`` (scores, exact in int32) or ``BLOCK_N`` (P.V) products; each
+chunk's P.V product is added to the float32 accumulator outside the dot, so Triton's default fp8
+accumulation on sm_90 (the tensor core's reduced-precision sum within one dot) never spans more than
+one chunk.
 
 The kernel runs on CUDA devices of compute capability 8.9 or newer (int8 and e4m3 tensor cores), head dims
 32 to 128 of the bf16 kernel's set, blocks of 32 to 128 tokens.
@@ -173,7 +172,6 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
     out = torch.empty(B, H, N, padded_head_dim(D), dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     v8 = ops.v_t.transpose(2, 3)[:, :, :n_k].float()
-    v_scale = ops.v_scale.repeat_interleave(bs, 2)[:, :, :n_k]
     for r0, r1, allowed in query_chunks(lists, chunk_blocks):
         s = (qd[:, :, r0:r1] @ kd.transpose(-1, -2)) * (scale * LOG2E)
         s = s.masked_fill(~allowed, float("-inf"))
@@ -182,8 +180,8 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
         p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(m), 0.0, m)), 0.0)
         l = p.sum(-1)
         p8 = (p * P_SCALE).to(fq.FP8).float()
-        # per (block, channel) v scale: the rounded products of each key block, then its scale
-        num = masked_block_matmul(p8, v8 * v_scale, allowed[:, :, ::bs], bs)
+        # the rounded products summed unscaled, v's per-channel scale applied at the end (as the kernel)
+        num = masked_block_matmul(p8, v8, allowed[:, :, ::bs], bs) * ops.v_scale[:, :, None, :]
         has = l != 0
         l_safe = torch.where(has, l, 1.0)
         out[:, :, r0:r1] = num / (l_safe * P_SCALE)[..., None]
@@ -202,7 +200,7 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
 # rounding error, modelled as independent, zero-mean and uniform in [-s/2, s/2], has variance s^2 / 12.
 # e4m3 (P, v) keeps 3 mantissa bits: round to nearest moves a normal x by at most half a spacing,
 # |err| <= u |x| with u = 2^-4; below the smallest normal (2^-6, scaled) the spacing is the
-# subnormal one, 2^-9, so |err| <= 2^-10 in scaled units (eta = 2^-10 * scale of the block).
+# subnormal one, 2^-9, so |err| <= 2^-10 in scaled units (eta = 2^-10 * v's channel scale).
 # Modelled as uniform within that half spacing, each e4m3 rounding error has variance at most
 # (u^2 x^2 + eta^2) / 3, and at least u^2 x^2 / 12 for normal x (the half spacing is at least
 # u |x| / 2). First order in the errors, with pi the row's softmax weights over the listed keys and
@@ -226,17 +224,13 @@ def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=
     attention of the same lists (float64; see the comment above). Costs O(N^2 D^2) per head: meant
     for test and benchmark shapes (a few thousand tokens)."""
     lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
-    B, H, N, D = q.shape
-    bs = lists.block_size
+    D = q.shape[-1]
     scale = default_scale(D, scale)
     qd, kd, vd = (t.double() for t in (q, k, v))
     kbar = kd - kd.mean(2, keepdim=True)
 
-    def eta_v(x):  # (B, H, n, D): eta * the scale of each element's (block, channel)
-        n = x.shape[2]
-        xb = torch.nn.functional.pad(x, (0, 0, 0, -n % bs)).unflatten(2, (-1, bs))
-        amax = xb.abs().amax(3, keepdim=True)
-        return (ETA * amax / E4M3_MAX).expand(-1, -1, -1, bs, -1).flatten(2, 3)[:, :, :n]
+    def eta_v(x):  # (B, H, 1, D): eta * the scale of each channel (amax over the tokens)
+        return ETA * x.abs().amax(2, keepdim=True) / E4M3_MAX
 
     def int8_variance(x):  # (B, H, n, 1): (s / 127)^2 / 12 per token
         return (x.abs().amax(-1, keepdim=True) / INT8_MAX) ** 2 / 12

@@ -57,7 +57,6 @@ def _fp8_attention_fwd_kernel(
     v_base = VT8 + bh * BLOCK_D * NPAD_K
     ks_base = KScale + bh * NPAD_K
     kb_base = KBias + bh * NPAD_K
-    vs_base = VScale + bh * MK * BLOCK_D
     count = tl.load(Counts + b * stride_cb + h * stride_ch + q_block * stride_cm)
     idx_base = Indices + b * stride_ib + h * stride_ih + q_block * stride_im
 
@@ -75,7 +74,6 @@ def _fp8_attention_fwd_kernel(
 
     for t in tl.range(0, count * CHUNKS, warp_specialize=WARP_SPEC):
         start = _chunk_start(idx_base, stride_ij, t, BLOCK_SIZE, BLOCK_N, CHUNKS)
-        key_block = start // BLOCK_SIZE
         if USE_TMA:
             k = k_desc.load([start, 0]).T  # (D, N)
         else:
@@ -103,14 +101,16 @@ def _fp8_attention_fwd_kernel(
             v = v_desc.load([0, start])  # (D, N), K-major
         else:
             v = tl.load(v_base + offs_d[:, None].to(tl.int64) * NPAD_K + start + offs_n[None, :])  # (D, N), K-major
-        v_scale = tl.load(vs_base + key_block * BLOCK_D + offs_d)
-        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
-        acc = acc * alpha[:, None] + pv * v_scale[None, :]
+        # v's scale is per channel (fp8_quant), applied once at the end; the chunk's product gets its
+        # own dot (Triton accumulates fp8 products at reduced precision on sm_90: one chunk at most),
+        # added in float32 by one FMA
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(v))
         m_i = m_new
 
     has_keys = l_i != 0.0  # a NaN sum (NaN scores) must give NaN out and lse, not an empty row
     l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc / l_safe[:, None]  # l sums P_SCALE p: the scale cancels
+    # l sums P_SCALE p: the factor cancels
+    out = acc * (tl.load(VScale + bh * BLOCK_D + offs_d)[None, :] / l_safe[:, None])
     # k was smoothed by its mean: every score of the row lacks q . mean, which the lse puts back
     shift = tl.sum(q.to(tl.float32) * tl.load(KMean + bh * BLOCK_D + offs_d)[None, :], 1) * q_scale * scale
     lse = tl.where(has_keys, (m_i - 8.0 + tl.math.log2(l_safe)) * 0.6931471805599453 + shift, float("-inf"))

@@ -20,16 +20,20 @@ Scales (float32):
 * k: the same per token, after subtracting k's mean over the tokens per (batch, head) (``mean``,
   float32 (B, H, D)): it adds ``q . mean`` to every score of a row, which softmax ignores; the
   kernel adds it back to the lse only;
-* v: ``amax / 448`` (448 the largest finite e4m3) per (batch, head, key block, channel), (B, H, Mb, D).
+* v: ``amax / 448`` (448 the largest finite e4m3) per (batch, head, channel) over all tokens,
+  (B, H, BLOCK_D): one scale per output channel, so the kernel accumulates P.V unscaled and applies
+  it once per row at the end (``v_scale``: one torch reduction, like k's mean).
 
 int8 values are ``x / scale`` (``|x / scale| <= 127``: the scale is rounded up) rounded half away
 from zero (``trunc(y + 0.5 sign(y))`` in float32);
-e4m3 values round to nearest even in the float8 conversion. A token (or block channel) whose amax is 0
+e4m3 values round to nearest even in the float8 conversion. A token (or v channel) whose amax is 0
 has scale 0 and quantizes to 0. A NaN / Inf makes its scale non-finite, so its whole token (q, k) or
-block channel (v) dequantizes to NaN, as the attention of that token would be; the int8 value of a
-NaN is 0 (its scale carries the NaN).
+v channel dequantizes to NaN: the attention of that token would be NaN; a NaN in v reaches that
+channel of every row of the head, as one in k reaches every score through k's mean (never a
+swallowed NaN). The int8 value of a NaN is 0 (its scale carries the NaN).
 
-Each tensor is one launch of :func:`_quantize_kernel` (k's mean is one torch reduction before it);
+Each tensor is one launch of :func:`_quantize_kernel` (k's mean and v's scale are one torch reduction
+each before it);
 :func:`quantize_ref` is its torch reference, bit for bit: the scale is an IEEE division
 ``amax / levels`` and the scaled value ``x / scale`` (correctly rounded division in both).
 """
@@ -58,7 +62,7 @@ class Fp8Operands:
     k_mean: torch.Tensor     # (B, H, BLOCK_D) float32 (zeros past the head dim)
     k_bias: torch.Tensor     # (B, H, Npad_k) float32: -1.5 * 2^23 * k_scale, -inf past N (fp8_kernel)
     v_t: torch.Tensor        # (B, H, BLOCK_D, Npad_k) fp8, v transposed
-    v_scale: torch.Tensor    # (B, H, Mk, BLOCK_D) float32
+    v_scale: torch.Tensor    # (B, H, BLOCK_D) float32, per channel
     block_size: int
 
 
@@ -93,13 +97,9 @@ def _quantize_tokens_ref(x: torch.Tensor):
     return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).to(INT8), scale
 
 
-def _quantize_channels_ref(x: torch.Tensor, block_size: int):
-    """x (B, H, Npad, Dp) float32, zero padded -> (e4m3 copy, scale (B, H, Mb, Dp)) per block channel."""
-    B, H, npad, dp = x.shape
-    xb = x.view(B, H, npad // block_size, block_size, dp)
-    amax = xb.abs().amax(3)
-    scale = _div(amax, torch.full_like(amax, E4M3_MAX))
-    return _scaled(xb, scale.unsqueeze(3)).to(FP8).view(B, H, npad, dp), scale
+def _quantize_channels_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, H, Npad, Dp) float32, zero padded -> its e4m3 copy at the per-channel scale (B, H, Dp)."""
+    return _scaled(x, scale[:, :, None, :]).to(FP8)
 
 
 def _padded(x: torch.Tensor, block_size: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -110,6 +110,16 @@ def _padded(x: torch.Tensor, block_size: int, rows: torch.Tensor | None) -> torc
     out = x.new_zeros(B, H, npad, dp, dtype=torch.float32)
     out[:, :, :n, :d] = x.float()
     return out
+
+
+def v_scale(v: torch.Tensor) -> torch.Tensor:
+    """(B, H, BLOCK_D) float32: v's e4m3 scale per channel, ``amax / 448`` over the tokens (an IEEE
+    division; NaN propagates), zero past the head dim and for no tokens."""
+    B, H, n, d = v.shape
+    amax = v.new_zeros(B, H, padded_head_dim(d), dtype=torch.float32)
+    if n:
+        amax[..., :d] = v.abs().amax(2).float()  # exact: the max of |v| is one of v's values
+    return _div(amax, torch.full_like(amax, E4M3_MAX))
 
 
 def k_mean(k: torch.Tensor) -> torch.Tensor:
@@ -129,9 +139,10 @@ def quantize_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: 
     n = k.shape[2]
     kp[:, :, :n] -= mean[:, :, None, :]
     k8, k_scale = _quantize_tokens_ref(kp)
-    v8, v_scale = _quantize_channels_ref(_padded(v, block_size, None), block_size)
+    vs = v_scale(v)
+    v8 = _quantize_channels_ref(_padded(v, block_size, None), vs)
     return Fp8Operands(q8, q_scale, k8, k_scale, mean, key_bias(k_scale, n), v8.transpose(2, 3).contiguous(),
-                       v_scale, block_size)
+                       vs, block_size)
 
 
 MAGIC = 12582912.0  # 1.5 * 2^23: the kernel reads an int32 s as the float MAGIC + s
@@ -149,7 +160,7 @@ def dequantize(ops: Fp8Operands):
     """(q, k - mean, v) in float32 from the quantized copies, padded (B, H, Npad, BLOCK_D)."""
     q = ops.q.float() * ops.q_scale[..., None]
     k = ops.k.float() * ops.k_scale[..., None]
-    v = ops.v_t.transpose(2, 3).float() * ops.v_scale.repeat_interleave(ops.block_size, 2)
+    v = ops.v_t.transpose(2, 3).float() * ops.v_scale[:, :, None, :]
     return q, k, v
 
 
@@ -169,9 +180,10 @@ if triton is not None:
                          GATHER: tl.constexpr, SMOOTH: tl.constexpr, TOKENS_INT8: tl.constexpr,
                          KEY_BIAS: tl.constexpr):
         """One (batch, head, block): read the block once (rows ``Rows[r]`` with GATHER), subtract
-        ``Mean`` (SMOOTH), write the copy and its scales: int8 per token (TOKENS_INT8) or e4m3 per
-        channel; with KEY_BIAS also :func:`key_bias` per token. Out is contiguous per (batch, head)
-        with strides (stride_on, stride_od): (Npad, BLOCK_D) for q / k, (BLOCK_D, Npad) for v."""
+        ``Mean`` (SMOOTH), write the copy: int8 per token (TOKENS_INT8; its scales written too, and
+        with KEY_BIAS :func:`key_bias`) or e4m3 at the given per-channel ``Scale`` (v). Out is
+        contiguous per (batch, head) with strides (stride_on, stride_od): (Npad, BLOCK_D) for q / k,
+        (BLOCK_D, Npad) for v."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -202,10 +214,7 @@ if triton is not None:
                          tl.where(offs_r < N, -12582912.0 * scale, float("-inf")))
             s = scale[:, None] + tl.zeros_like(x)
         else:
-            amax = tl.max(tl.abs(x), 0)
-            scale = tl.math.div_rn(amax, tl.full([BLOCK_D], 448.0, tl.float32))
-            tl.store(Scale + (pid_bh * n_blocks + pid_m) * BLOCK_D + offs_d, scale)
-            s = scale[None, :] + tl.zeros_like(x)
+            s = tl.load(Scale + pid_bh * BLOCK_D + offs_d)[None, :] + tl.zeros_like(x)
         # 0 / 0 is NaN: an all-zero token or channel (scale 0) quantizes to 0
         y = tl.where(s == 0.0, 0.0, tl.math.div_rn(x, s))
         if TOKENS_INT8:
@@ -214,8 +223,10 @@ if triton is not None:
         else:
             tl.store(out_ptrs, y.to(tl.float8e4nv))
 
-    def _quantize_one(x, block_size, rows=None, mean=None, tokens_int8=True, with_bias=False):
-        """(copy, scale, key bias or None) of one tensor: one launch."""
+    def _quantize_one(x, block_size, rows=None, mean=None, with_bias=False, channel_scale=None):
+        """(copy, scale, key bias or None) of one tensor: one launch; int8 per token, or e4m3 at
+        ``channel_scale`` (v)."""
+        tokens_int8 = channel_scale is None
         B, H, n, d = x.shape
         mb, dp = _blocks(n, block_size), padded_head_dim(d)
         npad = mb * block_size
@@ -227,7 +238,7 @@ if triton is not None:
                 bias = torch.empty_like(scale)
         else:  # v: e4m3, transposed
             out = torch.empty((B, H, dp, npad), dtype=FP8, device=x.device)
-            scale = torch.empty((B, H, mb, dp), dtype=torch.float32, device=x.device)
+            scale = channel_scale
         x = x if x.stride(-1) == 1 else x.contiguous()
         _quantize_kernel[(mb, B * H)](
             x, rows if rows is not None else scale, mean if mean is not None else scale, out, scale,
@@ -241,11 +252,12 @@ if triton is not None:
 
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int,
              rows: torch.Tensor | None = None) -> Fp8Operands:
-    """The quantized copies of one call on the GPU: one Triton launch per tensor (and k's mean)."""
+    """The quantized copies of one call on the GPU: one Triton launch per tensor (and k's mean, v's scale)."""
     if triton is None:
         raise RuntimeError("fp8 quantization kernel needs triton")
     q8, q_scale, _ = _quantize_one(q, block_size, rows=rows)
     mean = k_mean(k)
     k8, k_scale, bias = _quantize_one(k, block_size, mean=mean, with_bias=True)
-    v_t, v_scale, _ = _quantize_one(v, block_size, tokens_int8=False)
-    return Fp8Operands(q8, q_scale, k8, k_scale, mean, bias, v_t, v_scale, block_size)
+    vs = v_scale(v)
+    v_t, _, _ = _quantize_one(v, block_size, channel_scale=vs)
+    return Fp8Operands(q8, q_scale, k8, k_scale, mean, bias, v_t, vs, block_size)
