@@ -186,7 +186,7 @@ def test_fp8_kernel_matches_its_reference(interpreter_fp8, monkeypatch, N, bs, s
     out = torch.full((1, 2, N, 64), float("nan"))
     out, lse = fa.block_sparse_attention_fp8(q, k, v, lists, q_rows=rows, out=out,
                                              config=fa.LaunchConfig(bs, sub, 4, 1, **flags))
-    ref, ref_lse = fa.block_sparse_attention_fp8_ref(q, k, v, lists, q_rows=rows)
+    ref, ref_lse = fa.block_sparse_attention_fp8_ref(q, k, v, lists, q_rows=rows, key_chunk=sub)
     empty = torch.isneginf(ref_lse)
     assert empty.any() and (~empty).any()
     assert torch.equal(torch.isneginf(lse), empty) and (out[empty] == 0).all()

@@ -7,9 +7,10 @@ lower precision, on the 8-bit tensor cores of Hopper / Ada:
 1. q and k (smoothed by its mean over tokens) are quantized to int8 per token, v to e4m3 per
    channel (:mod:`.fp8_quant`: one launch each, counted in every call);
 2. scores = (q8 . k8) * k_scale * q_scale, exact int32 accumulation, scaled in float32;
-3. the online softmax keeps its running maximum rounded up to an integer (log2 units), so
-   p = exp2(s - m) lies in (0, 1]; P_SCALE p (P_SCALE = 2^8, so that the small probabilities
-   stay in e4m3's normal range) is rounded to e4m3 and multiplied with v8 (fp32 accumulation);
+3. the online softmax keeps its running maximum m exact (log2 units), so p = exp2(s - m) lies in
+   (0, 1] and is 1 for the key that sets the maximum; P_SCALE p (P_SCALE = 2^8, so that the small
+   probabilities stay in e4m3's normal range) is rounded to e4m3 (exact for 1) and multiplied with
+   v8 (fp32 accumulation);
    l sums the unrounded P_SCALE p; out = acc * v_scale / l;
 4. lse adds back q . mean(k) * scale, which the smoothing took out of every score.
 
@@ -153,18 +154,21 @@ def _check(q, k, v, lists: BlockLists, q_rows):
 
 # --------------------------------------------------------------------------------------- reference
 def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block_size=None, scale=None,
-                                   q_rows=None, chunk_blocks: int = 8):
+                                   q_rows=None, key_chunk: int | None = None, chunk_blocks: int = 8):
     """The fp8 kernel's torch reference: the same quantized operands (:func:`.fp8_quant.quantize_ref`),
-    the same integer-rounded maximum and e4m3 rounding of ``P_SCALE p``, float32 arithmetic. Returns
+    the same running maximum and e4m3 rounding of ``P_SCALE p``, float32 arithmetic. Returns
     ``(out, lse)`` like the kernel (out in q's dtype, at q's tokens when ``q_rows`` is given).
 
-    It rounds p against the row's final maximum where the kernel uses its running one: the two
-    differ by a power of two, so the rounded values agree wherever P_SCALE p stays in e4m3's normal
-    range (p above 2^-14 of the row's maximum); below, only the subnormal rounding differs."""
+    The kernel rounds each p against the row's maximum so far, so the reference follows its order:
+    the lists' order, ``key_chunk`` keys at a time (the launch config's ``sub``; default: that of
+    :func:`default_config`)."""
     lists = as_block_lists(kv_counts, kv_indices, block_size, q.shape[2], k.shape[2])
     _check(q, k, v, lists, q_rows)
     B, H, N, D = q.shape
     n_k, bs = k.shape[2], lists.block_size
+    key_chunk = key_chunk or default_config(bs).sub
+    if bs % key_chunk:
+        raise ValueError(f"key_chunk {key_chunk} must divide block_size {bs}")
     scale = default_scale(D, scale)
     ops = quantize_ref(q, k, v, bs, q_rows)
     qd, kd, vd = dequantize(ops)
@@ -175,11 +179,14 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
     for r0, r1, allowed in query_chunks(lists, chunk_blocks):
         s = (qd[:, :, r0:r1] @ kd.transpose(-1, -2)) * (scale * LOG2E)
         s = s.masked_fill(~allowed, float("-inf"))
-        m = torch.ceil(s.amax(-1, keepdim=True))
+        running = _running_max(s, lists, r0 // bs, key_chunk)
+        m = s.amax(-1, keepdim=True)
         live = allowed & (s != float("-inf"))
-        p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(m), 0.0, m)), 0.0)
-        l = p.sum(-1)
-        p8 = (p * P_SCALE).to(fq.FP8).float()
+        p = torch.where(live, torch.exp2(s - torch.where(torch.isinf(running), 0.0, running)), 0.0)
+        # each rounded p rescaled from its running maximum to the final one (the kernel's alpha)
+        to_final = torch.where(live, torch.exp2(running - m), 0.0)
+        l = (p * to_final).sum(-1)
+        p8 = (p * P_SCALE).to(fq.FP8).float() * to_final
         # the rounded products summed unscaled, v's per-channel scale applied at the end (as the kernel)
         num = masked_block_matmul(p8, v8, allowed[:, :, ::bs], bs) * ops.v_scale[:, :, None, :]
         has = l != 0
@@ -195,6 +202,29 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
     return out, lse
 
 
+def _running_max(s: torch.Tensor, lists: BlockLists, qb0: int, key_chunk: int) -> torch.Tensor:
+    """The kernel's running row maximum at each key's chunk: ``s`` (B, H, rows, n_k) holds the scores
+    (-inf where not listed) of the rows from query block ``qb0`` on; chunks of ``key_chunk`` keys
+    arrive in list order, so a key sees the maximum over its own chunk and every chunk before it."""
+    B, H, rows, n_k = s.shape
+    bs, mk = lists.block_size, lists.mk
+    per_block = bs // key_chunk
+    qb = torch.arange(rows, device=s.device) // bs + qb0
+    counts, indices = lists.counts[:, :, qb].long(), lists.indices[:, :, qb].long()  # (B, H, rows[, W])
+    pos = torch.arange(indices.shape[-1], device=s.device)
+    listed = pos < counts[..., None]
+    # each key block's place in its row's list (unlisted blocks last: their scores are -inf)
+    place = torch.full((B, H, rows, mk), indices.shape[-1], dtype=torch.long, device=s.device)
+    place.scatter_reduce_(-1, torch.where(listed, indices, 0), torch.where(listed, pos, place.shape[-1]).expand_as(indices),
+                          reduce="amin")
+    order = (place[..., None] * per_block + torch.arange(per_block, device=s.device)).flatten(-2)
+    chunk_max = torch.nn.functional.pad(s, (0, mk * bs - n_k), value=float("-inf")).unflatten(-1, (-1, key_chunk)).amax(-1)
+    arrival = order.argsort(-1)
+    run = chunk_max.gather(-1, arrival).cummax(-1).values
+    running = torch.empty_like(run).scatter_(-1, arrival, run)
+    return running.repeat_interleave(key_chunk, -1)[..., :n_k]
+
+
 # --------------------------------------------------------------------------------------- error model
 # Error model. int8 (q, k): the spacing is the token's scale s = amax / 127 everywhere, so the
 # rounding error, modelled as independent, zero-mean and uniform in [-s/2, s/2], has variance s^2 / 12.
@@ -203,7 +233,9 @@ def block_sparse_attention_fp8_ref(q, k, v, kv_counts, kv_indices=None, *, block
 # subnormal one, 2^-9, so |err| <= 2^-10 in scaled units (eta = 2^-10 * v's channel scale).
 # Modelled as uniform within that half spacing, each e4m3 rounding error has variance at most
 # (u^2 x^2 + eta^2) / 3, and at least u^2 x^2 / 12 for normal x (the half spacing is at least
-# u |x| / 2). First order in the errors, with pi the row's softmax weights over the listed keys and
+# u |x| / 2). The key that sets a row's maximum has p = 1, exact (keys that set the running maximum
+# on the way are exact too; the model counts them, so its low end may overstate a little where a
+# row's record-setting keys carry weight). First order in the errors, with pi the row's softmax weights over the listed keys and
 # o the exact output (kbar = k - mean(k), the tensor that is quantized):
 #   v:  d o   = sum_j pi_j dv_j                         E|do|^2 = sum_j pi_j^2 sum_d Var(dv_jd)
 #   p:  d o   = sum_j pi_j (dp_j / p_j) v_j             E|do|^2 = sum_j Var(dp_j / p_j) pi_j^2 |v_j|^2
@@ -248,17 +280,19 @@ def predicted_relative_error(q, k, v, kv_counts, kv_indices=None, *, block_size=
         o = pi @ vd
         norm = norm + (o ** 2).sum()
         pi2 = pi ** 2
-        # p: relative variance of P_SCALE p rounded, plus its subnormal term relative to p
-        m2 = torch.exp2(torch.ceil(s.amax(-1, keepdim=True) * LOG2E) - s.amax(-1, keepdim=True) * LOG2E)
-        p_rel = torch.exp(s - s.amax(-1, keepdim=True)) / m2  # p as the kernel rounds it (times P_SCALE)
+        # p: relative variance of P_SCALE p rounded, plus its subnormal term relative to p (p against
+        # the final maximum: at most the p the kernel rounds against its running one)
+        s_max = s.amax(-1, keepdim=True)
+        p_rel = torch.exp(s - s_max)
+        rounded = (pi > 0) & (s < s_max)  # the key that sets the maximum has p = 1: exact in e4m3
         var_p_rel_hi = U ** 2 / 3 + torch.where(p_rel > 0, (ETA / P_SCALE) ** 2 / 3 / p_rel.clamp_min(1e-300) ** 2, 0.0)
-        var_p_rel_hi = torch.where(pi > 0, var_p_rel_hi, 0.0)
+        var_p_rel_hi = torch.where(rounded, var_p_rel_hi, 0.0)
         v2 = (vd ** 2).sum(-1)  # (B, H, Nk)
         dev2 = (v2[:, :, None, :] - 2 * (o @ vd.transpose(-1, -2)) + (o ** 2).sum(-1, keepdim=True))  # |v_j - o|^2
         term_v_hi = (pi2 @ var_v_hi).sum()
         term_v_lo = U ** 2 / 12 * (pi2 @ vd ** 2).sum()
         term_p_hi = (var_p_rel_hi * pi2 * v2[:, :, None, :]).sum()
-        term_p_lo = U ** 2 / 12 * (pi2 * v2[:, :, None, :]).sum()
+        term_p_lo = U ** 2 / 12 * (torch.where(rounded, pi2, 0.0) * v2[:, :, None, :]).sum()
         qk = (qd[:, :, r0:r1] ** 2).sum(-1, keepdim=True) * var_k.transpose(-1, -2)  # sum_i q_i^2 Var(dk_ji)
         term_k = scale ** 2 * (pi2 * dev2 * qk).sum()
         # sum_j pi_j kbar_ji (v_jd - o_d): (B, H, rows, D_i, D_d)

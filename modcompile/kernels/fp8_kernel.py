@@ -88,12 +88,11 @@ def _fp8_attention_fwd_kernel(
         # no mask in the loop (a per-chunk where cost about a tenth of the kernel's time).
         s_biased = (tl.dot(q, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
         sk = s_biased * k_scale[None, :] + tl.load(kb_base + start + offs_n)[None, :]
-        # The running max (log2 units) rounded up to an integer: p = exp2(s - m) then differs between
-        # two maxima by a power of two only, which e4m3 represents exactly (normal range), so p's
-        # rounding does not depend on the order in which the blocks arrive; alpha is a power of two.
-        # The row's q scale is >= 0 (the wrapper asks scale > 0), so max(s) = max(sk) * row_scale and
-        # one FMA per score forms s - m; P_SCALE = 2^8 times p, the e4m3 operand, is in that exponent.
-        m_new = tl.maximum(m_i, tl.math.ceil(tl.max(sk, 1) * row_scale))
+        # The running max (log2 units) exact: the key that sets it gets p = 1, which e4m3 holds
+        # exactly (P_SCALE = 2^8 times p is the operand, that factor part of the exponent), so a
+        # row's largest weight carries no rounding. The row's q scale is >= 0 (the wrapper asks
+        # scale > 0), so max(s) = max(sk) * row_scale and one FMA per score forms s - m.
+        m_new = tl.maximum(m_i, tl.max(sk, 1) * row_scale)
         p = tl.math.exp2(sk * row_scale[:, None] - (m_new - 8.0)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
