@@ -99,7 +99,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     # TESTBED_CONFIG=tiny-testbed TESTBED_STEPS=2 TESTBED_STATS_ARGS="--steps 4" TESTBED_ARGS="--sample-steps 4")
     testbed) ckpt=/tmp/dit_${TESTBED_CONFIG:-video}_testbed.pt
          part train_testbed 480 $PY -m benchmarks run train-dit --config "${TESTBED_CONFIG:-video}" --seed 0 \
-             --steps "${TESTBED_STEPS:-1500}" --batch-size 2 --val-every 500 --compile --checkpoint "$ckpt" \
+             --steps "${TESTBED_STEPS:-2200}" --batch-size 2 --val-every 500 --compile --checkpoint "$ckpt" \
              --out "$R/testbed" --no-progress ${TESTBED_TRAIN_ARGS:-}
          part testbed_stats 120 $PY -m benchmarks run attention-stats --checkpoint "$ckpt" --out "$R/testbed" \
              --no-progress ${TESTBED_STATS_ARGS:-}

@@ -67,9 +67,10 @@ CONFIGS = {
     # The attention testbed (issue 19): the long DiT's shape on panned fine-textured videos, whose detail can
     # only be denoised from nearby tokens of nearby frames, and RoPE base 256: more of the frequency pairs
     # turn within the 16 x 32 x 32 grid (at 10000 most are flat there), a stronger relative-position signal.
-    # q/k norm gains start at 2.5: at 1 a short training run cannot concentrate attention (BENCHMARKS.md, 8).
+    # q/k norm gains start at 3.5: at 1 a short training run cannot concentrate attention, at 2.5 it gets
+    # halfway (BENCHMARKS.md, 8).
     "video": DiTConfig(latent=(16, 64, 64), dim=768, depth=6, heads=6, rope_theta=256.0, data="textured",
-                       qk_gain=2.5),
+                       qk_gain=3.5),
     # a CPU-sized version to study what concentrates attention (minutes per run on 2 cores): 8 x 16 x 16 = 2048 tokens
     "testbed-cpu": DiTConfig(latent=(8, 32, 32), dim=128, depth=3, heads=2, freq_dim=64, rope_theta=256.0,
                              data="textured"),

@@ -16,7 +16,7 @@ from benchmarks.video_dit import CONFIGS, VideoDiT, get_config
 def test_testbed_config_and_older_checkpoint_configs():
     video, long = CONFIGS["video"], CONFIGS["long"]
     assert video.seq_len == long.seq_len and video.head_dim == long.head_dim == 128
-    assert (video.data, video.rope_theta, video.qk_gain, long.qk_gain) == ("textured", 256.0, 2.5, 1.0)
+    assert (video.data, video.rope_theta, video.qk_gain, long.qk_gain) == ("textured", 256.0, 3.5, 1.0)
     assert all(CONFIGS[n].data == "shapes" and CONFIGS[n].rope_theta == 10000.0 for n in ("small", "long"))
     old = long.to_dict()
     del old["data"], old["rope_theta"]  # a checkpoint saved before these fields existed

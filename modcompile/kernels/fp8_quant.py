@@ -118,7 +118,8 @@ def v_scale(v: torch.Tensor) -> torch.Tensor:
     B, H, n, d = v.shape
     amax = v.new_zeros(B, H, padded_head_dim(d), dtype=torch.float32)
     if n:
-        amax[..., :d] = v.abs().amax(2).float()  # exact: the max of |v| is one of v's values
+        lo, hi = torch.aminmax(v, dim=2)  # one pass, no |v| copy; NaN propagates
+        amax[..., :d] = torch.maximum(-lo, hi).float()  # exact: the max of |v| is one of v's values
     return _div(amax, torch.full_like(amax, E4M3_MAX))
 
 
