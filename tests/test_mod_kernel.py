@@ -442,6 +442,34 @@ def test_gpu_matches_reference(dtype, bs):
         assert torch.equal(part[listed], got[listed]), (stride, phase)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("stride", [16, 8])
+def test_gpu_mass_map_matches_float64_at_real_sizes(stride):
+    """The mass map MOD ranks blocks by, from the Triton kernel at the policy's real layout (bf16,
+    128-token blocks, head_dim 128, 16 or 8 sampled rows per block, several query-block groups,
+    a ragged tail) on local attention (positional features shared by q and k): the float64 mass
+    of the same sampled rows, and each block row sums to 1."""
+    B, H, n, d, bs = 1, 2, 33 * 128 - 58, 128, 128
+    q, k, _ = _inputs(B, H, n, d, torch.float32, 7, sharp=1.0)
+    pos = torch.arange(n, dtype=torch.float64)[:, None] * torch.logspace(-3, -0.5, d // 4, dtype=torch.float64)
+    feat = torch.cat([pos.cos(), pos.sin()], -1).float() * 2.0  # (n, d / 2): q . k grows as positions meet
+    q[..., : d // 2] += feat
+    k[..., : d // 2] += feat
+    q, k = q.bfloat16(), k.bfloat16()
+    lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d), -1)
+    m = num_blocks(n, bs)
+    mass = torch.full((B, H, m, m), -1.0, device="cuda")
+    block_sparsity(q.cuda(), k.cuda(), lse.float().cuda(), block_size=bs, threshold=1e-4, row_stride=stride,
+                   mass=mass)
+    want = _explicit_mass(q, k, lse, torch.zeros(B, n), bs, sampled_rows(n, bs, stride))
+    got = mass.cpu().double()
+    assert torch.allclose(got.sum(-1), torch.ones(B, H, m, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(got, want, rtol=2e-2, atol=1e-5), (got - want).abs().max()
+    top = want.flatten(-2).topk(m, -1).indices  # the densest blocks must be found as the densest
+    assert (got.flatten(-2).gather(-1, top) > 0.5 * want.flatten(-2).gather(-1, top)).all()
+
+
 def _explicit_mass(q, k, lse, bias, bs, rows, listed=None):
     """Float64 block mass from the probabilities themselves: per tile, the mean over its sampled rows
     of the row's probabilities summed over the tile's keys (a row whose lse is -inf: 0)."""
