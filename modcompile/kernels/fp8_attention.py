@@ -214,9 +214,9 @@ def _running_max(s: torch.Tensor, lists: BlockLists, qb0: int, key_chunk: int) -
     pos = torch.arange(indices.shape[-1], device=s.device)
     listed = pos < counts[..., None]
     # each key block's place in its row's list (unlisted blocks last: their scores are -inf)
-    place = torch.full((B, H, rows, mk), indices.shape[-1], dtype=torch.long, device=s.device)
-    place.scatter_reduce_(-1, torch.where(listed, indices, 0), torch.where(listed, pos, place.shape[-1]).expand_as(indices),
-                          reduce="amin")
+    last = indices.shape[-1]
+    place = torch.full((B, H, rows, mk), last, dtype=torch.long, device=s.device)
+    place.scatter_reduce_(-1, torch.where(listed, indices, 0), torch.where(listed, pos, last), reduce="amin")
     order = (place[..., None] * per_block + torch.arange(per_block, device=s.device)).flatten(-2)
     chunk_max = torch.nn.functional.pad(s, (0, mk * bs - n_k), value=float("-inf")).unflatten(-1, (-1, key_chunk)).amax(-1)
     arrival = order.argsort(-1)

@@ -3,9 +3,9 @@
 Launched by :mod:`.fp8_attention`, whose docstring states the numerics; the operands come from
 :mod:`.fp8_quant` (zero-padded copies: no load needs a mask). The structure is the bf16 kernel's
 (:mod:`.fwd_kernel`): one program per ``BLOCK_M`` rows of one query block, the (list entry, chunk)
-pairs flattened into one loop (:func:`.fwd_kernel._chunk_start`), exp2, the ragged key tail masked
-in the chunk that crosses it, rows written to their tokens (``q_rows``), out = 0 and lse = -inf on
-empty lists.
+pairs flattened into one loop (:func:`.fwd_kernel._chunk_start`), exp2, the ragged key tail's -inf
+loaded with k's scale (:func:`.fp8_quant.key_bias`), rows written to their tokens (``q_rows``),
+out = 0 and lse = -inf on empty lists.
 """
 from __future__ import annotations
 
