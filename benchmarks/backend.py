@@ -150,8 +150,16 @@ def current_site_plans(options_policy: str | None = None) -> dict[int, dict]:
             "kv_indices": None if lists is None else lists.indices,
             "dense": bool(state.plan.dense), "density": density, "block_size": info.config.block_size,
             "policy": info.config.policy, "attend": _attend_fn(info, state),
+            "predicted_coverage": _predicted_coverage(state),
         }
     return plans
+
+
+def _predicted_coverage(state) -> float | None:
+    """MOD's predicted kept share of the attention mass for its current mask (mean over heads: each
+    head's mass sums to its query count), None for other policies or before the first mask."""
+    cov = getattr(state.policy_state, "predicted_coverage", None)
+    return None if cov is None else float(cov.float().mean())
 
 
 def _attend_fn(info, state):

@@ -111,6 +111,9 @@ def _modsparse_step_rows(captures: list, policy: str, step: int, block_size: int
         counts = plan["kv_counts"]  # of these very lists: the oracle gets as many blocks
         rows.append({"step": step, "layer": layer, "density": float(counts.double().mean()) / mass.shape[-1],
                      "recall": recall_from_lse(lse, dense_lse(q, k)),
+                     # mod: the kept share predicted for the mask in force after the step (at a refresh
+                     # step the new mask's, not the one this call used), against the recall it got
+                     "predicted_coverage": plan.get("predicted_coverage"),
                      "oracle_recall": mass_recall_from_mass(mass, oracle_mask(mass, blocks=int(counts.sum()))),
                      "rel_err": relative_l2(out.float(), ref)})
     return rows

@@ -149,6 +149,10 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     default = payload["rows"][methods.index("mod (defaults)")]
     assert default["target_density"] is None and 0 < default["density"] <= 1 and default["psnr_db"] > 0
     assert 0 < default["recall"] <= default["oracle_recall"] + 1e-6
+    # per step and layer, mod's predicted coverage beside the recall it got (where the mask errs)
+    steps = [r for r in payload["per_step"] if r["method"] == "mod (defaults)"]
+    assert steps and all(0 < r["predicted_coverage"] <= 1 for r in steps)
+    assert all(r.get("predicted_coverage") is None for r in payload["per_step"] if r["method"] == "oracle")
     # a lower coverage keeps fewer blocks (the mass rule's cut moves with it)
     half = payload["rows"][methods.index("mod (coverage 0.5)")]
     assert half["target_density"] is None and 0 < half["density"] < default["density"]
