@@ -209,17 +209,17 @@ def _running_max(s: torch.Tensor, lists: BlockLists, qb0: int, key_chunk: int) -
     B, H, rows, n_k = s.shape
     bs, mk = lists.block_size, lists.mk
     per_block = bs // key_chunk
-    qb = torch.arange(rows, device=s.device) // bs + qb0
-    counts, indices = lists.counts[:, :, qb].long(), lists.indices[:, :, qb].long()  # (B, H, rows[, W])
+    qb1 = qb0 + -(-rows // bs)
+    counts, indices = lists.counts[:, :, qb0:qb1].long(), lists.indices[:, :, qb0:qb1].long()
     pos = torch.arange(indices.shape[-1], device=s.device)
     listed = pos < counts[..., None]
-    # each key block's place in its row's list (unlisted blocks last: their scores are -inf)
+    # each key block's place in its query block's list (unlisted blocks last: their scores are -inf)
     last = indices.shape[-1]
-    place = torch.full((B, H, rows, mk), last, dtype=torch.long, device=s.device)
+    place = torch.full((B, H, qb1 - qb0, mk), last, dtype=torch.long, device=s.device)
     place.scatter_reduce_(-1, torch.where(listed, indices, 0), torch.where(listed, pos, last), reduce="amin")
     order = (place[..., None] * per_block + torch.arange(per_block, device=s.device)).flatten(-2)
+    arrival = order.argsort(-1).repeat_interleave(bs, 2)[:, :, :rows]  # every row of a block: its order
     chunk_max = torch.nn.functional.pad(s, (0, mk * bs - n_k), value=float("-inf")).unflatten(-1, (-1, key_chunk)).amax(-1)
-    arrival = order.argsort(-1)
     run = chunk_max.gather(-1, arrival).cummax(-1).values
     running = torch.empty_like(run).scatter_(-1, arrival, run)
     return running.repeat_interleave(key_chunk, -1)[..., :n_k]
