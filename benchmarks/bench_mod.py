@@ -10,7 +10,7 @@ steps: step t uses ``(1 - a) * X_A + a * X_B`` with a = t / (steps - 1), two hea
 seeds and sharpness. Variants: paper (the published method: dense refresh steps, whole-line masks);
 paper-blocks (dense refreshes, ``mask_rule="blocks"``); cheap (the default: refreshes on the sparse
 step, restricted to its blocks, every ``full_refresh_every``-th one observing every block from the
-sparse call's lse; blocks); cheap-s8 (the same at observe_row_stride 8); cheap-dense (the full
+sparse call's lse; blocks); cheap-s8 / cheap-s16 (the same at observe_row_stride 8 / 16); cheap-dense (the full
 refresh is a dense step) and cheap-dense-s8 (that at stride 8: the previous default); cheap-lines
 (cheap with whole lines); all-full (every refresh a full one on the sparse step); cheap-guarded
 (no scheduled full refresh; a dense one only when the observed coverage falls under
@@ -152,7 +152,7 @@ class Site:
 
         def map_only():
             observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_stride(), **lists)
+                        row_stride=cfg.observe_row_stride, **lists)
 
         out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
                "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan, scale))}
@@ -231,7 +231,7 @@ def run_variant(name, policy, inputs, args, device, timer, dense_ms, with_qualit
     total_attn = sum(r["attn_ms"] + r["plan_ms"] + r["observe_ms"] for r in rows)
     sparse_rows = [r for r in rows if r["kind"] == "sparse"]
     summary = {
-        "variant": name, "observe_row_stride": config.observe_stride(), "warmup": warmup,
+        "variant": name, "observe_row_stride": config.observe_row_stride, "warmup": warmup,
         "full_refresh_every": config.full_refresh_every if config.cheap_refresh else None,
         "full_refresh": config.full_refresh if config.cheap_refresh else "dense",
         "dense_steps": sum(r["kind"] == "dense" for r in rows),
@@ -278,9 +278,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--refresh-interval", type=int, default=10)
     p.add_argument("--coverage", type=float, default=0.9)
-    p.add_argument("--observe-row-stride", type=int, default=None,
-                   help="estimate the sparsity map from every n-th query row (1 = exact; default: the "
-                        "config's, block // 8)")
+    p.add_argument("--observe-row-stride", type=int, default=SparsityConfig().observe_row_stride,
+                   help="observe the maps from every n-th query row (1 = exact, the config's default)")
     p.add_argument("--full-refresh-every", type=int, default=SparsityConfig().full_refresh_every,
                    help="the cheap variants' full refresh period (in refreshes)")
     p.add_argument("--min-observed-coverage", type=float, default=SparsityConfig().min_observed_coverage,
@@ -301,7 +300,7 @@ def main(argv=None):
         dtype = torch.float32
     timer = Timer(device)
     log(f"bench_mod: grid {args.grid}, heads {args.heads}, D {args.head_dim}, {dtype}, block {args.block}, "
-        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride or 'block // 8'}")
+        f"{args.steps} steps on {device}, observe_row_stride {args.observe_row_stride}")
     inputs = make_inputs(args, device, dtype)
 
     def repeat(fn):
@@ -346,7 +345,7 @@ def main(argv=None):
                "mean_sparse_rel_l2", "max_sparse_rel_l2", "mean_oracle_rel_l2", "mod_over_oracle_error"]
     settings = {**vars(args), "dtype": str(dtype), "device": device, "dense_sdpa_ms": dense_ms}
     notes = [f"dense SDPA {dense_ms:.3f} ms per call (median of repeats); goal: overhead_fraction < 0.03",
-             f"observe_row_stride (column; {args.observe_row_stride or 'block // 8'} unless the variant sets it): the policy's "
+             f"observe_row_stride (column; {args.observe_row_stride} unless the variant sets it): the policy's "
              f"sparsity map is estimated from every n-th query row of each block (1 = exact)",
              "overhead_fraction = (observe calls + max(0, extra attention time of observed steps)) / (steps x dense "
              "SDPA), from medians of repeated calls of each observed step on the same inputs (observe on a copy of "
@@ -379,9 +378,11 @@ VARIANTS = {
                                      full_refresh="dense"),
     "cheap-dense-s8": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
                                         full_refresh="dense", observe_row_stride=8),
-    # the default schedule at the previous stride
+    # the default schedule at sampled strides (16: 8 rows per block, the previous default)
     "cheap-s8": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
                                   observe_row_stride=8),
+    "cheap-s16": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
+                                   observe_row_stride=16),
     "cheap-lines": lambda args: dict(cheap_refresh=True, full_refresh_every=args.full_refresh_every,
                                      mask_rule="lines"),
     # every refresh full (on the sparse step): no restricted maps, no history

@@ -46,7 +46,7 @@ def main(argv=None):
                     help="key blocks per program (the key loop split; >= Mk: one part)")
     args = ap.parse_args(argv)
     if args.row_stride is None:
-        args.row_stride = SparsityConfig(block_size=args.block).observe_stride()
+        args.row_stride = SparsityConfig(block_size=args.block).observe_row_stride
     candidates = [LaunchConfig(args.block, n, w, s, key_blocks=kb) for n in args.block_n for w in args.warps
                   for s in args.stages for kb in args.key_blocks]
     if not torch.cuda.is_available():

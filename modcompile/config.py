@@ -192,9 +192,9 @@ class SparsityConfig:
     # how a full refresh observes: sparse (the sparse step's lse) | dense (a dense step)
     full_refresh: str = option("sparse", "str", choices=("sparse", "dense"))
     min_observed_coverage: float = _fraction(0.8)  # a cheap refresh seeing less kept mass triggers a dense one
-    # estimate the sparsity map from every n-th query row (1 = exact); None: block_size // 8, 8 rows
-    # per block (the estimate's quality depends on rows per block; BENCHMARKS.md, MOD overhead)
-    observe_row_stride: int | None = option(None, "int", low=1, optional=True)
+    # observe the maps from every n-th query row of each block; 1 = exact (the default: sampled rows
+    # misjudge heads whose rows attend different blocks; BENCHMARKS.md section 8, where the mask errs)
+    observe_row_stride: int = option(1, "int", low=1)
     # where a NaN / Inf in k or v shows: listed (the rows whose lists hold its block, always its own
     # block's rows: free) | dense (every row dense SDPA would spoil: one more read of k and v per sparse
     # call, the NaN written by the kernel's epilogue; kernels/nonfinite.py)
@@ -211,14 +211,6 @@ class SparsityConfig:
             if not holds(self):
                 values = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
                 raise ValueError(f"modsparse: options {values} conflict: {rule}")
-
-    def observe_stride(self) -> int:
-        """The row stride MOD observes with: ``observe_row_stride``, by default ``block_size // 8``
-        (8 sampled rows per query block: the estimate's quality depends on the rows per block, and
-        8 rows predicted masks as well as 16 in the mask-quality study; BENCHMARKS.md, MOD overhead)."""
-        if self.observe_row_stride is not None:
-            return self.observe_row_stride
-        return max(1, self.block_size // 8)
 
     def replace(self, **changes) -> "SparsityConfig":
         return dataclasses.replace(self, **changes)

@@ -54,13 +54,12 @@ VALID = {
     "full_refresh": st.sampled_from(["sparse", "dense"]),
     "nonfinite": st.sampled_from(["listed", "dense"]),
     "min_observed_coverage": fractions,
-    "observe_row_stride": none_or(st.integers(1, 512)),
+    "observe_row_stride": st.integers(1, 512),
     "precision": st.sampled_from(["auto", "fp8"]),
     "fp8_dense": st.booleans(),
 }
 
-OPTIONAL = {"video_grid", "text_position", "num_steps", "warmup_steps", "density", "topk", "partition_blocks", "lines_per_head",
-            "observe_row_stride"}
+OPTIONAL = {"video_grid", "text_position", "num_steps", "warmup_steps", "density", "topk", "partition_blocks", "lines_per_head"}
 INTS = {"block_size", "min_seq_len", "num_steps", "warmup_steps", "topk", "refresh_interval", "lines_per_head",
         "full_refresh_every", "observe_row_stride"}
 FLOATS = {"density", "min_density", "max_density", "tau", "threshold", "ridge_lambda", "coverage",

@@ -272,7 +272,7 @@ class ModPolicy(Policy):
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_stride(), row_phase=0, key_bias=key_bias, with_mass=True)
+                        row_stride=cfg.observe_row_stride, row_phase=0, key_bias=key_bias, with_mass=True)
         cheap = kind == "cheap" and st.smap is not None
         if cheap:
             raw, raw_mass = observe_map(q, k, lse, kv_counts=plan.lists.counts, kv_indices=plan.lists.indices,
@@ -282,9 +282,10 @@ class ModPolicy(Policy):
             raw, raw_mass = observe_map(q, k, lse, **sampling)
         st.nonfinite_flag = DeferredScalar(raw.isnan().any())
         if kind != "dense":
-            # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
+            # A sparse refresh ran the policy's own lists: the kept blocks are st.mask. The estimate is a
+            # mean over rows per head: 8 rows per block are plenty.
             st.coverage_flag = DeferredScalar(observed_coverage(
-                q, k, lse, st.mask, cfg.block_size, scale, row_stride=cfg.observe_stride(),
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=max(1, cfg.block_size // 8),
                 key_bias=key_bias).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw, raw_mass]

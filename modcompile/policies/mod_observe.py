@@ -10,11 +10,12 @@ batch, heads, kind), shared by all sites and CFG passes of that shape (first cal
 captures; ``MODCOMPILE_CUDA_GRAPHS=0`` keeps it eager); its inputs and outputs are copied in and out,
 so the state holds ordinary tensors. No observation waits for the host.
 
-Observation estimates ``S`` from every ``config.observe_stride()``-th query row of each block (1 =
-exact; by default ``block_size // 8``: 8 rows per block), always the same rows (phase 0,
-:func:`..kernels.block_sparsity.sampled_rows`): the mask extrapolates the difference of the last
-two fits, and rotating rows would put sampling noise into that difference (the warm-up pair is
-one step apart, so the true drift is small).
+Observation reads the maps from every ``config.observe_row_stride``-th query row of each block: by
+default every row (the exact maps). Sampled rows cost less but misjudge heads whose rows attend
+different key blocks: on the GPU testbed 8 rows per block put the mask's kept mass at 0.35-0.43
+where it predicted 0.9 (BENCHMARKS.md section 8). Sampled rows are always the same ones (phase 0,
+:func:`..kernels.block_sparsity.sampled_rows`): the fit extrapolates the difference of the last
+two fits, and rotating rows would put sampling noise into that difference.
 """
 from __future__ import annotations
 
