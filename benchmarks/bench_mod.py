@@ -152,7 +152,7 @@ class Site:
 
         def map_only():
             observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, **lists)
+                        row_stride=cfg.observe_row_stride, with_mass=True, **lists)
 
         out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
                "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan, scale))}
