@@ -508,3 +508,55 @@ def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged(full_r
     assert [r["baseline_ms"] for r in observed] == [1.0, 1.0, 1.0, 1.0]  # dense time, dense time, own call, lists
     assert len(calls) == 4 * 3 + dense             # observe, map kernel, attention; + the dense refresh's baseline
     assert s1["overhead_fraction"] == pytest.approx((4 * 1.0 + 0.0) / 12)
+
+
+def test_refresh_mass_is_scaled_to_the_dense_attention():
+    """A refresh on the sparse step observes with the sparse call's lse (the kept mass only), so its
+    probabilities exceed the dense ones by 1 / coverage; the policy scales them back with the coverage
+    estimate of each query block. The merged mass map's refreshed entries then sit near the dense
+    block mass, below the unscaled ones, and never above them."""
+    from modcompile.kernels.block_sparsity import block_sparsity_ref
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, min_observed_coverage=0.0, density=0.15)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n, width=60.0)    # wider: the mask misses a visible share of the mass
+    scale = 1 / math.sqrt(q.shape[-1])
+    for s in range(9):
+        drv.step(s, q, k, v)
+    st = drv.state.policy_state
+    kept = st.mask.clone()
+    lists = drv.plans[-1].lists
+    drv.step(9, q, k, v)
+    assert drv.plans[9].observe and not drv.plans[9].dense
+    _, lse_sparse = modcompile.dispatch.attention_forward(q, k, v, lists, scale)
+    lse_dense = torch.logsumexp(q @ k.transpose(-1, -2) * scale, -1)
+
+    def mass(lse):
+        out = torch.full((1, 2, 16, 16), -1.0)
+        block_sparsity_ref(q, k, lse, block_size=16, threshold=1e-4, scale=scale, mass=out)
+        return out[0]
+    dense, unscaled, merged = mass(lse_dense), mass(lse_sparse), st.mmap
+    coverage = float((dense * kept).sum() / dense.sum())
+    assert coverage < 0.97                     # the sparse lse misses mass: the two scales differ
+    err_unscaled = (unscaled - dense)[kept].abs().sum()
+    err_merged = (merged - dense)[kept].abs().sum()
+    assert err_merged < 0.5 * err_unscaled
+    assert (merged[kept] <= unscaled[kept] + 1e-6).all()
+
+
+def test_observed_coverage_per_block():
+    """Per query block, the mean of its rows' kept shares: 1 where the mask keeps every key block, lower
+    where it keeps only the own one, and its mean over blocks is the per-head value (equal rows per block)."""
+    from modcompile import dispatch
+    from modcompile.kernels.block_lists import BlockLists
+    from modcompile.policies.mod_observe import observed_coverage
+    q, k, v = _local_qkv(256, width=60.0)
+    kept = torch.eye(16, dtype=torch.bool).expand(2, 16, 16).clone()
+    kept[:, :4] = True                                   # query blocks 0-3 keep everything
+    lists = BlockLists.from_mask(kept[None], 16, 256, 256)
+    _, lse = dispatch.attention_forward(q, k, v, lists, 1 / math.sqrt(16))
+    per_block = observed_coverage(q, k, lse, kept, 16, 1 / math.sqrt(16), row_stride=2, per_block=True)
+    per_head = observed_coverage(q, k, lse, kept, 16, 1 / math.sqrt(16), row_stride=2)
+    assert per_block.shape == (1, 2, 16)
+    torch.testing.assert_close(per_block[..., :4], torch.ones(1, 2, 4))
+    assert (per_block[..., 4:] < 0.999).all()
+    torch.testing.assert_close(per_block.mean(-1), per_head)
