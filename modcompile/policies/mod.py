@@ -23,12 +23,10 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   The sparse call's lse misses the skipped blocks' mass, so a row's probabilities come out too
   large by 1 / (its kept share): at a kept share of 0.8 the threshold moves by ln(1.25) = 0.22 in
   log space, small against the orders of magnitude a threshold of 1e-4 separates (the coverage
-  guard bounds the mean share; BENCHMARKS.md has the measured errors). The mass map, which the
-  mask ranks blocks by, is scaled back by each query block's estimated kept share, so that refreshed
-  and older entries compare on the dense scale.
+  guard bounds the mean share; BENCHMARKS.md has the measured errors).
 * the observed coverage of a sparse refresh (:func:`.mod_observe.observed_coverage`: the kept share of the
   attention mass estimated from the sparse call's lse and mean-pooled keys of the skipped blocks;
-  per query block, over 8 rows of each; its mean over blocks, heads and batch) is computed on device and copied to
+  mean over the observation's sampled rows, heads and batch) is computed on device and copied to
   pinned host memory without waiting. Later plans poll the copy's CUDA event (never wait); once it
   has landed and is below ``min_observed_coverage`` the next step is a dense refresh. On CPU the
   value is ready at once, so the dense refresh is the step after.
@@ -285,14 +283,10 @@ class ModPolicy(Policy):
         st.nonfinite_flag = DeferredScalar(raw.isnan().any())
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask. The estimate is a
-            # mean over rows per query block: 8 rows per block are plenty.
-            coverage = observed_coverage(q, k, lse, st.mask, cfg.block_size, scale,
-                                         row_stride=max(1, cfg.block_size // 8), key_bias=key_bias, per_block=True)
-            st.coverage_flag = DeferredScalar(coverage.mean())
-            # The sparse call's lse holds only the kept mass, so its probabilities are larger than the
-            # dense ones by 1 / coverage: scaled back, they merge with the older, dense-scaled map (the
-            # estimate errs high, so this under-corrects rather than over-corrects).
-            raw_mass = torch.where(raw_mass >= 0, raw_mass * coverage.unsqueeze(-1), raw_mass)
+            # mean over rows per head: 8 rows per block are plenty.
+            st.coverage_flag = DeferredScalar(observed_coverage(
+                q, k, lse, st.mask, cfg.block_size, scale, row_stride=max(1, cfg.block_size // 8),
+                key_bias=key_bias).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw, raw_mass]
         if cheap:

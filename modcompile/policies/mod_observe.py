@@ -107,11 +107,11 @@ _COVERAGE_CHUNK = 1 << 25
 
 
 def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride: int = 1,
-                      key_bias=None, per_block: bool = False) -> torch.Tensor:
+                      key_bias=None) -> torch.Tensor:
     """Per (batch, head): estimated fraction of the dense attention mass that a sparse call kept,
     mean over the query rows of :func:`..kernels.block_sparsity.sampled_rows` (every
-    ``row_stride``-th row of each block, phase 0), (B, H) float; ``per_block``: the mean over each
-    query block's rows, (B, H, nbq). ``kept`` is the call's block mask, (B, H, nb, nb) or (H, nb, nb).
+    ``row_stride``-th row of each block, phase 0: those the observation samples), (B, H) float.
+    ``kept`` is the call's block mask, (B, H, nb, nb) or (H, nb, nb).
 
     A skipped block b holds about ``|b| * exp(q . mean(k_b) * scale)`` unnormalised mass (a lower
     bound, by Jensen); relative to the kept mass ``exp(lse)`` the row keeps ``1 / (1 + missing)``.
@@ -127,7 +127,7 @@ def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride
     else:
         pooled, bias, sizes = masked_block_means(k, key_bias, block_size)
         bias, hidden, sizes = bias[:, None, None, :], (sizes == 0)[:, None, None, :], sizes[:, None, :, None]
-    rows, row_blocks, rows_per_block = _coverage_rows(N, block_size, row_stride, q.device)
+    rows, row_blocks = _coverage_rows(N, block_size, row_stride, q.device)
     qs = q.index_select(2, rows)
     ls = lse.index_select(2, rows).float().unsqueeze(-1)
     if kept.dim() == 3:
@@ -145,27 +145,22 @@ def observed_coverage(q, k, lse, kept, block_size: int, scale: float, row_stride
             mass.masked_fill_(hidden, 0.0)                                      # even where lse is -inf
         mass.masked_fill_(kept[:, h0:h1].index_select(2, row_blocks), 0.0)      # kept blocks: not missing
         missing = torch.matmul(mass, sizes)[..., 0]                             # (B, h, R)
-        cov = missing.add_(1.0).reciprocal_()
-        if per_block:
-            cov = cov.new_zeros(*cov.shape[:2], rows_per_block.numel()).index_add_(2, row_blocks, cov)
-            cov = cov / rows_per_block
-        out.append(cov if per_block else cov.mean(-1))
+        out.append(missing.add_(1.0).reciprocal_().mean(-1))
     return torch.cat(out, 1) if len(out) > 1 else out[0]
 
 
 @functools.lru_cache(maxsize=64)
 def _coverage_rows(n: int, block_size: int, row_stride: int, device: torch.device):
-    """The sampled rows, their query blocks and each block's count of them (float), built on the
-    host (the selection is a boolean index: a sync on a GPU) and copied without waiting; cached."""
+    """The sampled rows and their query blocks, built on the host (the selection is a boolean
+    index: a sync on a GPU) and copied without waiting; cached."""
     from ..kernels.block_sparsity import sampled_rows
     rows = sampled_rows(n, block_size, row_stride, 0)
-    blocks = rows // block_size
-    counts = torch.bincount(blocks, minlength=num_blocks(n, block_size)).float()
+    both = torch.stack([rows, rows // block_size])
     if device.type == "cuda":
-        rows, blocks, counts = (t.pin_memory().to(device, non_blocking=True) for t in (rows, blocks, counts))
+        both = both.pin_memory().to(device, non_blocking=True)
     else:
-        rows, blocks, counts = rows.to(device), blocks.to(device), counts.to(device)
-    return rows, blocks, counts
+        both = both.to(device)
+    return both[0], both[1]
 
 
 __all__ = ["NOT_OBSERVED", "device_scalars", "observe_map", "observe_tail", "observed_coverage"]
