@@ -508,3 +508,41 @@ def test_bench_mod_repeated_timings_leave_the_stateful_sequence_unchanged(full_r
     assert [r["baseline_ms"] for r in observed] == [1.0, 1.0, 1.0, 1.0]  # dense time, dense time, own call, lists
     assert len(calls) == 4 * 3 + dense             # observe, map kernel, attention; + the dense refresh's baseline
     assert s1["overhead_fraction"] == pytest.approx((4 * 1.0 + 0.0) / 12)
+
+
+def test_full_refresh_measures_the_kept_share_and_maps_on_the_dense_scale():
+    """A full refresh on the sparse step maps every block with the sparse call's lse: the policy divides
+    each query block's row by its sum (the dense scale) and records the kept blocks' part of it as the
+    observed coverage. Both agree with dense attention's; the pooled-key estimate of a cheap refresh
+    sees less of the missing mass."""
+    from modcompile import dispatch
+    from modcompile.kernels.block_sparsity import block_sparsity_ref
+    from modcompile.policies.mod_observe import observed_coverage
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=1, min_observed_coverage=0.0,
+                         density=0.15)
+    drv = Driver(cfg)
+    q, k, v = _local_qkv(drv.n, width=60.0)      # wide: the mask misses a visible share of the mass
+    scale = 1 / math.sqrt(q.shape[-1])
+    for s in range(9):
+        drv.step(s, q, k, v)
+    st = drv.state.policy_state
+    kept, lists = st.mask.clone(), drv.plans[-1].lists
+    drv.step(9, q, k, v)
+    assert (9, "refresh-full") in st.events
+    dense = torch.full((1, 2, 16, 16), -1.0)
+    block_sparsity_ref(q, k, torch.logsumexp(q @ k.transpose(-1, -2) * scale, -1), block_size=16,
+                       threshold=1e-4, scale=scale, mass=dense)
+    true_share = float((dense[0] * kept).sum() / dense[0].sum())
+    assert true_share < 0.95
+    mmap = st.mmap.clone()
+    drv.step(10, q, k, v)                        # the next plan reads the coverage
+    (step, measured), = st.observed_coverage
+    assert step == 9 and abs(measured - true_share) < 0.01
+    _, lse = dispatch.attention_forward(q, k, v, lists, scale)
+    unscaled = torch.full((1, 2, 16, 16), -1.0)
+    block_sparsity_ref(q, k, lse, block_size=16, threshold=1e-4, scale=scale, mass=unscaled)
+    # exact per query block; within a block rows keep unequal shares, hence a small residue
+    err, err_unscaled = (mmap - dense[0]).abs().sum(), (unscaled[0] - dense[0]).abs().sum()
+    assert err < 0.25 * err_unscaled and (mmap - dense[0]).abs().max() < 0.03
+    pooled = float(observed_coverage(q, k, lse, kept, 16, scale, row_stride=2).mean())
+    assert pooled - true_share > abs(measured - true_share)

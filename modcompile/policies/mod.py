@@ -23,10 +23,14 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   The sparse call's lse misses the skipped blocks' mass, so a row's probabilities come out too
   large by 1 / (its kept share): at a kept share of 0.8 the threshold moves by ln(1.25) = 0.22 in
   log space, small against the orders of magnitude a threshold of 1e-4 separates (the coverage
-  guard bounds the mean share; BENCHMARKS.md has the measured errors).
-* the observed coverage of a sparse refresh (:func:`.mod_observe.observed_coverage`: the kept share of the
-  attention mass estimated from the sparse call's lse and mean-pooled keys of the skipped blocks;
-  mean over the observation's sampled rows, heads and batch) is computed on device and copied to
+  guard bounds the mean share; BENCHMARKS.md has the measured errors). A full refresh's mass map
+  is divided by its rows' sums, which puts it back on the dense scale
+  (:func:`.mod_observe.rescale_full_refresh`).
+* the observed coverage of a sparse refresh, the kept share of the attention mass: measured by a
+  full refresh (the kept blocks' part of its map), estimated by a cheap one
+  (:func:`.mod_observe.observed_coverage`, from mean-pooled keys of the skipped blocks: a lower bound
+  on the missing mass that on trained models sees little of it, BENCHMARKS.md section 8); the mean
+  over query blocks, heads and batch is computed on device and copied to
   pinned host memory without waiting. Later plans poll the copy's CUDA event (never wait); once it
   has landed and is below ``min_observed_coverage`` the next step is a dense refresh. On CPU the
   value is ready at once, so the dense refresh is the step after.
@@ -46,7 +50,7 @@ import torch
 from .. import cuda_graphs
 from .base import Plan, Policy, SiteContext, register_policy
 from .mod_fit import FitGeometry, Geometry, fit_geometry
-from .mod_observe import device_scalars, observe_map, observe_tail, observed_coverage
+from .mod_observe import device_scalars, observe_map, observe_tail, observed_coverage, rescale_full_refresh
 
 log = logging.getLogger("modcompile")
 
@@ -281,9 +285,14 @@ class ModPolicy(Policy):
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw, raw_mass = observe_map(q, k, lse, **sampling)
         st.nonfinite_flag = DeferredScalar(raw.isnan().any())
-        if kind != "dense":
-            # A sparse refresh ran the policy's own lists: the kept blocks are st.mask. The estimate is a
-            # mean over rows per head: 8 rows per block are plenty.
+        if kind != "dense" and not cheap:
+            # A full refresh on the sparse step ran the policy's own lists (the kept blocks are st.mask)
+            # and mapped every block: its kept share is measured, not estimated.
+            raw_mass, coverage = rescale_full_refresh(raw_mass, st.mask)
+            st.coverage_flag = DeferredScalar(coverage.mean())
+        elif kind != "dense":
+            # A cheap refresh maps only the kept blocks: the skipped ones' mass is estimated from pooled
+            # keys (a lower bound, so the share errs high). 8 rows per block are plenty for a mean.
             st.coverage_flag = DeferredScalar(observed_coverage(
                 q, k, lse, st.mask, cfg.block_size, scale, row_stride=max(1, cfg.block_size // 8),
                 key_bias=key_bias).mean())

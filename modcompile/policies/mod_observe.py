@@ -1,6 +1,7 @@
 """MOD's observation: the block sparsity and mass maps of a call, the tail that fits it and builds the
-mask, and the coverage estimate of a sparse refresh. Pure functions of their tensors (no
-policy state): :class:`.mod.ModPolicy` decides when they run and keeps what they return.
+mask, and the kept share of a sparse refresh (measured by a full one, estimated by a cheap one).
+Pure functions of their tensors (no policy state): :class:`.mod.ModPolicy` decides when they run
+and keeps what they return.
 
 Cost of an observation: the map kernel (a cheap refresh's restricted map visits, per group of query
 blocks, the union of their lists: at most the full map's work), the coverage estimate (sparse
@@ -93,6 +94,25 @@ def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, 
             counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous())
 
 
+def rescale_full_refresh(mass: torch.Tensor, kept: torch.Tensor):
+    """A full refresh's mass map on the dense scale, and the share of the mass its sparse call kept.
+
+    The refresh maps every block with the sparse call's lse, which holds only the kept blocks' mass:
+    each entry is then larger than the dense one by 1 / (its row's kept share), and a query block's
+    entries sum to the mean of that over its rows instead of 1. Dividing by that sum gives the dense
+    scale (exact when a block's rows keep equal shares), and the kept entries' part of it is the
+    kept share, per (batch, head, query block): (B, H, nbq). ``mass`` (B, H, nbq, nbk) as
+    :func:`observe_map` writes it (NaN: tiles with NaN probabilities, kept as they are); ``kept``
+    the call's block mask, (H, nbq, nbk) or (B, H, nbq, nbk). A query block with no mass (every key
+    hidden) keeps its entries and counts as fully kept."""
+    finite = mass.nan_to_num(0.0).clamp_min(0.0)
+    total = finite.sum(-1, keepdim=True)
+    has_mass = total > 0
+    scaled = torch.where(has_mass, mass / total.clamp_min(1e-30), mass)
+    share = torch.where(has_mass, (finite * kept).sum(-1, keepdim=True) / total.clamp_min(1e-30), 1.0)
+    return scaled, share[..., 0]
+
+
 def device_scalars(values, device: torch.device) -> torch.Tensor:
     """A small float32 tensor on ``device`` from host numbers, without a host sync on CUDA (a
     pageable host-to-device copy would wait for the stream: pinned memory, non-blocking)."""
@@ -163,4 +183,4 @@ def _coverage_rows(n: int, block_size: int, row_stride: int, device: torch.devic
     return both[0], both[1]
 
 
-__all__ = ["NOT_OBSERVED", "device_scalars", "observe_map", "observe_tail", "observed_coverage"]
+__all__ = ["NOT_OBSERVED", "device_scalars", "observe_map", "observe_tail", "observed_coverage", "rescale_full_refresh"]
