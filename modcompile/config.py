@@ -191,7 +191,9 @@ class SparsityConfig:
     full_refresh_every: int = option(3, "int", low=1)  # with cheap_refresh, every n-th refresh sees every block
     # how a full refresh observes: sparse (the sparse step's lse) | dense (a dense step)
     full_refresh: str = option("sparse", "str", choices=("sparse", "dense"))
-    min_observed_coverage: float = _fraction(0.8)  # a cheap refresh seeing less kept mass triggers a dense one
+    # a sparse refresh keeping less of the mass triggers a dense one (full refreshes measure the kept
+    # share; cheap ones estimate it from pooled keys, which on trained models sees little of the loss)
+    min_observed_coverage: float = _fraction(0.8)
     # observe the maps from every n-th query row of each block; 1 = exact (the default: sampled rows
     # misjudge heads whose rows attend different blocks; BENCHMARKS.md section 8, where the mask errs)
     observe_row_stride: int = option(1, "int", low=1)
