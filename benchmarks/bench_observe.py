@@ -3,8 +3,8 @@
     python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5]
         [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
-Times the sparsity-map kernel at (1, 12, 32760, 128) bf16, block 128, on random q/k with the lse of
-the dense attention (our kernel on full lists), in both modes the MOD policy uses: the full map
+Times the sparsity-map kernel with its mass output at (1, 12, 32760, 128) bf16, block 128, on random q/k
+with the lse of the dense attention (our kernel on full lists), in both modes the MOD policy uses: the full map
 (dense observed steps) and the restricted map over random block lists (cheap refreshes). Every candidate
 is checked against the default configuration's map first (same sampled rows; entries may differ
 only where a score sits on the threshold, so the check is a max difference bound) and timed with
@@ -25,7 +25,7 @@ from .common import (bnhd_randn, environment, log, markdown_table,
 from modcompile.config import SparsityConfig
 from modcompile.kernels import block_sparsity as bs
 from modcompile.kernels.tuning import LaunchConfig, map_configs
-from modcompile.kernels.block_lists import full_block_lists, num_blocks
+from modcompile.kernels.block_lists import BlockLists, full_block_lists, num_blocks
 from modcompile.dispatch import attention_forward
 
 
@@ -56,25 +56,31 @@ def main(argv=None):
     q, k, v = bnhd_randn(tuple(args.shape), torch.bfloat16, "cuda", seed=0)
     scale = 1.0 / math.sqrt(D)
     m = num_blocks(N, args.block)
-    _, lse = attention_forward(q, k, v, *full_block_lists(B, H, m, m, q.device), args.block, scale)  # dense lse
+    full = BlockLists(*full_block_lists(B, H, m, m, q.device), args.block, N, N)
+    _, lse = attention_forward(q, k, v, full, scale)  # dense lse
     counts, indices, eff = random_block_lists(B, H, N, args.density, "cuda", seed=1, block_size=args.block)
     common = dict(block_size=args.block, scale=scale, row_stride=args.row_stride)
     modes = {"full": {}, f"restricted d={eff:.2f}": dict(kv_counts=counts, kv_indices=indices)}
+    # The mass map too, as the MOD policy asks for it (the same pass; entries it does not write stay -1).
+    mass, ref_mass = (torch.full((B, H, m, m), -1.0, device="cuda") for _ in range(2))
     rows = []
     for mode, extra in modes.items():
-        ref = bs.block_sparsity(q, k, lse, **common, **extra)
+        ref_mass.fill_(-1.0)
+        ref = bs.block_sparsity(q, k, lse, **common, **extra, mass=ref_mass)
         for cfg in candidates:
             if args.block % cfg.sub:
                 continue
             row = dict(mode=mode, block_n=cfg.sub, warps=cfg.num_warps, stages=cfg.num_stages,
                        key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=False)[0])
             try:
-                got = bs.block_sparsity(q, k, lse, **common, **extra, config=cfg)
+                mass.fill_(-1.0)
+                got = bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg)
                 diff = (got - ref).nan_to_num(0.0).abs().max().item()
                 same_nan = torch.equal(got.isnan(), ref.isnan())
                 row["max_diff"] = diff
-                row["ok"] = same_nan and diff <= 2e-3
-                row["ms"] = do_bench(lambda: bs.block_sparsity(q, k, lse, **common, **extra, config=cfg),
+                row["mass_diff"] = (mass - ref_mass).nan_to_num(0.0).abs().max().item()
+                row["ok"] = same_nan and diff <= 2e-3 and row["mass_diff"] <= 1e-3
+                row["ms"] = do_bench(lambda: bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg),
                                      warmup=25, rep=100, return_mode="median")
             except Exception as e:  # noqa: BLE001  (a config that does not compile: out of resources)
                 row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
@@ -83,7 +89,7 @@ def main(argv=None):
     dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100, return_mode="median")
     env = environment()
     table = markdown_table(rows, ["mode", "block_n", "warps", "stages", "key_blocks", "default", "ms", "max_diff",
-                                  "ok", "error"])
+                                  "mass_diff", "ok", "error"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = (f"device {env.get('device')}; torch {env.get('torch')}; triton {env.get('triton')}; shape {tuple(args.shape)} "
