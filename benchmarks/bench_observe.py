@@ -1,6 +1,6 @@
 """MOD observation kernel (kernels/block_sparsity.py): launch-config sweep on the GPU.
 
-    python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5]
+    python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5] [--smoke]
         [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
 Times the sparsity-map kernel with its mass output at (1, 12, 32760, 128) bf16, block 128, on random q/k
@@ -44,25 +44,36 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--key-blocks", type=int, nargs="+", default=[32],
                     help="key blocks per program (the key loop split; >= Mk: one part)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU under TRITON_INTERPRET=1: a tiny float16 shape, one configuration, no timing")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.shape, args.block, args.block_n, args.warps, args.stages, args.key_blocks = \
+            [1, 2, 256, 64], 64, [32], [4], [1], [2]
     if args.row_stride is None:
         args.row_stride = SparsityConfig(block_size=args.block).observe_row_stride
     candidates = [LaunchConfig(args.block, n, w, s, key_blocks=kb) for n in args.block_n for w in args.warps
                   for s in args.stages for kb in args.key_blocks]
-    if not torch.cuda.is_available():
-        sys.exit("bench_observe.py needs a CUDA GPU")
-    from triton.testing import do_bench
+    device, dtype = ("cpu", torch.float16) if args.smoke else ("cuda", torch.bfloat16)
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_observe.py needs a CUDA GPU (or --smoke)")
+    if args.smoke:
+        def do_bench(fn, **_):
+            fn()
+            return float("nan")
+    else:
+        from triton.testing import do_bench
     B, H, N, D = args.shape
-    q, k, v = bnhd_randn(tuple(args.shape), torch.bfloat16, "cuda", seed=0)
+    q, k, v = bnhd_randn(tuple(args.shape), dtype, device, seed=0)
     scale = 1.0 / math.sqrt(D)
     m = num_blocks(N, args.block)
     full = BlockLists(*full_block_lists(B, H, m, m, q.device), args.block, N, N)
     _, lse = attention_forward(q, k, v, full, scale)  # dense lse
-    counts, indices, eff = random_block_lists(B, H, N, args.density, "cuda", seed=1, block_size=args.block)
+    counts, indices, eff = random_block_lists(B, H, N, args.density, device, seed=1, block_size=args.block)
     common = dict(block_size=args.block, scale=scale, row_stride=args.row_stride)
     modes = {"full": {}, f"restricted d={eff:.2f}": dict(kv_counts=counts, kv_indices=indices)}
     # The mass map too, as the MOD policy asks for it (the same pass; entries it does not write stay -1).
-    mass, ref_mass = (torch.full((B, H, m, m), -1.0, device="cuda") for _ in range(2))
+    mass, ref_mass = (torch.full((B, H, m, m), -1.0, device=device) for _ in range(2))
     rows = []
     for mode, extra in modes.items():
         ref_mass.fill_(-1.0)
@@ -71,7 +82,7 @@ def main(argv=None):
             if args.block % cfg.sub:
                 continue
             row = dict(mode=mode, block_n=cfg.sub, warps=cfg.num_warps, stages=cfg.num_stages,
-                       key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=False)[0])
+                       key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=args.smoke)[0])
             try:
                 mass.fill_(-1.0)
                 got = bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg)
@@ -93,7 +104,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = (f"device {env.get('device')}; torch {env.get('torch')}; triton {env.get('triton')}; shape {tuple(args.shape)} "
-            f"bf16, block {args.block}, row_stride {args.row_stride}; dense SDPA {dense:.3f} ms\n\n{table}\n")
+            f"{str(dtype)[6:]}, block {args.block}, row_stride {args.row_stride}; dense SDPA {dense:.3f} ms\n\n{table}\n")
     (out / "bench_observe.md").write_text(text)
     write_json(out / "bench_observe.json", dict(environment=env, dense_ms=dense, rows=rows))
     print(text)

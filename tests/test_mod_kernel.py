@@ -528,3 +528,13 @@ def test_mass_map_is_nan_where_the_map_is():
         smap = fn(q, k, lse.float(), block_size=16, mass=mass)
         assert torch.equal(mass.isnan(), smap.isnan()) and mass[0, 0, 0].isnan().all()
         assert torch.isfinite(mass[0, 0, 1:]).all()
+
+
+def test_observe_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/bench_observe.py --smoke: the GPU sweep's code path under the interpreter (its
+    calls must keep up with the kernel's API), each configuration checked against the default's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from benchmarks.bench_observe import main
+    main(["--smoke", "--out", str(tmp_path), "--row-stride", "1"])
+    md = (tmp_path / "bench_observe.md").read_text()
+    assert md.count("| True |") == 2 and "| full |" in md and "restricted" in md
