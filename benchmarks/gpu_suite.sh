@@ -110,7 +110,7 @@ for p in ${PARTS:-tests demo bench_mod bench_vmoba fidelity_synthetic}; do
     policy) part policy 150 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --out "$R/policy" --no-progress ;;
     policy_long) part policy_long 120 env MODCOMPILE_TUNE=0 $PY -m benchmarks run policy --grid 16,32,32 \
              --heads 6 --out "$R/policy_long" --no-progress ;;
-    bench_mod) part bench_mod 110 $PY -m benchmarks.bench_mod --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
+    bench_mod) part bench_mod 240 $PY -m benchmarks.bench_mod --out "$R/mod" ${BENCH_MOD_ARGS:-} ;;
     bench_observe) part bench_observe 200 $PY -m benchmarks.bench_observe --out "$R/observe" ${OBSERVE_ARGS:-} ;;
     bench_vmoba) part bench_vmoba 90 $PY -m benchmarks.bench_vmoba --out "$R/vmoba" ;;
     # issue 16: the fused dense-like non-finite rule against the old torch rule (stops itself under 3 min)
