@@ -444,11 +444,11 @@ def test_gpu_matches_reference(dtype, bs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("stride", [16, 8])
+@pytest.mark.parametrize("stride", [1, 16, 8])
 def test_gpu_mass_map_matches_float64_at_real_sizes(stride):
     """The mass map MOD ranks blocks by, from the Triton kernel at the policy's real layout (bf16,
-    128-token blocks, head_dim 128, 16 or 8 sampled rows per block, several query-block groups,
-    a ragged tail) on local attention (positional features shared by q and k): the float64 mass
+    128-token blocks, head_dim 128, every row (the default) or 8 or 16 sampled rows per block,
+    several query-block groups, a ragged tail) on local attention (positional features shared by q and k): the float64 mass
     of the same sampled rows, and each block row sums to 1."""
     B, H, n, d, bs = 1, 2, 33 * 128 - 58, 128, 128
     q, k, _ = _inputs(B, H, n, d, torch.float32, 7, sharp=1.0)

@@ -23,7 +23,7 @@ Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_inte
   The sparse call's lse misses the skipped blocks' mass, so a row's probabilities come out too
   large by 1 / (its kept share): at a kept share of 0.8 the threshold moves by ln(1.25) = 0.22 in
   log space, small against the orders of magnitude a threshold of 1e-4 separates (the coverage
-  guard bounds the mean share; BENCHMARKS.md has the measured errors). A full refresh's mass map
+  guard bounds the mean share where it sees it, below; BENCHMARKS.md has the measured errors). A full refresh's mass map
   is divided by its rows' sums, which puts it back on the dense scale
   (:func:`.mod_observe.rescale_full_refresh`).
 * the observed coverage of a sparse refresh, the kept share of the attention mass: measured by a
@@ -285,17 +285,17 @@ class ModPolicy(Policy):
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw, raw_mass = observe_map(q, k, lse, **sampling)
         st.nonfinite_flag = DeferredScalar(raw.isnan().any())
-        if kind != "dense" and not cheap:
-            # A full refresh on the sparse step ran the policy's own lists (the kept blocks are st.mask)
-            # and mapped every block: its kept share is measured, not estimated.
-            raw_mass, coverage = rescale_full_refresh(raw_mass, st.mask)
+        if kind != "dense":
+            # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
+            if cheap:
+                # Only the kept blocks were mapped: the skipped ones' mass is estimated from pooled keys
+                # (a lower bound, so the share errs high). 8 rows per block are plenty for a mean.
+                coverage = observed_coverage(q, k, lse, st.mask, cfg.block_size, scale,
+                                             row_stride=max(1, cfg.block_size // 8), key_bias=key_bias)
+            else:
+                # Every block was mapped: the kept share is measured, not estimated.
+                raw_mass, coverage = rescale_full_refresh(raw_mass, st.mask)
             st.coverage_flag = DeferredScalar(coverage.mean())
-        elif kind != "dense":
-            # A cheap refresh maps only the kept blocks: the skipped ones' mass is estimated from pooled
-            # keys (a lower bound, so the share errs high). 8 rows per block are plenty for a mean.
-            st.coverage_flag = DeferredScalar(observed_coverage(
-                q, k, lse, st.mask, cfg.block_size, scale, row_stride=max(1, cfg.block_size // 8),
-                key_bias=key_bias).mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
         inputs = [raw, raw_mass]
         if cheap:
