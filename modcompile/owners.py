@@ -72,10 +72,16 @@ class Owner:
                                       # arguments before the forward rebinds them (Allegro's timestep)
 
 
-def _frames():
+def _method_frames():
+    """The caller's caller's frames and theirs, outward, that have a ``self`` local. Other frames are
+    skipped before their ``f_locals`` is read: before Python 3.13 that read leaves a snapshot of
+    the frame's locals on the frame until it returns, which would keep a model the user deletes
+    in a running function alive."""
     f = sys._getframe(2)
     while f is not None:
-        yield f
+        code = f.f_code
+        if "self" in code.co_varnames or "self" in code.co_cellvars:
+            yield f
         f = f.f_back
 
 
@@ -83,7 +89,7 @@ def find_owner(ptr: int | None) -> Owner:
     """The model that the current call runs in. With an anchor address, the outermost module frame
     whose module holds a tensor at that address; without one, the outermost module frame."""
     found, compiled = None, False
-    for frame in _frames():
+    for frame in _method_frames():
         module = frame.f_locals.get("self")
         if not isinstance(module, torch.nn.Module):
             continue
@@ -113,7 +119,7 @@ def pipeline_timesteps():
     """The ``timesteps`` local of the diffusers pipeline call on the stack (a tensor or a list), or
     None. No host read: its identity tells one pipeline call from the next (the scheduler makes a
     new tensor per ``set_timesteps``)."""
-    for frame in _frames():
+    for frame in _method_frames():
         obj = frame.f_locals.get("self")
         if obj is None or not any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__):
             continue

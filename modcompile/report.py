@@ -44,6 +44,7 @@ def run_status(compiled: str, states: list) -> str:
 
 def collect() -> list[SiteRow]:
     rows = []
+    REGISTRY.forget_dead_models()
     REGISTRY.dense_rows()
     all_states = REGISTRY.states
     for info in sorted(REGISTRY.sites.values(), key=lambda i: (i.model or i.key.split("/")[0], i.layer, i.key)):
@@ -111,7 +112,8 @@ def graph_replays() -> str:
 def report(print_table: bool = True) -> list[SiteRow]:
     """Per-site table (site, status and reason, shapes, current density, steps); prints it, with
     the frames Dynamo skipped (their attention runs eagerly and dense) and how many site calls
-    replayed from CUDA graphs, and returns the rows."""
+    replayed from CUDA graphs, and returns the rows. Models that were garbage collected are not
+    listed (a pipeline built again lists only the new one)."""
     rows = collect()
     if print_table:
         print(format_table(rows) if rows else "modcompile: no attention sites compiled yet")

@@ -139,9 +139,25 @@ class Registry:
             return self.free_run
         run = self.runs.get(id(model))
         if run is None or run.model_ref() is not model:
-            same = sum(1 for r in self.runs.values() if r.name.split("#")[0] == type(model).__name__)
-            run = self.runs[id(model)] = ModelRun(f"{type(model).__name__}#{same}", model)
+            self.forget_dead_models()   # its address may be a collected model's: never inherit its state
+            taken = {r.name for r in self.runs.values()}
+            index = next(i for i in range(len(taken) + 1) if f"{type(model).__name__}#{i}" not in taken)
+            run = self.runs[id(model)] = ModelRun(f"{type(model).__name__}#{index}", model)
         return run
+
+    def forget_dead_models(self) -> None:
+        """Drop the runs, site rows and cached instances of models that were garbage collected (a
+        notebook that builds its pipeline again): report() lists the models that exist, and a new
+        model may take a freed name. Runs when a new model is seen and in report(), never per call."""
+        dead = {key: run for key, run in self.runs.items() if run.model_ref is not None and run.model_ref() is None}
+        if not dead:
+            return
+        runs, names = list(dead.values()), {run.name for run in dead.values()}
+        for key in dead:
+            del self.runs[key]
+        self.sites = {k: i for k, i in self.sites.items() if i.model not in names}
+        self._instances = {k: v for k, v in self._instances.items() if v[0] not in runs}
+        self._current = {k: v for k, v in self._current.items() if v[0] not in runs}
 
     def on_timestep(self, t, run: ModelRun | None = None) -> None:
         """A compiled graph read a timestep input; ``run`` None: find the model on the stack."""

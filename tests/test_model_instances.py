@@ -141,6 +141,33 @@ def test_two_models_of_one_architecture_keep_separate_state():
     assert len(compiles) <= 2                                  # no recompile per step
 
 
+@pytest.mark.parametrize("second", ["whole", "regional"])
+def test_a_model_built_again_replaces_the_collected_one_in_the_report(second):
+    """A notebook builds its pipeline again: the collected model's rows leave the report (its
+    address may be the new model's: the new one must not inherit its rows or state), the new model
+    lists its own layers as sparse with its own steps, in either compile style."""
+    import gc
+    import weakref
+    opts = {"policy": "vmoba", "warmup_steps": 1, **OPTS}
+    first = torch.compile(tiny_wan(0), backend="modsparse", options=opts)
+    denoise(first, steps=(999, 749, 499))
+    assert [r.site for r in self_attention_rows()] == [f"WanTransformer3DModel#0/blocks.{i}.attn1#0" for i in range(3)]
+    gone = weakref.ref(first._orig_mod)
+    del first
+    gc.collect()
+    assert gone() is None       # nothing of modcompile's (nor its stack walks) keeps the model alive
+    model = tiny_wan(1)
+    if second == "whole":
+        model = torch.compile(model, backend="modsparse", options=opts)
+    else:
+        model.compile_repeated_blocks(backend="modsparse", options=opts)
+    denoise(model)
+    rows = modcompile.report(print_table=False)
+    assert [r.site for r in rows if ".attn1" in r.site] == [f"WanTransformer3DModel#0/blocks.{i}.attn1#0" for i in range(3)]
+    assert all(r.status == "sparse" and r.steps == 4 and r.passes == 1 for r in rows if ".attn1" in r.site), rows
+    assert all(r.site.startswith("WanTransformer3DModel#0/") for r in rows), rows
+
+
 def test_per_token_timesteps_are_read_whole():
     """Wan2.2 TI2V passes a (B, seq_len) timestep: every entry counts, not only the first."""
     model = torch.compile(tiny_wan(), backend="modsparse", options={"policy": "dense", **OPTS})
