@@ -61,6 +61,7 @@ from modcompile.dispatch import attention_forward
 from modcompile.ops import site_attention
 from modcompile.policies import Plan, SiteContext
 from modcompile.policies.mod import ModPolicy
+from modcompile.policies.mod_mask import uses_count_map
 from modcompile.policies.mod_observe import observe_map
 from modcompile.sites import SiteInfo, SiteState
 
@@ -147,12 +148,12 @@ class Site:
         # The map kernel alone, as this observation calls it (restricted on cheap refreshes): the
         # rest of observe_rep is the coverage estimate and the tail.
         cfg = self.policy.config
-        restricted = plan.data == "cheap" and before["fields"]["smap"] is not None
+        restricted = plan.data == "cheap" and before["fields"]["mmap"] is not None
         lists = dict(kv_counts=plan.lists.counts, kv_indices=plan.lists.indices) if restricted else {}
 
         def map_only():
             observe_map(q, k, lse, block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, with_mass=True, **lists)
+                        row_stride=cfg.observe_row_stride, with_mass=True, with_count=uses_count_map(cfg), **lists)
 
         out = {"observe_rep": repeat(observe), "map_rep": repeat(map_only),
                "attn_rep": repeat(lambda: site_attention(self.policy, ctx, q, k, v, plan, scale))}

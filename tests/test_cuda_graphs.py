@@ -137,7 +137,9 @@ def test_compiled_vmoba_replays_and_switch(graphs, fresh_modcompile, monkeypatch
 
 # ----------------------------------------------------------------------------- MOD observation tail
 
-def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
+def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed, counted=True):
+    """observe_tail's inputs; ``counted``: with the count map (the blocks / lines rules), else the
+    mass rule's (the mass map alone, no fit)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     nb = geom.nb
     raw = torch.rand(batch, heads, nb, nb, generator=g)
@@ -147,6 +149,8 @@ def _mod_tail_inputs(geom, fg, batch, heads, cheap, build, device, seed):
         unobserved = torch.rand(heads, nb, nb, generator=g) < 0.5   # the same per batch entry
         raw[:, unobserved] = mass[:, unobserved] = -1.0
         inputs += [torch.rand(heads, nb, nb, generator=g), torch.rand(heads, nb, nb, generator=g) / nb]
+    if not counted:
+        return [x.to(device) for x in inputs[1::2]]
     if build:
         inputs += [torch.randn(heads, geom.num_basis, generator=g) * 0.1,
                    torch.tensor([float(1 + seed % 3), 5.5])]
@@ -157,7 +161,7 @@ def test_mod_tail_graph_cache_key(monkeypatch):
     from modcompile.policies.mod import ModPolicy
     from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
-    cfg = SparsityConfig(block_size=16)
+    cfg = SparsityConfig(block_size=16, mask_rule="blocks")
     policy = ModPolicy(cfg)
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
     fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
@@ -182,18 +186,19 @@ def test_mod_tail_graph_cache_key(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("cheap,build", [(False, False), (False, True), (True, True)])
-def test_mod_tail_replay_equals_eager(cheap, build, monkeypatch):
+@pytest.mark.parametrize("rule", ["mass", "blocks"])
+def test_mod_tail_replay_equals_eager(cheap, build, rule, monkeypatch):
     monkeypatch.delenv(cuda_graphs.ENV, raising=False)
     from modcompile.policies.mod import ModPolicy
     from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
-    cfg = SparsityConfig(block_size=64, coverage=0.85, min_density=0.05, max_density=0.7)
+    cfg = SparsityConfig(block_size=64, coverage=0.85, min_density=0.05, max_density=0.7, mask_rule=rule)
     policy = ModPolicy(cfg)
     geom = Geometry(8 * 16 * 16 + 40, 64, (8, 16, 16), 40, "last")     # ragged last block, text tokens
     fg = fit_geometry(geom, cfg.ridge_lambda, torch.device("cuda"))
     call = None
     for step in range(5):
-        inputs = _mod_tail_inputs(geom, fg, 2, 3, cheap, build, "cuda", step)
+        inputs = _mod_tail_inputs(geom, fg, 2, 3, cheap, build, "cuda", step, counted=rule != "mass")
         call = policy.observe_tail(fg, 2, 3, cheap, build)
         got = call(*inputs)
         want = observe_tail(fg, cfg, 2, cheap, build, *inputs)
@@ -201,7 +206,7 @@ def test_mod_tail_replay_equals_eager(cheap, build, monkeypatch):
         for i, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a, b), (step, i)
         if build:
-            assert (got[6] < geom.nb).any()  # really sparse, so equality says something
+            assert (got[-2] < geom.nb).any()  # really sparse, so equality says something
     assert isinstance(call, cuda_graphs.GraphedCall) and not call.failed
     assert call.eager_calls == 1 and call.replays == 4
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modcompile.kernels.block_sparsity import (block_sparsity, block_sparsity_ref, group_lists, sample_layout,
-                                              sampled_rows)
+from modcompile.kernels.block_sparsity import (block_mass, block_mass_ref, block_sparsity, block_sparsity_ref,
+                                               group_lists, sample_layout,
+                                               sampled_rows)
 from modcompile.kernels.block_lists import mask_from_lists, num_blocks
 
 # Half of the entries' scores move by at most this much between fp16/fp32 kernels and float64.
@@ -468,6 +469,8 @@ def test_gpu_mass_map_matches_float64_at_real_sizes(stride):
     assert torch.allclose(got, want, rtol=2e-2, atol=1e-5), (got - want).abs().max()
     top = want.flatten(-2).topk(m, -1).indices  # the densest blocks must be found as the densest
     assert (got.flatten(-2).gather(-1, top) > 0.5 * want.flatten(-2).gather(-1, top)).all()
+    alone = block_mass(q.cuda(), k.cuda(), lse.float().cuda(), block_size=bs, row_stride=stride)
+    assert torch.allclose(alone.cpu().double(), want, rtol=2e-2, atol=1e-5)   # the mass map alone
 
 
 def _explicit_mass(q, k, lse, bias, bs, rows, listed=None):
@@ -515,6 +518,11 @@ def test_mass_map_matches_the_float64_probabilities(n, bs, stride, restricted, b
         if not restricted:   # the sampled rows' probabilities sum to 1 (to 0 where lse is -inf: none here)
             assert torch.allclose(mass.sum(-1), torch.ones(B, H, m), atol=1e-4)
         assert torch.equal(smap.isnan(), ~written)   # the sparsity map is written at the same entries
+    kw.pop("threshold")
+    for fn in (block_mass, block_mass_ref):      # the mass map alone: the same entries and values
+        alone = fn(q, k, lse.float(), out=torch.full((B, H, m, m), -1.0), **kw)
+        assert torch.equal(alone != -1.0, written)
+        assert torch.allclose(alone[written].double(), want[written], rtol=1e-4, atol=1e-6), fn.__name__
     with pytest.raises(ValueError, match="mass must be float32"):
         block_sparsity_ref(q, k, lse.float(), mass=torch.zeros(B, H, m, m + 1), block_size=bs)
 
@@ -528,6 +536,9 @@ def test_mass_map_is_nan_where_the_map_is():
         smap = fn(q, k, lse.float(), block_size=16, mass=mass)
         assert torch.equal(mass.isnan(), smap.isnan()) and mass[0, 0, 0].isnan().all()
         assert torch.isfinite(mass[0, 0, 1:]).all()
+    for fn in (block_mass, block_mass_ref):
+        alone = fn(q, k, lse.float(), block_size=16)
+        assert torch.equal(alone.isnan(), mass.isnan())
 
 
 def test_observe_benchmark_smoke(tmp_path, monkeypatch):

@@ -129,13 +129,15 @@ def test_schedule_cheap_refresh_and_history_rule():
     dense_map = None
     for s in range(20):
         if s == 9:
-            dense_map = drv.state.policy_state.smap.clone()
+            dense_map = drv.state.policy_state.mmap.clone()
             mask_before = drv.state.policy_state.mask.clone()
         drv.step(s, q, k, v)
         if s == 9:
             st = drv.state.policy_state
             # Skipped blocks keep their historical values; computed ones were observed again.
-            assert torch.equal(st.smap[~mask_before], dense_map[~mask_before])
+            assert torch.equal(st.mmap[~mask_before], dense_map[~mask_before])
+            assert not torch.equal(st.mmap[mask_before], dense_map[mask_before])
+            assert st.smap is None and not st.fits          # the mass rule: no count map, no fit
             assert not drv.plans[9].dense and drv.plans[9].observe
     st = drv.state.policy_state
     assert [e for e in st.events if e[1].startswith("refresh")] == [(9, "refresh-cheap"), (13, "refresh-cheap"),
@@ -154,7 +156,8 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
     """The default full refresh (every third refresh) runs the sparse kernel with the current lists
     and observes the map of every block from that call's lse: no historical value survives, and
     its coverage is checked like a cheap refresh's."""
-    from modcompile.kernels.block_sparsity import block_sparsity_ref
+    from modcompile.kernels.block_sparsity import block_mass_ref
+    from modcompile.policies.mod_observe import rescale_full_refresh
     cfg = SparsityConfig(block_size=16, refresh_interval=4, full_refresh_every=3, min_observed_coverage=0.0,
                          observe_row_stride=2)
     assert cfg.full_refresh == "sparse"
@@ -171,9 +174,9 @@ def test_full_refresh_on_the_sparse_step_observes_every_block():
             assert torch.equal(mask_from_lists(plan.lists.counts, plan.lists.indices, 16)[0], mask_before)
             ctx = SiteContext(info=drv.info, state=drv.state, step=17, num_steps=20, config=cfg)
             _, lse = drv.policy.attention(ctx, q, k, v, plan, 0.25)
-            want = block_sparsity_ref(q, k, lse, block_size=16, threshold=cfg.threshold, scale=0.25,
-                                      row_stride=2).mean(0)
-            assert torch.equal(st.smap, want)                   # every block, also the skipped ones
+            raw = block_mass_ref(q, k, lse, block_size=16, scale=0.25, row_stride=2)
+            want = rescale_full_refresh(raw, mask_before)[0].mean(0)
+            assert torch.allclose(st.mmap, want, rtol=1e-6, atol=1e-7)   # every block, also the skipped ones
             assert (~mask_before).any()
     st = drv.state.policy_state
     assert [e for e in st.events if e[1].startswith("refresh")] == [(9, "refresh-cheap"), (13, "refresh-cheap"),
@@ -343,7 +346,7 @@ def test_observe_tail_is_the_eager_sequence_of_steps():
     from modcompile.policies.mod_mask import extrapolate, predict_mask
     from modcompile.policies.mod_observe import observe_tail
     from modcompile.policies.mod_fit import Geometry, fit_geometry
-    cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
+    cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8, mask_rule="blocks")
     geom = Geometry(70, 16, (2, 5, 6), 10, "last")
     nb, H, B = geom.nb, 3, 2
     fg = fit_geometry(geom, cfg.ridge_lambda, "cpu")
@@ -384,6 +387,17 @@ def test_observe_tail_is_the_eager_sequence_of_steps():
             assert torch.equal(got[7], counts.expand(B, H, nb)) and torch.equal(got[8], indices.expand(B, H, nb, nb))
         if cheap:   # the merge did something
             assert not torch.equal(smap, raw.mean(0)) and not torch.equal(mmap, raw_mass.mean(0))
+        # the mass rule (the default): the mass map alone, merged the same way, no fit
+        mass_cfg = SparsityConfig(block_size=16, refresh_interval=4, coverage=0.8)
+        mass_inputs = (cheap_mass, old_mass) if cheap else (raw_mass,)
+        got = observe_tail(fg, mass_cfg, B, cheap, False, *mass_inputs)
+        assert len(got) == 1 and torch.equal(got[0], mmap)
+        want = predict_mask(None, fg, mass_cfg, None, mmap)
+        got = observe_tail(fg, mass_cfg, B, cheap, True, *mass_inputs)
+        assert torch.equal(got[0], mmap) and all(torch.equal(a, b) for a, b in zip(got[1:5], want))
+        counts, indices = lists_from_mask(want[0])
+        assert torch.equal(got[5], counts.expand(B, H, nb)) and torch.equal(got[6], indices.expand(B, H, nb, nb))
+        assert want[0].float().mean() < 0.9                  # a real selection, so equality says something
 
 
 def _coverage_brute(q, k, lse, kept, bs, scale, rows):

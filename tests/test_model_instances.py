@@ -135,8 +135,8 @@ def test_two_models_of_one_architecture_keep_separate_state():
     assert len(rows_high) == len(rows_low) == 3
     assert all(r.steps == 3 for r in rows_high) and all(r.steps == 4 for r in rows_low)
     states = REGISTRY.states
-    high_maps = [states[(r.site, 0)].policy_state.smap for r in rows_high]
-    low_maps = [states[(r.site, 0)].policy_state.smap for r in rows_low]
+    high_maps = [states[(r.site, 0)].policy_state.mmap for r in rows_high]
+    low_maps = [states[(r.site, 0)].policy_state.mmap for r in rows_low]
     assert all(h is not None and l is not None and h is not l for h, l in zip(high_maps, low_maps))
     assert len(compiles) <= 2                                  # no recompile per step
 

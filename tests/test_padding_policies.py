@@ -213,7 +213,8 @@ def test_mod_observed_map_gives_padding_no_mass(triton_on, monkeypatch):
     if not triton_on:
         monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
     block, stride = 16, 4
-    cfg = SparsityConfig(policy="mod", block_size=block, warmup_steps=2, threshold=1e-2, observe_row_stride=stride)
+    cfg = SparsityConfig(policy="mod", block_size=block, warmup_steps=2, threshold=1e-2, observe_row_stride=stride,
+                         mask_rule="blocks")   # a rule that observes the count map
     policy, ctx = ModPolicy(cfg), _ctx(cfg, GRID, N, step=0, num_steps=10)
     q, k, v = _qkv(2, 2, N, 32, 5)
     bias = _bias(2, N, [torch.arange(N - 9, N), torch.arange(N - 16, N)], 5)   # batch 1: the last block is padding

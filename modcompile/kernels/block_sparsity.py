@@ -23,6 +23,10 @@ visits the *union* of its blocks' lists (built on device from the lists, a few s
 an entry only where that query block lists the key block: the restricted map costs at most the
 full one, instead of one 16-row tile per query block re-loading all of its key blocks.
 
+Mass map (``mass``): per entry the attention mass of the tile, the mean over its rows of
+``sum_j exp(s_ij * scale + bias_j - lse_i)``, written in the same pass; :func:`block_mass` writes it
+alone, without the per-score comparisons of the sparsity map.
+
 Row sampling (``row_stride`` s > 1): the map is *estimated* from the query rows at local offsets
 ``phase, phase + s, ...`` of each query block (``phase = (row_phase % s) % min(s, valid rows)``; see
 :func:`sampled_rows`); the entry is then ``sparse entries / valid entries`` over those rows only.
@@ -77,6 +81,7 @@ def _block_sparsity_kernel(
     RESTRICTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MASS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,   # the sparsity map (Out); off: the mass map alone (the MOD "mass" rule)
     DOT_PRECISION: tl.constexpr,
 ):
     # One program per GROUP consecutive query blocks, one (batch, head) and one of SPLITS parts of
@@ -173,23 +178,27 @@ def _block_sparsity_kernel(
                 s_biased = s + kb[None, :]
             else:
                 s_biased = s
-            below += tl.sum((s_biased < bound[:, None]).to(tl.int32), 1)
+            if HAS_COUNT:
+                below += tl.sum((s_biased < bound[:, None]).to(tl.int32), 1)
             if HAS_MASS:
                 p = tl.exp2(s_biased * scale_log2e - lse_log2[:, None])
-                mass += tl.sum(tl.where((cols < N_K)[None, :], p, 0.0), 1)
+                if (key_block + 1) * BLOCK_SIZE > N_K:   # only the ragged last key block has columns past N_K
+                    p = tl.where((cols < N_K)[None, :], p, 0.0)
+                mass += tl.sum(p, 1)
             total += tl.sum(s, 1)   # the raw scores: non-finite q or k, hidden or not
         cols_valid = tl.minimum(N_K - key_block * BLOCK_SIZE, BLOCK_SIZE)
-        below -= (BLOCK_SIZE - cols_valid) * zero_hit
-        below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
-        frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
         # Unsampled slots loaded q = 0 (0 * NaN is NaN): only sampled rows count.
         bad = lse_bad | (row_ok & ~(tl.abs(total) < float("inf")))  # NaN compares false
         bad_per_block = tl.sum(tl.reshape(bad.to(tl.int32), [GROUP, SAMPLE_ROWS]), 1)
-        frac = tl.where(bad_per_block > 0, float("nan"), frac)
         store_ok = block_ok
         if RESTRICTED and GROUP > 1:
             store_ok = store_ok & (tl.load(listed_base + key_block, mask=block_ok, other=0) != 0)
-        tl.store(out_base + key_block * stride_ok, frac, mask=store_ok)
+        if HAS_COUNT:
+            below -= (BLOCK_SIZE - cols_valid) * zero_hit
+            below_per_block = tl.sum(tl.reshape(below, [GROUP, SAMPLE_ROWS]), 1)
+            frac = below_per_block.to(tl.float32) / (tl.maximum(rows_sampled, 1) * cols_valid).to(tl.float32)
+            frac = tl.where(bad_per_block > 0, float("nan"), frac)
+            tl.store(out_base + key_block * stride_ok, frac, mask=store_ok)
         if HAS_MASS:
             mass_per_block = tl.sum(tl.reshape(mass, [GROUP, SAMPLE_ROWS]), 1) / tl.maximum(rows_sampled, 1)
             mass_per_block = tl.where(bad_per_block > 0, float("nan"), mass_per_block)
@@ -307,11 +316,42 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     where the map is NaN). ``config`` forces a launch configuration (benchmarks): ``sub`` keys per chunk (it must divide
     the block) and ``key_blocks`` per program part; ``tile`` is ignored (the sampling layout sets it)."""
     _check(q, k, lse, block_size, kv_counts, kv_indices, out, row_stride, row_phase, key_bias, mass)
+    if threshold <= 0:
+        raise ValueError("block_sparsity: threshold must be > 0")
+    B, H, N, _ = q.shape
+    if out is None:
+        restricted = kv_counts is not None
+        out = torch.full((B, H, num_blocks(N, block_size), num_blocks(k.shape[2], block_size)),
+                         fill if restricted else 0.0, dtype=torch.float32, device=q.device)
+    _launch(q, k, lse, block_size, threshold, scale, kv_counts, kv_indices, out, mass, row_stride, row_phase,
+            key_bias, config)
+    return out
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
+               scale: float | None = None, kv_counts: torch.Tensor | None = None,
+               kv_indices: torch.Tensor | None = None, out: torch.Tensor | None = None, fill: float = float("nan"),
+               row_stride: int = 1, row_phase: int = 0, key_bias: torch.Tensor | None = None,
+               config: LaunchConfig | None = None) -> torch.Tensor:
+    """The mass map alone ``(B, H, Mq, Mk)`` float32: :func:`block_sparsity`'s ``mass`` output (same
+    arguments, same NaN and restricted-mode rules, ``out`` takes the mass) without the sparsity
+    map's per-score comparisons, for callers that rank blocks by mass only."""
+    _check(q, k, lse, block_size, kv_counts, kv_indices, None, row_stride, row_phase, key_bias, out)
+    B, H, N, _ = q.shape
+    if out is None:
+        out = torch.full((B, H, num_blocks(N, block_size), num_blocks(k.shape[2], block_size)),
+                         fill if kv_counts is not None else 0.0, dtype=torch.float32, device=q.device)
+    _launch(q, k, lse, block_size, 1.0, scale, kv_counts, kv_indices, None, out, row_stride, row_phase,
+            key_bias, config)
+    return out
+
+
+def _launch(q, k, lse, block_size, threshold, scale, kv_counts, kv_indices, out, mass, row_stride, row_phase,
+            key_bias, config) -> None:
+    """One kernel launch writing ``out`` (the sparsity map; None: not computed) and / or ``mass``."""
     if not (q.is_cuda or interpreting()):
         raise ValueError("block_sparsity: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); "
                          "use block_sparsity_ref on CPU")
-    if threshold <= 0:
-        raise ValueError("block_sparsity: threshold must be > 0")
     if scale is not None and scale <= 0:  # the kernel compares raw scores with bound / scale
         raise ValueError("block_sparsity: scale must be > 0")
     B, H, N, D = q.shape
@@ -321,10 +361,8 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
     q, k = unit_last_stride(q), unit_last_stride(k)
     lse = unit_last_stride(lse.float())
     restricted = kv_counts is not None
-    if out is None:
-        out = torch.full((B, H, mq, mk), fill if restricted else 0.0, dtype=torch.float32, device=q.device)
     if B * H * N * n_k == 0:
-        return out
+        return
     cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted)
     if block_size % cfg.sub or cfg.key_blocks < 1:
         raise ValueError(f"block_sparsity: config {cfg.label()}: sub must divide block_size {block_size} and "
@@ -340,15 +378,16 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         listed = listed.view(torch.int8)
     splits = key_splits(mk, cfg.key_blocks)
     bias = lse if key_bias is None else unit_last_stride(key_bias)   # dummy when absent: never read
+    out_arg = mass if out is None else out                             # dummy when absent: never written
     mass_arg = out if mass is None else mass                           # dummy when absent: never written
     _block_sparsity_kernel[(triton.cdiv(mq, group), B * H, splits)](
-        q, k, lse, out, kv_counts, kv_indices, listed, bias, mass_arg,
+        q, k, lse, out_arg, kv_counts, kv_indices, listed, bias, mass_arg,
         1.0 / scale, math.log(threshold), row_phase % row_stride, scale * math.log2(math.e),
         N, n_k, H, mq, mk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        out_arg.stride(0), out_arg.stride(1), out_arg.stride(2), out_arg.stride(3),
         kv_counts.stride(0), kv_counts.stride(1), kv_counts.stride(2),
         kv_indices.stride(0), kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
         listed.stride(0), listed.stride(1), listed.stride(2),
@@ -356,10 +395,10 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block
         mass_arg.stride(0), mass_arg.stride(1), mass_arg.stride(2), mass_arg.stride(3),
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg.sub,
         ROW_STRIDE=row_stride, SAMPLE_ROWS=sample_rows, GROUP=group, SPLITS=splits, RESTRICTED=restricted,
-        HAS_BIAS=key_bias is not None, HAS_MASS=mass is not None, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_BIAS=key_bias is not None, HAS_MASS=mass is not None, HAS_COUNT=out is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
 
 
 def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
@@ -428,5 +467,21 @@ def block_sparsity_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, b
     return out
 
 
-__all__ = ["block_sparsity", "block_sparsity_ref", "sampled_rows", "sample_layout", "group_lists",
+def block_mass_ref(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int = 128,
+                   scale: float | None = None, kv_counts: torch.Tensor | None = None,
+                   kv_indices: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   fill: float = float("nan"), row_stride: int = 1, row_phase: int = 0,
+                   key_bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Torch reference of :func:`block_mass` (the mass output of :func:`block_sparsity_ref`)."""
+    if out is None:
+        B, H, N, _ = q.shape
+        out = torch.full((B, H, num_blocks(N, block_size), num_blocks(k.shape[2], block_size)),
+                         fill if kv_counts is not None else 0.0, dtype=torch.float32, device=q.device)
+    block_sparsity_ref(q, k, lse, block_size=block_size, scale=scale, kv_counts=kv_counts, kv_indices=kv_indices,
+                       row_stride=row_stride, row_phase=row_phase, key_bias=key_bias, mass=out,
+                       compute_dtype=compute_dtype)
+    return out
+
+
+__all__ = ["block_sparsity", "block_sparsity_ref", "block_mass", "block_mass_ref", "sampled_rows", "sample_layout", "group_lists",
            "SUPPORTED_BLOCK_SIZES"]

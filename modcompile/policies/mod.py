@@ -1,15 +1,15 @@
 """The ``mod`` policy (MOD-DiT, arXiv 2601.11641): fitted mixture-of-lines masks, the default.
 
-Per (site, CFG pass) the policy keeps the block sparsity map ``S`` and the blocks' attention mass
-(nb x nb, batch mean, per head, both from one observation pass), the last two ridge fits of ``S`` onto
-the line basis (:mod:`.mod_fit`) and the current block lists. The default mask rule keeps the densest
-blocks by observed mass; the fitted lines make the masks of the ``blocks`` and ``lines`` rules
-(:mod:`.mod_mask`).
+Per (site, CFG pass) the policy keeps the blocks' attention mass (nb x nb, batch mean, per head) and
+the current block lists. The default mask rule keeps the densest blocks by observed mass, and its
+observations compute that map alone. The ``blocks`` and ``lines`` rules also keep the block sparsity
+map ``S`` (from the same observation pass) and the last two ridge fits of ``S`` onto the line basis
+(:mod:`.mod_fit`), whose lines make their masks (:mod:`.mod_mask`).
 
 Schedule (``ctx.step`` of ``ctx.num_steps``; W warm-up steps, T = ``refresh_interval``):
 
-* steps < W: dense; the last two (W-2, W-1) run the block-sparse kernel on full lists, observe ``S``
-  and fit; after the fit of W-1 the mask is built;
+* steps < W: dense; the last two (W-2, W-1) observe (and fit ``S``); after the observation of W-1
+  the mask is built;
 * steps W, W+1, ...: sparse with the current lists (``plan`` returns stored tensors: no work, no
   host sync);
 * refreshes (:func:`refresh_due`): ``refresh_schedule="fixed"`` (default, the paper) at steps
@@ -50,6 +50,7 @@ import torch
 from .. import cuda_graphs
 from .base import Plan, Policy, SiteContext, register_policy
 from .mod_fit import FitGeometry, Geometry, fit_geometry
+from .mod_mask import uses_count_map
 from .mod_observe import device_scalars, observe_map, observe_tail, observed_coverage, rescale_full_refresh
 
 log = logging.getLogger("modcompile")
@@ -81,9 +82,9 @@ class DeferredScalar:
 @dataclass
 class ModState:
     geometry: Geometry
-    smap: torch.Tensor | None = None               # (H, nb, nb) observed map, history merged
+    smap: torch.Tensor | None = None               # (H, nb, nb) observed map, history merged (rules that fit it)
     mmap: torch.Tensor | None = None               # (H, nb, nb) observed attention mass, history merged
-    fits: list = field(default_factory=list)       # last two (step, coef (H, P))
+    fits: list = field(default_factory=list)       # last two (step, coef (H, P)) (rules that fit the map)
     mask: torch.Tensor | None = None               # (H, nb, nb) bool, current kept blocks
     head_lists: tuple | None = None                # (counts (H, nb), indices (H, nb, nb)) int32
     lists: dict = field(default_factory=dict)      # batch -> contiguous (B, H, ...) lists of the current mask
@@ -275,16 +276,18 @@ class ModPolicy(Policy):
         fg = fit_geometry(st.geometry, cfg.ridge_lambda, q.device)
         # Row sampling at a fixed phase: the mask extrapolates the difference of two fits (times
         # (T+1)/2), and fits of the same rows keep sampling noise out of that difference.
+        counted = uses_count_map(cfg)   # the default mass rule observes the mass map alone
         sampling = dict(block_size=cfg.block_size, threshold=cfg.threshold, scale=scale,
-                        row_stride=cfg.observe_row_stride, row_phase=0, key_bias=key_bias, with_mass=True)
-        cheap = kind == "cheap" and st.smap is not None
+                        row_stride=cfg.observe_row_stride, row_phase=0, key_bias=key_bias, with_mass=True,
+                        with_count=counted)
+        cheap = kind == "cheap" and st.mmap is not None
         if cheap:
             raw, raw_mass = observe_map(q, k, lse, kv_counts=plan.lists.counts, kv_indices=plan.lists.indices,
                                         **sampling)
         else:
             # Dense steps, and full refreshes: every block, from the sparse call's lse.
             raw, raw_mass = observe_map(q, k, lse, **sampling)
-        st.nonfinite_flag = DeferredScalar(raw.isnan().any())
+        st.nonfinite_flag = DeferredScalar((raw if counted else raw_mass).isnan().any())
         if kind != "dense":
             # A sparse refresh ran the policy's own lists: the kept blocks are st.mask.
             if cheap:
@@ -297,17 +300,21 @@ class ModPolicy(Policy):
                 raw_mass, coverage = rescale_full_refresh(raw_mass, st.mask)
             st.coverage_flag = DeferredScalar(coverage.mean())
         build = ctx.step >= self.warmup_steps(ctx) - 1
-        inputs = [raw, raw_mass]
+        B, H = raw_mass.shape[:2]
+        inputs = [raw, raw_mass] if counted else [raw_mass]
         if cheap:
-            inputs += [st.smap, st.mmap]
-        if build:
-            inputs += self._extrapolation_inputs(ctx, st, ctx.step, raw.shape[1], fg)
-        outputs = self.observe_tail(fg, raw.shape[0], raw.shape[1], cheap, build)(*inputs)
-        st.smap, st.mmap, coef = outputs[:3]
-        st.fits = (st.fits + [(ctx.step, coef)])[-2:]
+            inputs += [st.smap, st.mmap] if counted else [st.mmap]
+        if build and counted:
+            inputs += self._extrapolation_inputs(ctx, st, ctx.step, H, fg)
+        outputs = self.observe_tail(fg, B, H, cheap, build)(*inputs)
+        if counted:
+            st.smap, st.mmap, coef = outputs[:3]
+            st.fits = (st.fits + [(ctx.step, coef)])[-2:]
+        else:
+            st.mmap = outputs[0]
         _record(st.fit_steps, ctx.step)
         if build:
-            st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[3:]
+            st.mask, st.lines, st.keep_frame, st.predicted_coverage, counts, indices = outputs[3 if counted else 1:]
             st.head_lists = (counts[0], indices[0])
             st.lists = {}  # written into st.list_buffers by the next plan
 

@@ -41,7 +41,14 @@ def extrapolate(fits: list, interval: int) -> torch.Tensor:
     return coef2 + slope * ((interval + 1) / 2.0)
 
 
-def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Tensor | None = None,
+def uses_count_map(config) -> bool:
+    """Whether the mask rule reads the fitted sparsity (count) map: ``blocks`` and ``lines`` rank its
+    lines, ``mass`` with ``lines_per_head`` too. The default ``mass`` rule ranks the observed mass
+    alone, so its observations compute neither the count map nor the fit."""
+    return config.mask_rule != "mass" or config.lines_per_head is not None
+
+
+def predict_mask(coef: torch.Tensor | None, fg: FitGeometry, config, observed: torch.Tensor | None = None,
                  observed_mass: torch.Tensor | None = None):
     """The kept blocks (H, nb, nb) bool from coefficients (H, P), plus per head the lines kept (-1
     where no lines decide the mask), whether the frame diagonal is kept and the predicted kept mass
@@ -57,8 +64,8 @@ def predict_mask(coef: torch.Tensor, fg: FitGeometry, config, observed: torch.Te
     the synthetic benchmark.)"""
     geom = fg.geom
     nb = geom.nb
-    H = coef.shape[0]
-    dev = coef.device
+    H = (coef if coef is not None else observed_mass).shape[0]   # coef None: the mass rule (uses_count_map)
+    dev = fg.device
     eye = torch.eye(nb, dtype=torch.bool, device=dev)
     text = fg.text_blocks
     forced = (eye | text[None, :] | text[:, None]).expand(H, nb, nb)

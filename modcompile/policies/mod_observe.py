@@ -28,70 +28,90 @@ from .. import dispatch
 from ..kernels.block_lists import lists_from_mask, num_blocks
 from .base import block_means, block_token_counts, masked_block_means
 from .mod_fit import FitGeometry
-from .mod_mask import predict_mask
+from .mod_mask import predict_mask, uses_count_map
 
 # The restricted map's value for blocks it did not compute (a fraction is never negative).
 NOT_OBSERVED = -1.0
 
 
 def observe_map(q, k, lse, *, block_size, threshold, scale, kv_counts=None, kv_indices=None,
-                row_stride: int = 1, row_phase: int = 0, key_bias=None, with_mass: bool = False):
+                row_stride: int = 1, row_phase: int = 0, key_bias=None, with_mass: bool = False,
+                with_count: bool = True):
     """Block sparsity map (B, H, Mq, Mk): Triton on CUDA / interpreter, torch reference otherwise;
-    ``with_mass``: ``(map, mass map)``, the second the blocks' attention mass (the same kernel pass);
+    ``with_mass``: ``(map, mass map)``, the second the blocks' attention mass (the same kernel pass;
+    ``with_count=False``: ``(None, mass map)``, the mass alone, without the map's per-score work);
     with block lists only the listed blocks are written, the others are ``NOT_OBSERVED`` (-1), so
     that NaN keeps one meaning: a tile with NaN probabilities (non-finite q, k or lse).
     ``row_stride > 1`` estimates it from every ``row_stride``-th query row of each block, from
     ``row_phase`` on. ``key_bias`` (B, Nk): a hidden key has probability 0 (sparse)."""
-    from ..kernels.block_sparsity import block_sparsity, block_sparsity_ref
-    fn = block_sparsity if dispatch.use_triton(q) else block_sparsity_ref
+    from ..kernels.block_sparsity import block_mass, block_mass_ref, block_sparsity, block_sparsity_ref
+    triton = dispatch.use_triton(q)
+    sampling = dict(block_size=block_size, scale=scale, kv_counts=kv_counts, kv_indices=kv_indices,
+                    row_stride=row_stride, row_phase=row_phase, fill=NOT_OBSERVED, key_bias=key_bias)
+    if not with_count:
+        if not with_mass:
+            raise ValueError("observe_map: with_count=False needs with_mass=True")
+        return None, (block_mass if triton else block_mass_ref)(q, k, lse, **sampling)
     mass = None
     if with_mass:
         B, H, n, _ = q.shape
         mass = torch.full((B, H, num_blocks(n, block_size), num_blocks(k.shape[2], block_size)), NOT_OBSERVED,
                           dtype=torch.float32, device=q.device)
-    smap = fn(q, k, lse, block_size=block_size, threshold=threshold, scale=scale,
-              kv_counts=kv_counts, kv_indices=kv_indices, row_stride=row_stride, row_phase=row_phase,
-              fill=NOT_OBSERVED, key_bias=key_bias, mass=mass)
+    smap = (block_sparsity if triton else block_sparsity_ref)(q, k, lse, threshold=threshold, mass=mass, **sampling)
     return (smap, mass) if with_mass else smap
 
 
 
-def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, raw: torch.Tensor,
-                 raw_mass: torch.Tensor, *rest):
+def observe_tail(fg: FitGeometry, config, batch: int, cheap: bool, build: bool, *inputs):
     """Everything an observation does after its map kernel, on device, as a pure function of its
     tensor inputs (static shapes, no host sync, no state): replayable from a CUDA graph.
 
-    ``raw`` (B, H, nb, nb) is the observed map, ``raw_mass`` its mass map. Cheap (``rest`` starts with
-    the old map and mass map): entries the restricted map did not compute (``NOT_OBSERVED``) keep the
-    old maps' values (a skipped block keeps its last observed mass). NaN entries
-    (tiles with NaN probabilities: non-finite inputs) are never fitted: they keep the old map's
-    value in a cheap refresh and count as dense (sparsity 0, mass 1: kept) otherwise, so one bad input
-    does not make the predictor NaN for the rest of the run. The map is fitted; with
-    ``build`` (``rest`` ends with the previous coefficients and the (step gap, (T+1)/2) device
-    tensor of :meth:`.mod.ModPolicy._extrapolation_inputs`) the coefficients are extrapolated as
-    :func:`.mod_mask.extrapolate` does, the mask predicted and its block lists built for ``batch``.
-    Returns ``(smap, mmap, coef)`` or ``(smap, mmap, coef, mask, lines, keep_frame, predicted_coverage,
-    counts (batch, H, nb), indices (batch, H, nb, nb))``."""
-    rest = list(rest)
+    ``inputs``: ``raw`` (B, H, nb, nb), the observed sparsity map, when the mask rule reads it
+    (:func:`.mod_mask.uses_count_map`), then ``raw_mass``, its mass map; cheap (a restricted map)
+    then the old maps (the same ones); with ``build`` and the count map, then the previous
+    coefficients and the (step gap, (T+1)/2) device tensor of
+    :meth:`.mod.ModPolicy._extrapolation_inputs`. Entries the restricted map did not compute
+    (``NOT_OBSERVED``) keep the old maps' values (a skipped block keeps its last observed mass). NaN
+    entries (tiles with NaN probabilities: non-finite inputs) are never fitted: they keep the old
+    map's value in a cheap refresh and count as dense (sparsity 0, mass 1: kept) otherwise, so one
+    bad input does not make the predictor NaN for the rest of the run. The count map is fitted and
+    the coefficients extrapolated as :func:`.mod_mask.extrapolate` does; with ``build`` the mask is
+    predicted and its block lists built for ``batch``.
+    Returns ``(smap, mmap, coef)`` (with the count map) or ``(mmap,)``, and with ``build`` then
+    ``(mask, lines, keep_frame, predicted_coverage, counts (batch, H, nb), indices (batch, H, nb, nb))``."""
+    counted = uses_count_map(config)
+    rest = list(inputs)
+    raw = rest.pop(0) if counted else None
+    raw_mass = rest.pop(0)
     if cheap:
         # The policy's lists are the same for every batch entry: unobserved entries are -1 in all.
         def merged(new, old):
             fresh = new.mean(0) if new.shape[0] > 1 else new[0]
             return torch.where(fresh.isnan() | (fresh < 0), old, fresh)
-        smap, mmap = merged(raw, rest.pop(0)), merged(raw_mass, rest.pop(0))
+        smap = merged(raw, rest.pop(0)) if counted else None
+        mmap = merged(raw_mass, rest.pop(0))
     else:
-        smap = raw.mean(0).nan_to_num(nan=0.0)
+        smap = raw.mean(0).nan_to_num(nan=0.0) if counted else None
         mmap = raw_mass.mean(0).nan_to_num(nan=1.0)
+    if not counted:
+        if not build:
+            return (mmap,)
+        mask, lines, keep_frame, coverage = predict_mask(None, fg, config, None, mmap)
+        return (mmap, mask, lines, keep_frame, coverage) + _batch_lists(mask, batch)
     coef = fg.solve(smap)
     if not build:
         return smap, mmap, coef
     coef_prev, steps = rest
     slope = (coef - coef_prev) / steps[0]
     mask, lines, keep_frame, coverage = predict_mask(coef + slope * steps[1], fg, config, smap, mmap)
+    return (smap, mmap, coef, mask, lines, keep_frame, coverage) + _batch_lists(mask, batch)
+
+
+def _batch_lists(mask: torch.Tensor, batch: int) -> tuple:
+    """The mask's block lists (counts (batch, H, nb), indices (batch, H, nb, nb)), one copy per batch entry."""
     counts, indices = lists_from_mask(mask)
     H, nb = counts.shape
-    return (smap, mmap, coef, mask, lines, keep_frame, coverage,
-            counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous())
+    return counts.expand(batch, H, nb).contiguous(), indices.expand(batch, H, nb, nb).contiguous()
 
 
 def rescale_full_refresh(mass: torch.Tensor, kept: torch.Tensor):
