@@ -3,9 +3,11 @@
     python -m benchmarks.bench_observe --out DIR [--row-stride 8] [--density 0.5] [--smoke]
         [--block-n 64 --warps 8 --stages 3 --key-blocks 1000 32 8]   # a narrower sweep
 
-Times the sparsity-map kernel with its mass output at (1, 12, 32760, 128) bf16, block 128, on random q/k
-with the lse of the dense attention (our kernel on full lists), in both modes the MOD policy uses: the full map
-(dense observed steps) and the restricted map over random block lists (cheap refreshes). Every candidate
+Times the map kernel at (1, 12, 32760, 128) bf16, block 128, on random q/k with the lse of the dense
+attention (our kernel on full lists), in both passes the MOD policy runs (``map+mass``: the sparsity map
+with its mass output, for the rules that fit the map; ``mass``: the mass map alone, ``block_mass``, for
+the default mass rule) and both modes: the full map (dense observed steps) and the restricted map over
+random block lists (cheap refreshes). Every candidate
 is checked against the default configuration's map first (same sampled rows; entries may differ
 only where a score sits on the threshold, so the check is a max difference bound) and timed with
 ``triton.testing.do_bench`` medians. Prints a markdown table, writes it and JSON to DIR.
@@ -72,34 +74,41 @@ def main(argv=None):
     counts, indices, eff = random_block_lists(B, H, N, args.density, device, seed=1, block_size=args.block)
     common = dict(block_size=args.block, scale=scale, row_stride=args.row_stride)
     modes = {"full": {}, f"restricted d={eff:.2f}": dict(kv_counts=counts, kv_indices=indices)}
-    # The mass map too, as the MOD policy asks for it (the same pass; entries it does not write stay -1).
+    # Both passes the MOD policy runs: the sparsity map with the mass map (rules that fit the map), and
+    # the mass map alone (block_mass: the default mass rule). Entries a pass does not write stay -1.
     mass, ref_mass = (torch.full((B, H, m, m), -1.0, device=device) for _ in range(2))
     rows = []
-    for mode, extra in modes.items():
-        ref_mass.fill_(-1.0)
-        ref = bs.block_sparsity(q, k, lse, **common, **extra, mass=ref_mass)
-        for cfg in candidates:
-            if args.block % cfg.sub:
-                continue
-            row = dict(mode=mode, block_n=cfg.sub, warps=cfg.num_warps, stages=cfg.num_stages,
-                       key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=args.smoke)[0])
-            try:
-                mass.fill_(-1.0)
-                got = bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg)
-                diff = (got - ref).nan_to_num(0.0).abs().max().item()
-                same_nan = torch.equal(got.isnan(), ref.isnan())
-                row["max_diff"] = diff
-                row["mass_diff"] = (mass - ref_mass).nan_to_num(0.0).abs().max().item()
-                row["ok"] = same_nan and diff <= 2e-3 and row["mass_diff"] <= 1e-3
-                row["ms"] = do_bench(lambda: bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg),
-                                     warmup=25, rep=100, return_mode="median")
-            except Exception as e:  # noqa: BLE001  (a config that does not compile: out of resources)
-                row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
-            rows.append(row)
-            log(f"{mode} {cfg}: {row.get('ms', float('nan')):.3f} ms ok={row.get('ok')} {row.get('error', '')}")
+    for kind in ("map+mass", "mass"):
+        for mode, extra in modes.items():
+            ref_mass.fill_(-1.0)
+            ref = bs.block_sparsity(q, k, lse, **common, **extra, mass=ref_mass)
+
+            def call(cfg):
+                if kind == "mass":
+                    return None, bs.block_mass(q, k, lse, **common, **extra, out=mass, config=cfg)
+                return bs.block_sparsity(q, k, lse, **common, **extra, mass=mass, config=cfg), mass
+            for cfg in candidates:
+                if args.block % cfg.sub:
+                    continue
+                row = dict(kind=kind, mode=mode, block_n=cfg.sub, warps=cfg.num_warps, stages=cfg.num_stages,
+                           key_blocks=cfg.key_blocks, default=cfg == map_configs(args.block, interpreter=args.smoke)[0])
+                try:
+                    mass.fill_(-1.0)
+                    got, _ = call(cfg)
+                    row["mass_diff"] = (mass - ref_mass).nan_to_num(0.0).abs().max().item()
+                    ok = row["mass_diff"] <= 1e-3 and torch.equal(mass.isnan(), ref_mass.isnan())
+                    if got is not None:
+                        row["max_diff"] = (got - ref).nan_to_num(0.0).abs().max().item()
+                        ok = ok and torch.equal(got.isnan(), ref.isnan()) and row["max_diff"] <= 2e-3
+                    row["ok"] = ok
+                    row["ms"] = do_bench(lambda: call(cfg), warmup=25, rep=100, return_mode="median")
+                except Exception as e:  # noqa: BLE001  (a config that does not compile: out of resources)
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
+                log(f"{kind} {mode} {cfg}: {row.get('ms', float('nan')):.3f} ms ok={row.get('ok')} {row.get('error', '')}")
     dense = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=25, rep=100, return_mode="median")
     env = environment()
-    table = markdown_table(rows, ["mode", "block_n", "warps", "stages", "key_blocks", "default", "ms", "max_diff",
+    table = markdown_table(rows, ["kind", "mode", "block_n", "warps", "stages", "key_blocks", "default", "ms", "max_diff",
                                   "mass_diff", "ok", "error"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,8 @@ class Registry:
     def forget_dead_models(self) -> None:
         """Drop the runs, site rows and cached instances of models that were garbage collected (a
         notebook that builds its pipeline again): report() lists the models that exist, and a new
-        model may take a freed name. Runs when a new model is seen and in report(), never per call."""
+        model may take a freed name. Runs when a new model is seen, in report() and in reset() (which
+        frees a collected model's policy state at once), never per call."""
         dead = {key: run for key, run in self.runs.items() if run.model_ref is not None and run.model_ref() is None}
         if not dead:
             return
@@ -308,6 +309,7 @@ class Registry:
         """Forget the state of every model (a new generation everywhere). ``forget_sites`` also
         forgets the site instances report() lists; compiled graphs keep working (their rewritten
         sites are registered again on their next call, dense ones on the next compile)."""
+        self.forget_dead_models()
         for run in (*self.runs.values(), self.free_run):
             run.new_generation()
             run.tracker = StepTracker()

@@ -548,4 +548,5 @@ def test_observe_benchmark_smoke(tmp_path, monkeypatch):
     from benchmarks.bench_observe import main
     main(["--smoke", "--out", str(tmp_path), "--row-stride", "1"])
     md = (tmp_path / "bench_observe.md").read_text()
-    assert md.count("| True |") == 2 and "| full |" in md and "restricted" in md
+    # both passes (the map with its mass, the mass alone) in both modes, each checked
+    assert md.count("| True |") == 4 and "| full |" in md and "restricted" in md and "| mass |" in md

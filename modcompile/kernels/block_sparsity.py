@@ -246,12 +246,14 @@ def sampled_rows(n: int, block_size: int, row_stride: int = 1, row_phase: int = 
     return rows[keep]
 
 
-def _pick_config(q, n_k: int, block_size: int, row_stride: int, restricted: bool) -> LaunchConfig:
-    """The map kernel's configuration: its one candidate, kept per key (:mod:`.tuning`)."""
+def _pick_config(q, n_k: int, block_size: int, row_stride: int, restricted: bool, count: bool) -> LaunchConfig:
+    """The map kernel's configuration: its one candidate, kept per key (:mod:`.tuning`); the pass with
+    the sparsity map (``count``) and the mass pass alone are keyed apart."""
     if interpreting() or not q.is_cuda:
         return map_configs(block_size, interpreter=True)[0]
     B, H, N, _ = q.shape
-    key = tuning_key("map", q, block_size, N, n_k, B * H * num_blocks(N, block_size), False, row_stride, restricted)
+    key = tuning_key("map", q, block_size, N, n_k, B * H * num_blocks(N, block_size), False, row_stride, restricted,
+                     count)
     return choose(key, lambda: map_configs(block_size, interpreter=False), None, direction="map")
 
 
@@ -363,7 +365,7 @@ def _launch(q, k, lse, block_size, threshold, scale, kv_counts, kv_indices, out,
     restricted = kv_counts is not None
     if B * H * N * n_k == 0:
         return
-    cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted)
+    cfg = config or _pick_config(q, n_k, block_size, row_stride, restricted, out is not None)
     if block_size % cfg.sub or cfg.key_blocks < 1:
         raise ValueError(f"block_sparsity: config {cfg.label()}: sub must divide block_size {block_size} and "
                          "key_blocks be >= 1")
