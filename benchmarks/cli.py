@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "of every mod row as JSON, e.g. '{\"refresh_interval\": 5}'")
     f.add_argument("--mod-variants", type=json.loads, default=None, help="--equal-density: also run mod with "
                    "these options, rows 'mod NAME', as JSON {NAME: options}, e.g. '{\"r3\": {\"refresh_interval\": 3}}'")
+    f.add_argument("--finetuned", default=None, help="--equal-density: also sample this fine-tuned copy of the "
+                   "checkpoint (train-dit --init CKPT --sparse vmoba), dense and with vmoba at every density, "
+                   "against the checkpoint's dense samples")
     f.add_argument("--warmup-steps", type=int, default=None, help="--equal-density: dense steps first for every "
                    "method (default: mod's rule, 12 of 50)")
 
@@ -179,8 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "8192 tokens on, else 64; CPU 16)")
     t.add_argument("--dense-warmup", type=_floats, default=[0.0], help="--compare: fractions of the steps trained "
                    "dense before the sparse run takes over, one sparse run each (e.g. 0,0.25)")
-    t.add_argument("--options", type=json.loads, default={}, help="--compare: JSON of extra modsparse options "
-                   "(e.g. '{\"tau\": 0.25}')")
+    t.add_argument("--options", type=json.loads, default={}, help="--compare / --sparse: JSON of extra modsparse "
+                   "options (e.g. '{\"tau\": 0.25}')")
+    t.add_argument("--init", default=None, help="fine-tune this checkpoint (its config; --config is ignored) "
+                   "instead of training from scratch; saved to --checkpoint")
+    t.add_argument("--sparse", default=None, choices=["vmoba", "mod", "dense"],
+                   help="--init: fine-tune through backend=modsparse with this policy (VMoBA's training path)")
     return parser
 
 
@@ -204,7 +211,7 @@ def _fill_defaults(args):
     if args.level == "train-dit":
         if args.steps is None and args.minutes is None:
             args.minutes = 3.0
-        if args.block_size is None:
+        if args.block_size is None and not getattr(args, "init", None):   # --init: from the checkpoint's config
             from .video_dit import get_config, kernel_block_size
             args.block_size = kernel_block_size(get_config(args.config).seq_len, cuda)
     return args

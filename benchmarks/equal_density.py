@@ -156,12 +156,14 @@ def run(args) -> dict:
 
     captures: list = []  # (layer, q, k, v, out) of the compiled runs' calls, cleared after every step
 
-    def sample_seeds(fn, step_context=None, on_step=None, first_seed_hook=None, capture=False):
+    def sample_seeds(fn, step_context=None, on_step=None, first_seed_hook=None, capture=False, net=None):
         """Every seed through ``fn``; ``on_step`` sees the steps of the first seed. ``capture``: the
         capture hook on for every seed (compiled rows: the hook is part of the traced graph, so it stays
-        on, the dense Inductor baseline's too, and every compiled timing carries it)."""
+        on, the dense Inductor baseline's too, and every compiled timing carries it). ``net``: the model
+        ``fn`` runs (default: the checkpoint's; a fine-tuned one for --finetuned rows)."""
         samples, times = {}, []
-        model.set_capture(captures if capture else None)
+        net = model if net is None else net
+        net.set_capture(captures if capture else None)
         try:
             for j, s in enumerate(seeds):
                 if first_seed_hook is not None:
@@ -175,7 +177,7 @@ def run(args) -> dict:
                 if inspect and torch.device(device).type == "cuda":  # capture the CUDA graphs untimed
                     sample(fn, noises[s], steps, step_context=step_context, on_step=lambda i: captures.clear())
         finally:
-            model.set_capture(None)
+            net.set_capture(None)
             captures.clear()
         return samples, times
 
@@ -211,7 +213,7 @@ def run(args) -> dict:
             "speedup_vs_inductor": base_ms / ms if compiled and base_ms and ms else None,
             "timing": "compiled (modsparse)" if compiled else "eager harness"})
 
-    def modsparse_row(method, d, policy_opts):
+    def modsparse_row(method, d, policy_opts, net=None):
         why = mb.backend_missing()
         if why:
             skipped[_row_name(method, d)] = why
@@ -227,8 +229,9 @@ def run(args) -> dict:
             if i >= warmup and (i - warmup) % every == 0:
                 _r.extend(_modsparse_step_rows(captures, _p, i, bs))
             captures.clear()
-        samples, times = sample_seeds(mb.compile_model(model, "modsparse", opts),
-                                      step_context=mb.step_context(), on_step=on_step, capture=True)
+        net = model if net is None else net
+        samples, times = sample_seeds(mb.compile_model(net, "modsparse", opts),
+                                      step_context=mb.step_context(), on_step=on_step, capture=True, net=net)
         finish_row(method, d, samples, times, metric_rows, compiled=True)
 
     def baseline_row(method, d):
@@ -261,6 +264,24 @@ def run(args) -> dict:
                       f"mod {n} (defaults)", None, {"policy": "mod", **x}))]
         jobs += [(f"mod {name}", d, lambda x=extra, n=name, d=d: modsparse_row(
                       f"mod {n}", d, {**MODSPARSE["mod"](d), **x})) for d in densities]
+    # VMoBA's training path: a sparse-fine-tuned copy of the checkpoint (train-dit --init --sparse vmoba),
+    # sampled dense and with vmoba at every density, each against the original model's dense samples
+    if getattr(args, "finetuned", None):
+        from .train_dit import load_checkpoint
+        tuned = load_checkpoint(args.finetuned, device).to(dtype).eval()
+        if tuned.cfg.to_dict() != cfg.to_dict():
+            raise SystemExit(f"--finetuned {args.finetuned}: its config differs from the checkpoint's")
+
+        def tuned_dense():
+            samples, times = sample_seeds(tuned, net=tuned)
+            rows.append({"method": "vmoba fine-tuned, dense", "target_density": 1.0, "density": 1.0,
+                         "psnr_db": _mean([psnr(samples[s].float(), reference[s].float()) for s in seeds]),
+                         "ssim": _mean([ssim(samples[s][0].float(), reference[s][0].float(), layout="CTHW")
+                                        for s in seeds]),
+                         "sample_ms": timed(times), "timing": "eager"})
+        jobs += [("vmoba fine-tuned, dense", 1.0, tuned_dense)]
+        jobs += [("vmoba fine-tuned", d, lambda d=d: modsparse_row("vmoba fine-tuned", d, MODSPARSE["vmoba"](d),
+                                                                    net=tuned)) for d in densities]
     for method, d, job in jobs:
         name = _row_name(method, d)
         try:

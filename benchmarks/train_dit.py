@@ -71,7 +71,7 @@ def train(config="small", *, steps: int | None = None, minutes: float | None = N
           lr: float = 3e-4, weight_decay: float = 0.01, warmup: int = 100, seed: int = 0, device=None,
           out: str | Path | None = None, val_every: int = 200, compile_model: bool = False,
           sparse_options: dict | None = None, show_progress: bool = True, run: dict | None = None,
-          start: dict | None = None, snapshot_steps=(), on_validate=None) -> dict:
+          start: dict | None = None, snapshot_steps=(), on_validate=None, init: dict | None = None) -> dict:
     """Train for ``steps`` optimizer steps or ``minutes`` of wall time (whichever ends first).
 
     Data, noise and flow times depend only on ``seed`` and the step, so two runs see the same
@@ -80,7 +80,9 @@ def train(config="small", *, steps: int | None = None, minutes: float | None = N
     through ``torch.compile(backend="modsparse")`` with these options (validation then runs the same
     compiled, sparse model). ``run``: a :func:`build_model` result to reuse (its model is
     overwritten by ``start`` or re-initialised). ``start``: a :func:`snapshot` of a run with the same
-    settings; training continues from its step. ``snapshot_steps``: steps whose starting state is
+    settings; training continues from its step. ``init``: a state dict to start from instead of the
+    initial weights (fine-tuning a checkpoint: fresh optimizer, the schedule from step 0).
+    ``snapshot_steps``: steps whose starting state is
     returned in ``result["snapshots"]``. ``on_validate(step)`` runs before each validation (e.g. to
     read the policy's density). Returns the model, history, train losses, final validation loss and
     per-step times; saves a checkpoint to ``out``."""
@@ -98,7 +100,7 @@ def train(config="small", *, steps: int | None = None, minutes: float | None = N
         opt.load_state_dict(start["optimizer"])
         first = start["step"]
     else:  # a reused run starts from the same initial weights again
-        model.load_state_dict(run["init"])
+        model.load_state_dict(run["init"] if init is None else init)
     budget_s = None if minutes is None else minutes * 60.0
     max_steps = steps if steps is not None else 10 ** 9
     val_batch = min(batch_size, 8)  # = the training batch for small batches: one shape, one graph
@@ -158,6 +160,37 @@ def train(config="small", *, steps: int | None = None, minutes: float | None = N
         save_checkpoint(out, model, history=history, steps=step, settings={
             "batch_size": batch_size, "lr": lr, "seed": seed, "minutes": minutes, "max_steps": steps})
     return result
+
+
+def finetune(args, out_dir: Path) -> dict:
+    """``train-dit --init CKPT [--sparse POLICY --options JSON]``: continue training a checkpoint (its
+    config; fresh optimizer and schedule, the same data stream), through ``backend="modsparse"`` with
+    POLICY when given (sparse fine-tuning: VMoBA's training path), and save the result."""
+    from .common import write_results
+    from .video_dit import kernel_block_size
+    base = torch.load(args.init, map_location="cpu", weights_only=False)
+    cfg = get_config(base["config"])
+    options = None
+    if args.sparse:
+        cuda = str(args.device or default_device()).startswith("cuda")
+        bs = args.block_size or kernel_block_size(cfg.seq_len, cuda)
+        options = {"policy": args.sparse, "warmup_steps": 0, "block_size": bs, "min_seq_len": 2 * bs,
+                   "video_grid": tuple(cfg.grid), **(args.options or {})}
+    ckpt = Path(args.checkpoint) if args.checkpoint else out_dir / f"{Path(args.init).stem}_finetuned.pt"
+    res = train(cfg, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+                seed=args.seed, out=ckpt, val_every=args.val_every, device=args.device,
+                compile_model=args.compile, sparse_options=options, init=base["state_dict"],
+                show_progress=not args.no_progress)
+    if options is not None:
+        _check_sparse_sites(f"fine-tuning with {args.sparse}")
+    write_results(out_dir, "train_dit", f"Fine-tuning {args.init}" + (f" through modsparse {options}" if options else ""),
+                  [dict(h) for h in res["history"]], columns=["step", "train_loss", "val_loss", "elapsed_s"],
+                  settings={"init": str(args.init), "sparse_options": options, "steps": args.steps,
+                            "minutes": args.minutes, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                            "checkpoint": str(ckpt)},
+                  notes=[f"checkpoint: {ckpt}", f"{res['steps']} steps; val loss {res['val_loss_init']:.4f} -> "
+                         f"{res['val_loss']:.4f}" + (" (both through the sparse model)" if options else "")])
+    return res
 
 
 def save_checkpoint(path, model, **meta) -> Path:
@@ -369,6 +402,8 @@ def run(args) -> dict:
             raise SystemExit(f"--dense-warmup fractions must lie in [0, 1), got {fractions}")
         args.dense_warmup = fractions
     out_dir = Path(args.out)
+    if getattr(args, "init", None):
+        return finetune(args, out_dir)
     ckpt = Path(args.checkpoint) if args.checkpoint else out_dir / f"dit_{args.config}.pt"
     res = train(args.config, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
                 seed=args.seed, out=ckpt, val_every=args.val_every, device=args.device,

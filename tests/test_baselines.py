@@ -174,3 +174,27 @@ def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
     assert args.equal_density == [0.1, 0.5] and args.methods == ["sta", "svg"] and args.warmup_steps == 1
     assert args.mod_coverage == [0.8, 0.7] and args.mod_options == {"refresh_interval": 5}
     assert args.mod_variants == {"r3": {"refresh_interval": 3}}
+
+
+def test_vmoba_fine_tuning_path_on_the_equal_density_table(tmp_path, fresh_modcompile, torch_path):
+    """VMoBA's training path: train-dit --init CKPT --sparse vmoba fine-tunes a checkpoint through
+    backend=modsparse (its sites run sparse, the weights move), and the equal-density level samples the
+    fine-tuned copy dense and with vmoba, each against the original checkpoint's dense samples."""
+    from benchmarks import cli, equal_density
+    from benchmarks.train_dit import load_checkpoint
+    ckpt = _random_checkpoint(tmp_path / "dit.pt")
+    tuned = tmp_path / "tuned.pt"
+    cli.main(["run", "train-dit", "--init", str(ckpt), "--sparse", "vmoba", "--options", '{"density": 0.3}',
+              "--steps", "2", "--batch-size", "2", "--val-every", "100", "--checkpoint", str(tuned),
+              "--out", str(tmp_path / "ft"), "--device", "cpu", "--no-progress"])
+    before, after = load_checkpoint(ckpt), load_checkpoint(tuned)
+    assert before.cfg.to_dict() == after.cfg.to_dict()
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["vmoba"], seeds=1,
+                                      finetuned=str(tuned)))
+    assert not payload["settings"]["skipped"]
+    rows = {r["method"]: r for r in payload["rows"]}
+    dense, sparse = rows["vmoba fine-tuned, dense"], rows["vmoba fine-tuned"]
+    assert 0 < dense["psnr_db"] < float("inf")        # the fine-tuned model differs from the original
+    assert 0.2 <= sparse["density"] <= 0.45 and sparse["timing"] == "compiled (modsparse)"
+    assert 0 < sparse["psnr_db"] < float("inf") and sparse["psnr_db"] != rows["vmoba"]["psnr_db"]
