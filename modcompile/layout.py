@@ -8,27 +8,44 @@ forward pre-hook on the model reads it (modcompile/runtime.py). One rule per inp
   HunyuanVideo, Mochi, Cosmos, Allegro: ``config.patch_size`` as a 3-tuple, or an int with
   ``config.patch_size_t``, 1 when absent);
 * frames before channels, (B, F, C, H, W), for the models that patchify per frame
-  (CogVideoX, ConsisID: a Conv2d per frame, or a Linear over ``patch_size_t`` frames in 1.5);
+  (CogVideoX, ConsisID: a Conv2d per frame, or a Linear over ``patch_size_t`` frames in 1.5), and
+  AnyFlow, whose forward permutes them before its Conv3d;
+* channels last, (B, F, H, W, C) (Kandinsky 5: a Linear over each patch);
 * packed tokens (B, N, C) with ``num_frames``/``height``/``width`` arguments, which are already
   the token grid (LTX-Video).
 
 Text position: the classes that put the text tokens before the video tokens are listed in
-``TEXT_FIRST``; every other joint-attention model appends them.
+``TEXT_FIRST``; every other joint-attention model appends them. Helios has no text in its
+self-attention but puts its patchified history latents (long, mid, short) before the video tokens:
+they stand where text-first models put their text (attended by every row, attending every key).
+HunyuanVideo-FramePack has non-grid tokens on both sides (history latents before its latents, image
+and text after): its text position is the count of those before the grid (``history_tokens``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-FRAMES_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"}
-TEXT_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"}
+FRAMES_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "AnyFlowTransformer3DModel"}
+CHANNELS_LAST = {"Kandinsky5Transformer3DModel"}
+TEXT_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
+              "HeliosTransformer3DModel"}
+# HunyuanVideo-FramePack: [history 4x | history 2x | clean | latents | image | text]. Each history input
+# (embedded by its Conv3d, kernel = stride below, padded up to a multiple) joins the sequence before the
+# latents only when its frame indices are given too (the forward's condition)
+HISTORY_BEFORE = {"HunyuanVideoFramepackTransformer3DModel": (
+    ("latents_clean", "indices_latents_clean", (1, 2, 2)),
+    ("latents_history_2x", "indices_latents_history_2x", (2, 4, 4)),
+    ("latents_history_4x", "indices_latents_history_4x", (4, 8, 8)))}
 
 
 @dataclass(frozen=True)
 class Layout:
     grid: tuple | None          # latent token grid (T, H, W), None when it cannot be read
-    text_position: str          # "first" | "last": where joint-attention text tokens sit
+    text_position: str | int    # "first" | "last": where joint-attention text tokens sit; an int: how
+                                # many of the non-grid tokens come before the grid (the rest after it)
     rule: str                   # how it was read (for report notes and logs)
 
 
@@ -55,14 +72,36 @@ def model_layout(model: torch.nn.Module, values: dict) -> Layout:
     patch = _patch_sizes(config) if config is not None else None
     if x.dim() != 5 or patch is None:
         return Layout(None, text_position, f"hidden_states of rank {x.dim()}, patch size {patch}")
-    frames_first = name in FRAMES_FIRST
-    f, h, w = (x.shape[1], x.shape[3], x.shape[4]) if frames_first else x.shape[2:]
+    if name in CHANNELS_LAST:
+        order, (f, h, w) = "(B, F, H, W, C)", x.shape[1:4]
+    elif name in FRAMES_FIRST:
+        order, (f, h, w) = "(B, F, C, H, W)", (x.shape[1], x.shape[3], x.shape[4])
+    else:
+        order, (f, h, w) = "(B, C, F, H, W)", x.shape[2:]
     # the patch embeddings floor (a frame remainder is dropped), as their reshapes do
     grid = (int(f) // patch[0], int(h) // patch[1], int(w) // patch[2])
     if min(grid) < 1:
         return Layout(None, text_position, f"latents {tuple(x.shape)} smaller than the patch {patch}")
-    order = "(B, F, C, H, W)" if frames_first else "(B, C, F, H, W)"
+    before = history_tokens(name, values)
+    if before:
+        return Layout(grid, before, f"latents {order} / patch {patch}, {before} history tokens before them")
     return Layout(grid, text_position, f"latents {order} / patch {patch}")
+
+
+def history_tokens(name: str, values: dict) -> int:
+    """Tokens a model puts between the sequence start and its latents (``HISTORY_BEFORE``): a 5-D
+    input counts as its embedding's output (ceil per dimension), an embedded (B, N, C) one as N (the
+    forward's locals, read under regional compilation, hold it embedded)."""
+    total = 0
+    for key, indices, kernel in HISTORY_BEFORE.get(name, ()):
+        x = values.get(key)
+        if not isinstance(x, torch.Tensor) or values.get(indices) is None:
+            continue
+        if x.dim() == 5:
+            total += math.prod(-(-int(s) // k) for s, k in zip(x.shape[2:], kernel))
+        elif x.dim() == 3:
+            total += int(x.shape[1])
+    return total
 
 
 _LATENT_LOCALS = ("num_frames", "height", "width")
@@ -84,7 +123,10 @@ def frame_layout(model: torch.nn.Module, frame_locals: dict, params: list) -> La
     grid = tuple(d // p for d, p in zip(dims, patch))
     if min(grid) < 1:
         return layout
-    return Layout(grid, layout.text_position, f"the forward's latent shape (num_frames, height, width) / patch {patch}")
+    before = history_tokens(type(model).__name__, {n: v for n, v in frame_locals.items() if n in params})
+    return Layout(grid, before or layout.text_position,
+                  f"the forward's latent shape (num_frames, height, width) / patch {patch}")
 
 
-__all__ = ["Layout", "model_layout", "frame_layout", "FRAMES_FIRST", "TEXT_FIRST"]
+__all__ = ["Layout", "model_layout", "frame_layout", "history_tokens", "CHANNELS_LAST", "FRAMES_FIRST",
+           "HISTORY_BEFORE", "TEXT_FIRST"]

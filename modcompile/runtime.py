@@ -82,13 +82,12 @@ class Registry:
     def place_dense(self, spec: SiteInfo, anchor: torch.Tensor | None, calls: list | None = None) -> None:
         """Note, at compile time, which modules run a site left dense: no op of ours runs for it,
         so its instances cannot name themselves at run time as rewritten sites do (``_resolve``).
-        The model on the stack that holds the anchor (Dynamo compiles a frame from inside its
-        caller) and the anchor's name in it give the compiled frame's module; ``calls``: a
-        nested region's call paths below the frame. :meth:`dense_rows` turns this into rows."""
-        owner = find_owner(None if anchor is None else anchor.data_ptr())
-        if owner.model is None or site_path(owner.anchor_name, spec.anchor_path, spec.module_rel) is None:
+        ``calls``: a nested region's call paths below the frame. :meth:`dense_rows` turns this
+        into rows."""
+        found = compiled_frame(anchor, spec.anchor_path)
+        if found is None:
             return
-        frame = owner.anchor_name[: len(owner.anchor_name) - len(spec.anchor_path)].rstrip(".")
+        owner, frame = found
         if calls:                       # ``frame`` is the region's first call; the calls sit below the frame module
             if not (frame == calls[0] or frame.endswith("." + calls[0])):
                 return
@@ -382,6 +381,17 @@ def _given_grid_check(given: tuple, layout) -> str:
     shown = "x".join(map(str, given))
     return (f"video_grid {shown} given, but this call's latents give {'x'.join(map(str, layout.grid))} "
             f"({layout.rule}); the given grid is used")
+
+
+def compiled_frame(anchor: torch.Tensor | None, anchor_path: str | None) -> tuple | None:
+    """At compile time: (owner, path in the model of the module whose frame is compiled), or None
+    when no model on the stack holds the anchor. The model holding the anchor (Dynamo compiles a
+    frame from inside its caller) and the anchor's name in it, less its path below the frame, give
+    the frame's module: "" for the model itself, a block's path under regional compilation."""
+    owner = find_owner(None if anchor is None else anchor.data_ptr())
+    if owner.model is None or site_path(owner.anchor_name, anchor_path, "") is None:
+        return None
+    return owner, owner.anchor_name[: len(owner.anchor_name) - len(anchor_path)].rstrip(".")
 
 
 def scope_of(key: str) -> str:

@@ -34,12 +34,12 @@ class SiteInfo:
     anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)
     model: str = ""                 # the model instance a site instance belongs to (report)
     spec_key: str = ""              # a site instance's compiled site (its key before it ran)
-    inferred_text_position: str | None = None  # the model's (modcompile/layout.py), when known
+    inferred_text_position: str | int | None = None  # the model's (modcompile/layout.py), when known
     mask: str = ""                  # the attn_mask a sparse site applies in the kernel (text padding)
     scale: float | None = None      # softmax scale of a rewritten site: its attention op's argument (observe has none)
 
     @property
-    def text_position(self) -> str:
+    def text_position(self) -> str | int:
         """Where joint-attention text sits: the option when given, else the model's, else last."""
         return self.config.text_position or self.inferred_text_position or "last"
 

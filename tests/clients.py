@@ -25,18 +25,27 @@ class Client:
     make_inputs: Callable           # (generator, timestep) -> forward kwargs
     grid: tuple                     # latent token grid (T, H, W) after patchify
     text_tokens: int                # text tokens inside the self-attention sequence
-    text_position: str | None       # "first" | "last" | None (no text in self-attention)
+    text_position: str | int | None  # "first" | "last" | None (no text in self-attention) | the count of
+                                     # non-grid tokens before the grid (the others after it)
     sites: tuple                    # kind of each SDPA call of one forward, in order: "video" (self-attention
                                     # over the video tokens, joint with the text ones if any), "cross" (keys
                                     # of another length: text conditioning), "text" (self-attention over text)
     masked: bool = False            # the video self-attention gets an attn_mask (text padding)
     grid_rule: str = ""             # how the grid is inferred (modcompile/layout.py; for the docs)
+    latents: str = "BCFHW"          # the order of the 5-D latents' dims ("BFCHW": frames first; "BFHWC")
+    other_self: dict = field(default_factory=dict)  # sequence length -> kind of the other self-attention sites
+                                    # ("audio"; "frame": one frame's tokens; "temporal": one pixel's frames)
+    sparse: dict | None = None      # policy -> sites of one forward that run block-sparse (None: the "video" ones)
+    sparse_grid: tuple | None = ()  # the grid those sites run with: () the stated grid, None none
     slow: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2] + self.text_tokens
+
+    def sparse_sites(self, policy: str) -> int:
+        return self.sites.count("video") if self.sparse is None else self.sparse[policy]
 
     def build(self) -> torch.nn.Module:
         import diffusers
@@ -127,13 +136,201 @@ def _skyreels_inputs(g, t):
     return _wan_inputs(g, t)
 
 
+def _wan_vace_inputs(g, t, frames=4, size=16):
+    return {"hidden_states": _randn(g, 1, 4, frames, size, size), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "control_hidden_states": _randn(g, 1, 8, frames, size, size),
+            "control_hidden_states_scale": torch.tensor([1.0, 0.5]), "return_dict": False}
+
+
+_WAN_VACE = dict(_WAN, vace_layers=[0, 1], vace_in_channels=8)
+
+
+def _chronoedit_inputs(g, t):
+    # 2 latent frames (ChronoEdit's edit without temporal reasoning: its RoPE's temporal-skip path), a non-square grid
+    return {"hidden_states": _randn(g, 1, 4, 2, 16, 32), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+_CHRONOEDIT = dict(_WAN, rope_temporal_skip_len=8)
+# ChronoEdit as released is image-to-video: its attention processor splits the conditioning at 512 text tokens
+# (hard-coded) and gives the image tokens their own cross-attention
+I2V_TEXT = 512
+
+
+def _chronoedit_i2v_inputs(g, t):
+    inputs = _chronoedit_inputs(g, t)
+    inputs.update(encoder_hidden_states=_randn(g, 1, I2V_TEXT, TEXT_DIM), encoder_hidden_states_image=_randn(g, 1, 4, 16))
+    return inputs
+
+
+_CHRONOEDIT_I2V = dict(_CHRONOEDIT, image_dim=16, added_kv_proj_dim=64)
+
+
+def _anyflow_inputs(g, t, frames=4):
+    # latents (B, F, C, H, W), 8 channels against 4 frames (a (B, C, F, H, W) reading gives another grid);
+    # per-frame source and target timesteps
+    return {"hidden_states": _randn(g, 1, frames, 8, 16, 16), "timestep": torch.full((1, frames), t),
+            "r_timestep": torch.full((1, frames), max(t - 100.0, 0.0)),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+_ANYFLOW = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=8, out_channels=8,
+                text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32)
+
+
+def _helios_inputs(g, t):
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+def _helios_history_inputs(g, t):
+    """As HeliosPipeline passes them for a 4-frame chunk (history sizes 16, 2, 1 with the prefix
+    frame): history tokens long 16 frames / (4, 8, 8) = 4 x 2 x 2, mid 2 / (2, 4, 4) = 1 x 4 x 4,
+    short 2 x 8 x 8: 16 + 16 + 128 = 160, before the video tokens."""
+    inputs = _helios_inputs(g, t)
+    prefix, long, mid, short, hidden = torch.arange(24).split([1, 16, 2, 1, 4])
+    inputs.update(indices_hidden_states=hidden[None], indices_latents_history_short=torch.cat([prefix, short])[None],
+                  indices_latents_history_mid=mid[None], indices_latents_history_long=long[None],
+                  latents_history_short=_randn(g, 1, 4, 2, 16, 16), latents_history_mid=_randn(g, 1, 4, 2, 16, 16),
+                  latents_history_long=_randn(g, 1, 4, 16, 16, 16))
+    return inputs
+
+
+_HELIOS = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+               text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", rope_dim=(12, 10, 10))
+HELIOS_HISTORY = 16 + 16 + 128
+
+
+def _wan_animate_inputs(g, t):
+    # 2 x 4 + 4 latent channels, T + 1 frames; T pose frames; 9 face frames of 8 x 8 pixels, which the face encoder
+    # turns into 4 frame groups (they must divide the 256 video tokens)
+    return {"hidden_states": _randn(g, 1, 12, 4, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "pose_hidden_states": _randn(g, 1, 4, 3, 16, 16),
+            "face_pixel_values": _randn(g, 1, 3, 9, 8, 8), "return_dict": False}
+
+
+_WAN_ANIMATE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=12,
+                    latent_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=64, num_layers=2,
+                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=None, rope_max_seq_len=32,
+                    motion_encoder_channel_sizes={"8": 16, "4": 16}, motion_encoder_size=8, motion_style_dim=16,
+                    motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+                    inject_face_latents_blocks=2, motion_encoder_batch_size=8)
+
+
+def _ltx2_inputs(g, t, frames=4, height=8, width=8, audio=16):
+    # packed video tokens with the latent grid as arguments (patch size 1), packed audio tokens; a text stream each
+    return {"hidden_states": _randn(g, 1, frames * height * width, 8), "audio_hidden_states": _randn(g, 1, audio, 8),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "audio_encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "timestep": torch.tensor([t]), "encoder_attention_mask": torch.ones(1, TEXT),
+            "audio_encoder_attention_mask": torch.ones(1, TEXT),
+            "num_frames": frames, "height": height, "width": width, "audio_num_frames": audio, "return_dict": False}
+
+
+# the text is projected to each stream's attention width before its cross-attention
+_LTX2 = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+             audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=32,
+             audio_cross_attention_dim=64, num_layers=2, caption_channels=TEXT_DIM)
+
+
+def _kandinsky5_inputs(g, t, frames=4, size=16, channels=4):
+    # latents channels last (B, F, H, W, C); RoPE positions: an arange per axis of the token grid
+    return {"hidden_states": _randn(g, 1, frames, size, size, channels), "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "timestep": torch.tensor([t]), "pooled_projections": _randn(g, 1, 16),
+            "visual_rope_pos": [torch.arange(frames), torch.arange(size // 2), torch.arange(size // 2)],
+            "text_rope_pos": torch.arange(TEXT), "return_dict": False}
+
+
+# head_dim = sum(axes_dims) = 32, 2 heads; attention_type "regular" (SDPA; "nabla" is its own flex-attention mask).
+# Its modulations start at zero, so in a random model the attention does not reach the output: the site check reads
+# each site's own output
+_KANDINSKY5 = dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=32,
+                   patch_size=(1, 2, 2), model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=2,
+                   axes_dims=(8, 12, 12))
+
+
+def _latte_inputs(g, t):
+    # 16 x 16 tokens per frame: the per-frame sites need more than two 32-token blocks per row for the site check
+    return {"hidden_states": _randn(g, 1, 4, 4, 32, 32), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+_LATTE = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+              cross_attention_dim=64, sample_size=32, patch_size=2, caption_channels=TEXT_DIM, video_length=4,
+              norm_type="ada_norm_single")
+
+
+def _sana_video_inputs(g, t):
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "timestep": torch.tensor([t]), "encoder_attention_mask": torch.ones(1, TEXT), "return_dict": False}
+
+
+_SANA_VIDEO = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+                   num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+                   caption_channels=TEXT_DIM, sample_size=16, patch_size=(1, 2, 2), rope_max_seq_len=32)
+
+
+def _easyanimate_inputs(g, t):
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+# mmdit_layers=1: block 0 an MMDiT block (its own text projections), block 1 a plain one; both put the text first
+_EASYANIMATE = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, patch_size=2,
+                    sample_width=16, sample_height=16, num_layers=2, mmdit_layers=1, time_embed_dim=16,
+                    text_embed_dim=TEXT_DIM)
+
+
+def _consisid_inputs(g, t):
+    # (B, F, C, H, W) as CogVideoX; no face inputs (read only with is_train_face, whose attention is not SDPA)
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM),
+            "timestep": torch.tensor([t]), "return_dict": False}
+
+
+_CONSISID = dict(_COGVIDEOX)     # ConsisID is CogVideoX with a face path: the same config fields
+
+
+def _motif_inputs(g, t):
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "encoder_attention_mask": torch.ones(1, TEXT),
+            "return_dict": False}
+
+
+_MOTIF = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+              num_single_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=TEXT_DIM, rope_axes_dim=(8, 12, 12))
+FRAMEPACK_IMAGE = 4     # image tokens (projected SigLIP embeddings), before the text
+
+
+def _framepack_inputs(g, t):
+    """As the pipeline calls it (its forward needs the history inputs): 4x history (4, 16, 16) / (4, 8, 8)
+    = 4 tokens, 2x history (2, 16, 16) / (2, 4, 4) = 16, clean latents (2, 16, 16) / (1, 2, 2) = 128, all
+    before the latents; 1-D frame indices."""
+    return {"hidden_states": _randn(g, 1, 4, 4, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "encoder_attention_mask": torch.ones(1, TEXT),
+            "pooled_projections": _randn(g, 1, 16), "image_embeds": _randn(g, 1, FRAMEPACK_IMAGE, 16),
+            "indices_latents": torch.arange(3, 7), "guidance": torch.tensor([3.0]),
+            "latents_clean": _randn(g, 1, 4, 2, 16, 16), "indices_latents_clean": torch.tensor([0, 7]),
+            "latents_history_2x": _randn(g, 1, 4, 2, 16, 16), "indices_latents_history_2x": torch.tensor([8, 9]),
+            "latents_history_4x": _randn(g, 1, 4, 4, 16, 16),
+            "indices_latents_history_4x": torch.tensor([10, 11, 12, 13]), "return_dict": False}
+
+
+_FRAMEPACK = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+                  num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=TEXT_DIM,
+                  pooled_projection_dim=16, rope_axes_dim=(8, 12, 12), has_image_proj=True, image_proj_dim=16,
+                  has_clean_x_embedder=True)
+FRAMEPACK_HISTORY = 4 + 16 + 128
+
+
 CLIENTS = [
     Client("wan", "WanTransformer3DModel", _WAN, _wan_inputs, grid=(4, 8, 8), text_tokens=0, text_position=None,
            sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("skyreels_v2", "SkyReelsV2Transformer3DModel", _WAN, _skyreels_inputs, grid=(4, 8, 8), text_tokens=0,
            text_position=None, sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("cogvideox", "CogVideoXTransformer3DModel", _COGVIDEOX, _cogvideox_inputs, grid=(4, 8, 8),
-           text_tokens=TEXT, text_position="first", sites=("video",) * 2,
+           text_tokens=TEXT, text_position="first", sites=("video",) * 2, latents="BFCHW",
            grid_rule="latents (B, F, C, H, W) / patch sizes (per-frame patch embedding)"),
     Client("ltx_video", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs, grid=(4, 16, 16), text_tokens=0,
            text_position=None, sites=("video", "cross") * 2, grid_rule="num_frames, height, width arguments"),
@@ -141,13 +338,62 @@ CLIENTS = [
            text_tokens=TEXT, text_position="last", sites=("text", "video", "video"), masked=True,
            grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("mochi", "MochiTransformer3DModel", _MOCHI, _mochi_inputs, grid=(4, 8, 8), text_tokens=TEXT,
-           text_position="last", sites=("cross", "video", "video"),
+           text_position="last", sites=("cross", "video", "video"), sparse={"mod": 0, "vmoba": 0},
            grid_rule="latents (B, C, F, H, W) / patch sizes (per-frame patch embedding)"),
     Client("cosmos", "CosmosTransformer3DModel", _COSMOS, _cosmos_inputs, grid=(4, 8, 8), text_tokens=0,
            text_position=None, sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
     Client("allegro", "AllegroTransformer3DModel", _ALLEGRO, _allegro_inputs, grid=(4, 8, 8), text_tokens=0,
            text_position=None, sites=("video", "cross") * 2,
            grid_rule="latents (B, C, F, H, W) / patch sizes (per-frame patch embedding)"),
+    Client("wan_vace", "WanVACETransformer3DModel", _WAN_VACE, _wan_vace_inputs, grid=(4, 8, 8), text_tokens=0,
+           text_position=None, sites=("video", "cross") * 4,
+           grid_rule="latents (B, C, F, H, W) / patch sizes (the control blocks attend over the control tokens)"),
+    Client("chronoedit", "ChronoEditTransformer3DModel", _CHRONOEDIT, _chronoedit_inputs, grid=(2, 8, 16),
+           text_tokens=0, text_position=None, sites=("video", "cross") * 2,
+           grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    Client("chronoedit_i2v", "ChronoEditTransformer3DModel", _CHRONOEDIT_I2V, _chronoedit_i2v_inputs, grid=(2, 8, 16),
+           text_tokens=0, text_position=None, sites=("video", "cross", "cross") * 2,
+           grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    Client("anyflow", "AnyFlowTransformer3DModel", _ANYFLOW, _anyflow_inputs, grid=(4, 8, 8), text_tokens=0,
+           text_position=None, sites=("video", "cross") * 2, latents="BFCHW",
+           grid_rule="latents (B, F, C, H, W) / patch sizes"),
+    # Helios' history latents take the place of a text-first model's text: "first" (also without them)
+    Client("helios", "HeliosTransformer3DModel", _HELIOS, _helios_inputs, grid=(4, 8, 8), text_tokens=0,
+           text_position="first", sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    Client("helios_history", "HeliosTransformer3DModel", _HELIOS, _helios_history_inputs, grid=(4, 8, 8),
+           text_tokens=HELIOS_HISTORY, text_position="first", sites=("video", "cross") * 2,
+           grid_rule="latents (B, C, F, H, W) / patch sizes; history tokens first"),
+    Client("wan_animate", "WanAnimateTransformer3DModel", _WAN_ANIMATE, _wan_animate_inputs, grid=(4, 8, 8),
+           text_tokens=0, text_position=None, sites=("video", "cross", "cross", "video", "cross"),
+           grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    Client("ltx2", "LTX2VideoTransformer3DModel", _LTX2, _ltx2_inputs, grid=(4, 8, 8), text_tokens=0,
+           text_position=None, sites=("video", "audio", "cross", "cross", "cross", "cross") * 2, other_self={16: "audio"},
+           grid_rule="num_frames, height, width arguments"),
+    Client("kandinsky5", "Kandinsky5Transformer3DModel", _KANDINSKY5, _kandinsky5_inputs, grid=(4, 8, 8),
+           text_tokens=0, text_position=None, sites=("text",) + ("video", "cross") * 2, latents="BFHWC",
+           grid_rule="latents (B, F, H, W, C) / patch sizes"),
+    # Latte attends within a frame (batch B x F) and within a pixel's frames (batch B x H x W): no site sees the
+    # video; mod runs the per-frame sites block-sparse without a grid, vmoba needs one and keeps them dense
+    Client("latte", "LatteTransformer3DModel", _LATTE, _latte_inputs, grid=(4, 16, 16), text_tokens=0,
+           text_position=None, sites=("frame", "cross", "temporal") * 2, other_self={256: "frame", 4: "temporal"},
+           sparse={"mod": 2, "vmoba": 0}, sparse_grid=None, grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    # SanaVideo's self-attention is linear attention (matrix products, no SDPA): only its cross-attention is SDPA
+    Client("sana_video", "SanaVideoTransformer3DModel", _SANA_VIDEO, _sana_video_inputs, grid=(4, 8, 8),
+           text_tokens=0, text_position=None, sites=("cross",) * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    Client("easyanimate", "EasyAnimateTransformer3DModel", _EASYANIMATE, _easyanimate_inputs, grid=(4, 8, 8),
+           text_tokens=TEXT, text_position="first", sites=("video",) * 2,
+           grid_rule="latents (B, C, F, H, W) / patch sizes (per-frame patch embedding)"),
+    Client("consisid", "ConsisIDTransformer3DModel", _CONSISID, _consisid_inputs, grid=(4, 8, 8), text_tokens=TEXT,
+           text_position="first", sites=("video",) * 2, latents="BFCHW",
+           grid_rule="latents (B, F, C, H, W) / patch sizes (per-frame patch embedding)"),
+    Client("motif_video", "MotifVideoTransformer3DModel", _MOTIF, _motif_inputs, grid=(4, 8, 8), text_tokens=TEXT,
+           text_position="last", sites=("video", "video"), masked=True,
+           grid_rule="latents (B, C, F, H, W) / patch sizes"),
+    # [history 4x | history 2x | clean | latents | image | text]: text_position counts the tokens before the grid;
+    # at batch 1 the forward cuts the text to its valid length (no mask)
+    Client("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", _FRAMEPACK, _framepack_inputs,
+           grid=(4, 8, 8), text_tokens=FRAMEPACK_HISTORY + FRAMEPACK_IMAGE + TEXT, text_position=FRAMEPACK_HISTORY,
+           sites=("text", "video", "video"), grid_rule="latents (B, C, F, H, W) / patch sizes; history tokens before them"),
 ]
 
 BY_NAME = {c.name: c for c in CLIENTS}

@@ -38,7 +38,7 @@ def true_grid(client, inputs) -> tuple:
         return (inputs["num_frames"], inputs["height"], inputs["width"])
     p = cfg["patch_size"]
     pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
-    f, h, w = (x.shape[1], x.shape[3], x.shape[4]) if client.name == "cogvideox" else x.shape[2:]
+    f, h, w = (x.shape[client.latents.index(d)] for d in "FHW")
     return (f // pt, h // ph, w // pw)
 
 

@@ -125,6 +125,16 @@ def test_densest_lines_are_kept_and_text_and_own_block_forced():
     assert (cov > 0).all() and (cov <= 1).all()
 
 
+def test_non_grid_tokens_on_both_sides_make_text_blocks_at_both_ends():
+    """An int text position (FramePack: history before the grid, image and text after it): the
+    blocks holding any of those tokens are text blocks; the frame ranges start after them."""
+    geom = Geometry(160, 16, (2, 4, 8), text_tokens=96, text_position=40)   # 40 + 64 video + 56
+    assert geom.video_offset == 40
+    assert geom.text_blocks().nonzero().flatten().tolist() == [0, 1, 2, 6, 7, 8, 9]
+    first, last = geom.frame_ranges()
+    assert (first[2], last[2], first[3], last[3], first[5], last[5]) == (0, 0, 0, 0, 1, 1)
+
+
 def test_blocks_rule_fills_the_line_budget_with_the_densest_observed_blocks():
     """mask_rule="blocks": the lines set the per-head count, the observed map picks the blocks
     (forced ones first); "lines" keeps whole lines; without an observed map both are the lines."""

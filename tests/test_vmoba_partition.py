@@ -17,8 +17,13 @@ def geometries(draw):
     dims = {"1d": grid[:1], "2d": grid[1:], "3d": grid}[kind]
     shape = tuple(draw(st.integers(1, d + 1)) for d in dims)  # may exceed the grid: clipped
     text = draw(st.integers(0, 6))
-    position = draw(st.sampled_from(["first", "last"]))
+    # or an int: that many of the non-grid tokens before the grid, the rest after it (FramePack)
+    position = draw(st.sampled_from(["first", "last"]) | st.integers(0, text))
     return grid, kind, shape, text, position
+
+
+def _before(text, position):
+    return {"first": text, "last": 0}.get(position, position)
 
 
 def _coords(grid):
@@ -39,8 +44,8 @@ def test_permutation_round_trip_and_blocks_are_boxes(geometry):
     x = torch.randn(2, 3, n, 4)
     assert torch.equal(P.unpermute_tokens(P.permute_tokens(x, p), p), x)
     # text keeps its place
-    text_pos = range(text) if position == "first" else range(n_video, n)
-    assert all(p.perm[i] == i for i in text_pos)
+    offset = _before(text, position)
+    assert all(p.perm[i] == i for i in [*range(offset), *range(offset + n_video, n)])
     # every video token in exactly one block; each block is the box the geometry says
     sizes = (p.starts[1:] - p.starts[:-1]).tolist()
     assert sum(sizes) == n_video and min(sizes) > 0
@@ -48,7 +53,6 @@ def test_permutation_round_trip_and_blocks_are_boxes(geometry):
     boxes = list(itertools.product(range(0, grid[0], bt), range(0, grid[1], bh), range(0, grid[2], bw)))
     assert len(boxes) == p.num_blocks
     t, y, xx = _coords(grid)
-    offset = text if position == "first" else 0
     for b, (t0, y0, x0) in enumerate(boxes):
         orig = p.perm[p.starts[b]:p.starts[b + 1]] - offset
         expect = ((t >= t0) & (t < t0 + bt) & (y >= y0) & (y < y0 + bh) & (xx >= x0) & (xx < x0 + bw)).nonzero().flatten()

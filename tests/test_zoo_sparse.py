@@ -30,9 +30,6 @@ POLICIES = {
             "min_observed_coverage": 0.0},
     "vmoba": {"policy": "vmoba", "warmup_steps": 1},
 }
-# sites that run block-sparse per forward: the video self-attention sites, except where Dynamo
-# skips the attention (Mochi's processor gathers the valid text with nonzero in a per-batch loop)
-SPARSE_SITES = {c.name: 0 if c.name == "mochi" else c.sites.count("video") for c in CLIENTS}
 
 
 def inputs_at(client, step, t):
@@ -67,7 +64,10 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None
             first = len(compiles) if first is None else first
     assert len(compiles) == first                                  # no recompile per step
     rows = [r for r in modcompile.report(print_table=False) if r.status == "sparse"]
-    assert len(rows) == SPARSE_SITES[name], [r.site for r in rows]
+    assert len(rows) == client.sparse_sites(policy), [r.site for r in rows]
+    grid, text = (client.grid, client.text_tokens) if client.sparse_grid == () else (client.sparse_grid, 0)
+    for r in rows:                                                  # the geometry the policies planned with
+        assert (r.grid, r.text_tokens) == (grid, text), r
     sparse = {key for key, step, dense, d in checker.calls if not dense and d < 1.0}
     assert sparse == {r.site for r in rows}                        # every sparse site checked on sparse lists
     for r in rows:                                                  # every step, every sparse step after the warm-up
@@ -80,7 +80,7 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None
 # fast: each policy, both styles, text first and the masked joint attention; Allegro regional, whose
 # forward rebinds ``timestep`` before the blocks that find the model run (its first step counted once)
 FAST = {("wan", "regional", "vmoba"), ("hunyuan_video", "whole", "mod"), ("cogvideox", "regional", "mod"),
-        ("allegro", "regional", "vmoba")}
+        ("allegro", "regional", "vmoba"), ("helios_history", "regional", "vmoba"), ("latte", "regional", "mod")}
 CASES = [pytest.param(c.name, style, policy, id=f"{c.name}-{style}-{policy}",
                       marks=[] if (c.name, style, policy) in FAST else [pytest.mark.slow])
          for c in CLIENTS for style in ("whole", "regional") for policy in POLICIES]
@@ -89,6 +89,19 @@ CASES = [pytest.param(c.name, style, policy, id=f"{c.name}-{style}-{policy}",
 @pytest.mark.parametrize("name,style,policy", CASES)
 def test_sparse_steps_equal_float64_attention_over_the_lists_used(name, style, policy, monkeypatch):
     run_matrix_case(name, style, policy, monkeypatch)
+
+
+def test_blocks_of_two_classes_with_attention_at_the_same_path_keep_their_own_rows(monkeypatch):
+    """Kandinsky 5 compiled regionally: its text block and its visual blocks both hold their
+    attention at ``self_attention``. Each block class's site keeps its own facts: the text
+    block's 8-token self-attention reads dense, the visual blocks' run block-sparse."""
+    run_matrix_case("kandinsky5", "regional", "vmoba", monkeypatch)
+    rows = {r.site.split("/", 1)[1]: r for r in modcompile.report(print_table=False)}
+    text = rows["text_transformer_blocks.0.self_attention#0"]
+    assert (text.status, text.seq_len, text.rewritten) == ("dense", 8, False), text
+    for i in range(2):
+        visual = rows[f"visual_transformer_blocks.{i}.self_attention#0"]
+        assert (visual.status, visual.seq_len, visual.grid) == ("sparse", 256, (4, 8, 8)), visual
 
 
 @pytest.mark.slow                   # the interpreter: 10-25 s per policy on 2 cores

@@ -111,11 +111,20 @@ def kernel_footprint(sizes: np.ndarray, offset: int, block_size: int) -> float:
     return block_size * int(touched.sum()) / int(sizes.sum())
 
 
+def video_offset(text_tokens: int, text_position) -> int:
+    """Non-grid tokens before the video grid: all of them when the text comes first, none when it
+    comes last, or the given count when ``text_position`` is an int (tokens both before and after
+    the grid: FramePack's history latents before its latents, image and text tokens after them)."""
+    if isinstance(text_position, int) and not isinstance(text_position, bool):
+        return min(max(text_position, 0), text_tokens)
+    return text_tokens if text_position == "first" else 0
+
+
 def layout_footprints(grid, kind: str, shape, block_size: int, text_tokens: int = 0,
                       text_position: str = "last") -> tuple[float, float]:
     """(footprint in raster block order, footprint in aligned-first order)."""
     sizes = block_sizes(grid, kind, shape)
-    offset = text_tokens if text_position == "first" else 0
+    offset = video_offset(text_tokens, text_position)
     raster = kernel_footprint(sizes, offset, block_size)
     if kind == "1d":  # 1D keeps the identity permutation: no reordering
         return raster, raster
@@ -225,7 +234,7 @@ def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position:
         raise ValueError(f"vmoba: grid must be three positive ints (T, H, W), got {grid!r}")
     if text_tokens < 0:
         raise ValueError(f"vmoba: text_tokens must be >= 0, got {text_tokens}")
-    if text_position not in ("first", "last"):
+    if text_position not in ("first", "last") and not (isinstance(text_position, int) and 0 <= text_position <= text_tokens):
         raise ValueError(f"vmoba: text_position must be 'first' or 'last', got {text_position!r}")
     T, H, W = grid
     bt, bh, bw = full_block_shape(grid, kind, shape)
@@ -245,10 +254,10 @@ def build_partition(grid, kind: str, shape, text_tokens: int = 0, text_position:
     # A stable sort keeps raster order inside each block.
     video_perm = torch.argsort(block_id, stable=True)
     sizes = torch.bincount(block_id, minlength=int(block_id.max()) + 1)
-    offset = text_tokens if text_position == "first" else 0
-    text = torch.arange(text_tokens) + (0 if text_position == "first" else n_video)
+    offset = video_offset(text_tokens, text_position)
+    before, after = torch.arange(offset), torch.arange(offset + n_video, n_video + text_tokens)
     video_perm = video_perm + offset
-    perm = torch.cat([text, video_perm]) if text_position == "first" else torch.cat([video_perm, text])
+    perm = torch.cat([before, video_perm, after])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]) + offset

@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..kernels._common import attention_path
 from ..owners import source_path
 from ..policies import policy_observes
-from ..runtime import REGISTRY
+from ..runtime import REGISTRY, compiled_frame
 from ..sites import SiteInfo
 from . import masks
 from .attention_sites import AttentionSite, check_eligibility, example_value, find_attention_sites, module_path
@@ -109,7 +109,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
         anchor, anchor_path = _anchor(site, prefix)
         rel = "" if site.module_path == "<root>" else _below(site.module_path, prefix)
         info = REGISTRY.register_site(SiteInfo(
-            key=f"{scope}/{site.local_key}", layer=-1, module_path=site.module_path, config=config,
+            key=f"{scope}/{_frame_class(anchor, anchor_path, calls)}{site.local_key}", layer=-1, module_path=site.module_path, config=config,
             ordinal=site.ordinal, module_rel=rel,
             anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
@@ -128,6 +128,17 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
     for reason, keys in misfits.items():
         log.warning("modsparse: %d attention site(s) stay dense (%s): %s", len(keys), ", ".join(keys), reason)
     return infos
+
+
+def _frame_class(anchor, anchor_path, calls) -> str:
+    """``Class:`` of the compiled frame's module when it is not the model itself (regional
+    compilation, a graph after a break inside a block), else "": module paths are relative to
+    the frame, and two block classes (Kandinsky 5's text and visual blocks, Latte's spatial and
+    temporal ones) may have their attention at the same relative path."""
+    found = None if calls or anchor is None else compiled_frame(_example(anchor), anchor_path)
+    if found is None or not found[1]:
+        return ""
+    return type(found[0].model.get_submodule(found[1])).__name__ + ":"
 
 
 def _below(path: str, prefix: str) -> str:

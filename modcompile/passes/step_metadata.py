@@ -35,19 +35,24 @@ def _is_embedding_op(node: fx.Node) -> bool:
 
 def find_timestep_input(gm: fx.GraphModule) -> fx.Node | None:
     """The timestep placeholder: by name first, else the small float input that feeds a
-    sinusoidal embedding (sin/cos/exp reachable from it)."""
-    for node in gm.graph.nodes:
+    sinusoidal embedding (sin/cos/exp reachable from it). A named input larger than a batch of
+    scalars (per-token or per-frame timesteps) must feed such an embedding too: a regionally
+    compiled block's ``timestep`` argument may be its adaLN modulation (Latte's
+    ``BasicTransformerBlock``), whose values do not follow the schedule."""
+    g = None
+
+    def feeds_embedding(node):
+        nonlocal g
+        g = g or to_digraph(gm.graph)
+        return any(_is_embedding_op(d) for d in nx.descendants(g, node))
+
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not _is_weight(n)]
+    for node in inputs:
         # not a weight: Cosmos' learnable position table is named pos_emb_t
-        if node.op == "placeholder" and _NAME.search(node.name) and not _is_weight(node) and _timestep_like(node, small=False):
+        if _NAME.search(node.name) and _timestep_like(node, small=False) and (
+                _timestep_like(node) or feeds_embedding(node)):
             return node
     # small inputs first (a batch of scalars), then per-token or per-frame ones
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and not _is_weight(n)]
     placeholders = [n for n in inputs if _timestep_like(n)]
     placeholders += [n for n in inputs if n not in placeholders and _timestep_like(n, small=False)]
-    if not placeholders:
-        return None
-    g = to_digraph(gm.graph)
-    for node in placeholders:
-        if any(_is_embedding_op(d) for d in nx.descendants(g, node)):
-            return node
-    return None
+    return next((n for n in placeholders if feeds_embedding(n)), None)

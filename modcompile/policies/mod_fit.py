@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.block_lists import num_blocks
+from ..kernels.partition import video_offset
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Geometry:
     block_size: int
     grid: tuple | None = None          # latent (T, H, W); None = no frame basis
     text_tokens: int = 0
-    text_position: str = "last"
+    text_position: str | int = "last"   # or the count of non-grid tokens before the grid
 
     @property
     def nb(self) -> int:
@@ -60,7 +61,7 @@ class Geometry:
 
     @property
     def video_offset(self) -> int:
-        return self.text_tokens if self.text_position == "first" else 0
+        return video_offset(self.text_tokens, self.text_position)
 
     def text_blocks(self) -> torch.Tensor:
         """Boolean (nb,): blocks holding at least one text token."""
@@ -69,11 +70,9 @@ class Geometry:
         end = torch.clamp(start + bs, max=self.seq_len)
         if self.text_tokens <= 0:
             return torch.zeros(nb, dtype=torch.bool)
-        if self.text_position == "first":
-            t0, t1 = 0, self.text_tokens
-        else:
-            t0, t1 = self.seq_len - self.text_tokens, self.seq_len
-        return (start < t1) & (end > t0)
+        before = self.video_offset                              # text (or other non-grid tokens) on both sides
+        after = self.seq_len - (self.text_tokens - before)
+        return (start < before) | (end > after)
 
     def frame_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block the first and last latent frame of its video tokens; (-1, -2) for blocks
