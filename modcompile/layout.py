@@ -10,9 +10,16 @@ forward pre-hook on the model reads it (modcompile/runtime.py). One rule per inp
 * frames before channels, (B, F, C, H, W), for the models that patchify per frame
   (CogVideoX, ConsisID: a Conv2d per frame, or a Linear over ``patch_size_t`` frames in 1.5), and
   AnyFlow, whose forward permutes them before its Conv3d;
-* channels last, (B, F, H, W, C) (Kandinsky 5: a Linear over each patch);
+* channels last, (B, F, H, W, C) (Kandinsky 5 and 6: a Linear over each patch; Kandinsky 6's image
+  conditioning appends the reference frame as one more latent frame, which the grid counts);
 * packed tokens (B, N, C) with ``num_frames``/``height``/``width`` arguments, which are already
-  the token grid (LTX-Video).
+  the token grid (LTX-Video);
+* packed rows (MiniMax-H3, ``PACKED_ROWS``): one sequence [text | keyframe or reference rows |
+  target audio | target video] whose places (``video_indices``) and rotary (t, h, w) positions
+  (``position_ids``) are inputs; the target video is the run of ``video_indices`` that ends the
+  sequence (the target audio separates it from the conditioning rows), frame-major: its last frame's
+  rows share their t, that frame's last row of tokens its h. Every other token is before the grid:
+  the text position is their count. Read on the host once per new pair of index tensors.
 
 Text position: the classes that put the text tokens before the video tokens are listed in
 ``TEXT_FIRST``; every other joint-attention model appends them. Helios has no text in its
@@ -24,12 +31,14 @@ and text after): its text position is the count of those before the grid (``hist
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 FRAMES_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "AnyFlowTransformer3DModel"}
-CHANNELS_LAST = {"Kandinsky5Transformer3DModel"}
+CHANNELS_LAST = {"Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel"}
+PACKED_ROWS = {"MiniMaxH3Transformer3DModel"}
 TEXT_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
               "HeliosTransformer3DModel"}
 # HunyuanVideo-FramePack: [history 4x | history 2x | clean | latents | image | text]. Each history input
@@ -64,6 +73,12 @@ def model_layout(model: torch.nn.Module, values: dict) -> Layout:
     text_position = "first" if name in TEXT_FIRST else "last"
     config = getattr(model, "config", None)
     x = values.get("hidden_states")
+    if name in PACKED_ROWS:
+        found = packed_grid(values)
+        if found is not None:
+            grid, before = found
+            return Layout(grid, before, f"packed rows: the video_indices run that ends the sequence, over its "
+                                        f"position_ids; {before} tokens before it")
     if not isinstance(x, torch.Tensor):
         return Layout(None, text_position, "no hidden_states input")
     dims = [values.get(n) for n in ("num_frames", "height", "width")]
@@ -86,6 +101,39 @@ def model_layout(model: torch.nn.Module, values: dict) -> Layout:
     if before:
         return Layout(grid, before, f"latents {order} / patch {patch}, {before} history tokens before them")
     return Layout(grid, text_position, f"latents {order} / patch {patch}")
+
+
+_PACKED_LAST: list = [None]   # (weak refs to the last call's two index tensors, their versions, the result)
+
+
+def packed_grid(values: dict) -> tuple | None:
+    """(grid, tokens before it) of a packed sequence whose video rows end it (``PACKED_ROWS``), from
+    ``video_indices`` and ``position_ids`` (seq_len, 3); None when they do not give one. The read
+    copies them to the host (a sync on a GPU): a pipeline passes the same tensors at every step,
+    so the last call's answer is kept while they are the same, unchanged tensors."""
+    pos, video = values.get("position_ids"), values.get("video_indices")
+    if not (isinstance(pos, torch.Tensor) and isinstance(video, torch.Tensor) and pos.dim() == 2 and video.numel()):
+        return None
+    last = _PACKED_LAST[0]
+    if last is not None and last[0]() is video and last[1]() is pos and last[2] == (video._version, pos._version):
+        return last[3]
+    found = _packed_grid(pos, video)
+    _PACKED_LAST[0] = (weakref.ref(video), weakref.ref(pos), (video._version, pos._version), found)
+    return found
+
+
+def _packed_grid(pos: torch.Tensor, video: torch.Tensor) -> tuple | None:
+    n, video = pos.shape[0], video.detach().flatten().cpu()
+    if int(video[-1]) != n - 1:
+        return None
+    breaks = ((video[1:] - video[:-1]) != 1).nonzero().flatten()
+    rows = video.numel() - (int(breaks[-1]) + 1 if breaks.numel() else 0)
+    tail = pos.detach()[n - rows:].cpu()
+    frame = int((tail[:, 0] == tail[-1, 0]).sum())                  # the last frame's rows (t is per frame)
+    width = int((tail[-frame:, 1] == tail[-1, 1]).sum())             # its last row of tokens (h is per row)
+    if rows % frame or frame % width:
+        return None
+    return (rows // frame, frame // width, width), n - rows
 
 
 def history_tokens(name: str, values: dict) -> int:
@@ -128,5 +176,5 @@ def frame_layout(model: torch.nn.Module, frame_locals: dict, params: list) -> La
                   f"the forward's latent shape (num_frames, height, width) / patch {patch}")
 
 
-__all__ = ["Layout", "model_layout", "frame_layout", "history_tokens", "CHANNELS_LAST", "FRAMES_FIRST",
-           "HISTORY_BEFORE", "TEXT_FIRST"]
+__all__ = ["Layout", "model_layout", "frame_layout", "history_tokens", "packed_grid", "CHANNELS_LAST",
+           "FRAMES_FIRST", "HISTORY_BEFORE", "PACKED_ROWS", "TEXT_FIRST"]

@@ -324,6 +324,56 @@ _FRAMEPACK = dict(in_channels=4, out_channels=4, num_attention_heads=2, attentio
 FRAMEPACK_HISTORY = 4 + 16 + 128
 
 
+def _kandinsky6_inputs(g, t, frames=4, size=16, channels=9, audio=0):
+    # latents channels last (B, F, H, W, C), C = 2 x in_visual_dim + 1 (visual_cond: [latent | cond latent | mask]);
+    # no visual_rope_pos: the forward takes an arange per axis of the token grid
+    inputs = {"hidden_states": _randn(g, 1, frames, size, size, channels),
+              "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "pooled_projections": _randn(g, 1, 16),
+              "timestep": torch.tensor([t]), "return_dict": False}
+    if audio:
+        inputs["audio_hidden_states"] = _randn(g, 1, audio, 8)
+    return inputs
+
+
+K6_AUDIO = 16       # Kandinsky 6 audio latents (B, L, in_audio_dim)
+
+
+def _kandinsky6_audio_inputs(g, t):
+    return _kandinsky6_inputs(g, t, audio=K6_AUDIO)
+
+
+# head_dim = sum(axes_dims) = 32, 2 heads, the audio stream alike; attention through dispatch_attention_fn (SDPA)
+_KANDINSKY6 = dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=16, time_dim=32,
+                   patch_size=(1, 2, 2), model_dim=64, ff_dim=128, num_text_blocks=1, num_visual_blocks=2,
+                   axes_dims=(8, 12, 12), in_audio_dim=8, out_audio_dim=8)
+MM_AUDIO = 16       # MiniMax-H3 audio rows (8 latents x 2 channels, channel-major)
+
+
+def _minimax_h3_inputs(g, t, frames=4, height=8, width=8, audio_latents=8, audio_channels=2):
+    """As the modular pipeline packs t2va (build_packed_sequence, no keyframes): [text | audio | video], video rows
+    frame-major over the patchified grid; one timestep in [0, 1] for every row; tags 0 video, 1 text, 2 audio."""
+    video, audio = frames * height * width, audio_latents * audio_channels
+    n = TEXT + audio + video
+    pos = torch.zeros(n, 3)
+    pos[:TEXT, 0] = torch.arange(TEXT)
+    pos[TEXT:TEXT + audio, 0] = (TEXT + torch.arange(audio_latents)).repeat(audio_channels)
+    pos[TEXT:TEXT + audio_latents, 2], pos[TEXT + audio_latents:TEXT + audio, 2] = 0, width - 1
+    tt, hh, ww = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    pos[TEXT + audio:] = torch.stack([TEXT + tt, hh, ww], -1).reshape(-1, 3).float()
+    tags = torch.cat([torch.ones(TEXT), torch.full((audio,), 2), torch.zeros(video)]).long()
+    return {"hidden_states": _randn(g, 1, video, 4 * 4), "audio_hidden_states": _randn(g, 1, audio, 8),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "timestep": torch.tensor([t / 1000.0]),
+            "timestep_indices": torch.zeros(n, dtype=torch.long), "token_tags": tags, "position_ids": pos,
+            "video_indices": torch.arange(TEXT + audio, n), "audio_indices": torch.arange(TEXT, TEXT + audio),
+            "text_indices": torch.arange(TEXT), "return_dict": False}
+
+
+# rotary: 2 x 3 x rope_freq_dim = 24 of the 32 head channels
+_MINIMAX_H3 = dict(num_attention_heads=2, attention_head_dim=32, hidden_size=64, num_layers=2, num_refiner_layers=1,
+                   ffn_dim=128, in_channels=4, audio_in_channels=8, patch_size=(1, 2, 2), text_dim=TEXT_DIM,
+                   freq_dim=16, time_embed_hidden_dim=32, time_embed_dim=32, rope_freq_dim=4)
+
+
 CLIENTS = [
     Client("wan", "WanTransformer3DModel", _WAN, _wan_inputs, grid=(4, 8, 8), text_tokens=0, text_position=None,
            sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
@@ -394,6 +444,19 @@ CLIENTS = [
     Client("hunyuan_video_framepack", "HunyuanVideoFramepackTransformer3DModel", _FRAMEPACK, _framepack_inputs,
            grid=(4, 8, 8), text_tokens=FRAMEPACK_HISTORY + FRAMEPACK_IMAGE + TEXT, text_position=FRAMEPACK_HISTORY,
            sites=("text", "video", "video"), grid_rule="latents (B, C, F, H, W) / patch sizes; history tokens before them"),
+    # two text branches (video, audio) run even without audio
+    Client("kandinsky6", "Kandinsky6Transformer3DModel", _KANDINSKY6, _kandinsky6_inputs, grid=(4, 8, 8),
+           text_tokens=0, text_position=None, sites=("text", "text") + ("video", "cross") * 2, latents="BFHWC",
+           grid_rule="latents (B, F, H, W, C) / patch sizes"),
+    # per fused block: video self, video-text cross, audio self, audio-text cross, video<-audio, audio<-video cross
+    Client("kandinsky6_audio", "Kandinsky6Transformer3DModel", _KANDINSKY6, _kandinsky6_audio_inputs, grid=(4, 8, 8),
+           text_tokens=0, text_position=None,
+           sites=("text", "text") + ("video", "cross", "audio", "cross", "cross", "cross") * 2, latents="BFHWC",
+           other_self={K6_AUDIO: "audio"}, grid_rule="latents (B, F, H, W, C) / patch sizes"),
+    # one packed sequence [text 8 | audio 16 | video 4x8x8], no cross-attention: 24 non-grid tokens before the grid
+    Client("minimax_h3", "MiniMaxH3Transformer3DModel", _MINIMAX_H3, _minimax_h3_inputs, grid=(4, 8, 8),
+           text_tokens=TEXT + MM_AUDIO, text_position=TEXT + MM_AUDIO, sites=("text", "video", "video"),
+           grid_rule="packed rows: the video_indices run that ends the sequence, over its position_ids"),
 ]
 
 BY_NAME = {c.name: c for c in CLIENTS}

@@ -33,6 +33,9 @@ SPARSE = ["wan", "skyreels_v2", "cogvideox", "ltx_video", "cosmos", "allegro"]  
 def true_grid(client, inputs) -> tuple:
     """The token grid after patchify, from the input shape and the config's patch sizes."""
     cfg, x = client.config, inputs["hidden_states"]
+    if "position_ids" in inputs:                                 # packed rows (MiniMax-H3): the rows after the audio
+        pos = inputs["position_ids"][int(inputs["audio_indices"].max()) + 1:]
+        return tuple(len(pos[:, i].unique()) for i in range(3))
     if "num_frames" in inputs:                                   # packed tokens: the args are the grid
         assert x.shape[1] == inputs["num_frames"] * inputs["height"] * inputs["width"]
         return (inputs["num_frames"], inputs["height"], inputs["width"])
@@ -207,3 +210,22 @@ def test_mochi_with_captured_dynamic_output_shapes_does_not_crash():
     rows = modcompile.report(print_table=False)
     assert rows and all(r.status == "dense" and r.reason for r in rows)
     assert math.isfinite(sum(r.seq_len or 0 for r in rows))
+
+
+def test_packed_rows_are_read_on_the_host_once_per_new_index_tensors(monkeypatch):
+    """MiniMax-H3's grid comes from its index inputs (a host read): the same tensors at the next
+    step give the kept answer without a read; new or modified ones are read again."""
+    from modcompile import layout
+    client = BY_NAME["minimax_h3"]
+    model, inputs = client.build(), client.inputs()
+    reads = []
+    original = layout._packed_grid
+    monkeypatch.setattr(layout, "_packed_grid", lambda *a: reads.append(1) or original(*a))
+    monkeypatch.setattr(layout, "_PACKED_LAST", [None])
+    want = (client.grid, client.text_position)
+    assert (model_layout(model, inputs).grid, model_layout(model, inputs).text_position) == want
+    assert len(reads) == 1
+    inputs["video_indices"] = inputs["video_indices"].clone()
+    assert model_layout(model, inputs).grid == client.grid and len(reads) == 2
+    inputs["position_ids"][-1, 1] = 0                      # in place: the last token row loses its h
+    assert model_layout(model, inputs).grid != client.grid and len(reads) == 3
