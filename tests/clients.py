@@ -474,6 +474,22 @@ def small_inputs(client: Client, seed: int = 1, t: float = 500.0) -> dict:
 small_inputs.__test__ = False
 
 
+def true_grid(client, inputs) -> tuple:
+    """The token grid after patchify of the call with ``inputs``, from their shapes and the config's
+    patch sizes (independent of modcompile/layout.py, which the tests check against it)."""
+    cfg, x = client.config, inputs["hidden_states"]
+    if "position_ids" in inputs:                                 # packed rows (MiniMax-H3): the rows after the audio
+        pos = inputs["position_ids"][int(inputs["audio_indices"].max()) + 1:]
+        return tuple(len(pos[:, i].unique()) for i in range(3))
+    if "num_frames" in inputs:                                   # packed tokens: the args are the grid
+        assert x.shape[1] == inputs["num_frames"] * inputs["height"] * inputs["width"]
+        return (inputs["num_frames"], inputs["height"], inputs["width"])
+    p = cfg["patch_size"]
+    pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
+    f, h, w = (x.shape[client.latents.index(d)] for d in "FHW")
+    return (f // pt, h // ph, w // pw)
+
+
 def compile_model(model, style, backend, options):
     """Whole-model torch.compile, or regional: diffusers' compile_repeated_blocks where the class
     names its blocks, else each block of its block lists compiled alike (what that method does)."""

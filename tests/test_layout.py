@@ -13,7 +13,7 @@ from modcompile.runtime import REGISTRY
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, compile_model, small_inputs  # noqa: E402
+from clients import BY_NAME, CLIENTS, compile_model, small_inputs, true_grid  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
 
@@ -28,21 +28,6 @@ def torch_reference_attention(monkeypatch):
 OPTS = {"min_seq_len": 64, "block_size": 32}
 STEPS = (900.0, 700.0, 500.0, 300.0)
 SPARSE = ["wan", "skyreels_v2", "cogvideox", "ltx_video", "cosmos", "allegro"]   # no masked self-attention
-
-
-def true_grid(client, inputs) -> tuple:
-    """The token grid after patchify, from the input shape and the config's patch sizes."""
-    cfg, x = client.config, inputs["hidden_states"]
-    if "position_ids" in inputs:                                 # packed rows (MiniMax-H3): the rows after the audio
-        pos = inputs["position_ids"][int(inputs["audio_indices"].max()) + 1:]
-        return tuple(len(pos[:, i].unique()) for i in range(3))
-    if "num_frames" in inputs:                                   # packed tokens: the args are the grid
-        assert x.shape[1] == inputs["num_frames"] * inputs["height"] * inputs["width"]
-        return (inputs["num_frames"], inputs["height"], inputs["width"])
-    p = cfg["patch_size"]
-    pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
-    f, h, w = (x.shape[client.latents.index(d)] for d in "FHW")
-    return (f // pt, h // ph, w // pw)
 
 
 @pytest.mark.parametrize("client", CLIENTS, ids=lambda c: c.name)

@@ -15,7 +15,7 @@ from modcompile.kernels.block_lists import BlockLists
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, compile_model, small_inputs  # noqa: E402
+from clients import BY_NAME, CLIENTS, compile_model, small_inputs, true_grid  # noqa: E402
 from site_check import Checker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
@@ -65,7 +65,8 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None
     assert len(compiles) == first                                  # no recompile per step
     rows = [r for r in modcompile.report(print_table=False) if r.status == "sparse"]
     assert len(rows) == client.sparse_sites(policy), [r.site for r in rows]
-    grid, text = (client.grid, client.text_tokens) if client.sparse_grid == () else (client.sparse_grid, 0)
+    grid, text = ((true_grid(client, inputs_at(client, 0, STEPS[0])), client.text_tokens) if client.sparse_grid == ()
+                  else (client.sparse_grid, 0))
     for r in rows:                                                  # the geometry the policies planned with
         assert (r.grid, r.text_tokens) == (grid, text), r
     sparse = {key for key, step, dense, d in checker.calls if not dense and d < 1.0}
