@@ -47,6 +47,28 @@ def test_compiled_training_step_gradients(options):
         assert all(torch.isfinite(gr).all() for gr in grads.values())
 
 
+@pytest.mark.parametrize("policy", ["dense", "vmoba"])
+def test_training_after_a_no_grad_pass_has_the_eager_gradients(policy):
+    """A validation pass under no_grad first (its graph takes the inference path: no lse for a
+    backward), then training steps: the training graph's dense calls must still keep the lse
+    its backward reads (dense plans: the dense policy, vmoba's warm-up step). Gradients as eager."""
+    torch.manual_seed(0)
+    eager = TinyVideoDiT(layers=2).train()
+    compiled = torch.compile(eager, backend="modsparse", options={
+        "min_seq_len": 64, "block_size": 32, "policy": policy, "warmup_steps": 1, "video_grid": (2, 8, 8)})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 2, 16, 16, generator=g)
+    t = torch.tensor([500.0])
+    with torch.no_grad(), modcompile.denoising_step(0, 1):
+        compiled(x, t)
+    with modcompile.denoising_step(0, 1):                      # a dense step of either policy
+        loss, grads = _grads(compiled, eager, x, t)
+    want_loss, want = _grads(eager, eager, x, t)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
 def test_forward_state_advances_once_per_training_step():
     """The partitioner must not recompute plan nodes in backward: one plan per site and step."""
