@@ -87,15 +87,14 @@ class Registry:
             self.sites[info.key] = info                   # listed until an instance of it runs
         return info
 
-    def place_dense(self, spec: SiteInfo, anchor: torch.Tensor | None, calls: list | None = None) -> None:
+    def place_dense(self, spec: SiteInfo, frame: tuple | None, calls: list | None = None) -> None:
         """Note, at compile time, which modules run a site left dense: no op of ours runs for it,
         so its instances cannot name themselves at run time as rewritten sites do (``_resolve``).
-        ``calls``: a nested region's call paths below the frame. :meth:`dense_rows` turns this
-        into rows."""
-        found = compiled_frame(anchor, spec.anchor_path)
-        if found is None:
+        ``frame``: :func:`compiled_frame` of the site's anchor; ``calls``: a nested region's call
+        paths below the frame. :meth:`dense_rows` turns this into rows."""
+        if frame is None:
             return
-        owner, frame = found
+        owner, frame = frame
         if calls:                       # ``frame`` is the region's first call; the calls sit below the frame module
             if not (frame == calls[0] or frame.endswith("." + calls[0])):
                 return

@@ -108,8 +108,10 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
             misfits.setdefault(site.reason, []).append(site.local_key)
         anchor, anchor_path = _anchor(site, prefix)
         rel = "" if site.module_path == "<root>" else _below(site.module_path, prefix)
+        frame = compiled_frame(_example(anchor), anchor_path)   # one stack walk: the key and the dense rows
         info = REGISTRY.register_site(SiteInfo(
-            key=f"{scope}/{_frame_class(anchor, anchor_path, calls)}{site.local_key}", layer=-1, module_path=site.module_path, config=config,
+            key=f"{scope}/{_frame_class(frame, calls)}{site.local_key}", layer=-1, module_path=site.module_path,
+            config=config,
             ordinal=site.ordinal, module_rel=rel,
             anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
@@ -120,7 +122,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
         infos.append(info)
         if not site.eligible:
             log.info("modsparse: %s stays dense: %s", info.key, site.reason)
-            REGISTRY.place_dense(info, _example(anchor), calls)
+            REGISTRY.place_dense(info, frame, calls)
             continue
         _replace_with_sparse(graph, site, info.key, info.scale, token, anchor, grid_args, policy_observes(config))
         log.info("modsparse: %s -> block-sparse (policy %s, N=%s, H=%s, D=%s)", info.key, config.policy,
@@ -130,15 +132,14 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
     return infos
 
 
-def _frame_class(anchor, anchor_path, calls) -> str:
+def _frame_class(frame: tuple | None, calls) -> str:
     """``Class:`` of the compiled frame's module when it is not the model itself (regional
     compilation, a graph after a break inside a block), else "": module paths are relative to
     the frame, and two block classes (Kandinsky 5's text and visual blocks, Latte's spatial and
     temporal ones) may have their attention at the same relative path."""
-    found = None if calls or anchor is None else compiled_frame(_example(anchor), anchor_path)
-    if found is None or not found[1]:
+    if calls or frame is None or not frame[1]:
         return ""
-    return type(found[0].model.get_submodule(found[1])).__name__ + ":"
+    return type(frame[0].model.get_submodule(frame[1])).__name__ + ":"
 
 
 def _below(path: str, prefix: str) -> str:
