@@ -3,7 +3,7 @@
 Per rewritten SDPA site the graph holds::
 
     token = modcompile::step(timestep)                             # once, at graph entry
-    counts, indices = modcompile::plan(q, k, token, site, T, H, W, key_bias) # the policy's masks for this call
+    counts, indices = modcompile::plan(q, k, token, site, T, H, W, key_bias, training)  # this call's masks
     out, lse = modcompile::sparse_attention(q, k, v, counts, indices, site, scale, key_bias)
     modcompile::observe(q, k, lse, counts, indices, site, key_bias)          # predictor fitting, when asked
                                                                              # (only policies that observe)
@@ -101,17 +101,19 @@ def _(timestep):
 
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
 def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
-         grid_h: int, grid_w: int, key_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+         grid_h: int, grid_w: int, key_bias: Optional[Tensor] = None, training: bool = False) -> tuple[Tensor, Tensor]:
     """Ask the site's policy for this call's block lists. ``anchor``: a parameter of the site's
     module, whose address names the module instance that runs (modcompile/owners.py).
     ``grid_*``: the latent video grid of this call's input (-1: unknown in this graph).
-    ``key_bias``: the site's key-padding bias (B, Nk), or None (VMoBA scores hidden keys out)."""
+    ``key_bias``: the site's key-padding bias (B, Nk), or None (VMoBA scores hidden keys out).
+    ``training``: this graph needs gradients (a site's inference and training graphs share its
+    state; the flag is per graph, so a validation pass keeps the inference path)."""
     state = REGISTRY.enter_site(site, anchor)
     info = REGISTRY.call_info(state, q.shape[2], (grid_t, grid_h, grid_w))
     config = info.config
     ctx = SiteContext(info=info, state=state, step=state.last_step,
                       num_steps=REGISTRY.num_steps(config, REGISTRY.current_run(site)), config=config,
-                      outputs=SITE_OUTPUTS if _replayable(info, q) else None)
+                      outputs=SITE_OUTPUTS if _replayable(training, q) else None, training=training)
     state.plan = None  # the last call's lists, if pooled, go back to the pool
     # only masked sites pass the bias: a policy without the keyword still plans unmasked sites
     result: Plan = policy_for(config).plan(ctx, q, k, **({} if key_bias is None else {"key_bias": key_bias}))
@@ -125,7 +127,7 @@ def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor]
 
 
 @plan.register_fake
-def _(q, k, token, anchor, site, grid_t, grid_h, grid_w, key_bias=None):
+def _(q, k, token, anchor, site, grid_t, grid_h, grid_w, key_bias=None, training=False):
     block = REGISTRY.specs[site].config.block_size
     B, H, N, _ = q.shape
     mq, mk = num_blocks(N, block), num_blocks(k.shape[2], block)
@@ -146,7 +148,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     state = REGISTRY.current(site)
     policy, ctx = policy_for(state.info.config), state.context
     plan = plan_with_lists(state.plan, kv_counts, kv_indices)
-    if not _replayable(ctx.info, q):
+    if not _replayable(ctx.training, q):
         _copy_lists(plan)  # a plan made on the replayable path (its switch turned off in between)
         try:
             return site_attention(policy, ctx, q, k, v, plan, scale, key_bias)
@@ -180,11 +182,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_counts: Tensor, kv_indi
     return out, lse
 
 
-def _replayable(info, q: Tensor) -> bool:
-    """Whether this call of the site ``info`` may replay from a CUDA graph
-    (:data:`.cuda_graphs.SITE_CALLS`): inference calls on CUDA (a training call's backward needs the
-    Python state of its own forward). Such calls take their outputs from :data:`.buffers.SITE_OUTPUTS`."""
-    return q.is_cuda and not info.training and cuda_graphs.enabled(q.device)
+def _replayable(training: bool, q: Tensor) -> bool:
+    """Whether a call may replay from a CUDA graph (:data:`.cuda_graphs.SITE_CALLS`): inference
+    calls on CUDA (a training call's backward needs the Python state of its own forward). Such calls
+    take their outputs from :data:`.buffers.SITE_OUTPUTS`."""
+    return q.is_cuda and not training and cuda_graphs.enabled(q.device)
 
 
 def _pooled_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,7 +200,7 @@ def site_attention(policy, ctx, q, k, v, plan: Plan, scale: float, key_bias=None
     """The body of the site attention op for the call that ``plan`` set up; benchmarks that drive a
     policy by hand call it too. ``out`` / ``lse``: where to write (allocated when None)."""
     fp8 = _fp8_runs(ctx, q, plan, key_bias, scale)
-    if plan.dense and not ctx.info.training and not fp8:
+    if plan.dense and not ctx.training and not fp8:
         if not plan.observe:
             out, lse = outputs_like(q) if out is None else (out, lse)
             mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)

@@ -74,14 +74,6 @@ class Registry:
         old = self.specs.get(info.key)
         info.layer = old.layer if old is not None else sum(
             1 for s in self.specs.values() if scope_of(s.key) == scope_of(info.key))
-        if old is not None and old.training != info.training:
-            # A site's graph for inference (no_grad: validation) and for training share its key and
-            # instances; the training path (a real lse for the backward, no replayed outputs) serves
-            # both, so once either graph needs gradients every instance takes it.
-            info.training = True
-            for k, (run, inst) in list(self._instances.items()):
-                if k[0] == info.key and not inst.training:
-                    self._instances[k] = (run, dataclasses.replace(inst, training=True))
         self.specs[info.key] = info
         if not any(i.spec_key == info.key for i in self.sites.values() if i is not info):
             self.sites[info.key] = info                   # listed until an instance of it runs
@@ -199,8 +191,6 @@ class Registry:
         state = run.states.get((info.key, pass_index))
         if state is None:
             state = run.states[(info.key, pass_index)] = SiteState(info=info, pass_index=pass_index)
-        elif info.training and not state.info.training:        # a training graph compiled since (register_site)
-            state.info = dataclasses.replace(state.info, training=True)
         if state.last_step != step:
             state.steps_seen += 1
         state.last_step = step

@@ -28,7 +28,6 @@ class SiteInfo:
     dtype: str | None = None
     grid: tuple | None = None       # latent (T, H, W) of the video tokens, when known
     text_tokens: int = 0            # joint-attention text tokens (the rest of the sequence)
-    training: bool = False          # q/k/v require grad: every call keeps a valid lse for backward
     ordinal: int = 0                # index among the sites of one module
     module_rel: str = ""            # the site's module path below the compiled frame's module
     anchor_path: str | None = None  # path of the anchor parameter below the compiled frame ("" none)

@@ -141,7 +141,7 @@ def replayable_on_cpu(monkeypatch):
     closure would keep its tensors alive). Off, as on CUDA, under MODCOMPILE_CUDA_GRAPHS=0. Yields
     the keys of every call that took the path, in order."""
     from modcompile import cuda_graphs, ops
-    monkeypatch.setattr(ops, "_replayable", lambda info, q: not info.training and cuda_graphs.switched_on())
+    monkeypatch.setattr(ops, "_replayable", lambda training, q: not training and cuda_graphs.switched_on())
     keys = []
 
     def run(self, key, fn, device):

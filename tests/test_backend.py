@@ -416,9 +416,9 @@ def test_opcheck_training_site_attention_fully():
     from modcompile.config import SparsityConfig
     from modcompile.sites import SiteInfo
     REGISTRY.register_site(SiteInfo(key="t/attn#0", layer=-1, module_path="attn", config=SparsityConfig(**OPTS),
-                                    status="sparse", training=True))
+                                    status="sparse"))
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))
-    counts, indices = torch.ops.modcompile.plan(q.detach(), k.detach(), None, None, "t/attn#0", -1, -1, -1)
+    counts, indices = torch.ops.modcompile.plan(q.detach(), k.detach(), None, None, "t/attn#0", -1, -1, -1, None, True)
     torch.library.opcheck(torch.ops.modcompile.sparse_attention.default,
                           (q, k, v, counts, indices, "t/attn#0", 0.25))
 

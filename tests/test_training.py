@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import modcompile
+from modcompile import ops
 from modcompile.runtime import REGISTRY
 
 from models import TinyVideoDiT
@@ -48,10 +49,19 @@ def test_compiled_training_step_gradients(options):
 
 
 @pytest.mark.parametrize("policy", ["dense", "vmoba"])
-def test_training_after_a_no_grad_pass_has_the_eager_gradients(policy):
+def test_training_after_a_no_grad_pass_has_the_eager_gradients(policy, monkeypatch):
     """A validation pass under no_grad first (its graph takes the inference path: no lse for a
     backward), then training steps: the training graph's dense calls must still keep the lse
-    its backward reads (dense plans: the dense policy, vmoba's warm-up step). Gradients as eager."""
+    its backward reads (dense plans: the dense policy, vmoba's warm-up step). Gradients as eager.
+    The flag is per graph: the next validation pass takes the inference path again."""
+    seen = []
+    body = ops.site_attention
+
+    def spy(policy, ctx, *args, **kwargs):
+        seen.append(ctx.training)
+        return body(policy, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "site_attention", spy)
     torch.manual_seed(0)
     eager = TinyVideoDiT(layers=2).train()
     compiled = torch.compile(eager, backend="modsparse", options={
@@ -61,12 +71,17 @@ def test_training_after_a_no_grad_pass_has_the_eager_gradients(policy):
     t = torch.tensor([500.0])
     with torch.no_grad(), modcompile.denoising_step(0, 1):
         compiled(x, t)
+    validation, seen[:] = list(seen), []
     with modcompile.denoising_step(0, 1):                      # a dense step of either policy
         loss, grads = _grads(compiled, eager, x, t)
     want_loss, want = _grads(eager, eager, x, t)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for name in want:
         torch.testing.assert_close(grads[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    training, seen[:] = list(seen), []
+    with torch.no_grad(), modcompile.denoising_step(0, 1):
+        compiled(x, t)
+    assert validation == [False, False] and training == [True, True] and seen == [False, False]
 
 
 @pytest.mark.slow

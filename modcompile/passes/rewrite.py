@@ -116,7 +116,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
             anchor_path=anchor_path,
             status="sparse" if site.eligible else "dense", reason=site.reason, seq_len=site.seq_len,
             heads=site.heads, head_dim=site.head_dim, dtype=str(site.dtype).replace("torch.", "") if site.dtype else None,
-            grid=grid if text is not None else None, text_tokens=text or 0, training=_needs_grad(site),
+            grid=grid if text is not None else None, text_tokens=text or 0,
             mask=site.key_mask.description if site.eligible and site.key_mask else "",
             scale=_softmax_scale(site) if site.eligible else None))
         infos.append(info)
@@ -231,7 +231,9 @@ def _replace_with_sparse(graph: fx.Graph, site: AttentionSite, key: str, scale: 
     with graph.inserting_before(node):
         # the key bias goes to the plan (VMoBA scores) and observe (MOD's map) too: padding has no mass
         bias = None if site.key_mask is None else graph.call_function(masks.key_bias, (site.key_mask.keys, q))
-        lists = graph.call_function(torch.ops.modcompile.plan.default, (q, k, token, anchor, key, *grid_args, bias))
+        # training: per graph (a site's no_grad graph and its training graph share the site's state)
+        lists = graph.call_function(torch.ops.modcompile.plan.default,
+                                    (q, k, token, anchor, key, *grid_args, bias, _needs_grad(site)))
         counts = graph.call_function(operator.getitem, (lists, 0))
         indices = graph.call_function(operator.getitem, (lists, 1))
         attn = graph.call_function(torch.ops.modcompile.sparse_attention.default,

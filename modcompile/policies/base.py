@@ -57,6 +57,7 @@ class SiteContext:
     config: SparsityConfig
     outputs: Any = None            # a .buffers.BufferPool on the replayable path (CUDA inference): where a
                                    # policy may take the call's lists and its own outputs from
+    training: bool = False         # the call's graph needs gradients: a valid lse for the backward
 
     @property
     def block_size(self) -> int:
@@ -148,7 +149,7 @@ def call_precision(ctx: SiteContext, plan: Plan) -> str:
     """The call's ``precision`` for :func:`dispatch.attention_forward`: ``"fp8"`` for inference calls
     that the options put on the fp8 kernel (sparse ones with ``precision="fp8"``, dense ones with
     ``fp8_dense``), else ``"auto"``."""
-    if ctx.info.training:
+    if ctx.training:
         return "auto"
     return "fp8" if (ctx.config.fp8_dense if plan.dense else ctx.config.precision == "fp8") else "auto"
 
