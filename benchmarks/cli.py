@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mod-blocks, mod-lines, vmoba, oracle, sta, radial, svg)")
     f.add_argument("--mod-coverage", type=_floats, default=None, help="--equal-density: also run mod at these "
                    "coverages with no density asked (rows 'mod (coverage C)')")
+    f.add_argument("--vmoba-tau", type=_floats, default=None, help="--equal-density: also run vmoba at these "
+                   "thresholds with no density asked (rows 'vmoba (tau T)')")
     f.add_argument("--mod-options", type=json.loads, default=None, help="--equal-density: extra modsparse options "
                    "of every mod row as JSON, e.g. '{\"refresh_interval\": 5}'")
     f.add_argument("--mod-variants", type=json.loads, default=None, help="--equal-density: also run mod with "

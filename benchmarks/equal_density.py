@@ -251,10 +251,14 @@ def run(args) -> dict:
     # every method at every target density
     jobs = [(f"{p} (defaults)", None, lambda p=p: modsparse_row(f"{p} (defaults)", None, {"policy": p}))
             for p in DEFAULT_RUNS if p in methods]
-    # mod at other coverages than its default, no density asked (what a user would turn first)
+    # mod at other coverages and vmoba at other thresholds than their defaults, no density asked (what a
+    # user would turn first)
     jobs += [(f"mod (coverage {c:g})", None, lambda c=c: modsparse_row(f"mod (coverage {c:g})", None,
                                                                         {"policy": "mod", "coverage": c}))
              for c in (getattr(args, "mod_coverage", None) or []) if "mod" in methods]
+    jobs += [(f"vmoba (tau {t:g})", None, lambda t=t: modsparse_row(f"vmoba (tau {t:g})", None,
+                                                                     {"policy": "vmoba", "tau": t}))
+             for t in (getattr(args, "vmoba_tau", None) or []) if "vmoba" in methods]
     jobs += [(method, d, (lambda m=method, d=d: modsparse_row(m, d, MODSPARSE[m](d))) if method in MODSPARSE
               else (lambda m=method, d=d: baseline_row(m, d))) for d in densities for method in methods]
     # mod with other options beside the plain rows, in the same run (same baselines): at its defaults and

@@ -136,8 +136,9 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     exceeds the oracle with as many blocks (from the exact block mass), at the density it reached."""
     from benchmarks import equal_density
     ckpt = _random_checkpoint(tmp_path / "dit.pt")
-    payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["mod", "oracle"], seeds=1,
-                                      mod_coverage=[0.5], mod_variants={"r1": {"refresh_interval": 1}}))
+    payload = equal_density.run(_args(tmp_path, ckpt, equal_density=[0.3], methods=["mod", "oracle", "vmoba"],
+                                      seeds=1, mod_coverage=[0.5], mod_variants={"r1": {"refresh_interval": 1}},
+                                      vmoba_tau=[0.05]))
     assert not payload["settings"]["skipped"]
     mod = next(r for r in payload["rows"] if r["method"] == "mod")
     assert 0.25 <= mod["density"] <= 0.45
@@ -161,6 +162,9 @@ def test_equal_density_level_with_compiled_mod_stays_under_the_oracle(tmp_path, 
     r1 = payload["rows"][methods.index("mod r1")]
     assert methods.index("mod r1 (defaults)") < methods.index("mod r1")
     assert 0.25 <= r1["density"] <= 0.45 and r1["psnr_db"] != mod["psnr_db"]
+    # vmoba at another threshold, no density asked: a lower tau keeps fewer blocks than its default
+    low, default = (payload["rows"][methods.index(m)] for m in ("vmoba (tau 0.05)", "vmoba (defaults)"))
+    assert low["target_density"] is None and 0 < low["density"] < default["density"]
 
 
 def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
@@ -169,11 +173,11 @@ def test_cli_routes_equal_density_to_its_level(tmp_path, monkeypatch):
     monkeypatch.setattr(equal_density, "run", lambda args: seen.setdefault("args", args))
     cli.main(["run", "fidelity", "--config", "tiny-video", "--equal-density", "0.1,0.5", "--methods", "sta,svg",
               "--warmup-steps", "1", "--mod-coverage", "0.8,0.7", "--mod-options", '{"refresh_interval": 5}',
-              "--mod-variants", '{"r3": {"refresh_interval": 3}}', "--out", str(tmp_path)])
+              "--mod-variants", '{"r3": {"refresh_interval": 3}}', "--vmoba-tau", "0.5", "--out", str(tmp_path)])
     args = seen["args"]
     assert args.equal_density == [0.1, 0.5] and args.methods == ["sta", "svg"] and args.warmup_steps == 1
     assert args.mod_coverage == [0.8, 0.7] and args.mod_options == {"refresh_interval": 5}
-    assert args.mod_variants == {"r3": {"refresh_interval": 3}}
+    assert args.mod_variants == {"r3": {"refresh_interval": 3}} and args.vmoba_tau == [0.5]
 
 
 def test_vmoba_fine_tuning_path_on_the_equal_density_table(tmp_path, fresh_modcompile, torch_path):
