@@ -40,10 +40,10 @@ def _site_context(config, grid, n: int, layer: int):
     from modcompile.policies.base import SiteContext
     from modcompile.sites import SiteInfo, SiteState
     info = SiteInfo(key=f"train-attention/layer{layer}", layer=layer, module_path="train-attention", config=config,
-                    status="sparse", seq_len=n, grid=tuple(grid), text_tokens=n - math.prod(grid), training=True)
+                    status="sparse", seq_len=n, grid=tuple(grid), text_tokens=n - math.prod(grid))
     # one step of a one-step "schedule" past any warm-up: every call is a sparse training call
     return SiteContext(info=info, state=SiteState(info=info, pass_index=0), step=10**6, num_steps=10**6 + 1,
-                       config=config)
+                       config=config, training=True)
 
 
 def layer_timings(model, cfg, options: dict, batch: int, seed: int, device, quick: bool = False) -> list[dict]:
