@@ -1,7 +1,8 @@
 """Real diffusers pipelines of other video DiTs end to end, as tests/test_pipelines.py does for Wan:
 CogVideoXPipeline and LTXPipeline (classifier-free guidance batched: one forward of batch 2 per
 step; CogVideoX joins the text before the video tokens), HunyuanVideoPipeline (guidance embedding,
-padded text masked in its joint attention, true CFG: two forwards per step). Tiny random
+padded text masked in its joint attention, true CFG: two forwards per step), Kandinsky5T2VPipeline
+(CFG as two forwards, channels-last latents). Tiny random
 components, prompt embeds passed, latents out, both compile styles. What a user checks: the dense
 policy gives the uncompiled pipeline's latents, report() lists each self-attention site with the
 steps and passes the pipeline ran and the true grid, no recompiles, and mod / vmoba run sparse
@@ -81,6 +82,31 @@ def ltx():
                       num_frames=9)
 
 
+def kandinsky5(dtype=torch.float32, shift=10.0):
+    """In bfloat16 as from_pretrained(torch_dtype=...) loads it: the modules it keeps in float32 stay."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1,
+                                              norm_num_groups=4)
+    transformer = BY_NAME["kandinsky5"].build()
+    for name, param in transformer.named_parameters():
+        if "modulation" in name:            # zero-initialised: the attention would not reach the output
+            torch.nn.init.normal_(param, std=0.05)
+    transformer.to(dtype)
+    for name, module in transformer.named_modules():
+        if set(name.split(".")) & set(transformer._keep_in_fp32_modules):
+            module.float()
+    pipe = diffusers.Kandinsky5T2VPipeline(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
+                                           text_encoder_2=None, tokenizer_2=None,
+                                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift))
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([0, TEXT], dtype=torch.int32)
+    embeds = {f"{neg}prompt_{k}": v for neg in ("", "negative_") for k, v in (
+        ("embeds_qwen", torch.randn(1, TEXT, TEXT_DIM, generator=g)), ("embeds_clip", torch.randn(1, 16, generator=g)),
+        ("cu_seqlens", lengths))}
+    # latents (B, F, H, W, C): 3 x 16 x 16 -> patches (1, 2, 2)
+    return pipe, dict(embeds, guidance_scale=5.0, height=128, width=128, num_frames=9)
+
+
 @dataclass
 class Case:
     build: Callable                 # () -> (pipeline, its call's kwargs)
@@ -91,6 +117,7 @@ class Case:
     forwards: int                   # transformer forwards per step (the CFG passes)
     batch: int                      # batch of each forward (2: CFG batched)
     regional_graphs: int            # graphs a regional compile makes (all in the first step)
+    tol: float = 1e-4               # dense policy against the uncompiled latents
 
 
 CASES = {
@@ -101,6 +128,11 @@ CASES = {
     # regional: compile_repeated_blocks (dual- and single-stream blocks, patch embedding, token refiner)
     "hunyuan_video": Case(hunyuan_video, ("single_transformer_blocks.0.attn#0", "transformer_blocks.0.attn#0"),
                           (3, 8, 8), TEXT, "last", forwards=2, batch=1, regional_graphs=4),
+    # regional: compile_repeated_blocks (its text block and its visual blocks)
+    "kandinsky5": Case(kandinsky5, ("visual_transformer_blocks.0.self_attention#0",
+                                    "visual_transformer_blocks.1.self_attention#0"), (3, 8, 8), 0, "last",
+                       forwards=2, batch=1, regional_graphs=2,
+                       tol=1e-3),      # Inductor alone (torch.compile's default backend) is 9e-4 off here
     "ltx": Case(ltx, ("transformer_blocks.0.attn1#0", "transformer_blocks.1.attn1#0"), (3, 8, 8), 0, "last",
                 forwards=1, batch=2, regional_graphs=1),
 }
@@ -159,7 +191,7 @@ def run_dense(name, style):
     compile_transformer(pipe, style, {"policy": "dense", **OPTS}, compiles)
     for _ in range(2):                       # a second generation: no recompile, a new generation
         got = generate(pipe, kwargs, lambda i, t: after_first.append(len(compiles)) if i == 0 else None)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=case.tol, atol=case.tol)
         check_rows(pipe, case, DENSE)
     assert len(compiles) == after_first[0] == (1 if style == "whole" else case.regional_graphs)
 
@@ -213,3 +245,4 @@ def test_dense_policy_equals_the_uncompiled_pipeline(name, policy, style):
 @pytest.mark.parametrize("name,policy,style", cases(["vmoba", "mod"]))
 def test_self_attention_runs_sparse_after_the_warm_up(name, policy, style, monkeypatch):
     run_sparse(name, style, policy, monkeypatch, {"density": 0.5} if policy == "mod" else None)
+
