@@ -2,7 +2,7 @@
 CogVideoXPipeline and LTXPipeline (classifier-free guidance batched: one forward of batch 2 per
 step; CogVideoX joins the text before the video tokens), HunyuanVideoPipeline (guidance embedding,
 padded text masked in its joint attention, true CFG: two forwards per step), Kandinsky5T2VPipeline
-(CFG as two forwards, channels-last latents). Tiny random
+(CFG as two forwards, channels-last latents, the timestep cast to the model's dtype). Tiny random
 components, prompt embeds passed, latents out, both compile styles. What a user checks: the dense
 policy gives the uncompiled pipeline's latents, report() lists each self-attention site with the
 steps and passes the pipeline ran and the true grid, no recompiles, and mod / vmoba run sparse
@@ -246,3 +246,70 @@ def test_dense_policy_equals_the_uncompiled_pipeline(name, policy, style):
 def test_self_attention_runs_sparse_after_the_warm_up(name, policy, style, monkeypatch):
     run_sparse(name, style, policy, monkeypatch, {"density": 0.5} if policy == "mod" else None)
 
+
+def bf16_collisions(scheduler, steps):
+    scheduler.set_timesteps(steps)
+    ts = scheduler.timesteps.to(torch.bfloat16)
+    return int((ts[1:] == ts[:-1]).sum())
+
+
+class _Model(torch.nn.Module):
+    def forward(self, timestep):
+        return timestep
+
+
+class _Loop(diffusers.DiffusionPipeline):
+    """Kandinsky 5's denoising loop, the model call reduced to its timestep: CFG as two forwards,
+    the timestep cast to the model's dtype (bfloat16)."""
+
+    def __init__(self, model, scheduler):
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler)
+
+    def __call__(self, steps, on_forward):
+        self.scheduler.set_timesteps(steps)
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            for _ in range(2):
+                self.model(timestep=t.unsqueeze(0).to(torch.bfloat16))
+                on_forward()
+
+
+def test_bf16_timesteps_that_round_alike_are_still_two_steps():
+    """A bfloat16 timestep keeps 8 bits: near 1000 steps of a shift-10 schedule come 1 to 4 apart,
+    so two of 40 round to the same value as the step before them, and every value is up to 2 off
+    the schedule's. Each loop iteration of the pipeline is still its own step, numbered as the
+    schedule numbers it; its two forwards are the two CFG passes."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=10.0)
+    assert bf16_collisions(scheduler, 40) == 2
+    model = _Model()
+    run = modcompile.runtime.ModelRun("model", model)
+    modcompile.runtime.install_input_hook(model, run, None)
+    seen = []
+    _Loop(model, scheduler)(40, lambda: seen.append(run.tracker.step))
+    assert seen == [i for i in range(40) for _ in range(2)]
+    assert run.tracker.num_steps == 40 and run.tracker.generation == 1
+
+
+@pytest.mark.slow                   # 80 forwards in bfloat16: about 15 s on 2 cores
+def test_kandinsky5_in_bf16_counts_every_step_of_a_long_schedule(monkeypatch):
+    """Kandinsky5T2VPipeline hands its model the timestep in the model's dtype: the real pipeline in
+    bfloat16 with 40 steps of a shift-10 schedule, two of them rounding to their predecessor's
+    value. report() counts 40 steps of two passes, and each step ran both passes."""
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: False)
+    pipe, kwargs = kandinsky5(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert bf16_collisions(pipe.scheduler, 40) == 2
+    compiles = []
+    compile_transformer(pipe, "regional", {"policy": "dense", **OPTS}, compiles)
+    sites = CASES["kandinsky5"].sites
+    passes = {}
+
+    def on_step(i, t):
+        passes[i] = sorted(p for (key, p), s in modcompile.runtime.REGISTRY.states.items()
+                           if key.split("/", 1)[1] in sites and s.last_step == i)
+    out = generate(pipe, kwargs, on_step, steps=40)
+    assert torch.isfinite(out).all()
+    assert passes == {i: [0, 0, 1, 1] for i in range(40)}
+    rows = [r for r in modcompile.report(print_table=False) if r.site.split("/", 1)[1] in sites]
+    assert len(rows) == 2 and all((r.steps, r.passes) == (40, 2) for r in rows), rows
