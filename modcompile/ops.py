@@ -90,7 +90,7 @@ def step(timestep: Tensor) -> Tensor:
     """Advance the step tracker from a timestep graph input (one host read per forward; none
     inside ``denoising_step()``). Returns a token that orders the plan nodes after it."""
     if REGISTRY.explicit is None:
-        REGISTRY.on_timestep(timestep_value(timestep))
+        REGISTRY.on_timestep(timestep_value(timestep), dtype=timestep.dtype)
     return torch.empty(0)
 
 

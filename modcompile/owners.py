@@ -115,29 +115,39 @@ def find_owner(ptr: int | None) -> Owner:
 _CALL_FRAMES = ("_call_impl", "_wrapped_call_impl")
 
 
-def pipeline_timesteps():
-    """The ``timesteps`` local of the diffusers pipeline call on the stack (a tensor or a list), or
-    None. No host read: its identity tells one pipeline call from the next (the scheduler makes a
-    new tensor per ``set_timesteps``)."""
+def pipeline_loop() -> tuple:
+    """(``timesteps``, ``i``) of the diffusers pipeline call on the stack: its schedule (a tensor or a
+    list) and its denoising loop's index (an int while the loop runs), each None when absent. No
+    host read: the schedule's identity tells one pipeline call from the next (the scheduler makes a
+    new tensor per ``set_timesteps``), the index one loop iteration from the next."""
     for frame in _method_frames():
         obj = frame.f_locals.get("self")
         if obj is None or not any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__):
             continue
-        ts = frame.f_locals.get("timesteps")
+        ts, i = frame.f_locals.get("timesteps"), frame.f_locals.get("i")
+        i = i if isinstance(i, int) and not isinstance(i, bool) else None
         if isinstance(ts, torch.Tensor) and ts.dim() == 1 and ts.numel() > 0:
-            return ts
+            return ts, i
         if isinstance(ts, (list, tuple)) and ts and all(isinstance(x, (int, float)) for x in ts):
-            return ts
-    return None
+            return ts, i
+    return None, None
 
 
-def schedule_values(ts) -> list[float] | None:
-    """A pipeline's timesteps as host floats (one device-to-host copy when they live on a GPU)."""
+def pipeline_timesteps():
+    """The ``timesteps`` local of the diffusers pipeline call on the stack, or None."""
+    return pipeline_loop()[0]
+
+
+def schedule_values(ts, dtype: torch.dtype | None = None) -> list[float] | None:
+    """A pipeline's timesteps as host floats (one device-to-host copy when they live on a GPU);
+    ``dtype``: rounded as a cast to it rounds them (a pipeline may hand its model the timestep in the
+    model's dtype: bfloat16 keeps 8 bits, 2 units near 1000)."""
     if ts is None:
         return None
-    if isinstance(ts, torch.Tensor):
-        return [float(x) for x in ts.detach().float().cpu().tolist()]
-    return [float(x) for x in ts]
+    ts = ts.detach() if isinstance(ts, torch.Tensor) else torch.tensor([float(x) for x in ts], dtype=torch.float64)
+    if dtype is not None:
+        ts = ts.to(dtype)
+    return [float(x) for x in ts.double().cpu().tolist()]
 
 
 def pipeline_schedule() -> list[float] | None:
@@ -163,4 +173,4 @@ def layer_index(path: str) -> int | None:
     return numbers[-1] if numbers else None
 
 
-__all__ = ["Owner", "find_owner", "layer_index", "pipeline_schedule", "pipeline_timesteps", "schedule_values", "site_path", "source_path", "tensor_name"]
+__all__ = ["Owner", "find_owner", "layer_index", "pipeline_loop", "pipeline_schedule", "pipeline_timesteps", "schedule_values", "site_path", "source_path", "tensor_name"]

@@ -16,7 +16,7 @@ import torch
 
 from .config import SparsityConfig
 from .layout import frame_layout, model_layout
-from .owners import find_owner, layer_index, pipeline_timesteps, site_path
+from .owners import find_owner, layer_index, pipeline_loop, site_path
 from .passes.video_grid import text_tokens_for
 from .sites import SiteInfo, SiteState
 from .steps import StepTracker, timestep_value
@@ -48,8 +48,9 @@ class ModelRun:
         self.visits.clear()
         log.debug("modcompile: %s: new generation %d, per-site state reset", self.name, self.tracker.generation)
 
-    def on_timestep(self, t) -> None:
-        if self.tracker.on_timestep(t, pipeline_timesteps()):
+    def on_timestep(self, t, dtype: torch.dtype | None = None) -> None:
+        schedule, index = pipeline_loop()
+        if self.tracker.on_timestep(t, schedule, dtype, index):
             self.new_generation()
 
 
@@ -158,13 +159,13 @@ class Registry:
         self._instances = {k: v for k, v in self._instances.items() if v[0] not in runs}
         self._current = {k: v for k, v in self._current.items() if v[0] not in runs}
 
-    def on_timestep(self, t, run: ModelRun | None = None) -> None:
-        """A compiled graph read a timestep input; ``run`` None: find the model on the stack."""
+    def on_timestep(self, t, run: ModelRun | None = None, dtype: torch.dtype | None = None) -> None:
+        """A compiled graph read a timestep input (of ``dtype``); ``run`` None: find the model on the stack."""
         if self.explicit is not None:
             return
         run = run or self.run_of(find_owner(None))
         run.graph_steps = True
-        run.on_timestep(t)
+        run.on_timestep(t, dtype)
 
     # --- calls ---
     def enter_site(self, key: str, anchor: torch.Tensor | None = None) -> SiteState:
@@ -343,7 +344,7 @@ def install_input_hook(model, run: ModelRun, frame_locals: dict | None, read_tim
         t = values.get("timestep")
         if read_timestep and not run.graph_steps and REGISTRY.explicit is None:
             if isinstance(t, torch.Tensor) and t.numel():
-                run.on_timestep(timestep_value(t))
+                run.on_timestep(timestep_value(t), t.dtype)
             elif isinstance(t, (int, float)) and not isinstance(t, bool):
                 run.on_timestep(float(t))
         run.layout = layout or model_layout(model, values)
