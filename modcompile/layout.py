@@ -9,11 +9,18 @@ forward pre-hook on the model reads it (modcompile/runtime.py). One rule per inp
   ``config.patch_size_t``, 1 when absent);
 * frames before channels, (B, F, C, H, W), for the models that patchify per frame
   (CogVideoX, ConsisID: a Conv2d per frame, or a Linear over ``patch_size_t`` frames in 1.5), and
-  AnyFlow, whose forward permutes them before its Conv3d;
+  AnyFlow and AnyFlow-FAR, whose forwards permute them before their Conv3d;
 * channels last, (B, F, H, W, C) (Kandinsky 5 and 6: a Linear over each patch; Kandinsky 6's image
   conditioning appends the reference frame as one more latent frame, which the grid counts);
 * packed tokens (B, N, C) with ``num_frames``/``height``/``width`` arguments, which are already
   the token grid (LTX-Video);
+* a list of per-sample latents (C, F, H, W) (Wan-Animate-2, whose forward concatenates each with its
+  conditioning latents along the channels): the first sample's, when all have one shape;
+* items (B, N, C, F, H, W) (JoyImage-Edit, ``ITEMS_AS_FRAMES``): the target and reference images
+  side by side on the frame axis, as its forward puts them: (N x F, H, W) / patch sizes;
+* patches (B, P, C, pt, ph, pw) with a ``shape_list`` of each item's (t, h, w) tokens
+  (JoyImage-Edit-Plus, ``ITEM_SHAPES``): its items one after another as frames, when every item has
+  one (h, w), every sample the same items and no padding; none otherwise (items of other sizes);
 * packed rows (MiniMax-H3, ``PACKED_ROWS``): one sequence [text | keyframe or reference rows |
   target audio | target video] whose places (``video_indices``) and rotary (t, h, w) positions
   (``position_ids``) are inputs; the target video is the run of ``video_indices`` that ends the
@@ -36,9 +43,12 @@ from dataclasses import dataclass
 
 import torch
 
-FRAMES_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "AnyFlowTransformer3DModel"}
+FRAMES_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "AnyFlowTransformer3DModel",
+                "AnyFlowFARTransformer3DModel"}
 CHANNELS_LAST = {"Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel"}
 PACKED_ROWS = {"MiniMaxH3Transformer3DModel"}
+ITEMS_AS_FRAMES = {"JoyImageEditTransformer3DModel"}
+ITEM_SHAPES = {"JoyImageEditPlusTransformer3DModel"}
 TEXT_FIRST = {"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
               "HeliosTransformer3DModel"}
 # HunyuanVideo-FramePack: [history 4x | history 2x | clean | latents | image | text]. Each history input
@@ -79,24 +89,35 @@ def model_layout(model: torch.nn.Module, values: dict) -> Layout:
             grid, before = found
             return Layout(grid, before, f"packed rows: the video_indices run that ends the sequence, over its "
                                         f"position_ids; {before} tokens before it")
-    if not isinstance(x, torch.Tensor):
+    if name in ITEM_SHAPES and isinstance(x, torch.Tensor) and x.dim() == 6:
+        grid, why = item_shapes_grid(values.get("shape_list"), int(x.shape[1]))
+        return Layout(grid, text_position, why)
+    if isinstance(x, (list, tuple)) and x and all(isinstance(u, torch.Tensor) and u.dim() == 4 for u in x):
+        if any(u.shape[1:] != x[0].shape[1:] for u in x):
+            return Layout(None, text_position, "per-sample latents of different sizes")
+        shape = (len(x), *x[0].shape)
+    elif isinstance(x, torch.Tensor):
+        shape = tuple(x.shape)
+    else:
         return Layout(None, text_position, "no hidden_states input")
+    if name in ITEMS_AS_FRAMES and len(shape) == 6:    # (B, N, C, F, H, W) -> (B, C, N x F, H, W)
+        shape = (shape[0], shape[2], shape[1] * shape[3], *shape[4:])
     dims = [values.get(n) for n in ("num_frames", "height", "width")]
-    if x.dim() == 3 and all(isinstance(d, int) and d > 0 for d in dims):
+    if len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in dims):
         return Layout(tuple(dims), text_position, "num_frames/height/width arguments")
     patch = _patch_sizes(config) if config is not None else None
-    if x.dim() != 5 or patch is None:
-        return Layout(None, text_position, f"hidden_states of rank {x.dim()}, patch size {patch}")
+    if len(shape) != 5 or patch is None:
+        return Layout(None, text_position, f"hidden_states of rank {len(shape)}, patch size {patch}")
     if name in CHANNELS_LAST:
-        order, (f, h, w) = "(B, F, H, W, C)", x.shape[1:4]
+        order, (f, h, w) = "(B, F, H, W, C)", shape[1:4]
     elif name in FRAMES_FIRST:
-        order, (f, h, w) = "(B, F, C, H, W)", (x.shape[1], x.shape[3], x.shape[4])
+        order, (f, h, w) = "(B, F, C, H, W)", (shape[1], shape[3], shape[4])
     else:
-        order, (f, h, w) = "(B, C, F, H, W)", x.shape[2:]
+        order, (f, h, w) = "(B, C, F, H, W)", shape[2:]
     # the patch embeddings floor (a frame remainder is dropped), as their reshapes do
     grid = (int(f) // patch[0], int(h) // patch[1], int(w) // patch[2])
     if min(grid) < 1:
-        return Layout(None, text_position, f"latents {tuple(x.shape)} smaller than the patch {patch}")
+        return Layout(None, text_position, f"latents {shape} smaller than the patch {patch}")
     before = history_tokens(name, values)
     if before:
         return Layout(grid, before, f"latents {order} / patch {patch}, {before} history tokens before them")
@@ -134,6 +155,24 @@ def _packed_grid(pos: torch.Tensor, video: torch.Tensor) -> tuple | None:
     if rows % frame or frame % width:
         return None
     return (rows // frame, frame // width, width), n - rows
+
+
+def item_shapes_grid(shape_list, patches: int) -> tuple:
+    """(grid, rule) of JoyImage-Edit-Plus' packed patches: ``shape_list`` holds each sample's items
+    (target first, then the references) as (t, h, w) tokens, packed one after another and padded
+    to ``patches``. The items make the frames of one grid when they share (h, w)."""
+    if not (isinstance(shape_list, (list, tuple)) and shape_list and all(
+            isinstance(items, (list, tuple)) and items and all(len(i) == 3 for i in items) for items in shape_list)):
+        return None, "no shape_list of the items' (t, h, w) tokens"
+    items = [tuple(int(d) for d in i) for i in shape_list[0]]
+    if any([tuple(int(d) for d in i) for i in other] != items for other in shape_list[1:]):
+        return None, "samples with other items"
+    if len({i[1:] for i in items}) != 1:
+        return None, f"items of other sizes {items}: no one grid"
+    grid = (sum(i[0] for i in items), items[0][1], items[0][2])
+    if math.prod(grid) != patches:
+        return None, f"items {items} fill {math.prod(grid)} of {patches} patches (padding)"
+    return grid, f"shape_list: {len(items)} items of {grid[1]}x{grid[2]} tokens as frames"
 
 
 def history_tokens(name: str, values: dict) -> int:
@@ -176,5 +215,6 @@ def frame_layout(model: torch.nn.Module, frame_locals: dict, params: list) -> La
                   f"the forward's latent shape (num_frames, height, width) / patch {patch}")
 
 
-__all__ = ["Layout", "model_layout", "frame_layout", "history_tokens", "packed_grid", "CHANNELS_LAST",
-           "FRAMES_FIRST", "HISTORY_BEFORE", "PACKED_ROWS", "TEXT_FIRST"]
+__all__ = ["Layout", "model_layout", "frame_layout", "history_tokens", "item_shapes_grid", "packed_grid",
+           "CHANNELS_LAST", "FRAMES_FIRST", "HISTORY_BEFORE", "ITEMS_AS_FRAMES", "ITEM_SHAPES", "PACKED_ROWS",
+           "TEXT_FIRST"]

@@ -99,6 +99,11 @@ def _(timestep):
     return torch.empty(0)
 
 
+# Its effect is on the step tracker: a graph whose token no plan reads (a graph break put the
+# timestep's use in one graph and the attention in others) keeps it through dead-code elimination.
+torch.fx.node.has_side_effect(torch.ops.modcompile.step.default)
+
+
 @torch.library.custom_op("modcompile::plan", mutates_args=(), tags=_TAGS)
 def plan(q: Tensor, k: Tensor, token: Optional[Tensor], anchor: Optional[Tensor], site: str, grid_t: int,
          grid_h: int, grid_w: int, key_bias: Optional[Tensor] = None, training: bool = False) -> tuple[Tensor, Tensor]:

@@ -70,6 +70,8 @@ class Owner:
     compiled: bool                    # the model's own forward runs compiled (whole-model compile)
     call: tuple | None = None         # (args, kwargs) the model was called with: its forward's
                                       # arguments before the forward rebinds them (Allegro's timestep)
+    eager_forward: bool = False       # compiled, but no frame of the model runs Dynamo's code: Dynamo
+                                      # fell back to eager for its forward and compiles what it calls
 
 
 def _method_frames():
@@ -85,10 +87,15 @@ def _method_frames():
         f = f.f_back
 
 
+def _runs_dynamo_code(code) -> bool:
+    """A frame that Dynamo compiled runs its rewritten code, which calls the compiled graph."""
+    return any(name.startswith("__compiled_fn") for name in code.co_names)
+
+
 def find_owner(ptr: int | None) -> Owner:
     """The model that the current call runs in. With an anchor address, the outermost module frame
     whose module holds a tensor at that address; without one, the outermost module frame."""
-    found, compiled = None, False
+    found, compiled, traced = None, False, False
     for frame in _method_frames():
         module = frame.f_locals.get("self")
         if not isinstance(module, torch.nn.Module):
@@ -101,14 +108,15 @@ def find_owner(ptr: int | None) -> Owner:
             if found is not None and module is found[0]:
                 found = (module, name, frame.f_locals if "forward" in frame.f_code.co_name else found[2], found[3])
             else:
-                found, compiled = (module, name, frame.f_locals, None), False
+                found, compiled, traced = (module, name, frame.f_locals, None), False, False
+            traced = traced or _runs_dynamo_code(frame.f_code)
             if frame.f_code.co_name in _CALL_FRAMES and isinstance(frame.f_locals.get("args"), tuple):
                 found = (*found[:3], (frame.f_locals["args"], frame.f_locals.get("kwargs") or {}))
     if found is None:
         return Owner(None, None, None, False)
     module = found[0]
     compiled = compiled or getattr(module, "_compiled_call_impl", None) is not None
-    return Owner(module, found[1], found[2], compiled, found[3])
+    return Owner(module, found[1], found[2], compiled, found[3], eager_forward=compiled and not traced)
 
 
 # nn.Module's call frames: their ``args``/``kwargs`` locals hold what the module was called with

@@ -40,6 +40,8 @@ class ModelRun:
         self.layout = None              # the layout of the last forward (modcompile/layout.py), from the hook
         self.warned: set = set()        # layout warnings already logged for this model
         self.graph_steps = False        # a compiled graph reads this model's timestep
+        self.compiled = False           # called through torch.compile (whole model; every module it runs
+                                        # is compiled, also where Dynamo falls back to eager for its forward)
         self.hooked = False             # a forward pre-hook reads its inputs (layout; timestep when no graph does)
 
     def new_generation(self) -> None:
@@ -67,7 +69,8 @@ class Registry:
         self._instances: dict[tuple[str, int], tuple] = {}  # (spec, anchor address) -> (run, info)
         self._current: dict[str, tuple] = {}        # spec -> (run, state) of its last plan
         self.explicit: tuple | None = None          # (step, num_steps) inside denoising_step()
-        self.dense: dict[str, tuple] = {}           # dense spec -> (frame module class, call paths, compiled only)
+        self.dense: dict[str, tuple] = {}           # dense spec -> (frame module class, call paths, compiled only,
+                                                    # the frame's attribute name or None: place_dense)
 
     # --- compile time ---
     def register_site(self, info: SiteInfo) -> SiteInfo:
@@ -95,8 +98,12 @@ class Registry:
         else:
             rel = [""]
         module = owner.model.get_submodule(frame) if frame else owner.model
-        # a module inside the model runs this code when it is compiled too (regional compile)
-        self.dense[spec.key] = (type(module), rel, bool(frame))
+        # a module inside the model runs this code when it is compiled too (regional compile). A frame
+        # that Dynamo compiled on its own (an attention processor resumed after a graph break) is run
+        # by the modules of its class under the same name only: Wan-Animate-2's self- and
+        # cross-attention are one class with two processors
+        attr = _attribute(frame) if frame and not calls and not _runs_compiled(frame, module) else None
+        self.dense[spec.key] = (type(module), rel, bool(frame), attr)
         self.run_of(owner)              # the model is known (report() lists its rows)
 
     def dense_rows(self) -> None:
@@ -104,24 +111,30 @@ class Registry:
         names them: under each module that runs the site's compiled code (the model itself, a
         regionally compiled module of the frame's class, a nested region's calls), the site's
         path below it. Runs in report(), off the hot path; a site no model shows keeps its key."""
-        for key, (cls, rel, compiled_only) in self.dense.items():
+        for key, (cls, rel, compiled_only, attr) in self.dense.items():
             spec, placed = self.specs[key], False
             for run in list(self.runs.values()):
                 model = run.model_ref() if run.model_ref is not None else None
                 if model is None:
                     continue
                 grid, text = spec.grid, spec.text_tokens
-                if grid is None and spec.seq_len:  # a compiled block sees no patch embedding: the run's grid
+                # a compiled block sees no patch embedding: the run's grid (not for a flex call, whose
+                # sequence is the model's own packing: Wan-Animate-2 pads it to its mask's blocks)
+                if grid is None and spec.seq_len and "#flex" not in key:
                     seen = run.last_grid or (run.layout.grid if run.layout is not None else None)
                     seen_text = text_tokens_for(spec.seq_len, seen)
                     if seen_text is not None:
                         grid, text = seen, seen_text
+                compiled = {name for name, module in model.named_modules() if _runs_compiled(name, module)}
                 for name, module in model.named_modules():
-                    if type(module) is not cls or (compiled_only and not _runs_compiled(name, module)):
+                    if type(module) is not cls or (compiled_only and not run.compiled
+                                                   and not _below_compiled(name, compiled)):
+                        continue
+                    if attr is not None and _attribute(name) != attr:
                         continue
                     for prefix in rel:
                         path = ".".join(p for p in (name, prefix, spec.module_rel) if p)
-                        row = f"{run.name}/{path}#{spec.ordinal}"
+                        row = f"{run.name}/{path}#{spec.key.rsplit('#', 1)[1]}"    # the ordinal (flex: "flex0")
                         if row not in self.sites:
                             layer = layer_index(path)
                             self.sites[row] = dataclasses.replace(
@@ -142,6 +155,7 @@ class Registry:
             taken = {r.name for r in self.runs.values()}
             index = next(i for i in range(len(taken) + 1) if f"{type(model).__name__}#{i}" not in taken)
             run = self.runs[id(model)] = ModelRun(f"{type(model).__name__}#{index}", model)
+        run.compiled = run.compiled or owner.compiled
         return run
 
     def forget_dead_models(self) -> None:
@@ -160,10 +174,17 @@ class Registry:
         self._current = {k: v for k, v in self._current.items() if v[0] not in runs}
 
     def on_timestep(self, t, run: ModelRun | None = None, dtype: torch.dtype | None = None) -> None:
-        """A compiled graph read a timestep input (of ``dtype``); ``run`` None: find the model on the stack."""
+        """A compiled graph read a timestep input (of ``dtype``); ``run`` None: find the model on the
+        stack. Not while the model's forward runs eagerly under torch.compile (Dynamo fell back from
+        it): the graph is then a module's that it calls, whose timestep-like input need not be the
+        model's (Wan-Animate-2's reference pass embeds a constant); the model's input hook reads it."""
         if self.explicit is not None:
             return
-        run = run or self.run_of(find_owner(None))
+        if run is None:
+            owner = find_owner(None)
+            if owner.eager_forward:
+                return
+            run = self.run_of(owner)
         run.graph_steps = True
         run.on_timestep(t, dtype)
 
@@ -222,7 +243,8 @@ class Registry:
         self.sites.pop(spec.key, None)
         self.sites[info.key] = info
         if owner.model is not None and not run.hooked:
-            install_input_hook(owner.model, run, owner.frame_locals, read_timestep=not owner.compiled,
+            install_input_hook(owner.model, run, owner.frame_locals,
+                               read_timestep=not owner.compiled or owner.eager_forward,
                                call=owner.call)
         return run, info
 
@@ -371,6 +393,19 @@ def _runs_compiled(name: str, module) -> bool:
     does) or wrapped in ``torch.compile`` (its ``_orig_mod``)."""
     return getattr(module, "_compiled_call_impl", None) is not None or name.rsplit(".", 1)[-1] == "_orig_mod"
 
+
+
+def _attribute(name: str) -> str:
+    """A module's attribute name, less its index in a list: ``blocks.3.self_attn`` -> ``self_attn``,
+    ``blocks.3`` -> ``blocks``."""
+    return next((p for p in reversed(name.split(".")) if not p.isdigit()), "")
+
+
+def _below_compiled(name: str, compiled: set) -> bool:
+    """The module ``name`` or one that holds it runs compiled code (an attention module whose
+    processor's graph runs inside a regionally compiled block)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in compiled for i in range(len(parts), 0, -1))
 
 
 def _given_grid_check(given: tuple, layout) -> str:

@@ -8,6 +8,7 @@ read from the diffusers source and are checked against eager runs by tests/test_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,11 +33,13 @@ class Client:
                                     # of another length: text conditioning), "text" (self-attention over text)
     masked: bool = False            # the video self-attention gets an attn_mask (text padding)
     grid_rule: str = ""             # how the grid is inferred (modcompile/layout.py; for the docs)
-    latents: str = "BCFHW"          # the order of the 5-D latents' dims ("BFCHW": frames first; "BFHWC")
+    latents: str = "BCFHW"          # the order of the latents' dims ("BFCHW": frames first; "BFHWC";
+                                    # "BNCFHW": N items side by side as frames)
     other_self: dict = field(default_factory=dict)  # sequence length -> kind of the other self-attention sites
                                     # ("audio"; "frame": one frame's tokens; "temporal": one pixel's frames)
     sparse: dict | None = None      # policy -> sites of one forward that run block-sparse (None: the "video" ones)
     sparse_grid: tuple | None = ()  # the grid those sites run with: () the stated grid, None none
+    flex: int = 0                   # flex_attention calls of one forward (never rewritten: listed dense)
     slow: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -374,6 +377,81 @@ _MINIMAX_H3 = dict(num_attention_heads=2, attention_head_dim=32, hidden_size=64,
                    freq_dim=16, time_embed_hidden_dim=32, time_embed_dim=32, rope_freq_dim=4)
 
 
+def _wan_animate2_reference_inputs(g, t):
+    """The reference pass (``kv_cache_mode="extract"``) as the pipeline makes it once per segment: the
+    driving video's latents (a list of (C, F, H, W), one per sample) and their conditioning (mask and
+    latents, 8 channels) concatenated on the channels; every layer writes its pre-RoPE K/V into the
+    fresh cache. The forward embeds a constant timestep here (it reads the one given only for steps)."""
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+    return {"hidden_states": [_randn(g, 4, 4, 16, 16)], "timestep": torch.tensor([t]),
+            "encoder_hidden_states": [_randn(g, TEXT, TEXT_DIM)], "condition_latents": [_randn(g, 8, 4, 16, 16)],
+            "encoder_hidden_states_image": _randn(g, 1, WA2_IMAGE, 1280),
+            "kv_cache": WanAnimate2KVCache(_WAN_ANIMATE2["num_layers"]), "kv_cache_mode": "extract", "seq_len": 256,
+            "offset_grid_sizes": torch.tensor([[4, 8, 8]]), "return_dict": False}
+
+
+def _wan_animate2_inputs(g, t):
+    """A denoising step (``kv_cache_mode="cached"``) of a 12-frame segment at 128 x 128 pixels: the
+    block mask is built over (12 // 4 + 1) x 64 tokens; the latents hold one more frame (the
+    reference image's slot): 5 x 8 x 8 tokens, whose self-attention takes the cached reference K/V
+    (4 x 8 x 8, here random) through flex_attention."""
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+    cache = WanAnimate2KVCache(_WAN_ANIMATE2["num_layers"])
+    for layer in cache.layer_caches:
+        layer.store(_randn(g, 1, 256, 2, 32), _randn(g, 1, 256, 2, 32))
+    return {"hidden_states": [_randn(g, 4, 5, 16, 16)], "timestep": torch.tensor([t]),
+            "encoder_hidden_states": [_randn(g, TEXT, TEXT_DIM)], "condition_latents": [_randn(g, 8, 5, 16, 16)],
+            "encoder_hidden_states_image": _randn(g, 1, WA2_IMAGE, 1280), "kv_cache": cache,
+            "kv_cache_mode": "cached", "seq_len": 320, "reference_grid_sizes": torch.tensor([[4, 8, 8]]),
+            "origin_len": 12, "origin_area": [128, 128], "return_dict": False}
+
+
+# in_dim = 4 latent + 8 conditioning channels; head_dim 32; its CLIP projection takes 1280-wide image tokens
+_WAN_ANIMATE2 = dict(patch_size=(1, 2, 2), text_len=TEXT, in_dim=12, dim=64, ffn_dim=64, freq_dim=16,
+                     text_dim=TEXT_DIM, out_dim=4, num_heads=2, num_layers=2)
+WA2_IMAGE = 4       # CLIP image tokens: a second cross-attention per block
+
+
+def _anyflow_far_inputs(g, t, chunks=(1, 1)):
+    """An autoregressive step as AnyFlowFARPipeline makes it: the last chunk's latents (B, F, C, H, W),
+    per-frame timesteps, and the KV cache holding the earlier chunks (buffers sized as the pipeline
+    sizes them, here random); its causal self-attention takes [cached keys | the chunk's keys]
+    through flex_attention. 8 x 8 tokens per full frame, 4 x 4 per compressed one."""
+    frames, limit = chunks[-1], _ANYFLOW_FAR["full_chunk_limit"]
+    cache = {i: {"full_cache": _randn(g, 2, 1, 2, limit * max(chunks) * 64, 32),
+                 "compressed_cache": _randn(g, 2, 1, 2, (len(chunks) - limit + 1) * max(chunks) * 16, 32)}
+             for i in range(2)}
+    return {"hidden_states": _randn(g, 1, frames, 8, 16, 16), "timestep": torch.full((1, frames), t),
+            "r_timestep": torch.full((1, frames), max(t - 100.0, 0.0)),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "chunk_partition": list(chunks), "kv_cache": cache,
+            "kv_cache_flag": {"num_cached_chunks": len(chunks) - 1, "is_cache_step": False}, "return_dict": False}
+
+
+# full_chunk_limit 2: a third chunk's step reads the first from the compressed cache
+_ANYFLOW_FAR = dict(_ANYFLOW, compressed_patch_size=(1, 4, 4), full_chunk_limit=2, chunk_partition=(1, 1))
+
+
+def _joyimage_inputs(g, t, items=2):
+    # (B, items, C, T, H, W): the target and a reference image, one latent frame each
+    return {"hidden_states": _randn(g, 1, items, 4, 1, 16, 16), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "return_dict": False}
+
+
+# head_dim 32 = sum(rope_dim_list)
+_JOYIMAGE = dict(patch_size=[1, 2, 2], in_channels=4, out_channels=4, hidden_size=64, num_attention_heads=2,
+                 text_dim=TEXT_DIM, mlp_width_ratio=2.0, num_layers=2, rope_dim_list=[8, 12, 12])
+
+
+def _joyimage_plus_inputs(g, t, items=((1, 8, 8), (1, 8, 8))):
+    """As the Edit-Plus pipeline packs them: each item's (t, h, w) tokens patchified to (C, pt, ph, pw)
+    patches, the target first, one after another (B, P, C, 1, 2, 2); the text mask marks its valid
+    tokens (the image patches' part of the key mask is built from ``shape_list``)."""
+    patches = sum(math.prod(i) for i in items)
+    return {"hidden_states": _randn(g, 1, patches, 4, 1, 2, 2), "timestep": torch.tensor([t]),
+            "encoder_hidden_states": _randn(g, 1, TEXT, TEXT_DIM), "encoder_hidden_states_mask": torch.ones(1, TEXT),
+            "shape_list": [list(items)], "return_dict": False}
+
+
 CLIENTS = [
     Client("wan", "WanTransformer3DModel", _WAN, _wan_inputs, grid=(4, 8, 8), text_tokens=0, text_position=None,
            sites=("video", "cross") * 2, grid_rule="latents (B, C, F, H, W) / patch sizes"),
@@ -457,6 +535,25 @@ CLIENTS = [
     Client("minimax_h3", "MiniMaxH3Transformer3DModel", _MINIMAX_H3, _minimax_h3_inputs, grid=(4, 8, 8),
            text_tokens=TEXT + MM_AUDIO, text_position=TEXT + MM_AUDIO, sites=("text", "video", "video"),
            grid_rule="packed rows: the video_indices run that ends the sequence, over its position_ids"),
+    # Wan-Animate-2's reference pass: SDPA self-attention over the driving video's tokens (per-sample list latents)
+    Client("wan_animate2_reference", "WanAnimate2Transformer3DModel", _WAN_ANIMATE2, _wan_animate2_reference_inputs,
+           grid=(4, 8, 8), text_tokens=0, text_position=None, sites=("video", "cross", "cross") * 2,
+           grid_rule="a list of latents (C, F, H, W) / patch sizes"),
+    # its denoising steps: self-attention through flex_attention with its own block mask (listed dense in report())
+    Client("wan_animate2", "WanAnimate2Transformer3DModel", _WAN_ANIMATE2, _wan_animate2_inputs, grid=(5, 8, 8),
+           text_tokens=0, text_position=None, sites=("cross", "cross") * 2, flex=2,
+           grid_rule="a list of latents (C, F, H, W) / patch sizes"),
+    # AnyFlow-FAR's causal self-attention is flex_attention (cached keys first): only its text cross-attention is SDPA
+    Client("anyflow_far", "AnyFlowFARTransformer3DModel", _ANYFLOW_FAR, _anyflow_far_inputs, grid=(1, 8, 8),
+           text_tokens=0, text_position=None, sites=("cross",) * 2, latents="BFCHW", flex=2,
+           grid_rule="latents (B, F, C, H, W) / patch sizes (the step's chunk)"),
+    # JoyImage-Edit: [target | reference] images as two frames, text last
+    Client("joyimage_edit", "JoyImageEditTransformer3DModel", _JOYIMAGE, _joyimage_inputs, grid=(2, 8, 8),
+           text_tokens=TEXT, text_position="last", sites=("video",) * 2, latents="BNCFHW",
+           grid_rule="items (B, N, C, F, H, W): N x F frames / patch sizes"),
+    Client("joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel", _JOYIMAGE, _joyimage_plus_inputs,
+           grid=(2, 8, 8), text_tokens=TEXT, text_position="last", sites=("video",) * 2, masked=True,
+           grid_rule="patches (B, P, C, pt, ph, pw) and shape_list: items of one size as frames"),
 ]
 
 BY_NAME = {c.name: c for c in CLIENTS}
@@ -478,6 +575,12 @@ def true_grid(client, inputs) -> tuple:
     """The token grid after patchify of the call with ``inputs``, from their shapes and the config's
     patch sizes (independent of modcompile/layout.py, which the tests check against it)."""
     cfg, x = client.config, inputs["hidden_states"]
+    if isinstance(x, list):                                      # per-sample latents (C, F, H, W)
+        x = x[0][None]
+    if "shape_list" in inputs:                                   # packed patches: the items are the frames
+        items = inputs["shape_list"][0]
+        assert len({i[1:] for i in items}) == 1, items
+        return (sum(i[0] for i in items), items[0][1], items[0][2])
     if "position_ids" in inputs:                                 # packed rows (MiniMax-H3): the rows after the audio
         pos = inputs["position_ids"][int(inputs["audio_indices"].max()) + 1:]
         return tuple(len(pos[:, i].unique()) for i in range(3))
@@ -485,9 +588,16 @@ def true_grid(client, inputs) -> tuple:
         assert x.shape[1] == inputs["num_frames"] * inputs["height"] * inputs["width"]
         return (inputs["num_frames"], inputs["height"], inputs["width"])
     p = cfg["patch_size"]
-    pt, ph, pw = p if isinstance(p, tuple) else (cfg.get("patch_size_t") or 1, p, p)
+    pt, ph, pw = p if isinstance(p, (tuple, list)) else (cfg.get("patch_size_t") or 1, p, p)
     f, h, w = (x.shape[client.latents.index(d)] for d in "FHW")
+    f *= x.shape[client.latents.index("N")] if "N" in client.latents else 1   # items side by side as frames
     return (f // pt, h // ph, w // pw)
+
+
+def sample(out) -> torch.Tensor:
+    """The predicted sample of a forward's output tuple (Wan-Animate-2 returns a list, one per sample)."""
+    x = out[0]
+    return torch.stack(list(x)) if isinstance(x, (list, tuple)) else x
 
 
 def compile_model(model, style, backend, options):

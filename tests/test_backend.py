@@ -230,6 +230,18 @@ def test_graph_break_keeps_every_site_and_the_step(compiles):
     assert all(r.steps == 3 for r in table)
 
 
+def test_a_timestep_read_in_a_graph_without_sites_still_counts_the_steps(compiles):
+    """A graph break between the timestep embedding and the blocks: no plan node reads the step op's
+    token in the timestep's graph, and the op must survive dead-code elimination there. Three steps
+    of two passes (CFG) each are three steps of two passes at every site."""
+    torch.manual_seed(3)
+    model = torch.compile(TinyVideoDiT(time_break=True).eval(), backend="modsparse", options=OPTS)
+    run_steps(model, video(), [900, 800, 700], cfg=True)
+    assert len(compiles) >= 2
+    table = rows()
+    assert len(table) == 2 and all((r.steps, r.passes) == (3, 2) for r in table), table
+
+
 # ----------------------------------------------------------------------------- fallbacks
 
 class OneAttention(nn.Module):

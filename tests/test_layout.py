@@ -214,3 +214,35 @@ def test_packed_rows_are_read_on_the_host_once_per_new_index_tensors(monkeypatch
     assert model_layout(model, inputs).grid == client.grid and len(reads) == 2
     inputs["position_ids"][-1, 1] = 0                      # in place: the last token row loses its h
     assert model_layout(model, inputs).grid != client.grid and len(reads) == 3
+
+
+def test_joyimage_images_are_the_frames_of_the_grid():
+    """JoyImage-Edit's images (B, N, C, T, H, W) stand side by side on the frame axis; Edit-Plus packs
+    its images' patches one after another, which make one grid when they share (h, w) and fill the
+    patches: a reference of another size, or a padded batch, gives none (vmoba then plans dense)."""
+    edit = BY_NAME["joyimage_edit"]
+    assert model_layout(edit.build(), {**edit.inputs(), "hidden_states": torch.randn(1, 3, 4, 1, 16, 24)}).grid == (3, 8, 12)
+    plus = BY_NAME["joyimage_edit_plus"]
+    model, inputs = plus.build(), plus.inputs()
+    assert model_layout(model, inputs).grid == (2, 8, 8)
+    other = model_layout(model, {**inputs, "shape_list": [[(1, 8, 8), (1, 4, 8)]],
+                                 "hidden_states": torch.randn(1, 96, 4, 1, 2, 2)})
+    assert other.grid is None and "other sizes" in other.rule
+    padded = model_layout(model, {**inputs, "hidden_states": torch.randn(1, 160, 4, 1, 2, 2)})
+    assert padded.grid is None and "padding" in padded.rule
+
+
+@pytest.mark.slow
+def test_joyimage_edit_plus_references_of_another_size_run_dense_without_a_grid():
+    """A reference image of another size than the target: no grid, vmoba plans every call dense
+    (equal to eager) and says why; nothing crashes."""
+    from clients import _joyimage_plus_inputs
+    client = BY_NAME["joyimage_edit_plus"]
+    eager, model = client.build(), client.build()
+    model = compile_model(model, "regional", "modsparse", {"policy": "vmoba", "warmup_steps": 1, **OPTS})
+    with torch.no_grad():
+        for i, t in enumerate(STEPS[:3]):
+            inputs = _joyimage_plus_inputs(torch.Generator().manual_seed(i), t, items=((1, 8, 8), (1, 4, 8)))
+            torch.testing.assert_close(model(**inputs)[0], eager(**inputs)[0], rtol=1e-4, atol=1e-4)
+    rows = [r for r in modcompile.report(print_table=False) if r.rewritten]
+    assert len(rows) == 2 and all(r.status == "dense (no grid)" and r.grid is None for r in rows), rows

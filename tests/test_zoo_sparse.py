@@ -12,10 +12,11 @@ import torch
 import modcompile
 from modcompile import dispatch, ops
 from modcompile.kernels.block_lists import BlockLists
+from modcompile.passes.attention_sites import FLEX_REASON
 
 pytest.importorskip("diffusers")
 
-from clients import BY_NAME, CLIENTS, compile_model, small_inputs, true_grid  # noqa: E402
+from clients import BY_NAME, CLIENTS, compile_model, sample, small_inputs, true_grid  # noqa: E402
 from site_check import Checker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_modcompile")
@@ -35,7 +36,8 @@ POLICIES = {
 def inputs_at(client, step, t):
     inputs = small_inputs(client, seed=1 + step, t=t)
     if client.masked:                                  # HunyuanVideo: 3 padded text tokens
-        inputs["encoder_attention_mask"] = torch.tensor([[1.0] * 5 + [0.0] * 3])
+        key = "encoder_hidden_states_mask" if "encoder_hidden_states_mask" in inputs else "encoder_attention_mask"
+        inputs[key] = torch.tensor([[1.0] * 5 + [0.0] * 3])
     return inputs
 
 
@@ -59,12 +61,15 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None
     first = None
     with torch.no_grad():
         for step, t in enumerate(STEPS):
-            out = model(**inputs_at(client, step, t))[0]
+            out = sample(model(**inputs_at(client, step, t)))
             assert torch.isfinite(out).all()
             first = len(compiles) if first is None else first
     assert len(compiles) == first                                  # no recompile per step
-    rows = [r for r in modcompile.report(print_table=False) if r.status == "sparse"]
+    table = modcompile.report(print_table=False)
+    rows = [r for r in table if r.status == "sparse"]
     assert len(rows) == client.sparse_sites(policy), [r.site for r in rows]
+    flex = [r for r in table if r.reason == FLEX_REASON]                # one row per layer, its reason said
+    assert len(flex) == client.flex and all(r.status == "dense" for r in flex), [r.site for r in flex]
     grid, text = ((true_grid(client, inputs_at(client, 0, STEPS[0])), client.text_tokens) if client.sparse_grid == ()
                   else (client.sparse_grid, 0))
     for r in rows:                                                  # the geometry the policies planned with
@@ -79,9 +84,11 @@ def run_matrix_case(name, style, policy, monkeypatch, triton=False, prepare=None
 
 
 # fast: each policy, both styles, text first and the masked joint attention; Allegro regional, whose
-# forward rebinds ``timestep`` before the blocks that find the model run (its first step counted once)
+# forward rebinds ``timestep`` before the blocks that find the model run (its first step counted once);
+# Wan-Animate-2's reference pass regional (list latents; its SDPA in a graph resumed inside the processor)
 FAST = {("wan", "regional", "vmoba"), ("hunyuan_video", "whole", "mod"), ("cogvideox", "regional", "mod"),
-        ("allegro", "regional", "vmoba"), ("helios_history", "regional", "vmoba"), ("latte", "regional", "mod")}
+        ("allegro", "regional", "vmoba"), ("helios_history", "regional", "vmoba"), ("latte", "regional", "mod"),
+        ("wan_animate2_reference", "regional", "vmoba")}
 CASES = [pytest.param(c.name, style, policy, id=f"{c.name}-{style}-{policy}",
                       marks=[] if (c.name, style, policy) in FAST else [pytest.mark.slow])
          for c in CLIENTS for style in ("whole", "regional") for policy in POLICIES]

@@ -14,6 +14,11 @@ from .masks import KeyMask, key_padding_mask
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# flex_attention, as Dynamo records it (a higher-order op: q, k, v, score_mod, block mask, ...). Those
+# calls carry the model's own mask and stay as written; they are listed so that report() says so.
+FLEX_TARGETS = {t for t in (getattr(torch.ops.higher_order, "flex_attention", None),) if t is not None}
+FLEX_REASON = ("flex_attention (not SDPA): runs as written, with the model's block mask if it has one; "
+               "modsparse rewrites SDPA calls only")
 
 
 @dataclass
@@ -30,10 +35,13 @@ class AttentionSite:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     key_mask: KeyMask | None = None  # a text-padding mask the kernel applies (passes/masks.py)
+    flex: bool = False              # a flex_attention call (listed, never rewritten)
 
     @property
     def local_key(self) -> str:
-        return f"{self.module_path}#{self.ordinal}"
+        # flex calls count apart: another graph of the same frame (Wan-Animate-2's reference pass) may
+        # hold an SDPA site where this one holds a flex call, and the two must not share a key
+        return f"{self.module_path}#{'flex' if self.flex else ''}{self.ordinal}"
 
 
 def _sdpa_args(node: fx.Node) -> dict:
@@ -59,11 +67,13 @@ def module_path(node: fx.Node) -> str:
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     sites, seen = [], {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SDPA_TARGETS:
+        flex = node.op == "call_function" and node.target in FLEX_TARGETS
+        if flex or node.op == "call_function" and node.target in SDPA_TARGETS:
             path = module_path(node)
-            ordinal = seen.get(path, 0)
-            seen[path] = ordinal + 1
-            sites.append(AttentionSite(node=node, args=_sdpa_args(node), module_path=path, ordinal=ordinal))
+            ordinal = seen.get((path, flex), 0)
+            seen[(path, flex)] = ordinal + 1
+            args = dict(zip(("query", "key", "value"), node.args)) if flex else _sdpa_args(node)
+            sites.append(AttentionSite(node=node, args=args, module_path=path, ordinal=ordinal, flex=flex))
     return sites
 
 
@@ -83,6 +93,9 @@ def check_eligibility(site: AttentionSite, min_seq_len: int, head_dim_ok=None) -
         return site
     site.heads, site.seq_len, site.head_dim = hint(q.shape[1]), hint(q.shape[2]), hint(q.shape[3])
     site.dtype, site.device = q.dtype, q.device
+    if site.flex:
+        site.reason = FLEX_REASON
+        return site
     mask, dropout = a["attn_mask"], a["dropout_p"]
     site.key_mask = key_padding_mask(mask, hint(q.shape[0]), hint(k.shape[2])) if mask is not None else None
     if mask is not None and site.key_mask is None:

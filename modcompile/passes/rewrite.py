@@ -102,7 +102,7 @@ def _rewrite_sites(gm: fx.GraphModule, sites, config, scope: str, token, grid, g
     support = _support_check(config.block_size)
     for site in sites:
         check_eligibility(site, config.min_seq_len, support)
-        text = text_tokens_for(site.seq_len, grid) if site.seq_len else None
+        text = text_tokens_for(site.seq_len, grid) if site.seq_len and not site.flex else None
         if site.eligible and config.video_grid is not None and text is None:
             site.eligible, site.reason = False, _grid_misfit(site.seq_len, config.video_grid)
             misfits.setdefault(site.reason, []).append(site.local_key)
@@ -199,8 +199,15 @@ def _grid_args(graph: fx.Graph, config, embedding: fx.Node | None) -> tuple:
 def _anchor(site: AttentionSite, prefix: str = "") -> tuple:
     """(node, path below the compiled frame, or below ``prefix`` in a nested region) of the
     parameter closest to the site's query: its address at run time names the module instance
-    that runs (modcompile/owners.py). (None, None) when q depends on no parameter input: the site
-    is then one instance."""
+    that runs (modcompile/owners.py). When q depends on no parameter (a graph resumed after a
+    break inside the attention processor: Wan-Animate-2's RoPE reads its grid on the host), the
+    first parameter that the site's output meets (its output projection). (None, None) when
+    neither exists: the site is then one instance."""
+    def parameter(node):
+        source = _source_name(node)
+        path = source_path(source) if source else None
+        return (node, _below(path, prefix)) if path is not None and "_parameters" in source else None
+
     seen, frontier = set(), [site.args["query"]]
     while frontier:
         nxt = []
@@ -208,11 +215,22 @@ def _anchor(site: AttentionSite, prefix: str = "") -> tuple:
             if not isinstance(node, fx.Node) or node in seen:
                 continue
             seen.add(node)
-            source = _source_name(node)
-            path = source_path(source) if source else None
-            if path is not None and "_parameters" in source:
-                return node, _below(path, prefix)
+            found = parameter(node)
+            if found is not None:
+                return found
             nxt.extend(node.all_input_nodes)
+        frontier = nxt
+    seen, frontier = {site.node}, list(site.node.users)
+    while frontier:
+        nxt = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            found = next(filter(None, map(parameter, node.all_input_nodes)), None)
+            if found is not None:
+                return found
+            nxt.extend(node.users)
         frontier = nxt
     return None, None
 

@@ -19,10 +19,12 @@ def _conv3d_outputs(gm: fx.GraphModule):
 
 def patch_embedding(gm: fx.GraphModule) -> fx.Node | None:
     """The first 3D convolution with a 5-D output: the patch embedding whose output, flattened,
-    becomes the token sequence (Wan, HunyuanVideo and our harness DiT all embed this way)."""
+    becomes the token sequence (Wan, HunyuanVideo and our harness DiT all embed this way). Not
+    one whose output is one token: it embeds patches one by one, the tokens in its batch
+    (JoyImage-Edit-Plus), and its (1, 1, 1) is no grid."""
     for node in _conv3d_outputs(gm):
         val = example_value(node)
-        if isinstance(val, torch.Tensor) and val.dim() == 5:
+        if isinstance(val, torch.Tensor) and val.dim() == 5 and not all(hint(s) == 1 for s in val.shape[2:]):
             return node
     return None
 
