@@ -141,11 +141,6 @@ def pipeline_loop() -> tuple:
     return None, None
 
 
-def pipeline_timesteps():
-    """The ``timesteps`` local of the diffusers pipeline call on the stack, or None."""
-    return pipeline_loop()[0]
-
-
 def schedule_values(ts, dtype: torch.dtype | None = None) -> list[float] | None:
     """A pipeline's timesteps as host floats (one device-to-host copy when they live on a GPU);
     ``dtype``: rounded as a cast to it rounds them (a pipeline may hand its model the timestep in the
@@ -160,7 +155,7 @@ def schedule_values(ts, dtype: torch.dtype | None = None) -> list[float] | None:
 
 def pipeline_schedule() -> list[float] | None:
     """The timesteps of the diffusers pipeline call on the stack as host floats, or None."""
-    return schedule_values(pipeline_timesteps())
+    return schedule_values(pipeline_loop()[0])
 
 
 def site_path(anchor_name: str | None, anchor_rel: str | None, module_rel: str) -> str | None:
@@ -181,4 +176,4 @@ def layer_index(path: str) -> int | None:
     return numbers[-1] if numbers else None
 
 
-__all__ = ["Owner", "find_owner", "layer_index", "pipeline_loop", "pipeline_schedule", "pipeline_timesteps", "schedule_values", "site_path", "source_path", "tensor_name"]
+__all__ = ["Owner", "find_owner", "layer_index", "pipeline_loop", "pipeline_schedule", "schedule_values", "site_path", "source_path", "tensor_name"]
